@@ -41,8 +41,10 @@ class Certificate:
             when unknown.
         margin: the smallest gap between a selected entry and the best alternative in its
             block (the largest unselected entry, or 0 where the count may shrink or grow); > 0
-            means a unique optimum, 0 a tie, < 0 a mask that is not greedy-ordered. For LP
-            certificates it is measured on reduced costs S_ij - u_i - v_j - lam_g.
+            means a unique optimum, 0 a tie, < 0 a mask that is not greedy-ordered. For combined
+            programs it is measured on the reduced costs S_ij - u_i - v_j - lam_g at the LP
+            duals (min over selected minus max over unselected); degenerate duals can make it
+            0 without a tie. None for an infeasible mask under LP duals.
         backend: where the dual multipliers came from (``closed_form``, ``highs``).
         seconds: wall time of the certification.
         tolerance: absolute tolerance used to call a gap zero.

@@ -1,0 +1,236 @@
+"""Solver backends for routing programs: HiGHS (highspy, LP relaxation), SciPy MILP, PuLP/CBC.
+
+Every backend sees the same constraint rows, built once from :class:`RoutingProblem`:
+one row per token (if the token family binds), per expert, and per budget group. Variables are
+the flattened (row-major) entries x_{i*N+j}. The matrix is built directly in CSC form (each
+variable touches at most three rows), which is what keeps HiGHS fast: SciPy's bundled HiGHS
+1.12 spends >20 s in presolve on the single dense budget row at 1024x64 where highspy >= 1.15
+takes 0.2 s (ECOSYSTEM.md §3).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from usmoe_lp.errors import SolverError
+from usmoe_lp.lp.problem import RoutingProblem
+
+
+@dataclass(frozen=True, eq=False)
+class RawResult:
+    """What a backend returns before certification (internal)."""
+
+    x: np.ndarray  # (T, N) float64
+    objective: float
+    status: str  # optimal | infeasible | time_limit | error
+    message: str
+    duals: dict[str, np.ndarray] | None
+    seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class ConstraintRows:
+    """CSC pattern of the constraint matrix: ``index`` (nnz,), ``start`` (n+1,), row bounds."""
+
+    families: tuple[str, ...]
+    offsets: dict[str, int]
+    index: np.ndarray
+    start: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.lo.size)
+
+
+def constraint_rows(problem: RoutingProblem) -> ConstraintRows:
+    """Build the rows of every binding family and the CSC column pattern of the matrix."""
+    T, N = problem.shape
+    fams = problem.families
+    per_var, offsets, lo, hi = [], {}, [], []
+    row = 0
+    for fam in fams:
+        a, b = problem.family_bounds(fam)
+        offsets[fam] = row
+        if fam == "token":
+            per_var.append(np.repeat(np.arange(T), N) + row)
+        elif fam == "expert":
+            per_var.append(np.tile(np.arange(N), T) + row)
+        else:
+            per_var.append(np.repeat(problem.group_ids, N) + row)
+        lo.append(a)
+        hi.append(b)
+        row += a.size
+    k = len(per_var)
+    if k:
+        index = np.stack(per_var, axis=1).ravel().astype(np.int32)
+    else:
+        index = np.zeros(0, dtype=np.int32)
+    start = np.arange(0, T * N * k + 1, k, dtype=np.int32) if k else np.zeros(T * N + 1, np.int32)
+    lo_arr = np.concatenate(lo).astype(np.float64) if lo else np.zeros(0)
+    hi_arr = np.concatenate(hi).astype(np.float64) if hi else np.zeros(0)
+    return ConstraintRows(tuple(fams), offsets, index, start, lo_arr, hi_arr)
+
+
+def _split_duals(problem: RoutingProblem, rows: ConstraintRows, y: np.ndarray) -> dict[str, np.ndarray]:
+    out = {}
+    for fam in rows.families:
+        off = rows.offsets[fam]
+        size = problem.family_bounds(fam)[0].size
+        out[fam] = np.asarray(y[off:off + size], dtype=np.float64)
+    return out
+
+
+# ----------------------------------------------------------------------------- HiGHS (highspy)
+def solve_highs(problem: RoutingProblem, time_limit: float | None = None,
+                solver: str = "choose") -> RawResult:
+    """LP relaxation through highspy; a basic (vertex) solution with row duals.
+
+    ``solver``: HiGHS ``solver`` option (``choose``, ``simplex``, ``ipm``); IPM runs crossover, so
+    the result is a vertex either way.
+    """
+    try:
+        import highspy
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise SolverError("backend 'highs' needs highspy>=1.15: pip install highspy") from exc
+    t0 = time.perf_counter()
+    T, N = problem.shape
+    n = T * N
+    rows = constraint_rows(problem)
+    h = _quiet_highs(highspy)
+    h.setOptionValue("log_to_console", False)
+    h.setOptionValue("solver", solver)
+    h.setOptionValue("run_crossover", "on")
+    if time_limit is not None:
+        h.setOptionValue("time_limit", float(time_limit))
+    lp = highspy.HighsLp()
+    lp.num_col_ = n
+    lp.num_row_ = rows.num_rows
+    lp.col_cost_ = problem.scores.ravel()
+    lp.col_lower_ = np.zeros(n)
+    lp.col_upper_ = np.ones(n)
+    lp.row_lower_ = rows.lo
+    lp.row_upper_ = rows.hi
+    lp.sense_ = highspy.ObjSense.kMaximize
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = rows.start
+    lp.a_matrix_.index_ = rows.index
+    lp.a_matrix_.value_ = np.ones(rows.index.size)
+    h.passModel(lp)
+    h.run()
+    status = h.getModelStatus()
+    text = h.modelStatusToString(status)
+    sol = h.getSolution()
+    ok = status == highspy.HighsModelStatus.kOptimal
+    x = np.asarray(sol.col_value, dtype=np.float64).reshape(T, N) if ok else np.zeros((T, N))
+    duals = _split_duals(problem, rows, np.asarray(sol.row_dual)) if ok and sol.dual_valid else None
+    obj = float(h.getInfo().objective_function_value) if ok else math.nan
+    return RawResult(x, obj, _status(text), f"HiGHS: {text}", duals, time.perf_counter() - t0)
+
+
+def _quiet_highs(highspy):
+    """A ``Highs`` instance, its C++ start-up banner kept off our stdout."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+            h.setOptionValue("output_flag", False)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return h
+
+
+def _status(text: str) -> str:
+    t = text.lower()
+    if t == "optimal":
+        return "optimal"
+    if "infeasible" in t:
+        return "infeasible"
+    if "time limit" in t:
+        return "time_limit"
+    return "error"
+
+
+# ----------------------------------------------------------------------------- SciPy MILP
+def solve_milp(problem: RoutingProblem, time_limit: float | None = None) -> RawResult:
+    """The 0/1 integer program through ``scipy.optimize.milp`` (HiGHS branch and bound).
+
+    Slow on the budget program beyond ~4k variables (SciPy's HiGHS presolve; ECOSYSTEM.md §3).
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csc_array
+
+    t0 = time.perf_counter()
+    T, N = problem.shape
+    n = T * N
+    rows = constraint_rows(problem)
+    constraints = []
+    if rows.num_rows:
+        A = csc_array((np.ones(rows.index.size), rows.index, rows.start), shape=(rows.num_rows, n))
+        constraints.append(LinearConstraint(A, rows.lo, rows.hi))
+    options = {"disp": False}
+    if time_limit is not None:
+        options["time_limit"] = float(time_limit)
+    res = milp(c=-problem.scores.ravel(), integrality=np.ones(n), bounds=Bounds(0, 1),
+               constraints=constraints, options=options)
+    status = {0: "optimal", 1: "time_limit", 2: "infeasible"}.get(res.status, "error")
+    if res.x is None:
+        return RawResult(np.zeros((T, N)), math.nan, status, f"scipy.milp: {res.message}", None,
+                         time.perf_counter() - t0)
+    x = np.asarray(res.x, dtype=np.float64).reshape(T, N)
+    return RawResult(x, float(-res.fun), status, f"scipy.milp: {res.message}", None,
+                     time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- PuLP / CBC
+def solve_cbc(problem: RoutingProblem, time_limit: float | None = None) -> RawResult:
+    """The 0/1 integer program through PuLP and its bundled CBC (an independent code base)."""
+    try:
+        import pulp
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise SolverError("backend 'cbc' needs PuLP: pip install pulp") from exc
+    t0 = time.perf_counter()
+    T, N = problem.shape
+    n = T * N
+    xs = [pulp.LpVariable(f"x{v}", lowBound=0, upBound=1, cat=pulp.LpBinary) for v in range(n)]
+    prob = pulp.LpProblem("routing", pulp.LpMaximize)
+    prob += pulp.LpAffineExpression(zip(xs, problem.scores.ravel().tolist(), strict=True))
+    rows = constraint_rows(problem)
+    k = len(rows.families)
+    members: list[list[int]] = [[] for _ in range(rows.num_rows)]
+    for v in range(n):
+        for r in rows.index[v * k:(v + 1) * k]:
+            members[r].append(v)
+    for r, vs in enumerate(members):
+        expr = pulp.LpAffineExpression([(xs[v], 1.0) for v in vs])
+        lo, hi = rows.lo[r], rows.hi[r]
+        if lo == hi:
+            prob += expr == lo
+        else:
+            if lo > 0:
+                prob += expr >= lo
+            if hi < len(vs):
+                prob += expr <= hi
+    cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit)
+    try:
+        prob.solve(cmd)
+    except pulp.PulpSolverError as exc:
+        raise SolverError(f"CBC failed: {exc}") from exc
+    text = pulp.LpStatus[prob.status]
+    status = {"Optimal": "optimal", "Infeasible": "infeasible"}.get(text, "error")
+    if status == "optimal" and prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        status, text = "time_limit", "time limit reached with an integer-feasible solution"
+    x = np.array([v.varValue or 0.0 for v in xs], dtype=np.float64).reshape(T, N)
+    obj = float(np.sum(problem.scores * x)) if status != "infeasible" else math.nan
+    return RawResult(x, obj, status, f"CBC: {text}", None, time.perf_counter() - t0)

@@ -1,0 +1,204 @@
+"""`solve` and `certify`: the exact path for routing programs.
+
+Backends (``solve(problem, backend=...)``):
+
+========== ================================================ =======================
+backend    what it solves                                   duals / certificate
+========== ================================================ =======================
+closed_form the analytic optimum of single-family programs  threshold duals, exact
+highs      LP relaxation, HiGHS via highspy (vertex)        HiGHS row duals
+milp       0/1 program, ``scipy.optimize.milp``             certified afterwards
+cbc        0/1 program, PuLP + CBC                          certified afterwards
+========== ================================================ =======================
+
+Every :class:`Solution` carries a :class:`Certificate`. LP duals are not trusted: they are
+plugged into the Lagrangian bound (``certificate.dual_bound``), which is an upper bound on the
+optimum for *any* multipliers, so a zero gap proves optimality whatever the solver did.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from usmoe_lp.errors import InvalidParameter, ShapeMismatch, SolverError
+from usmoe_lp.lp import backends
+from usmoe_lp.lp.certificate import Certificate, dual_bound, feasibility_violations, reduced_scores
+from usmoe_lp.lp.closed_form import certify_closed_form, solve_blocks
+from usmoe_lp.lp.problem import RoutingProblem
+
+BACKENDS = ("closed_form", "highs", "milp", "cbc")
+INTEGRALITY_TOL = 1e-9
+
+
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """Result of :func:`solve`, in the manner of ``scipy.optimize.OptimizeResult``.
+
+    Attributes:
+        mask: (T, N) bool, the routing (``x > 0.5`` for LP solutions).
+        x: (T, N) float64, the solver's primal solution (fractional only off a vertex).
+        objective: the solver's objective value (the LP value for ``highs``).
+        status: ``optimal``, ``infeasible``, ``time_limit`` or ``error``.
+        message: the solver's own words.
+        backend: which backend produced it.
+        seconds: wall time of the solve (certification excluded).
+        duals: multipliers by family (``token`` (T,), ``expert`` (N,), ``budget`` (G,)) where
+            the backend has them, else None.
+        certificate: the optimality certificate of ``mask`` (None when the solve failed).
+    """
+
+    mask: np.ndarray
+    x: np.ndarray
+    objective: float
+    status: str
+    message: str
+    backend: str
+    seconds: float
+    duals: dict[str, np.ndarray] | None
+    certificate: Certificate | None
+
+    @property
+    def success(self) -> bool:
+        return self.status == "optimal"
+
+    @property
+    def max_fractionality(self) -> float:
+        """max |x - round(x)| over the primal solution (0 for an integral vertex)."""
+        return float(np.max(np.abs(self.x - np.round(self.x)))) if self.x.size else 0.0
+
+
+def solve(problem: RoutingProblem, backend: str = "closed_form", *,
+          time_limit: float | None = None, certify_solution: bool = True) -> Solution:
+    """Solve a routing program with one backend and certify the result.
+
+    Args:
+        problem: the program.
+        backend: one of ``closed_form``, ``highs``, ``milp``, ``cbc`` (module table).
+        time_limit: seconds, for the solver backends.
+        certify_solution: attach a certificate (closed form when the program is single-family,
+            else the LP duals — the solver's own for ``highs``, a HiGHS solve otherwise).
+
+    Returns:
+        A :class:`Solution`; check ``.success`` (a failed solve is reported, not raised).
+
+    Raises:
+        InvalidParameter: an unknown backend.
+        UnsupportedProblem: ``closed_form`` on a program with two or more binding families.
+
+    >>> import numpy as np
+    >>> S = np.array([[0.5, -1.0], [-2.0, -0.2]])
+    >>> sol = solve(RoutingProblem.budget(S, 2, sense="<="), backend="highs")
+    >>> sol.objective, sol.mask.sum(), sol.certificate.optimal
+    (0.5, 1, True)
+    """
+    if backend not in BACKENDS:
+        raise InvalidParameter(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "closed_form":
+        t0 = time.perf_counter()
+        mask, duals = solve_blocks(problem)
+        seconds = time.perf_counter() - t0
+        cert = certify_closed_form(problem, mask) if certify_solution else None
+        return Solution(mask, mask.astype(np.float64), problem.objective(mask), "optimal",
+                        "closed form (threshold rule)", backend, seconds, duals, cert)
+    runner = {"highs": backends.solve_highs, "milp": backends.solve_milp, "cbc": backends.solve_cbc}[backend]
+    raw = runner(problem, time_limit=time_limit)
+    mask = raw.x > 0.5
+    cert = None
+    if certify_solution and raw.status == "optimal":
+        if backend == "highs" and raw.duals is not None:
+            cert = certify_with_duals(problem, mask, raw.duals, x=raw.x, backend="highs")
+        else:
+            cert = certify(problem, mask)
+    return Solution(mask, raw.x, raw.objective, raw.status, raw.message, backend, raw.seconds,
+                    raw.duals, cert)
+
+
+def certify(problem: RoutingProblem, mask, *, backend: str = "auto", rtol: float = 1e-9) -> Certificate:
+    """Is ``mask`` an optimal 0/1 routing of ``problem``? Exact certificate, see :class:`Certificate`.
+
+    Args:
+        problem: the program.
+        mask: (T, N) bool or 0/1 array (a torch tensor is accepted via ``numpy()``).
+        backend: ``closed_form`` (single-family programs; exact, O(T*N)), ``highs`` (LP duals,
+            any program) or ``auto`` (closed form when it applies).
+        rtol: relative tolerance on the gap for LP-dual certificates.
+
+    Raises:
+        ShapeMismatch: the mask's shape differs from the scores'.
+        UnsupportedProblem: ``closed_form`` on a combined program.
+    """
+    X = _as_mask(problem, mask)
+    if backend == "auto":
+        backend = "closed_form" if problem.is_single_family else "highs"
+    if backend == "closed_form":
+        return certify_closed_form(problem, X)
+    if backend != "highs":
+        raise InvalidParameter(f"certify backend must be auto, closed_form or highs, not {backend!r}")
+    t0 = time.perf_counter()
+    raw = backends.solve_highs(problem)
+    if raw.status != "optimal" or raw.duals is None:
+        raise SolverError(f"could not certify: the LP relaxation did not solve ({raw.message})")
+    cert = certify_with_duals(problem, X, raw.duals, x=raw.x, backend="highs", rtol=rtol)
+    return _with_seconds(cert, time.perf_counter() - t0)
+
+
+def certify_with_duals(problem: RoutingProblem, mask, duals: dict[str, np.ndarray], *,
+                       x: np.ndarray | None = None, backend: str = "user", rtol: float = 1e-9) -> Certificate:
+    """Certify ``mask`` with given multipliers: gap = g(duals) - objective(mask) (weak duality).
+
+    ``x`` (T, N) is the LP solution the duals came from, for the integrality report.
+    """
+    t0 = time.perf_counter()
+    X = _as_mask(problem, mask)
+    primal = problem.objective(X)
+    dual = dual_bound(problem, duals)
+    tol = rtol * max(1.0, abs(primal), abs(dual))
+    violations = feasibility_violations(problem, X)
+    feasible = not violations
+    gap = dual - primal
+    optimal = feasible and gap <= tol
+    ties = log10_masks = margin = None
+    if problem.is_single_family and feasible:
+        # The block margin and tie count depend on the mask and blocks only, not on which
+        # (possibly degenerate) optimal duals the solver returned.
+        exact = certify_closed_form(problem, X)
+        margin, ties, log10_masks = exact.margin, exact.ties, exact.log10_optimal_masks
+    elif feasible:
+        R = reduced_scores(problem, duals)
+        sel, uns = R[X], R[~X]
+        margin = float((sel.min() if sel.size else np.inf) - (uns.max() if uns.size else -np.inf))
+    frac = None if x is None else float(np.max(np.abs(x - np.round(x))))
+    if not feasible:
+        msg = "infeasible: " + "; ".join(violations)
+    elif optimal:
+        msg = "optimal (LP dual bound reached)"
+    else:
+        msg = f"not proven optimal: gap {gap:.3g} to the LP dual bound"
+    return Certificate(
+        primal=primal, dual=dual, gap=gap, optimal=optimal, feasible=feasible,
+        integral=None if frac is None else frac <= INTEGRALITY_TOL, max_fractionality=frac,
+        ties=ties, log10_optimal_masks=log10_masks, margin=margin, backend=backend,
+        seconds=time.perf_counter() - t0, tolerance=tol, duals=dict(duals), message=msg,
+    )
+
+
+def _as_mask(problem: RoutingProblem, mask) -> np.ndarray:
+    if hasattr(mask, "detach"):
+        mask = mask.detach().cpu().numpy()
+    X = np.asarray(mask)
+    if X.shape != problem.shape:
+        raise ShapeMismatch(f"mask has shape {X.shape}; the program's scores have shape {problem.shape}")
+    if X.dtype != bool:
+        if not np.all((X == 0) | (X == 1)):
+            raise ShapeMismatch("mask must be boolean or 0/1; for fractional x use the LP backends")
+        X = X.astype(bool)
+    return X
+
+
+def _with_seconds(cert: Certificate, seconds: float) -> Certificate:
+    from dataclasses import replace
+
+    return replace(cert, seconds=seconds)
