@@ -1,2 +1,36 @@
-"""usmoe-lp: routing analysis and theory verification for sparse Mixture-of-Experts."""
+"""usmoe-lp: routing analysis and theory verification for sparse Mixture-of-Experts.
+
+The fast path (torch): :func:`unified_score`, :func:`token_choice`, :func:`expert_choice`,
+:func:`global_topc`, :func:`capacity_token_choice` return a :class:`Routing`.
+The exact path (numpy/scipy): :class:`RoutingProblem`, :func:`solve`, :func:`certify`.
+"""
+
+from usmoe_lp.errors import (
+    InfeasibleProblem,
+    InvalidParameter,
+    InvalidScores,
+    ShapeMismatch,
+    SolverError,
+    UnsupportedProblem,
+    UsmoeLpError,
+)
+from usmoe_lp.lp import Certificate, RoutingProblem, Solution, certify, solve
+from usmoe_lp.routing import (
+    Routing,
+    capacity_token_choice,
+    expert_choice,
+    global_topc,
+    sigmoid_score,
+    softmax_score,
+    token_choice,
+    unified_score,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Certificate", "InfeasibleProblem", "InvalidParameter", "InvalidScores", "Routing",
+    "RoutingProblem", "ShapeMismatch", "Solution", "SolverError", "UnsupportedProblem",
+    "UsmoeLpError", "capacity_token_choice", "certify", "expert_choice", "global_topc",
+    "sigmoid_score", "softmax_score", "solve", "token_choice", "unified_score",
+]
