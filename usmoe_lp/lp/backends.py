@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,8 +204,11 @@ def solve_cbc(problem: RoutingProblem, time_limit: float | None = None) -> RawRe
     t0 = time.perf_counter()
     T, N = problem.shape
     n = T * N
-    xs = [pulp.LpVariable(f"x{v}", lowBound=0, upBound=1, cat=pulp.LpBinary) for v in range(n)]
     prob = pulp.LpProblem("routing", pulp.LpMaximize)
+    if hasattr(prob, "add_variable"):  # PuLP >= 3.3; constructing LpVariable directly is deprecated
+        xs = [prob.add_variable(f"x{v}", 0, 1, cat=pulp.LpBinary) for v in range(n)]
+    else:  # pragma: no cover - older PuLP
+        xs = [pulp.LpVariable(f"x{v}", lowBound=0, upBound=1, cat=pulp.LpBinary) for v in range(n)]
     prob += pulp.LpAffineExpression(zip(xs, problem.scores.ravel().tolist(), strict=True))
     rows = constraint_rows(problem)
     k = len(rows.families)
@@ -222,7 +226,11 @@ def solve_cbc(problem: RoutingProblem, time_limit: float | None = None) -> RawRe
                 prob += expr >= lo
             if hi < len(vs):
                 prob += expr <= hi
-    cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit)
+    with warnings.catch_warnings():
+        # PuLP 3.3 deprecates its bundled CBC (PULP_CBC_CMD) for 4.0; it is still the one CBC
+        # that installs from PyPI without a compiler, so we keep it until 4.0 ships.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit)
     try:
         prob.solve(cmd)
     except pulp.PulpSolverError as exc:

@@ -93,7 +93,7 @@ class RoutingProblem:
             raise InvalidScores(f"scores must be 2-D (T tokens, N experts); got shape {s.shape}")
         if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
             raise InvalidScores(f"scores must be numeric, got dtype {s.dtype}")
-        s = np.ascontiguousarray(s, dtype=np.float64)
+        s = np.array(s, dtype=np.float64, order="C", copy=True)  # ours: never freeze the caller's array
         check_finite_numpy(s)
         T, N = s.shape
         s.setflags(write=False)
@@ -146,7 +146,7 @@ class RoutingProblem:
     def token_choice(cls, scores, k: int) -> RoutingProblem:
         """Token Choice: every token takes exactly ``k`` experts (rows sum to k). scores: (T, N)."""
         s = np.asarray(scores)
-        n = s.shape[-1] if s.ndim == 2 else None
+        n = s.shape[-1] if s.ndim == 2 and s.size else None  # empty: InvalidScores below
         k = check_int(k, "k", low=1)
         if n is not None and k > n:
             raise InvalidParameter(f"k = {k} exceeds the number of experts N = {n}")
@@ -156,7 +156,7 @@ class RoutingProblem:
     def expert_choice(cls, scores, capacity: int) -> RoutingProblem:
         """Expert Choice: every expert takes exactly ``capacity`` tokens (columns sum to e)."""
         s = np.asarray(scores)
-        t = s.shape[0] if s.ndim == 2 else None
+        t = s.shape[0] if s.ndim == 2 and s.size else None  # empty: InvalidScores below
         e = check_int(capacity, "capacity", low=1)
         if t is not None and e > t:
             raise InvalidParameter(f"capacity = {e} exceeds the number of tokens T = {t}")

@@ -105,6 +105,15 @@ def _mask_out(s3, valid):
     return s3.masked_fill(~valid.unsqueeze(-1), float("-inf"))
 
 
+def _check_capacity_factor(capacity_factor) -> None:
+    try:
+        cf = float(capacity_factor)
+    except (TypeError, ValueError):
+        cf = float("nan")
+    if not (math.isfinite(cf) and cf > 0):
+        raise InvalidParameter(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
+
+
 def _capacity(capacity_factor: float, tokens: int, k: int, n: int) -> int:
     # ceil(cf * T * k / N); the rounding slack absorbs float error in cf (1.1 * 10 = 11.000000000000002).
     raw = float(capacity_factor) * tokens * k / n
@@ -149,8 +158,7 @@ def expert_choice(scores, capacity: int | None = None, capacity_factor: float = 
     k = check_int(k, "k", low=1)
     tokens = valid.sum(-1) if valid is not None else torch.full((B,), T, device=s3.device)
     if capacity is None:
-        if not float(capacity_factor) > 0:
-            raise InvalidParameter(f"capacity_factor must be > 0, got {capacity_factor}")
+        _check_capacity_factor(capacity_factor)
         caps = [_capacity(capacity_factor, int(t), k, N) for t in tokens.tolist()]
     else:
         e = check_int(capacity, "capacity", low=1)
@@ -253,6 +261,7 @@ def capacity_token_choice(scores, k: int, capacity_factor: float = 1.0,
         raise InvalidParameter(f"policy must be 'position' or 'priority', got {policy!r}")
     tokens = valid.sum(-1) if valid is not None else torch.full((B,), T, device=s3.device)
     if capacity is None:
+        _check_capacity_factor(capacity_factor)
         caps = [_capacity(capacity_factor, int(t), k, N) for t in tokens.tolist()]
     else:
         caps = [check_int(capacity, "capacity", low=0)] * B

@@ -1,0 +1,151 @@
+"""The ``usmoe-lp`` command line: parses arguments and calls the API, nothing more."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from usmoe_lp.errors import UsmoeLpError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Routing analysis and theory verification for sparse Mixture-of-Experts.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in text.split(","):
+        try:
+            T, N = part.lower().strip().split("x")
+            out.append((int(T), int(N)))
+        except ValueError:
+            raise typer.BadParameter(f"size {part!r} is not of the form TxN, e.g. 64x8") from None
+    return tuple(out)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in _names(text))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _print_summary(result, out: Path, seconds: float) -> None:
+    table = Table(title=f"usmoe-lp verify: {len(result.records)} checks in {seconds:.1f} s")
+    for col in ("claim", "verdict", "failures / trials", "worst gap", "minimal counterexample"):
+        table.add_column(col)
+    for c in result.claim_summary():
+        cx = c["minimal_counterexample"]
+        verdict = "[green]holds[/]" if c["verdict"] == "holds" else f"[red]{c['verdict']}[/]"
+        table.add_row(c["claim"], verdict, f"{c['failures']} / {c['trials']}",
+                      f"{c['worst_gap']:.3g}", "" if cx is None else f"{cx['size']} k={cx['k']}: {cx['scores']}")
+    console.print(table)
+    console.print(f"report: {out / 'report.md'} (json: {out / 'report.json'})")
+
+
+def _run_verify(config, out: Path, command: str, progress: bool):
+    from usmoe_lp.report import write_verify_report
+    from usmoe_lp.verify import run_verify
+
+    t0 = time.perf_counter()
+    result = run_verify(config, progress=progress)
+    seconds = time.perf_counter() - t0
+    write_verify_report(result, out, command=command)
+    return result, seconds
+
+
+@app.command()
+def verify(
+    families: str = typer.Option("all", help="score families, comma-separated (see `usmoe-lp families`)"),
+    sizes: str = typer.Option("8x4,16x8,64x8", help="T x N sizes, comma-separated"),
+    ks: str = typer.Option("1,2", help="experts per token of the matched TC (budget c = T*k)"),
+    trials: int = typer.Option(10, help="instances per family x size x k"),
+    seed: int = typer.Option(0, help="master seed (same seed, same report)"),
+    backends: str = typer.Option("closed_form,highs,cbc", help="closed_form, highs, cbc, milp"),
+    claims: str = typer.Option("all", help="claim ids, comma-separated (see `usmoe-lp claims`)"),
+    ilp_max_vars: int = typer.Option(4096, help="run CBC / SciPy MILP only up to this T*N"),
+    shrink: bool = typer.Option(True, help="shrink failures to minimal counterexamples"),
+    out: Path = typer.Option(Path("verify-report"), help="output directory"),
+    strict: bool = typer.Option(False, help="exit 1 when any claim fails"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Check the USMoE paper's LP claims on random score matrices; write report.json/.md and figures.
+
+    A failing claim is a finding, not an error: the exit code is 0 unless --strict.
+    """
+    from usmoe_lp.verify import VerifyConfig
+
+    try:
+        config = VerifyConfig(
+            families=tuple(_names(families)) if families != "all" else VerifyConfig.families,
+            sizes=_sizes(sizes), ks=_ints(ks), trials=trials, seed=seed,
+            backends=_names(backends), claims=_names(claims) if claims != "all" else VerifyConfig.claims,
+            ilp_max_vars=ilp_max_vars, shrink=shrink)
+        result, seconds = _run_verify(config, out, "usmoe-lp " + shlex.join(sys.argv[1:]), progress)
+    except UsmoeLpError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    _print_summary(result, out, seconds)
+    if strict and any(c["verdict"] == "fails" for c in result.claim_summary()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("out/demo"), help="output directory")) -> None:
+    """The main job on an embedded default: a short verify run (no download, no GPU)."""
+    from usmoe_lp.verify import VerifyConfig
+
+    config = VerifyConfig(sizes=((8, 4), (12, 5), (32, 8)), ks=(1, 2), trials=2, seed=0,
+                          backends=("closed_form", "highs", "cbc"), ilp_max_vars=64)
+    command = "usmoe-lp verify --sizes 8x4,12x5,32x8 --ks 1,2 --trials 2 --seed 0 " \
+              "--backends closed_form,highs,cbc --ilp-max-vars 64"
+    result, seconds = _run_verify(config, out / "verify", command, progress=True)
+    _print_summary(result, out / "verify", seconds)
+    summary = result.claim_summary()
+    holds = [c["claim"] for c in summary if c["verdict"] == "holds"]
+    fails = [c for c in summary if c["verdict"] == "fails"]
+    console.print(f"\n[bold]usmoe-lp demo[/] — report in {out / 'verify' / 'report.md'}")
+    console.print(f"1. {len(result.records)} claim checks on {len(config.families)} score families, "
+                  f"{len(config.sizes)} sizes, in {seconds:.1f} s")
+    console.print(f"2. {len(holds)} of {len(summary)} claims hold on every instance")
+    for i, c in enumerate(fails[:3], start=3):
+        cx = c["minimal_counterexample"]
+        console.print(f"{i}. {c['claim']} fails {c['failures']}/{c['trials']}; minimal counterexample "
+                      f"{cx['size']} k={cx['k']}: {cx['scores']}")
+
+
+@app.command("families")
+def list_families() -> None:
+    """List the score-matrix families."""
+    from usmoe_lp.verify import FAMILIES
+
+    for f in FAMILIES.values():
+        console.print(f"{f.name:10s} {'signed  ' if f.signed else 'positive'}  {f.description}")
+
+
+@app.command("claims")
+def list_claims() -> None:
+    """List the claims that verify checks."""
+    from usmoe_lp.verify import CLAIMS
+
+    for c in CLAIMS.values():
+        console.print(f"[bold]{c.id}[/]: {c.statement}\n    source: {c.source}; theory: {c.expectation}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Figures for the verify report (seaborn; tidy DataFrames in, matplotlib Axes/Figures out)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+
+def records_frame(result) -> pd.DataFrame:
+    """Tidy DataFrame of a :class:`VerifyResult`: one row per claim x instance.
+
+    Columns: claim, family, T, N, size, k, trial, seed, passed, gap, note, plus value_* columns.
+    """
+    rows = []
+    for r in result.records:
+        row = {"claim": r.claim, "family": r.family, "T": r.T, "N": r.N, "size": f"{r.T}x{r.N}",
+               "k": r.k, "trial": r.trial, "seed": r.seed, "passed": r.passed, "gap": r.gap,
+               "note": r.note}
+        row.update({f"value_{k}": v for k, v in r.values.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _size_order(frame: pd.DataFrame) -> list[str]:
+    pairs = frame[["T", "N"]].drop_duplicates().sort_values(["N", "T"])
+    return [f"{T}x{N}" for T, N in pairs.itertuples(index=False)]
+
+
+def plot_gap_distributions(frame: pd.DataFrame) -> plt.Figure | None:
+    """Strip plot of the violation size of every failing instance, per claim and family.
+
+    Returns None when no claim failed.
+    """
+    fails = frame[~frame["passed"] & (frame["gap"] > 0)]
+    if fails.empty:
+        return None
+    claims = list(dict.fromkeys(fails["claim"]))
+    sizes = _size_order(frame)
+    palette = dict(zip(sizes, sns.color_palette("viridis", len(sizes)), strict=True))
+    fig, axes = plt.subplots(1, len(claims), figsize=(4.2 * len(claims), 4.2), squeeze=False)
+    for ax, claim in zip(axes[0], claims, strict=True):
+        sub = fails[fails["claim"] == claim]
+        sns.stripplot(data=sub, x="family", y="gap", hue="size", hue_order=sizes, palette=palette,
+                      ax=ax, jitter=0.25, size=4, dodge=False)
+        ax.set_yscale("log")
+        ax.set_title(f"{claim}\n{len(sub)} failing instances", fontsize=10)
+        ax.set_xlabel("score family")
+        ax.set_ylabel("violation (optimum - claimed, score units)")
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend(title="T x N", fontsize=7, title_fontsize=8)
+    fig.suptitle("Where the claims fail: size of each violation", fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def plot_usmoe_minus_tc(frame: pd.DataFrame) -> plt.Figure | None:
+    """obj(USMoE) - obj(TC) per token vs N, one line per k, one panel per family.
+
+    Uses the ``usmoe_ge_tc`` records; returns None when that claim was not run.
+    """
+    sub = frame[frame["claim"] == "usmoe_ge_tc"].copy()
+    if sub.empty or "value_usmoe_minus_tc" not in sub:
+        return None
+    sub["gain_per_token"] = sub["value_usmoe_minus_tc"] / sub["T"]
+    sub["k"] = sub["k"].astype(str)
+    sub["size"] = pd.Categorical(sub["size"], categories=_size_order(sub), ordered=True)
+    g = sns.catplot(data=sub, x="size", y="gain_per_token", hue="k", col="family", col_wrap=3,
+                    kind="point", estimator="median", errorbar=("pi", 90), height=2.6, aspect=1.3,
+                    dodge=0.25, sharey=False)
+    g.set_axis_labels("size T x N (sorted by N)", "gain per token (score units)")
+    g.set_titles("{col_name}")
+    for ax in g.axes.flat:
+        ax.axhline(0.0, color="grey", lw=0.8)
+    g.figure.suptitle("obj(USMoE global top-c, c = T k) - obj(TC, k), per token, vs N and k "
+                      "(median and 90% interval over trials)", fontsize=11)
+    g.figure.tight_layout()
+    return g.figure
+
+
+def plot_capped_gap(frame: pd.DataFrame) -> plt.Figure | None:
+    """ECDF of the relative gap of greedy capped top-c to the capped program's optimum."""
+    sub = frame[frame["claim"] == "capped_greedy_optimal"].copy()
+    if sub.empty or "value_relative_gap" not in sub:
+        return None
+    sub["relative gap"] = sub["value_relative_gap"].astype(float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sns.ecdfplot(data=sub, x="relative gap", hue="size", hue_order=_size_order(sub), ax=ax,
+                 palette="viridis")
+    share = float(np.mean(sub["relative gap"] > 0))
+    ax.set_title(f"Greedy capped top-c vs the b-matching optimum\n"
+                 f"{share:.1%} of instances suboptimal; worst {sub['relative gap'].max():.2%}")
+    ax.set_xlabel("(optimum - greedy) / optimum")
+    ax.set_ylabel("fraction of instances")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,175 @@
+"""Write a verify result as report.json, report.md, counterexample files and PNG figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from usmoe_lp.report.figures import (
+    plot_capped_gap,
+    plot_gap_distributions,
+    plot_usmoe_minus_tc,
+    records_frame,
+)
+
+FIGURES = {
+    "gap_distributions.png": plot_gap_distributions,
+    "usmoe_minus_tc.png": plot_usmoe_minus_tc,
+    "capped_greedy_gap.png": plot_capped_gap,
+}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numbers the report depends on."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("usmoe-lp", "numpy", "scipy", "highspy", "pulp", "torch"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _clean(obj):
+    """Make floats JSON-safe (inf/nan -> None) recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def usmoe_minus_tc_table(result) -> list[dict]:
+    """Mean/min/max of obj(USMoE) - obj(TC) per family x size x k (the relaxation gain)."""
+    frame = records_frame(result)
+    sub = frame[frame["claim"] == "usmoe_ge_tc"] if not frame.empty else frame
+    if sub.empty:
+        return []
+    agg = sub.groupby(["family", "T", "N", "k"], sort=False)["value_usmoe_minus_tc"]
+    out = []
+    for (fam, T, N, k), s in agg:
+        out.append({"family": fam, "size": f"{T}x{N}", "k": int(k), "mean": float(s.mean()),
+                    "min": float(s.min()), "max": float(s.max()),
+                    "mean_per_token": float(s.mean() / T)})
+    return out
+
+
+def write_verify_report(result, out: str | Path, command: str | None = None) -> dict[str, Path]:
+    """Write the report directory; returns {name: path}. Same result -> same report.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cex_dir = out / "counterexamples"
+    cex_dir.mkdir(exist_ok=True)
+    paths: dict[str, Path] = {}
+    for c in result.counterexamples:
+        p = cex_dir / f"{c.claim}__{c.family}__{c.T}x{c.N}.json"
+        p.write_text(json.dumps(_clean(c.to_dict()), indent=1) + "\n")
+    report = {
+        "format": "usmoe-lp verify report v1",
+        "command": command,
+        "config": result.config.to_dict(),
+        "versions": library_versions(),
+        "definitions": {
+            "gap": "size of the violation in score units: optimum minus the claimed router's "
+                   "objective (0 when the claim holds)",
+            "tolerance": "objective values are equal when |a - b| <= 1e-9 * max(1, |a|, |b|)",
+            "budget": "c = T*k for the budget programs; EC capacity e = ceil(T*k/N)",
+            "capped": "budget c = T*k (<=), at most k+1 experts per token, at most "
+                      "ceil(1.25*T*k/N) tokens per expert",
+            "seed": "instance generator = numpy default_rng(seed); rebuild with "
+                    "usmoe_lp.verify.FAMILIES[family].generate(default_rng(seed), T, N)",
+        },
+        "claims": result.claim_summary(),
+        "cells": result.cells(),
+        "usmoe_minus_tc": usmoe_minus_tc_table(result),
+    }
+    paths["report.json"] = out / "report.json"
+    paths["report.json"].write_text(json.dumps(_clean(report), indent=1) + "\n")
+
+    frame = records_frame(result)
+    figs = []
+    if not frame.empty:
+        import matplotlib.pyplot as plt
+
+        for name, fn in FIGURES.items():
+            fig = fn(frame)
+            if fig is None:
+                continue
+            fig.savefig(out / name, dpi=110, metadata={"Software": None})
+            plt.close(fig)
+            paths[name] = out / name
+            figs.append(name)
+    paths["report.md"] = out / "report.md"
+    paths["report.md"].write_text(render_markdown(report, figs))
+    return paths
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return "0" if x == 0 else f"{x:.3g}"
+    return str(x)
+
+
+def _matrix(rows: list[list[float]]) -> str:
+    return "\n".join("    [" + ", ".join(f"{v:.6g}" for v in row) + "]" for row in rows)
+
+
+def render_markdown(report: dict, figures: list[str]) -> str:
+    """report.md: summary table, minimal counterexamples, per-cell table, figures."""
+    cfg = report["config"]
+    lines = ["# usmoe-lp verify report", ""]
+    if report.get("command"):
+        lines += ["Command:", "", f"    {report['command']}", ""]
+    lines += [
+        f"Families: {', '.join(cfg['families'])}. Sizes: {', '.join(cfg['sizes'])}. "
+        f"k: {', '.join(map(str, cfg['ks']))}. Trials per family x size x k: {cfg['trials']}. "
+        f"Seed: {cfg['seed']}. Backends: {', '.join(cfg['backends'])} (integer programs up to "
+        f"{cfg['ilp_max_vars']} variables).", "",
+        "## Claims", "",
+        "| claim | statement | theory expects | verdict | failures / trials | worst gap | fails on |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in report["claims"]:
+        verdict = {"holds": "holds", "fails": "**fails**"}.get(c["verdict"], c["verdict"])
+        lines.append(
+            f"| `{c['claim']}` | {c['statement']} | {c['expectation']} | {verdict} | "
+            f"{c['failures']} / {c['trials']} | {_fmt(c['worst_gap'])} | "
+            f"{', '.join(c['failing_families']) or '–'} |")
+    failing = [c for c in report["claims"] if c["minimal_counterexample"]]
+    if failing:
+        lines += ["", "## Minimal counterexamples", "",
+                  "Each is the smallest sub-matrix (fewest tokens, then experts) of a failing instance "
+                  "on which the claim still fails; removing any one token or expert makes it hold.", ""]
+        for c in failing:
+            cx = c["minimal_counterexample"]
+            lines += [f"### `{c['claim']}` — {cx['size']}, k = {cx['k']} "
+                      f"(from {cx['family']} {cx['from_size']}, seed {cx['seed']})", "",
+                      "    S =", _matrix(cx["scores"]), "",
+                      f"{cx['note']}", ""]
+    gains = report.get("usmoe_minus_tc") or []
+    if gains:
+        lines += ["## obj(USMoE) − obj(TC) at c = T·k", "",
+                  "| family | size | k | mean | min | max | mean per token |", "|---|---|---|---|---|---|---|"]
+        for g in gains:
+            lines.append(f"| {g['family']} | {g['size']} | {g['k']} | {_fmt(g['mean'])} | "
+                         f"{_fmt(g['min'])} | {_fmt(g['max'])} | {_fmt(g['mean_per_token'])} |")
+    lines += ["", "## Claim x family x size", "",
+              "| claim | family | size | trials | failures | worst gap |", "|---|---|---|---|---|---|"]
+    for cell in report["cells"]:
+        lines.append(f"| `{cell['claim']}` | {cell['family']} | {cell['size']} | {cell['trials']} | "
+                     f"{cell['failures']} | {_fmt(cell['worst_gap'])} |")
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
+    return "\n".join(lines) + "\n"

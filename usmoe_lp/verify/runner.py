@@ -1,0 +1,255 @@
+"""Run the claims over families x sizes x k x trials, shrink failures, collect a result.
+
+Instances are seeded independently of what else runs: the generator of a trial is
+``default_rng(SeedSequence([seed, crc32(family), T, N, k, trial]))``, recorded as an integer in
+every record, so the same seed gives the same report, and any single instance can be rebuilt
+with ``FAMILIES[family].generate(np.random.default_rng(record.seed), T, N)``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from usmoe_lp.errors import InvalidParameter
+from usmoe_lp.verify.claims import CLAIMS, Context, Instance, get_claims
+from usmoe_lp.verify.families import FAMILIES, get_families
+from usmoe_lp.verify.shrink import shrink
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What to verify.
+
+    Attributes:
+        families: score-family names (``usmoe_lp.verify.FAMILIES``).
+        sizes: (T, N) pairs.
+        ks: experts per token of the matched TC; budgets are c = T*k (k > N is skipped).
+        trials: instances per family x size x k.
+        seed: master seed.
+        backends: optimum backends (closed_form, highs, cbc, milp).
+        claims: claim ids (``usmoe_lp.verify.CLAIMS``).
+        ilp_max_vars: integer-program backends only up to this T*N.
+        shrink: shrink the first failure of each claim x family x size to a minimal counterexample.
+    """
+
+    families: tuple[str, ...] = tuple(FAMILIES)
+    sizes: tuple[tuple[int, int], ...] = ((8, 4), (16, 8), (64, 8))
+    ks: tuple[int, ...] = (1, 2)
+    trials: int = 10
+    seed: int = 0
+    backends: tuple[str, ...] = ("closed_form", "highs", "cbc")
+    claims: tuple[str, ...] = tuple(CLAIMS)
+    ilp_max_vars: int = 4096
+    shrink: bool = True
+
+    def __post_init__(self):
+        get_families(self.families)
+        get_claims(self.claims)
+        if self.trials < 1:
+            raise InvalidParameter(f"trials must be >= 1, got {self.trials}")
+        for T, N in self.sizes:
+            if T < 1 or N < 1:
+                raise InvalidParameter(f"sizes must be positive TxN, got {T}x{N}")
+        if any(k < 1 for k in self.ks):
+            raise InvalidParameter(f"ks must be >= 1, got {self.ks}")
+        from usmoe_lp.lp import BACKENDS
+
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if bad:
+            raise InvalidParameter(f"unknown backends {bad}; choose from {', '.join(BACKENDS)}")
+        if len(set(self.backends) & {"closed_form", "highs", "cbc", "milp"}) < 2:
+            raise InvalidParameter("use at least two independent backends, e.g. closed_form,highs")
+
+    def to_dict(self) -> dict:
+        return {"families": list(self.families), "sizes": [f"{T}x{N}" for T, N in self.sizes],
+                "ks": list(self.ks), "trials": self.trials, "seed": self.seed,
+                "backends": list(self.backends), "claims": list(self.claims),
+                "ilp_max_vars": self.ilp_max_vars, "shrink": self.shrink}
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One claim checked on one instance."""
+
+    claim: str
+    family: str
+    T: int
+    N: int
+    k: int
+    trial: int
+    seed: int
+    passed: bool
+    gap: float
+    values: dict
+    note: str
+
+
+@dataclass(frozen=True)
+class Counterexample:
+    """A minimal failing instance of a claim (shrunk from a failing trial)."""
+
+    claim: str
+    family: str
+    T: int
+    N: int
+    k: int
+    trial: int
+    seed: int
+    scores: np.ndarray  # (T', N') float64, the shrunk matrix
+    shrunk_k: int
+    gap: float
+    values: dict
+    note: str
+    evaluations: int
+
+    def to_dict(self) -> dict:
+        return {"claim": self.claim, "family": self.family, "from_size": f"{self.T}x{self.N}",
+                "from_k": self.k, "trial": self.trial, "seed": self.seed,
+                "size": f"{self.scores.shape[0]}x{self.scores.shape[1]}", "k": self.shrunk_k,
+                "scores": self.scores.tolist(), "gap": self.gap, "values": self.values,
+                "note": self.note, "shrink_evaluations": self.evaluations}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Everything a verify run found; ``cells()`` aggregates it claim x family x size."""
+
+    config: VerifyConfig
+    records: list[TrialRecord] = field(default_factory=list)
+    counterexamples: list[Counterexample] = field(default_factory=list)
+
+    def cells(self) -> list[dict]:
+        groups: dict[tuple, list[TrialRecord]] = defaultdict(list)
+        for r in self.records:
+            groups[(r.claim, r.family, r.T, r.N)].append(r)
+        cex = {(c.claim, c.family, c.T, c.N): c for c in self.counterexamples}
+        out = []
+        for key in sorted(groups, key=_cell_order(self.config)):
+            rs = groups[key]
+            fails = [r for r in rs if not r.passed]
+            gaps = [r.gap for r in fails]
+            out.append({
+                "claim": key[0], "family": key[1], "size": f"{key[2]}x{key[3]}",
+                "trials": len(rs), "passes": len(rs) - len(fails), "failures": len(fails),
+                "worst_gap": max(gaps) if gaps else 0.0,
+                "failing_seeds": [{"k": r.k, "trial": r.trial, "seed": r.seed} for r in fails[:10]],
+                "notes": sorted({r.note for r in fails})[:3],
+                "counterexample": None if key not in cex else cex[key].to_dict(),
+            })
+        return out
+
+    def claim_summary(self) -> list[dict]:
+        out = []
+        for cid in self.config.claims:
+            rs = [r for r in self.records if r.claim == cid]
+            fails = [r for r in rs if not r.passed]
+            fams = sorted({r.family for r in fails}, key=list(self.config.families).index)
+            smallest = min((c for c in self.counterexamples if c.claim == cid),
+                           key=lambda c: (c.scores.size, c.scores.shape), default=None)
+            claim = CLAIMS[cid]
+            out.append({
+                "claim": cid, "statement": claim.statement, "source": claim.source,
+                "expectation": claim.expectation, "trials": len(rs), "failures": len(fails),
+                "verdict": "not run" if not rs else ("holds" if not fails else "fails"),
+                "worst_gap": max((r.gap for r in fails), default=0.0),
+                "failing_families": fams,
+                "minimal_counterexample": None if smallest is None else smallest.to_dict(),
+            })
+        return out
+
+
+def _cell_order(config: VerifyConfig):
+    claims, fams = list(config.claims), list(config.families)
+    return lambda key: (claims.index(key[0]), fams.index(key[1]), key[2] * key[3], key[2])
+
+
+def trial_seed(seed: int, family: str, T: int, N: int, k: int, trial: int) -> int:
+    """The integer seed of one instance (stable across processes and platforms)."""
+    ss = np.random.SeedSequence([seed, zlib.crc32(family.encode()), T, N, k, trial])
+    return int(ss.generate_state(1, dtype=np.uint64)[0])
+
+
+def run_verify(config: VerifyConfig, progress: bool = True) -> VerifyResult:
+    """Check every claim of ``config`` on every instance; shrink the first failure per cell."""
+    ctx = Context(backends=tuple(config.backends), ilp_max_vars=config.ilp_max_vars)
+    claims = get_claims(config.claims)
+    families = get_families(config.families)
+    jobs = [(f, T, N, k, t) for f in families for (T, N) in config.sizes for k in config.ks
+            if k <= N for t in range(config.trials)]
+    records: list[TrialRecord] = []
+    counterexamples: list[Counterexample] = []
+    shrunk_cells: set[tuple] = set()
+    bar = _progress(progress, len(jobs))
+    try:
+        for f, T, N, k, t in jobs:
+            seed = trial_seed(config.seed, f.name, T, N, k, t)
+            S = f.generate(np.random.default_rng(seed), T, N)
+            inst = Instance(S, k, ctx)
+            for claim in claims:
+                res = claim.check(inst)
+                if res is None:
+                    continue
+                values = {key: _jsonable(v) for key, v in res.values.items()}
+                records.append(TrialRecord(claim.id, f.name, T, N, k, t, seed, res.passed,
+                                           float(res.gap), values, res.note))
+                cell = (claim.id, f.name, T, N)
+                if not res.passed and config.shrink and cell not in shrunk_cells:
+                    shrunk_cells.add(cell)
+                    sh = _shrink_fast(claim, S, k, ctx)
+                    counterexamples.append(Counterexample(
+                        claim.id, f.name, T, N, k, t, seed, sh.scores, sh.k, float(sh.check.gap),
+                        {key: _jsonable(v) for key, v in sh.check.values.items()}, sh.check.note,
+                        sh.evaluations))
+            if bar is not None:
+                bar.advance(f"{f.name} {T}x{N} k={k}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return VerifyResult(config, records, counterexamples)
+
+
+ILP_CLAIMS = frozenset({"ilp_eq_lp", "lp_integral_tc", "lp_integral_ec", "lp_integral_budget",
+                        "lp_integral_capped"})
+
+
+def _shrink_fast(claim, S, k, ctx: Context):
+    """Shrink with the in-process backends (CBC runs a subprocess per solve), then re-check the
+    minimal instance with every backend; fall back to the full context if that disagrees."""
+    fast = tuple(b for b in ctx.backends if b not in ("cbc", "milp"))
+    if claim.id in ILP_CLAIMS or len(fast) < 2 or len(fast) == len(ctx.backends):
+        return shrink(claim, S, k, ctx)
+    sh = shrink(claim, S, k, Context(fast, ctx.ilp_max_vars, ctx.rtol))
+    full = claim.check(Instance(sh.scores, sh.k, ctx))
+    if full is not None and not full.passed:
+        return replace(sh, check=full)
+    return shrink(claim, S, k, ctx)
+
+
+def _jsonable(v):
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+class _Bar:
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(TextColumn("verify"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), TextColumn("{task.description}"), transient=True)
+        self._p.start()
+        self._task = self._p.add_task("", total=total)
+
+    def advance(self, text: str) -> None:
+        self._p.update(self._task, advance=1, description=text)
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def _progress(enabled: bool, total: int):
+    return _Bar(total) if enabled else None
