@@ -91,7 +91,7 @@ def solve(problem: RoutingProblem, backend: str = "closed_form", *,
     >>> import numpy as np
     >>> S = np.array([[0.5, -1.0], [-2.0, -0.2]])
     >>> sol = solve(RoutingProblem.budget(S, 2, sense="<="), backend="highs")
-    >>> sol.objective, sol.mask.sum(), sol.certificate.optimal
+    >>> sol.objective, int(sol.mask.sum()), sol.certificate.optimal
     (0.5, 1, True)
     """
     if backend not in BACKENDS:

@@ -111,7 +111,8 @@ def _check_capacity_factor(capacity_factor) -> None:
     except (TypeError, ValueError):
         cf = float("nan")
     if not (math.isfinite(cf) and cf > 0):
-        raise InvalidParameter(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
+        raise InvalidParameter(
+            f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
 
 
 def _capacity(capacity_factor: float, tokens: int, k: int, n: int) -> int:

@@ -46,13 +46,16 @@ class Routing:
 
     @property
     def realised_budget(self) -> int:
-        """Total number of selected token-expert pairs."""
+        """Total number of selected token-expert pairs (padding's pairs included, which exist
+        only when padding competed: ``global_topc(..., include_padding=True)``)."""
         return int(self.mask.sum())
 
     @property
     def realised_kbar(self) -> float:
-        """Selected pairs per real token (k for Token Choice; fractional for the others)."""
-        return self.realised_budget / max(self.num_tokens, 1)
+        """Experts per real token: pairs given to real tokens / real tokens (k for Token
+        Choice; fractional for the others). Pairs won by padding are not counted."""
+        real_pairs = self.mask.sum() if self.token_mask is None else self.mask[self.token_mask].sum()
+        return int(real_pairs) / max(self.num_tokens, 1)
 
     @property
     def dropped_tokens(self) -> int:

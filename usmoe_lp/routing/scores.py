@@ -45,8 +45,10 @@ def sigmoid_score(logits: torch.Tensor, scaled: bool = True) -> torch.Tensor:
 def unified_score(logits: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """USMoE unified score ``alpha * f_e + (1 - alpha) * f_t`` (Def. 3.2, reference scaling).
 
-    logits: (..., N) float -> (..., N) float32, every entry > 0. ``alpha`` in [0, 1]: 0 is the
-    softmax (TC's score), 1 the scaled sigmoid (EC's score).
+    logits: (..., N) float -> (..., N) float32. Every entry is > 0 in exact arithmetic, so the
+    "<= c" and "== c" budget programs agree on it; in float32 a logit gap beyond ~100 underflows
+    to an exact 0. ``alpha`` in [0, 1]: 0 is the softmax (TC's score), 1 the scaled sigmoid
+    (EC's score).
 
     >>> import torch
     >>> unified_score(torch.zeros(1, 4), alpha=0.5)

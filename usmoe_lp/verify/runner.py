@@ -52,7 +52,14 @@ class VerifyConfig:
         get_claims(self.claims)
         if self.trials < 1:
             raise InvalidParameter(f"trials must be >= 1, got {self.trials}")
-        for T, N in self.sizes:
+        empty = [name for name in ("families", "sizes", "ks", "claims") if not getattr(self, name)]
+        if empty:
+            raise InvalidParameter(f"nothing to verify: {', '.join(empty)} must not be empty")
+        for size in self.sizes:
+            if not (isinstance(size, tuple | list) and len(size) == 2
+                    and all(isinstance(v, int | np.integer) for v in size)):
+                raise InvalidParameter(f"sizes must be (T, N) pairs of integers, got {size!r}")
+            T, N = size
             if T < 1 or N < 1:
                 raise InvalidParameter(f"sizes must be positive TxN, got {T}x{N}")
         if any(k < 1 for k in self.ks):

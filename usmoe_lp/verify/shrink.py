@@ -58,32 +58,37 @@ def shrink(claim: Claim, scores: np.ndarray, k: int, ctx: Context, max_evaluatio
         evals += 1
         return _failing(claim, cand, kk, ctx)
 
-    changed = True
-    while changed and evals < max_evaluations:
-        changed = False
-        for axis in (0, 1):
-            chunk = max(1, S.shape[axis] // 2)
-            while chunk >= 1 and evals < max_evaluations:
-                i = 0
-                while i < S.shape[axis] and S.shape[axis] > 1:
-                    cand = np.delete(S, np.arange(i, min(i + chunk, S.shape[axis])), axis=axis)
-                    res = attempt(cand, k)
-                    if res is not None:
-                        S, current, changed = cand, res, True
-                    else:
-                        i += chunk
-                chunk //= 2
-        for kk in range(1, k):
-            res = attempt(S, kk)
-            if res is not None:
-                k, current, changed = kk, res, True
-                break
+    def minimize(S: np.ndarray, k: int, current: Check) -> tuple[np.ndarray, int, Check]:
+        changed = True
+        while changed and evals < max_evaluations:
+            changed = False
+            for axis in (0, 1):
+                chunk = max(1, S.shape[axis] // 2)
+                while chunk >= 1 and evals < max_evaluations:
+                    i = 0
+                    while i < S.shape[axis] and S.shape[axis] > 1:
+                        cand = np.delete(S, np.arange(i, min(i + chunk, S.shape[axis])), axis=axis)
+                        res = attempt(cand, k)
+                        if res is not None:
+                            S, current, changed = cand, res, True
+                        else:
+                            i += chunk
+                    chunk //= 2
+            for kk in range(1, k):
+                res = attempt(S, kk)
+                if res is not None:
+                    k, current, changed = kk, res, True
+                    break
+        return S, k, current
+
+    S, k, current = minimize(S, k, current)
     for decimals in (0, 1, 2):
         rounded = np.round(S, decimals)
         if np.array_equal(rounded, S):
             break
         res = attempt(rounded, k)
         if res is not None:
-            S, current = rounded, res
+            # rounding can create ties that let a token or expert go: restore 1-minimality
+            S, k, current = minimize(rounded, k, res)
             break
     return Shrunk(S, k, current, evals, evals >= max_evaluations)
