@@ -205,7 +205,8 @@ def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
     lo, hi = problem.family_bounds(family)
     Ms = _blocks(problem, family, problem.scores)
     Xs = _blocks(problem, family, X)
-    count, sum_sel, min_sel, max_unsel = (np.concatenate(v) for v in zip(*(_stats(M, x) for M, x in zip(Ms, Xs, strict=True)), strict=True))
+    per_block = [_stats(M, x) for M, x in zip(Ms, Xs, strict=True)]
+    count, sum_sel, min_sel, max_unsel = (np.concatenate(v) for v in zip(*per_block, strict=True))
     primal = float(sum_sel.sum())
     feasible = bool(np.all((count >= lo) & (count <= hi)))
     ordered = max_unsel <= min_sel

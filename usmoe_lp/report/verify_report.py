@@ -69,6 +69,9 @@ def write_verify_report(result, out: str | Path, command: str | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     cex_dir = out / "counterexamples"
     cex_dir.mkdir(exist_ok=True)
+    # a re-used directory must not keep counterexamples or figures this result did not produce
+    for stale in [*cex_dir.glob("*__*__*.json"), *(out / name for name in FIGURES)]:
+        stale.unlink(missing_ok=True)
     paths: dict[str, Path] = {}
     for c in result.counterexamples:
         p = cex_dir / f"{c.claim}__{c.family}__{c.T}x{c.N}.json"
