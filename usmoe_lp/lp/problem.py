@@ -278,8 +278,35 @@ class RoutingProblem:
             raise InfeasibleProblem(
                 f"the expert minimums need {emin.sum()} selections but the token maximums allow {tmax.sum()}"
             )
-        if self.budget is None:
+        if self.budget is not None:
+            self._check_group_totals()
+        self._check_flow()
+
+    def _check_flow(self) -> None:
+        """Exact feasibility when two or more families bind with non-uniform bounds.
+
+        The aggregate checks above are exact for uniform bounds but not in general (token 0
+        needing both experts while expert 0 takes nobody balances every total). The constraint
+        matrix is totally unimodular, so the LP relaxation is feasible iff a 0/1 routing exists:
+        one zero-objective HiGHS solve decides it.
+        """
+        fams = self.families
+        if len(fams) < 2 or all(_uniform(*self.family_bounds(f)) for f in fams):
             return
+        from usmoe_lp.lp.backends import solve_highs  # the backends import this module
+
+        zero = RoutingProblem.__new__(RoutingProblem)
+        object.__setattr__(zero, "__dict__", {**self.__dict__, "scores": np.zeros(self.shape)})
+        if solve_highs(zero).status == "infeasible":
+            raise InfeasibleProblem(
+                f"no 0/1 routing meets the {' and '.join(fams)} bounds together, although every "
+                "total is consistent (a flow condition: some token or group needs experts whose "
+                "bounds leave no room for it)"
+            )
+
+    def _check_group_totals(self) -> None:
+        T, N = self.shape
+        tmin, tmax, emin, emax = self.token_min, self.token_max, self.expert_min, self.expert_max
         gid = self.group_ids
         g_tmin = np.bincount(gid, weights=tmin, minlength=self.num_groups).astype(np.int64)
         g_tmax = np.bincount(gid, weights=tmax, minlength=self.num_groups).astype(np.int64)
@@ -330,6 +357,10 @@ class _FieldOrConstructor:
 
 
 RoutingProblem.budget = _FieldOrConstructor(_budget_constructor)
+
+
+def _uniform(lo: np.ndarray, hi: np.ndarray) -> bool:
+    return bool(np.all(lo == lo[0]) and np.all(hi == hi[0]))
 
 
 def _range_text(what: str, lo: np.ndarray, hi: np.ndarray) -> str:

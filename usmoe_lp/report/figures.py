@@ -71,7 +71,8 @@ def plot_usmoe_minus_tc(frame: pd.DataFrame) -> plt.Figure | None:
     sub["size"] = pd.Categorical(sub["size"], categories=_size_order(sub), ordered=True)
     g = sns.catplot(data=sub, x="size", y="gain_per_token", hue="k", col="family", col_wrap=3,
                     kind="point", estimator="median", errorbar=("pi", 90), height=2.6, aspect=1.3,
-                    dodge=0.25, sharey=False)
+                    dodge=0.25 if sub["k"].nunique() > 1 else False,  # seaborn divides by #k - 1
+                    sharey=False)
     g.set_axis_labels("size T x N (sorted by N)", "gain per token (score units)")
     g.set_titles("{col_name}")
     for ax in g.axes.flat:
