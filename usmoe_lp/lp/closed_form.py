@@ -169,11 +169,54 @@ def _margins(min_sel, max_unsel, count, lo, hi) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- certificate
-def _stats(M: np.ndarray, X: np.ndarray):
-    count = X.sum(axis=1)
-    sum_sel = np.sum(M, axis=1, where=X)
-    min_sel = np.min(M, axis=1, where=X, initial=np.inf)
-    max_unsel = np.max(M, axis=1, where=~X, initial=-np.inf)
+_CHUNK_ROWS = 256  # rows per dense chunk: 256 x 128 float64 = 256 KiB, cache-resident
+
+
+def _mask_stats(problem: RoutingProblem, family: str, X: np.ndarray):
+    """Per block of ``family``: (count, sum selected, min selected, max unselected).
+
+    Selected-side statistics come from the selected entries alone (a gather and ``bincount``);
+    only the max over unselected entries needs a dense pass, done in cache-sized row chunks with
+    the selected positions overwritten by -inf in a reused buffer. This avoids numpy's slow
+    ``where=`` reductions and boolean indexing (10-15x a plain pass at 16384 x 128).
+    """
+    S = problem.scores
+    T, N = S.shape
+    idx = np.flatnonzero(X)
+    sel = S.ravel()[idx]
+    rows = idx // N
+    if family == "token":
+        B, block = T, rows
+    elif family == "expert":
+        B, block = N, idx - rows * N
+    else:
+        B = problem.num_groups
+        block = np.zeros(idx.size, np.int64) if B == 1 else problem.group_ids[rows]
+    count = np.bincount(block, minlength=B)
+    sum_sel = np.bincount(block, weights=sel, minlength=B).astype(np.float64)
+    min_sel = np.full(B, np.inf)
+    if B == 1:
+        if sel.size:
+            min_sel[0] = sel.min()
+    else:
+        np.minimum.at(min_sel, block, sel)
+
+    max_unsel = np.full(B, -np.inf)
+    buf = np.empty((min(_CHUNK_ROWS, T), N))
+    bounds = np.searchsorted(idx, np.arange(0, T + _CHUNK_ROWS, _CHUNK_ROWS) * N)
+    for c, r0 in enumerate(range(0, T, _CHUNK_ROWS)):
+        r1 = min(T, r0 + _CHUNK_ROWS)
+        b = buf[: r1 - r0]
+        np.copyto(b, S[r0:r1])
+        b.ravel()[idx[bounds[c]:bounds[c + 1]] - r0 * N] = -np.inf
+        if family == "token":
+            b.max(axis=1, out=max_unsel[r0:r1])
+        elif family == "expert":
+            np.maximum(max_unsel, b.max(axis=0), out=max_unsel)
+        elif B == 1:
+            max_unsel[0] = max(max_unsel[0], b.max())
+        else:
+            np.maximum.at(max_unsel, problem.group_ids[r0:r1], b.max(axis=1))
     return count, sum_sel, min_sel, max_unsel
 
 
@@ -203,10 +246,7 @@ def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
             raise ShapeMismatch("mask must be boolean or 0/1; for fractional x use the LP backends")
         X = X.astype(bool)
     lo, hi = problem.family_bounds(family)
-    Ms = _blocks(problem, family, problem.scores)
-    Xs = _blocks(problem, family, X)
-    per_block = [_stats(M, x) for M, x in zip(Ms, Xs, strict=True)]
-    count, sum_sel, min_sel, max_unsel = (np.concatenate(v) for v in zip(*per_block, strict=True))
+    count, sum_sel, min_sel, max_unsel = _mask_stats(problem, family, X)
     primal = float(sum_sel.sum())
     feasible = bool(np.all((count >= lo) & (count <= hi)))
     ordered = max_unsel <= min_sel
@@ -222,12 +262,13 @@ def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
         tied = np.flatnonzero(margins == 0)
         ties, logm = 0, 0.0
         if tied.size:
-            ties, logm = _ties(Ms, u, lo, hi, tied)
+            ties, logm = _ties(_blocks(problem, family, problem.scores), u, lo, hi, tied)
         msg = "optimal" + (" (unique)" if logm == 0 else f" (tied: 10^{logm:.3g} optimal masks)")
     else:
         best, duals = solve_blocks(problem)
         dual = dual_bound(problem, duals)
-        ties, logm = _ties(Ms, duals[family], lo, hi, np.arange(lo.size))
+        ties, logm = _ties(_blocks(problem, family, problem.scores), duals[family], lo, hi,
+                           np.arange(lo.size))
         if not feasible:
             msg = "infeasible: " + "; ".join(feasibility_violations(problem, X))
         else:

@@ -97,7 +97,9 @@ FAMILIES: dict[str, Family] = {
 
 def get_families(names) -> list[Family]:
     """Resolve family names (or ``"all"``) to :class:`Family` objects, in registry order."""
-    if names in (None, "all") or list(names) == ["all"]:
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if names is None or list(names) == ["all"]:
         return list(FAMILIES.values())
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
