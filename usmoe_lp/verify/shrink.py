@@ -83,7 +83,7 @@ def shrink(claim: Claim, scores: np.ndarray, k: int, ctx: Context, max_evaluatio
 
     S, k, current = minimize(S, k, current)
     for decimals in (0, 1, 2):
-        rounded = np.round(S, decimals)
+        rounded = np.round(S, decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
         if np.array_equal(rounded, S):
             break
         res = attempt(rounded, k)
