@@ -88,13 +88,35 @@ def _split_duals(problem: RoutingProblem, rows: ConstraintRows, y: np.ndarray) -
 
 
 # ----------------------------------------------------------------------------- HiGHS (highspy)
+def highs_strategy(problem: RoutingProblem) -> tuple[str, str]:
+    """(solver, presolve) for HiGHS on this program, chosen from measurements (highspy 1.15.1,
+    2 cores, Gaussian scores; see benchmarks/results.md).
+
+    HiGHS's presolve is fast on sparse rows (Token Choice) and removes a lone ``<= c`` budget
+    row entirely (16384x128: 8 s; 23 s without presolve), but it is pathological on dense rows
+    that it cannot remove: Expert Choice at 4096x64 took 13 s (0.5 s without), ``== 2T`` 335 s
+    (1.2 s without, IPM), the capped program 14.6 s (1.6 s without, IPM). IPM runs crossover, so
+    the solution is still a vertex.
+    """
+    fams = problem.families
+    if not fams or fams == ("token",) or (fams == ("budget",) and problem.budget_sense == "<="):
+        return "choose", "choose"
+    if fams == ("expert",):
+        return "choose", "off"
+    return "ipm", "off"
+
+
 def solve_highs(problem: RoutingProblem, time_limit: float | None = None,
-                solver: str = "choose") -> RawResult:
+                solver: str = "auto", presolve: str = "auto") -> RawResult:
     """LP relaxation through highspy; a basic (vertex) solution with row duals.
 
-    ``solver``: HiGHS ``solver`` option (``choose``, ``simplex``, ``ipm``); IPM runs crossover, so
-    the result is a vertex either way.
+    ``solver``: HiGHS ``solver`` option (``choose``, ``simplex``, ``ipm``) or ``auto``
+    (:func:`highs_strategy`); ``presolve``: ``on``, ``off``, ``choose`` or ``auto``. IPM runs
+    crossover, so the result is a vertex whichever is used.
     """
+    auto_solver, auto_presolve = highs_strategy(problem)
+    solver = auto_solver if solver == "auto" else solver
+    presolve = auto_presolve if presolve == "auto" else presolve
     try:
         import highspy
     except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -106,6 +128,7 @@ def solve_highs(problem: RoutingProblem, time_limit: float | None = None,
     h = _quiet_highs(highspy)
     h.setOptionValue("log_to_console", False)
     h.setOptionValue("solver", solver)
+    h.setOptionValue("presolve", presolve)
     h.setOptionValue("run_crossover", "on")
     if time_limit is not None:
         h.setOptionValue("time_limit", float(time_limit))
@@ -115,7 +138,9 @@ def solve_highs(problem: RoutingProblem, time_limit: float | None = None,
     lp.col_cost_ = problem.scores.ravel()
     lp.col_lower_ = np.zeros(n)
     lp.col_upper_ = np.ones(n)
-    lp.row_lower_ = rows.lo
+    # A lower bound of 0 on a count is implied by x >= 0; stating it makes a ranged row, and
+    # HiGHS's presolve then takes ~20 s on the dense budget row at 1024x64 instead of 0.1 s.
+    lp.row_lower_ = np.where(rows.lo > 0, rows.lo, -np.inf)
     lp.row_upper_ = rows.hi
     lp.sense_ = highspy.ObjSense.kMaximize
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise

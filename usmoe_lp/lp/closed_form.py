@@ -169,7 +169,6 @@ def _margins(min_sel, max_unsel, count, lo, hi) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- certificate
-_CHUNK_ROWS = 256  # rows per dense chunk: 256 x 128 float64 = 256 KiB, cache-resident
 
 
 def _mask_stats(problem: RoutingProblem, family: str, X: np.ndarray):
@@ -202,10 +201,11 @@ def _mask_stats(problem: RoutingProblem, family: str, X: np.ndarray):
         np.minimum.at(min_sel, block, sel)
 
     max_unsel = np.full(B, -np.inf)
-    buf = np.empty((min(_CHUNK_ROWS, T), N))
-    bounds = np.searchsorted(idx, np.arange(0, T + _CHUNK_ROWS, _CHUNK_ROWS) * N)
-    for c, r0 in enumerate(range(0, T, _CHUNK_ROWS)):
-        r1 = min(T, r0 + _CHUNK_ROWS)
+    chunk = max(1, 2**20 // (8 * N))  # ~1 MiB of float64 per chunk: cache-resident, few iterations
+    buf = np.empty((min(chunk, T), N))
+    bounds = np.searchsorted(idx, np.arange(0, T + chunk, chunk) * N)
+    for c, r0 in enumerate(range(0, T, chunk)):
+        r1 = min(T, r0 + chunk)
         b = buf[: r1 - r0]
         np.copyto(b, S[r0:r1])
         b.ravel()[idx[bounds[c]:bounds[c + 1]] - r0 * N] = -np.inf

@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark suite: ``benchmarks/run_all.py --quick`` runs and writes tables.
+
+Small sizes only; no timing is asserted (timings belong in ``benchmarks/results.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ALL = ROOT / "benchmarks" / "run_all.py"
+
+
+def test_run_all_quick_writes_tables(tmp_path):
+    committed = ROOT / "benchmarks" / "results.md"
+    before = committed.stat().st_mtime_ns if committed.exists() else None
+
+    proc = subprocess.run(
+        [sys.executable, str(RUN_ALL), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"run_all --quick exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+
+    md = (tmp_path / "results.md").read_text()
+    assert "## Machine" in md and "CPU:" in md
+    for heading in ("Closed-form certificate", "Torch routers", "Solver backends"):
+        assert heading in md
+    table_rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert any("certify" in line for line in table_rows)  # a header row
+    assert any("highs" in line for line in table_rows) and any("cbc" in line for line in table_rows)
+    assert "| --- |" in md or "| ---: |" in md
+    assert "budget <= 2T" in md and "token choice k=2" in md
+
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert raw["quick"] is True and raw["ok"] is True
+    assert {r["backend"] for r in raw["solvers"]["results"]} == {"highs", "cbc", "milp"}
+
+    # The committed full-size results are never overwritten by the smoke run.
+    after = committed.stat().st_mtime_ns if committed.exists() else None
+    assert after == before
