@@ -236,9 +236,11 @@ class RoutingProblem:
         raise ValueError(f"unknown constraint family {family!r}; expected one of {FAMILIES}")
 
     def objective(self, mask) -> float:
-        """sum_ij S_ij x_ij of a (T, N) 0/1 or fractional matrix, in float64."""
-        return float(np.sum(self.scores, where=np.asarray(mask, dtype=bool))) if np.asarray(mask).dtype == bool \
-            else float(np.sum(self.scores * np.asarray(mask, dtype=np.float64)))
+        """sum_ij S_ij x_ij of a (T, N) bool mask or 0/1 / fractional float matrix, in float64."""
+        x = np.asarray(mask)
+        if x.dtype == bool:  # gather the selected entries: ~10x faster than np.sum(where=)
+            return float(self.scores.ravel()[np.flatnonzero(x)].sum())
+        return float(np.sum(self.scores * x.astype(np.float64)))
 
     def describe(self) -> str:
         T, N = self.shape
