@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from usmoe_lp.errors import ShapeMismatch
 from usmoe_lp.lp.problem import RoutingProblem
 
 
@@ -146,3 +147,21 @@ def feasibility_violations(problem: RoutingProblem, mask: np.ndarray) -> list[st
             out.append(f"{bad.size} {fam} constraint(s) violated, e.g. {int(counts[b])} {what} {b} "
                        f"outside [{int(lo[b])}, {int(hi[b])}]")
     return out
+
+
+def as_mask(problem: RoutingProblem, mask) -> np.ndarray:
+    """Validate a routing mask for ``problem``: (T, N) bool, or 0/1 numbers, or a torch tensor.
+
+    Raises:
+        ShapeMismatch: wrong shape, or entries other than 0 and 1.
+    """
+    if hasattr(mask, "detach"):
+        mask = mask.detach().cpu().numpy()
+    X = np.asarray(mask)
+    if X.shape != problem.shape:
+        raise ShapeMismatch(f"mask has shape {X.shape}; the program's scores have shape {problem.shape}")
+    if X.dtype != bool:
+        if not np.all((X == 0) | (X == 1)):
+            raise ShapeMismatch("mask must be boolean or 0/1; for fractional x use the LP backends")
+        X = X.astype(bool)
+    return X

@@ -30,8 +30,8 @@ import time
 
 import numpy as np
 
-from usmoe_lp.errors import ShapeMismatch, UnsupportedProblem
-from usmoe_lp.lp.certificate import Certificate, dual_bound, feasibility_violations
+from usmoe_lp.errors import UnsupportedProblem
+from usmoe_lp.lp.certificate import Certificate, as_mask, dual_bound, feasibility_violations
 from usmoe_lp.lp.problem import RoutingProblem
 
 _LN10 = math.log(10.0)
@@ -238,13 +238,7 @@ def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
     """
     t0 = time.perf_counter()
     family = single_family(problem)
-    X = np.asarray(mask)
-    if X.shape != problem.shape:
-        raise ShapeMismatch(f"mask has shape {X.shape}; the program's scores have shape {problem.shape}")
-    if X.dtype != bool:
-        if not np.all((X == 0) | (X == 1)):
-            raise ShapeMismatch("mask must be boolean or 0/1; for fractional x use the LP backends")
-        X = X.astype(bool)
+    X = as_mask(problem, mask)
     lo, hi = problem.family_bounds(family)
     count, sum_sel, min_sel, max_unsel = _mask_stats(problem, family, X)
     primal = float(sum_sel.sum())

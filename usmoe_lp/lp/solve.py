@@ -23,9 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from usmoe_lp.errors import InvalidParameter, ShapeMismatch, SolverError
+from usmoe_lp.errors import InvalidParameter, SolverError
 from usmoe_lp.lp import backends
-from usmoe_lp.lp.certificate import Certificate, dual_bound, feasibility_violations, reduced_scores
+from usmoe_lp.lp.certificate import (
+    Certificate,
+    as_mask,
+    dual_bound,
+    feasibility_violations,
+    reduced_scores,
+)
 from usmoe_lp.lp.closed_form import certify_closed_form, solve_blocks
 from usmoe_lp.lp.problem import RoutingProblem
 
@@ -130,7 +136,7 @@ def certify(problem: RoutingProblem, mask, *, backend: str = "auto", rtol: float
         ShapeMismatch: the mask's shape differs from the scores'.
         UnsupportedProblem: ``closed_form`` on a combined program.
     """
-    X = _as_mask(problem, mask)
+    X = as_mask(problem, mask)
     if backend == "auto":
         backend = "closed_form" if problem.is_single_family else "highs"
     if backend == "closed_form":
@@ -152,7 +158,7 @@ def certify_with_duals(problem: RoutingProblem, mask, duals: dict[str, np.ndarra
     ``x`` (T, N) is the LP solution the duals came from, for the integrality report.
     """
     t0 = time.perf_counter()
-    X = _as_mask(problem, mask)
+    X = as_mask(problem, mask)
     primal = problem.objective(X)
     dual = dual_bound(problem, duals)
     tol = rtol * max(1.0, abs(primal), abs(dual))
@@ -183,19 +189,6 @@ def certify_with_duals(problem: RoutingProblem, mask, duals: dict[str, np.ndarra
         ties=ties, log10_optimal_masks=log10_masks, margin=margin, backend=backend,
         seconds=time.perf_counter() - t0, tolerance=tol, duals=dict(duals), message=msg,
     )
-
-
-def _as_mask(problem: RoutingProblem, mask) -> np.ndarray:
-    if hasattr(mask, "detach"):
-        mask = mask.detach().cpu().numpy()
-    X = np.asarray(mask)
-    if X.shape != problem.shape:
-        raise ShapeMismatch(f"mask has shape {X.shape}; the program's scores have shape {problem.shape}")
-    if X.dtype != bool:
-        if not np.all((X == 0) | (X == 1)):
-            raise ShapeMismatch("mask must be boolean or 0/1; for fractional x use the LP backends")
-        X = X.astype(bool)
-    return X
 
 
 def _with_seconds(cert: Certificate, seconds: float) -> Certificate:
