@@ -291,3 +291,38 @@ def test_config_round_trips_to_json():
     d = SMALL.to_dict()
     assert json.loads(json.dumps(d)) == d
     assert d["sizes"] == ["4x3", "6x4"] and d["seed"] == 3
+
+
+# ----------------------------------------------------------------------------- shrink_all
+def test_shrink_all_shrinks_every_failure(tmp_path):
+    res = run_verify(replace(SMALL, shrink_all=True), progress=False)
+    failing = {(r.claim, r.family, r.T, r.N, r.k, r.trial) for r in res.records if not r.passed}
+    shrunk = {(c.claim, c.family, c.T, c.N, c.k, c.trial) for c in res.counterexamples}
+    assert failing and shrunk == failing
+    for cx in res.counterexamples:
+        check = CLAIMS[cx.claim].check(Instance(cx.scores, cx.shrunk_k, FAST_CTX))
+        assert check is not None and not check.passed
+    # per cell the report keeps the smallest; every shrunk failure is written under all/
+    for cell in res.cells():
+        if cell["counterexample"] is not None:
+            sizes = [c.scores.size for c in res.counterexamples
+                     if (c.claim, c.family, f"{c.T}x{c.N}") == (cell["claim"], cell["family"], cell["size"])]
+            T, N = map(int, cell["counterexample"]["size"].split("x"))
+            assert T * N == min(sizes)
+    summary = {c["claim"]: c for c in res.claim_summary()}
+    for cid, c in summary.items():
+        n = sum(1 for cx in res.counterexamples if cx.claim == cid)
+        assert c["shrunk_failures"] == n == c["failures"]
+        assert 1 <= c["distinct_minimal_forms"] <= n or n == 0
+    write_verify_report(res, tmp_path)
+    assert len(list((tmp_path / "counterexamples" / "all").glob("*.json"))) == len(failing)
+
+
+def test_shrink_all_needs_shrink():
+    with pytest.raises(UsmoeLpError, match="shrink_all"):
+        VerifyConfig(shrink=False, shrink_all=True)
+
+
+def test_first_per_cell_is_the_default(small_result):
+    cells = {(c.claim, c.family, c.T, c.N) for c in small_result.counterexamples}
+    assert len(cells) == len(small_result.counterexamples)

@@ -76,6 +76,8 @@ def verify(
     claims: str = typer.Option("all", help="claim ids, comma-separated (see `usmoe-lp claims`)"),
     ilp_max_vars: int = typer.Option(4096, help="run CBC / SciPy MILP only up to this T*N"),
     shrink: bool = typer.Option(True, help="shrink failures to minimal counterexamples"),
+    shrink_all: bool = typer.Option(False, help="shrink every failing instance, not only the first per "
+                                    "claim x family x size (slower)"),
     out: Path = typer.Option(Path("verify-report"), help="output directory"),
     strict: bool = typer.Option(False, help="exit 1 when any claim fails"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -91,7 +93,7 @@ def verify(
             families=tuple(_names(families)) if families != "all" else VerifyConfig.families,
             sizes=_sizes(sizes), ks=_ints(ks), trials=trials, seed=seed,
             backends=_names(backends), claims=_names(claims) if claims != "all" else VerifyConfig.claims,
-            ilp_max_vars=ilp_max_vars, shrink=shrink)
+            ilp_max_vars=ilp_max_vars, shrink=shrink, shrink_all=shrink_all and shrink)
         result, seconds = _run_verify(config, out, "usmoe-lp " + shlex.join(sys.argv[1:]), progress)
     except UsmoeLpError as exc:
         err.print(f"[red]error:[/] {exc}")

@@ -70,12 +70,21 @@ def write_verify_report(result, out: str | Path, command: str | None = None) -> 
     cex_dir = out / "counterexamples"
     cex_dir.mkdir(exist_ok=True)
     # a re-used directory must not keep counterexamples or figures this result did not produce
-    for stale in [*cex_dir.glob("*__*__*.json"), *(out / name for name in FIGURES)]:
+    all_dir = cex_dir / "all"
+    for stale in [*cex_dir.glob("*__*__*.json"), *all_dir.glob("*__*__*.json"), *(out / name for name in FIGURES)]:
         stale.unlink(missing_ok=True)
     paths: dict[str, Path] = {}
-    for c in result.counterexamples:
-        p = cex_dir / f"{c.claim}__{c.family}__{c.T}x{c.N}.json"
-        p.write_text(json.dumps(_clean(c.to_dict()), indent=1) + "\n")
+    # counterexamples/<claim>__<family>__<TxN>.json: the smallest of each cell;
+    # counterexamples/all/...__k<k>__t<trial>.json: every shrunk failure (with shrink_all)
+    for cell in result.cells():
+        if cell["counterexample"] is not None:
+            p = cex_dir / f"{cell['claim']}__{cell['family']}__{cell['size']}.json"
+            p.write_text(json.dumps(_clean(cell["counterexample"]), indent=1) + "\n")
+    if result.config.shrink_all and result.counterexamples:
+        all_dir.mkdir(exist_ok=True)
+        for c in result.counterexamples:
+            p = all_dir / f"{c.claim}__{c.family}__{c.T}x{c.N}__k{c.k}__t{c.trial}.json"
+            p.write_text(json.dumps(_clean(c.to_dict()), indent=1) + "\n")
     report = {
         "format": "usmoe-lp verify report v1",
         "command": command,
@@ -160,6 +169,10 @@ def render_markdown(report: dict, figures: list[str]) -> str:
                       f"(from {cx['family']} {cx['from_size']}, seed {cx['seed']})", "",
                       "    S =", _matrix(cx["scores"]), "",
                       f"{cx['note']}", ""]
+            if c.get("shrunk_failures", 0) > 1:
+                lines += [f"{c['shrunk_failures']} failing instances were shrunk; they reduce to "
+                          f"{c['distinct_minimal_forms']} distinct minimal forms "
+                          "(all in `counterexamples/all/`).", ""]
     gains = report.get("usmoe_minus_tc") or []
     if gains:
         lines += ["## obj(USMoE) − obj(TC) at c = T·k", "",

@@ -34,7 +34,9 @@ class VerifyConfig:
         backends: optimum backends (closed_form, highs, cbc, milp).
         claims: claim ids (``usmoe_lp.verify.CLAIMS``).
         ilp_max_vars: integer-program backends only up to this T*N.
-        shrink: shrink the first failure of each claim x family x size to a minimal counterexample.
+        shrink: shrink failures to minimal counterexamples.
+        shrink_all: shrink every failing instance (with ``shrink``); otherwise only the first
+            failure of each claim x family x size, which keeps large runs fast.
     """
 
     families: tuple[str, ...] = tuple(FAMILIES)
@@ -46,6 +48,7 @@ class VerifyConfig:
     claims: tuple[str, ...] = tuple(CLAIMS)
     ilp_max_vars: int = 4096
     shrink: bool = True
+    shrink_all: bool = False
 
     def __post_init__(self):
         get_families(self.families)
@@ -62,6 +65,8 @@ class VerifyConfig:
             T, N = size
             if T < 1 or N < 1:
                 raise InvalidParameter(f"sizes must be positive TxN, got {T}x{N}")
+        if self.shrink_all and not self.shrink:
+            raise InvalidParameter("shrink_all needs shrink=True")
         if any(k < 1 for k in self.ks):
             raise InvalidParameter(f"ks must be >= 1, got {self.ks}")
         from usmoe_lp.lp import BACKENDS
@@ -76,7 +81,7 @@ class VerifyConfig:
         return {"families": list(self.families), "sizes": [f"{T}x{N}" for T, N in self.sizes],
                 "ks": list(self.ks), "trials": self.trials, "seed": self.seed,
                 "backends": list(self.backends), "claims": list(self.claims),
-                "ilp_max_vars": self.ilp_max_vars, "shrink": self.shrink}
+                "ilp_max_vars": self.ilp_max_vars, "shrink": self.shrink, "shrink_all": self.shrink_all}
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ class VerifyResult:
         groups: dict[tuple, list[TrialRecord]] = defaultdict(list)
         for r in self.records:
             groups[(r.claim, r.family, r.T, r.N)].append(r)
-        cex = {(c.claim, c.family, c.T, c.N): c for c in self.counterexamples}
+        cex = {key: min(cs, key=_size_key) for key, cs in self._counterexamples_by_cell().items()}
         out = []
         for key in sorted(groups, key=_cell_order(self.config)):
             rs = groups[key]
@@ -150,14 +155,21 @@ class VerifyResult:
             })
         return out
 
+    def _counterexamples_by_cell(self) -> dict[tuple, list[Counterexample]]:
+        out: dict[tuple, list[Counterexample]] = defaultdict(list)
+        for c in self.counterexamples:
+            out[(c.claim, c.family, c.T, c.N)].append(c)
+        return out
+
     def claim_summary(self) -> list[dict]:
         out = []
         for cid in self.config.claims:
             rs = [r for r in self.records if r.claim == cid]
             fails = [r for r in rs if not r.passed]
             fams = sorted({r.family for r in fails}, key=list(self.config.families).index)
-            smallest = min((c for c in self.counterexamples if c.claim == cid),
-                           key=lambda c: (c.scores.size, c.scores.shape), default=None)
+            mine = [c for c in self.counterexamples if c.claim == cid]
+            smallest = min(mine, key=_size_key, default=None)
+            forms = {(c.shrunk_k, c.scores.shape, c.scores.tobytes()) for c in mine}
             claim = CLAIMS[cid]
             out.append({
                 "claim": cid, "statement": claim.statement, "source": claim.source,
@@ -166,8 +178,14 @@ class VerifyResult:
                 "worst_gap": max((r.gap for r in fails), default=0.0),
                 "failing_families": fams,
                 "minimal_counterexample": None if smallest is None else smallest.to_dict(),
+                "shrunk_failures": len(mine), "distinct_minimal_forms": len(forms),
             })
         return out
+
+
+def _size_key(c: Counterexample) -> tuple:
+    """Smallest first: fewest entries, then fewest tokens, then the earliest trial."""
+    return (c.scores.size, c.scores.shape, c.k, c.trial)
 
 
 def _cell_order(config: VerifyConfig):
@@ -205,7 +223,7 @@ def run_verify(config: VerifyConfig, progress: bool = True) -> VerifyResult:
                 records.append(TrialRecord(claim.id, f.name, T, N, k, t, seed, res.passed,
                                            float(res.gap), values, res.note))
                 cell = (claim.id, f.name, T, N)
-                if not res.passed and config.shrink and cell not in shrunk_cells:
+                if not res.passed and config.shrink and (config.shrink_all or cell not in shrunk_cells):
                     shrunk_cells.add(cell)
                     sh = _shrink_fast(claim, S, k, ctx)
                     counterexamples.append(Counterexample(
