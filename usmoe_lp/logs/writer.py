@@ -428,6 +428,10 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
 
 
 def _check_finite(t: torch.Tensor, layer: str, after: str) -> None:
+    # A float64 sum is finite iff every entry is (barring overflow, which falls through to the exact
+    # check): one fast reduction instead of torch.isfinite, which is ~10x slower on this CPU build.
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return
     finite = torch.isfinite(t)
     if bool(finite.all()):
         return
