@@ -3,6 +3,7 @@
 The fast path (torch): :func:`unified_score`, :func:`token_choice`, :func:`expert_choice`,
 :func:`global_topc`, :func:`capacity_token_choice` return a :class:`Routing`.
 The exact path (numpy/scipy): :class:`RoutingProblem`, :func:`solve`, :func:`certify`.
+Router logs: :func:`capture` from a live model, :class:`RouterLog` to read one.
 """
 
 from usmoe_lp.errors import (
@@ -14,6 +15,7 @@ from usmoe_lp.errors import (
     UnsupportedProblem,
     UsmoeLpError,
 )
+from usmoe_lp.logs import RouterLog, capture
 from usmoe_lp.lp import Certificate, RoutingProblem, Solution, certify, solve
 from usmoe_lp.routing import (
     Routing,
@@ -29,7 +31,7 @@ from usmoe_lp.routing import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Certificate", "InfeasibleProblem", "InvalidParameter", "InvalidScores", "Routing",
+    "Certificate", "RouterLog", "capture", "InfeasibleProblem", "InvalidParameter", "InvalidScores", "Routing",
     "RoutingProblem", "ShapeMismatch", "Solution", "SolverError", "UnsupportedProblem",
     "UsmoeLpError", "capacity_token_choice", "certify", "expert_choice", "global_topc",
     "sigmoid_score", "softmax_score", "solve", "token_choice", "unified_score",

@@ -1,11 +1,13 @@
 """Router logs: the on-disk format, a crash-safe writer, a validating lazy reader, importers.
 
 A router log is a directory with ``manifest.json`` and ``shards/NNNNN.safetensors`` (see
-:mod:`usmoe_lp.logs.format`). Write one with :class:`RouterLogWriter`, read it with
-:meth:`RouterLog.open`, or turn a foreign dump into one with :func:`import_hf_router_logits`,
-:func:`import_array`, :func:`import_safetensors` or :func:`import_file`.
+:mod:`usmoe_lp.logs.format`). Capture one from a live model with :func:`capture`, write one with
+:class:`RouterLogWriter`, read it with :meth:`RouterLog.open`, or turn a foreign dump into one
+with :func:`import_hf_router_logits`, :func:`import_array`, :func:`import_safetensors` or
+:func:`import_file`.
 """
 
+from usmoe_lp.logs.capture import CaptureFailed, RouterNotFound, RouterSpec, capture, find_routers
 from usmoe_lp.logs.errors import (
     CorruptLog,
     ImportFailed,
@@ -29,6 +31,7 @@ from usmoe_lp.logs.reader import Chunk, RouterLog, ValidationReport
 from usmoe_lp.logs.writer import RouterLogWriter
 
 __all__ = [
+    "CaptureFailed", "RouterNotFound", "RouterSpec", "capture", "find_routers",
     "FORMAT_VERSION", "Chunk", "CorruptLog", "ImportFailed", "InvalidLogInput", "LayerInfo", "LogError",
     "LogExists", "LogNotFound", "Manifest", "MissingLayer", "ModelInfo", "NonFiniteLogits", "RouterLog",
     "RouterLogWriter", "ShardInfo", "TensorSpec", "UnsupportedVersion", "ValidationReport", "import_array",

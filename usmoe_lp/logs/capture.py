@@ -1,0 +1,593 @@
+"""Capture router logits from a live torch model into a router log, with forward hooks.
+
+>>> with capture(model, "run/log") as cap:          # doctest: +SKIP
+...     cap.run(dataloader)                          # each batch: a dict of model(**batch) kwargs
+
+Discovery (:func:`find_routers`), in this order:
+
+1. ``module_pattern=``: every module whose full name matches the regex (``re.fullmatch``), e.g.
+   ``r"model\\.layers\\.\\d+\\.mlp\\.gate"``. A module of a known transformers router class gives its
+   logits entry; any other module must return the logits (a tensor, or a tuple whose first
+   element is the logits).
+2. transformers models: the model's own ``_can_record_outputs["router_logits"]`` recorders (the
+   router class and the index of the logits in its output), so the logged tensor is exactly what
+   ``output_router_logits=True`` returns: raw ``x·Wᵀ (+b)`` before any softmax, sigmoid or
+   selection bias. This covers every MoE family of the installed transformers with a router
+   module (Mixtral, OLMoE, Qwen2/3-MoE, DeepSeek-V2/V3, GPT-OSS, Granite-MoE, PhiMoE, Jamba,
+   DBRX, Switch Transformers, NLLB-MoE, ...).
+3. Structural fallback: inside each module with an ``experts`` child (N experts: a ModuleList
+   of N, or an ``num_experts`` attribute), the one ``nn.Linear`` (outside the experts) with
+   ``out_features == N``.
+
+Nothing found raises :class:`RouterNotFound`, whose message says how to point at the router.
+
+Per forward of the top model, each router's output is copied (to pinned CPU memory with
+``non_blocking=True`` on CUDA), padding rows are dropped with the attention mask, and the real
+tokens are appended to a :class:`RouterLogWriter` with their token ids, sequence ids (a running
+counter over batch rows, across batches) and positions (real tokens before the token in its row,
+so left padding still starts at 0). Logits keep the dtype the router produced (bf16 included).
+Hooks only read; the model's outputs are unchanged. Encoder-decoder models (Switch, NLLB-MoE)
+have two token streams, so one log holds one stack: ``layers="auto"`` takes the encoder,
+``layers="decoder"`` the decoder (tokens from ``decoder_input_ids`` / ``decoder_attention_mask``).
+Each forward is logged as a whole batch: ``generate()`` with a KV cache (one new token per forward,
+a longer attention mask) is not supported and fails with :class:`CaptureFailed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from usmoe_lp.logs.errors import LogError
+from usmoe_lp.logs.format import SCORE_FUNCTIONS, LayerInfo, ModelInfo
+from usmoe_lp.logs.reader import RouterLog
+from usmoe_lp.logs.writer import RouterLogWriter
+
+__all__ = ["Capture", "CaptureFailed", "RouterNotFound", "RouterSpec", "capture", "find_routers"]
+
+
+class RouterNotFound(LogError, LookupError):
+    """No router could be found in the model (or the given ``layers`` / ``module_pattern`` matched none)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CaptureFailed(LogError, RuntimeError):
+    """A forward pass could not be logged: router outputs that do not match the batch, no batch info, ..."""
+
+
+# model_type -> how the family selects experts from the raw logits (LayerInfo.score_function):
+# "softmax": softmax over all experts, then top-k; "sigmoid": sigmoid (+ selection bias), then top-k;
+# "softmax_topk": top-k on the logits, then softmax over the k selected.
+FAMILY_SCORE_FUNCTIONS: dict[str, str] = {
+    "mixtral": "softmax", "olmoe": "softmax", "qwen2_moe": "softmax", "qwen3_moe": "softmax",
+    "qwen3_next": "softmax", "qwen3_5_moe_text": "softmax", "qwen3_vl_moe_text": "softmax",
+    "deepseek_v2": "softmax", "deepseek_v3": "sigmoid", "deepseek_v32": "sigmoid",
+    "gpt_oss": "softmax_topk", "granitemoe": "softmax_topk", "granitemoeshared": "softmax_topk",
+    "granitemoehybrid": "softmax_topk", "granitemoe_swa": "softmax_topk", "jetmoe": "softmax_topk",
+    "jamba": "softmax", "dbrx": "softmax", "switch_transformers": "softmax", "nllb-moe": "softmax",
+    "minimax": "softmax", "minimax_m2": "sigmoid", "hunyuan_v1_moe": "softmax", "flex_olmo": "softmax",
+    "glm4_moe": "sigmoid", "glm4_moe_lite": "sigmoid", "dots1": "sigmoid", "aria_text": "softmax_topk",
+    # phimoe: sparsemixer (its own top-2 estimator) -> "unknown"
+}
+# model_type -> experts per token when neither the router module nor the config says it
+FAMILY_TOP_K: dict[str, int] = {"switch_transformers": 1, "nllb-moe": 2}
+# attributes holding a per-expert bias added to the scores for selection only (on the router or its MoE block)
+SELECTION_BIAS_ATTRS = ("e_score_correction_bias", "expert_bias")
+_TOP_K_CONFIG_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k", "moe_k", "moe_topk")
+_EXAMPLE = 'capture(model, out, module_pattern=r"model\\.layers\\.\\d+\\.mlp\\.gate")'
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """One router to hook.
+
+    ``path``: module name in the model; ``name``: layer name in the log; ``index``: where the
+    logits are in the module's output (None: the output is the logits tensor, or a tuple whose
+    first element is); ``stack``: ``"encoder"``, ``"decoder"`` or ``""`` (decoder-only);
+    ``source``: ``"transformers"``, ``"structural"`` or ``"module_pattern"``.
+    """
+
+    path: str
+    name: str
+    num_experts: int
+    index: int | None = None
+    top_k: int | None = None
+    score_function: str = "unknown"
+    selection_bias: tuple[float, ...] | None = None
+    stack: str = ""
+    source: str = "transformers"
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def layer_info(self) -> LayerInfo:
+        return LayerInfo(self.name, num_experts=self.num_experts, top_k=self.top_k, module_path=self.path,
+                         score_function=self.score_function, selection_bias=self.selection_bias)
+
+
+# ----------------------------------------------------------------------------- discovery
+def find_routers(model: nn.Module, *, layers: str | Sequence[str] = "auto",
+                 module_pattern: str | None = None) -> list[RouterSpec]:
+    """The routers :func:`capture` would hook, in module order (see the module docstring).
+
+    ``layers``: ``"auto"`` (every router; for encoder-decoder models the encoder's), ``"encoder"``,
+    ``"decoder"``, or a sequence of layer names or module paths to keep.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if module_pattern is not None:
+        specs = _pattern_routers(model, module_pattern)
+    else:
+        specs = _transformers_routers(model) or _structural_routers(model)
+    if not specs:
+        raise RouterNotFound(
+            f"no router found in {type(model).__name__}: it is not a transformers MoE model with router_logits, "
+            "and no nn.Linear with out_features == number of experts sits next to an `experts` module. Point at "
+            "the router with module_pattern=, a regex matched (re.fullmatch) against module names from "
+            f"model.named_modules(), e.g. {_EXAMPLE}; the matched modules must return the raw router logits "
+            "(n_tokens, N) (a Linear gate does).")
+    return _select(specs, layers, type(model).__name__)
+
+
+def _model_config(model: nn.Module) -> Any:
+    return getattr(model, "config", None)
+
+
+def _known_recorders(model: nn.Module) -> list[tuple[type | None, str | None, str | None, int]]:
+    """(target_class, class_name, layer_name, index) of every transformers router_logits recorder."""
+    found = []
+    for module in model.modules():
+        try:
+            can_record = getattr(type(module), "_can_record_outputs", None)
+            if isinstance(can_record, property):
+                can_record = module._can_record_outputs
+        except Exception:  # noqa: BLE001 - a broken property means no recorders
+            continue
+        if not isinstance(can_record, Mapping):
+            continue
+        for key, specs in can_record.items():
+            if "router_logits" not in key:
+                continue
+            for spec in specs if isinstance(specs, list | tuple) else [specs]:
+                if isinstance(spec, type):
+                    found.append((spec, None, None, 1))  # transformers' default index for non-hidden-state keys
+                elif isinstance(spec, str):
+                    found.append((None, spec, None, 1))
+                elif hasattr(spec, "target_class"):
+                    found.append((spec.target_class, spec.class_name, spec.layer_name, int(spec.index)))
+    return list(dict.fromkeys(found))
+
+
+def _recorder_index(recorders, name: str, module: nn.Module) -> int | None | bool:
+    """The output index of the recorder matching this module, or False when none matches."""
+    for target, class_name, layer_name, index in recorders:
+        if (target is not None and isinstance(module, target)) or (class_name and name.endswith(class_name)):
+            if layer_name is not None and "." + layer_name.strip(".") + "." not in "." + name + ".":
+                continue
+            return index
+    return False
+
+
+def _transformers_routers(model: nn.Module) -> list[RouterSpec]:
+    recorders = _known_recorders(model)
+    if not recorders:
+        return []
+    specs = []
+    for name, module in model.named_modules():
+        index = _recorder_index(recorders, name, module)
+        if index is not False:
+            specs.append(_make_spec(model, name, module, index, "transformers"))
+    # a recorder on a block that passes on its inner router's logits (JetMoE's attention) would log them twice
+    paths = [s.path for s in specs]
+    return [s for s in specs if not any(p.startswith(s.path + ".") for p in paths)]
+
+
+def _structural_routers(model: nn.Module) -> list[RouterSpec]:
+    specs = []
+    seen: set[str] = set()
+    for block_name, block in model.named_modules():
+        experts = getattr(block, "experts", None)
+        if not isinstance(experts, nn.Module):
+            continue
+        listed = isinstance(experts, nn.ModuleList | nn.Sequential)
+        n = len(experts) if listed else getattr(experts, "num_experts", None)
+        if not isinstance(n, int) or n < 1:
+            continue
+        expert_ids = {id(m) for m in experts.modules()}
+        candidates = [(f"{block_name}.{sub}" if block_name else sub, m) for sub, m in block.named_modules()
+                      if isinstance(m, nn.Linear) and m.out_features == n and id(m) not in expert_ids]
+        if len(candidates) == 1 and candidates[0][0] not in seen:
+            seen.add(candidates[0][0])
+            specs.append(_make_spec(model, candidates[0][0], candidates[0][1], None, "structural", num_experts=n))
+    return specs
+
+
+def _pattern_routers(model: nn.Module, pattern: str) -> list[RouterSpec]:
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise RouterNotFound(f"module_pattern {pattern!r} is not a valid regex: {exc}") from None
+    recorders = _known_recorders(model)
+    specs = []
+    for name, module in model.named_modules():
+        if name and regex.fullmatch(name):
+            index = _recorder_index(recorders, name, module)
+            specs.append(_make_spec(model, name, module, None if index is False else index, "module_pattern"))
+    if not specs:
+        names = [n for n, _ in model.named_modules() if n][:8]
+        raise RouterNotFound(f"module_pattern {pattern!r} matches no module of {type(model).__name__} (re.fullmatch "
+                             f"against names from model.named_modules(), e.g. {names}); e.g. {_EXAMPLE}")
+    return specs
+
+
+def _num_experts(module: nn.Module) -> int | None:
+    """Columns of the router's logits: its Linear's out_features or its (N, d) weight (which may include extra
+    columns such as LongCat's zero-computation experts), else its ``num_experts`` attribute."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return int(weight.shape[0])
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            return sub.out_features
+    n = getattr(module, "num_experts", None)
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n
+    return None
+
+
+def _make_spec(model: nn.Module, path: str, module: nn.Module, index: int | None, source: str,
+               num_experts: int | None = None) -> RouterSpec:
+    n = num_experts or _num_experts(module)
+    if n is None:
+        raise RouterNotFound(f"cannot tell the number of experts of router {path!r} ({type(module).__name__}): it "
+                             "has no Linear, no num_experts attribute and no 2-D weight; point module_pattern= at "
+                             "its Linear gate instead")
+    config = _model_config(model)
+    family = getattr(config, "model_type", None)
+    top_k = _top_k(module, config, family, n)
+    score = getattr(config, "scoring_func", None)
+    if score not in SCORE_FUNCTIONS:
+        score = FAMILY_SCORE_FUNCTIONS.get(family, "unknown")
+    parts = path.split(".")
+    stack = "encoder" if "encoder" in parts else "decoder" if "decoder" in parts else ""
+    bias = _selection_bias(model, path, module, n)
+    return RouterSpec(path=path, name=path, num_experts=n, index=index, top_k=top_k, score_function=score,
+                      selection_bias=bias, stack=stack, source=source, module=module)
+
+
+def _top_k(module: nn.Module, config: Any, family: str | None, n: int) -> int | None:
+    candidates = [getattr(module, "top_k", None)]
+    if config is not None:
+        candidates += [getattr(config, key, None) for key in _TOP_K_CONFIG_KEYS]
+        ffn = getattr(config, "ffn_config", None)  # DBRX
+        candidates.append(getattr(ffn, "moe_top_k", None))
+    candidates.append(FAMILY_TOP_K.get(family))
+    for k in candidates:
+        if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= n:
+            return k
+    return None
+
+
+def _selection_bias(model: nn.Module, path: str, module: nn.Module, n: int) -> tuple[float, ...] | None:
+    owners = [module]
+    if "." in path:
+        owners.append(model.get_submodule(path.rsplit(".", 1)[0]))
+    for owner in owners:
+        for attr in SELECTION_BIAS_ATTRS:
+            bias = getattr(owner, attr, None)
+            if isinstance(bias, torch.Tensor) and bias.numel() == n:
+                return tuple(float(b) for b in bias.detach().float().cpu().reshape(-1))
+    return None
+
+
+def _select(specs: list[RouterSpec], layers: str | Sequence[str], model_name: str) -> list[RouterSpec]:
+    seq2seq = {"encoder", "decoder"} <= {s.stack for s in specs}
+    if not seq2seq:  # "encoder"/"decoder" in a decoder-only model's paths mean nothing
+        specs = [_replace(s, stack="") for s in specs]
+    if isinstance(layers, str):
+        if layers not in ("auto", "encoder", "decoder"):
+            raise ValueError(f'layers must be "auto", "encoder", "decoder" or a list of layer names, got {layers!r}')
+        if layers != "auto" and not seq2seq:
+            raise RouterNotFound(f'layers="{layers}" needs an encoder-decoder model; {model_name} has one stack of '
+                                 'routers: use layers="auto"')
+        if seq2seq:
+            stack = "encoder" if layers == "auto" else layers
+            specs = [s for s in specs if s.stack == stack]
+    else:
+        wanted = list(layers)
+        by_key = {}
+        for s in _name_layers(specs):
+            by_key[s.name] = by_key[s.path] = s
+        unknown = [w for w in wanted if w not in by_key]
+        if unknown:
+            raise RouterNotFound(f"layers {unknown} are not routers of {model_name}; routers: "
+                                 f"{[s.name for s in _name_layers(specs)]}")
+        if not wanted:
+            raise RouterNotFound("layers=[] selects no router")
+        chosen = {by_key[w].path for w in wanted}
+        specs = [s for s in specs if s.path in chosen]
+        if len({s.stack for s in specs}) > 1:
+            raise RouterNotFound("encoder and decoder routers see different tokens and cannot share one log; "
+                                 "capture them into two logs (layers=\"encoder\", layers=\"decoder\")")
+    return _name_layers(specs)
+
+
+def _replace(spec: RouterSpec, **changes: Any) -> RouterSpec:
+    return dataclasses.replace(spec, **changes)
+
+
+def _name_layers(specs: list[RouterSpec]) -> list[RouterSpec]:
+    """Layer names ``layer{i}`` from the block index in the path (``encoder.layer{i}`` / ``decoder.layer{i}``
+    for a stack); the module path itself when that would not be unique."""
+    names = []
+    for s in specs:
+        digits = [p for p in s.path.split(".") if p.isdigit()]
+        names.append((f"{s.stack}." if s.stack else "") + f"layer{digits[0]}" if digits else s.path)
+    if len(set(names)) != len(names):
+        names = [s.path for s in specs]
+    return [_replace(s, name=name) for s, name in zip(specs, names, strict=True)]
+
+
+# ----------------------------------------------------------------------------- capture
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    shape: tuple[int, int] | None
+
+
+class Capture:
+    """Hooks on every router of ``model`` that stream to a router log at ``out``; see :func:`capture`."""
+
+    def __init__(self, model: nn.Module, out: str | os.PathLike, *, layers: str | Sequence[str] = "auto",
+                 hidden: bool = False, router_weights: bool = True, shard_tokens: int = 65536,
+                 module_pattern: str | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
+                 model_name: str | None = None, fsync: bool = True) -> None:
+        self.model = model
+        self.path = out
+        self.routers = find_routers(model, layers=layers, module_pattern=module_pattern)
+        self.hidden = bool(hidden)
+        self.router_weights = bool(router_weights)
+        self.stack = self.routers[0].stack
+        config = _model_config(model)
+        name = model_name or getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+        self._model_info = ModelInfo(name=name or None, family=getattr(config, "model_type", None),
+                                     revision=getattr(config, "_commit_hash", None))
+        self._settings = {
+            "method": "forward_hooks", "source": self.routers[0].source,
+            "layers": layers if isinstance(layers, str) else list(layers), "stack": self.stack or "decoder-only",
+            "module_pattern": module_pattern, "hidden": self.hidden, "router_weights": self.router_weights,
+            "padding": "excluded (attention mask)", "positions": "real tokens before the token in its row",
+            "sequence_ids": "running count of batch rows", "logits": "raw router output before softmax, sigmoid "
+            "or selection bias (what output_router_logits returns)",
+        }
+        self._writer_args = {"shard_tokens": shard_tokens, "dtype": dtype, "overwrite": overwrite, "fsync": fsync}
+        self._writer: RouterLogWriter | None = None
+        self._handles: list[Any] = []
+        self._pending: _Batch | None = None
+        self._current: _Batch | None = None
+        self._outputs: dict[str, list[torch.Tensor]] = {}
+        self._hidden: dict[str, list[torch.Tensor]] = {}
+        self._active = False
+        self._sync = False
+        self.sequences = 0
+        self.tokens = 0
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> Capture:
+        self._writer = RouterLogWriter(self.path, [r.layer_info() for r in self.routers], model=self._model_info,
+                                       capture=self._settings, **self._writer_args)
+        try:
+            if self.router_weights:
+                weights = {r.name: w for r in self.routers if (w := _router_weight(r)) is not None}
+                if weights:
+                    self._writer.write_router_weights(weights)
+            for r in self.routers:
+                self._handles.append(r.module.register_forward_hook(self._router_hook(r)))
+            self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._post_hook))
+        except BaseException as exc:
+            self._remove_hooks()
+            self._writer.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._remove_hooks()
+        if self._writer is not None:
+            self._writer.__exit__(exc_type, exc, tb)
+
+    def _remove_hooks(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def log(self) -> RouterLog:
+        """The router log written so far (complete once the context has exited)."""
+        return RouterLog.open(self.path)
+
+    # ------------------------------------------------------------------ API
+    def set_batch(self, input_ids: Any = None, attention_mask: Any = None) -> None:
+        """Token ids (B, T) and attention mask (B, T), 1 = real token, for the next forward of the model
+        (instead of reading ``input_ids`` / ``attention_mask`` from its arguments). Either may be None."""
+        ids = None if input_ids is None else torch.as_tensor(input_ids)
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask)
+        for what, t in (("input_ids", ids), ("attention_mask", mask)):
+            if t is not None and t.ndim != 2:
+                raise CaptureFailed(f"set_batch: {what} must be (B, T), got {tuple(t.shape)}")
+        if ids is not None and mask is not None and ids.shape != mask.shape:
+            raise CaptureFailed(f"set_batch: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} "
+                                "differ in shape")
+        ref = ids if ids is not None else mask
+        self._pending = _Batch(ids, mask, None if ref is None else (int(ref.shape[0]), int(ref.shape[1])))
+
+    def run(self, batches: Iterable[Mapping[str, Any]]) -> int:
+        """``model(**batch)`` under ``torch.no_grad()`` for every batch (a dict of keyword arguments, e.g.
+        from a DataLoader; tensors are moved to the device of the model's first parameter); returns the
+        number of tokens logged by these batches."""
+        if self._writer is None or self._writer.closed:
+            raise CaptureFailed("Capture.run() must be called inside `with capture(...) as cap:`")
+        before = self.tokens
+        device = next((p.device for p in self.model.parameters()), None)
+        with torch.no_grad():
+            for batch in batches:
+                if not isinstance(batch, Mapping):
+                    raise CaptureFailed(f"run() needs batches that are dicts of model keyword arguments, got "
+                                        f"{type(batch).__name__}")
+                if device is not None:  # a CPU data loader feeding a GPU model
+                    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and v.device != device
+                             else v for k, v in batch.items()}
+                self.model(**batch)
+        return self.tokens - before
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, module, args, kwargs) -> None:
+        self._active = True  # a forward that raised left stale state behind: start afresh
+        self._sync = False
+        self._outputs = {}
+        self._hidden = {}
+        if self._pending is not None:
+            self._current, self._pending = self._pending, None
+            return
+        prefix = "decoder_" if self.stack == "decoder" else ""
+        ids = kwargs.get(prefix + "input_ids")
+        if ids is None and not prefix and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        mask = kwargs.get(prefix + "attention_mask")
+        if mask is None and not prefix and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        embeds = kwargs.get(prefix + "inputs_embeds")
+        if isinstance(ids, torch.Tensor) and (ids.is_floating_point() or ids.is_complex()):
+            ids, embeds = None, ids  # a plain torch model called on hidden states
+        ref = ids if isinstance(ids, torch.Tensor) else mask if isinstance(mask, torch.Tensor) else embeds
+        shape = None
+        if isinstance(ref, torch.Tensor) and ref is embeds:
+            shape = (1, int(ref.shape[0])) if ref.ndim == 2 else tuple(ref.shape[:2]) if ref.ndim == 3 else None
+        elif isinstance(ref, torch.Tensor):
+            shape = (int(ref.shape[0]), int(ref.shape[1])) if ref.ndim == 2 else None
+        self._current = _Batch(ids if isinstance(ids, torch.Tensor) else None,
+                               mask if isinstance(mask, torch.Tensor) else None, shape)
+
+    def _router_hook(self, spec: RouterSpec):
+        def hook(module, args, output) -> None:
+            if not self._active:
+                return  # the router was called outside a forward of the captured model
+            logits = _logits_of(output, spec)
+            self._sync = self._sync or logits.is_cuda
+            self._outputs.setdefault(spec.name, []).append(_to_cpu(logits))
+            if self.hidden:
+                x = args[0] if args else None
+                if not isinstance(x, torch.Tensor):
+                    raise CaptureFailed(f"router {spec.path!r}: hidden=True needs the hidden states as its first "
+                                        "positional input")
+                self._hidden.setdefault(spec.name, []).append(_to_cpu(x))
+        return hook
+
+    def _post_hook(self, module, args, output) -> None:
+        outputs, hidden, batch = self._outputs, self._hidden, self._current
+        self._outputs, self._hidden, self._current, self._active = {}, {}, None, False
+        if not outputs:  # no router ran (e.g. a forward that only used another part of the model)
+            return
+        if self._sync:  # the non-blocking copies into pinned memory must have landed
+            torch.cuda.synchronize()
+        self._append(outputs, hidden, batch)
+
+    def _append(self, outputs: dict[str, list[torch.Tensor]], hidden: dict[str, list[torch.Tensor]],
+                batch: _Batch | None) -> None:
+        missing = [r.name for r in self.routers if r.name not in outputs]
+        if missing:
+            raise CaptureFailed(f"routers {missing} did not run in this forward while "
+                                f"{sorted(outputs)} did; capture a subset with layers=[...]")
+        logits = {}
+        for r in self.routers:
+            parts = outputs[r.name]
+            if len(parts) != 1:
+                raise CaptureFailed(f"router {r.path!r} ran {len(parts)} times in one forward; hook a module that "
+                                    "runs once per forward (module_pattern=)")
+            t = parts[0]
+            if t.shape[-1] != r.num_experts:
+                raise CaptureFailed(f"router {r.path!r} returned {tuple(t.shape)}, not (..., N={r.num_experts})")
+            logits[r.name] = t.reshape(-1, r.num_experts)
+        n_rows = next(iter(logits.values())).shape[0]
+        if batch is None or batch.shape is None:
+            raise CaptureFailed("the batch shape is unknown: call the model with input_ids= (or inputs_embeds=), or "
+                                "call cap.set_batch(input_ids, attention_mask) before the forward")
+        b, t = batch.shape
+        if n_rows != b * t:
+            raise CaptureFailed(f"router {self.routers[0].path!r} gave {n_rows} rows for a batch of {b}x{t} tokens; "
+                                "pass cap.set_batch(input_ids, attention_mask) describing the router's tokens")
+        mask = torch.ones(b, t, dtype=torch.bool) if batch.attention_mask is None else batch.attention_mask.cpu() != 0
+        if tuple(mask.shape) != (b, t):
+            raise CaptureFailed(f"attention_mask {tuple(mask.shape)} does not match the batch {b}x{t}")
+        keep = mask.reshape(-1)
+        ids = torch.full((b, t), -1, dtype=torch.int64) if batch.input_ids is None else batch.input_ids.cpu().long()
+        seq = (self.sequences + torch.arange(b, dtype=torch.int64)).unsqueeze(1).expand(b, t)
+        pos = torch.cumsum(mask.long(), dim=1) - 1
+        hid = None
+        if self.hidden:
+            hid = {name: hidden[name][0].reshape(n_rows, -1)[keep] for name in logits if name in hidden}
+        self._writer.append({name: x[keep] for name, x in logits.items()}, token_ids=ids.reshape(-1)[keep],
+                            sequence_ids=seq.reshape(-1)[keep], positions=pos.reshape(-1)[keep], hidden=hid)
+        self.sequences += b
+        self.tokens += int(keep.sum())
+
+
+def _logits_of(output: Any, spec: RouterSpec) -> torch.Tensor:
+    value = output
+    if isinstance(output, tuple | list):
+        value = output[spec.index if spec.index is not None else 0] if output else None
+    if not isinstance(value, torch.Tensor):
+        raise CaptureFailed(f"router {spec.path!r} returned {type(value).__name__}, not the logits tensor; point "
+                            "module_pattern= at the module (e.g. the gate's Linear) that returns them")
+    return value
+
+
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type == "cuda":
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
+    return t.to("cpu").clone()
+
+
+def _router_weight(spec: RouterSpec) -> torch.Tensor | None:
+    module = spec.module
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.shape[0] == spec.num_experts:
+        return weight.detach()
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear) and sub.out_features == spec.num_experts:
+            return sub.weight.detach()
+    return None
+
+
+def capture(model: nn.Module, out: str | os.PathLike, *, layers: str | Sequence[str] = "auto", hidden: bool = False,
+            router_weights: bool = True, shard_tokens: int = 65536, module_pattern: str | None = None,
+            dtype: torch.dtype | None = None, overwrite: bool = False, model_name: str | None = None,
+            fsync: bool = True) -> Capture:
+    """A context manager that hooks every router of ``model`` and streams its raw logits to a router log at ``out``.
+
+    ``layers``: ``"auto"``, ``"encoder"``, ``"decoder"`` or a list of layer names / module paths
+    (see :func:`find_routers`). ``hidden``: also store each router's input hidden states.
+    ``router_weights``: store each router's (N, d) weight once. ``shard_tokens``: tokens per shard.
+    ``module_pattern``: regex (``re.fullmatch`` on module names) choosing the routers of any torch
+    model. ``dtype``: cast the stored logits (None keeps the captured dtype, bf16 included).
+    ``overwrite``: replace an existing router log. ``model_name``: stored in the manifest.
+
+    Inside the block, every forward of ``model`` is logged (padding excluded with the attention
+    mask from its ``attention_mask`` argument or :meth:`Capture.set_batch`); :meth:`Capture.run`
+    feeds a data loader. The hooks are removed on exit, also on error; the log is marked complete
+    only on a clean exit. Raises :class:`RouterNotFound` when no router can be found.
+    """
+    return Capture(model, out, layers=layers, hidden=hidden, router_weights=router_weights, shard_tokens=shard_tokens,
+                   module_pattern=module_pattern, dtype=dtype, overwrite=overwrite, model_name=model_name, fsync=fsync)
