@@ -29,8 +29,12 @@ so left padding still starts at 0). Logits keep the dtype the router produced (b
 Hooks only read; the model's outputs are unchanged. Encoder-decoder models (Switch, NLLB-MoE)
 have two token streams, so one log holds one stack: ``layers="auto"`` takes the encoder,
 ``layers="decoder"`` the decoder (tokens from ``decoder_input_ids`` / ``decoder_attention_mask``).
-Each forward is logged as a whole batch: ``generate()`` with a KV cache (one new token per forward,
-a longer attention mask) is not supported and fails with :class:`CaptureFailed`.
+``generate()`` with a KV cache works: a forward whose ``past_key_values`` cache is the one the
+previous logged forward filled (same cache object, its length = that forward's attention-mask
+width, same batch size) continues those rows: its tokens (the new columns of the attention mask)
+get the rows' sequence ids and the positions after their real tokens so far, so a prompt and its
+generated tokens form one sequence of the log. Any other forward starts new sequences. The last
+token ``generate()`` returns never goes through the model, so it has no router logits.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +53,7 @@ from torch import nn
 from usmoe_lp.logs.errors import LogError
 from usmoe_lp.logs.format import SCORE_FUNCTIONS, LayerInfo, ModelInfo
 from usmoe_lp.logs.reader import RouterLog
-from usmoe_lp.logs.writer import RouterLogWriter
+from usmoe_lp.logs.writer import RouterLogWriter, _device_name
 
 __all__ = ["Capture", "CaptureFailed", "RouterNotFound", "RouterSpec", "capture", "find_routers"]
 
@@ -82,6 +87,13 @@ FAMILY_SCORE_FUNCTIONS: dict[str, str] = {
 FAMILY_TOP_K: dict[str, int] = {"switch_transformers": 1, "nllb-moe": 2}
 # attributes holding a per-expert bias added to the scores for selection only (on the router or its MoE block)
 SELECTION_BIAS_ATTRS = ("e_score_correction_bias", "expert_bias")
+# model_type -> (index of the weights, index of the expert indices) in the router's output, for the families
+# whose MoE block hands exactly those two tensors to its experts (checked against the experts' inputs in
+# tests/test_capture_generate.py): what the model selected (n, k) and the gate weights it applied (n, k)
+FAMILY_SELECTIONS: dict[str, tuple[int, int]] = {
+    "mixtral": (1, 2), "olmoe": (1, 2), "qwen2_moe": (1, 2), "qwen3_moe": (1, 2), "deepseek_v2": (1, 2),
+    "deepseek_v3": (1, 2),
+}
 _TOP_K_CONFIG_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k", "moe_k", "moe_topk")
 _EXAMPLE = 'capture(model, out, module_pattern=r"model\\.layers\\.\\d+\\.mlp\\.gate")'
 
@@ -93,7 +105,8 @@ class RouterSpec:
     ``path``: module name in the model; ``name``: layer name in the log; ``index``: where the
     logits are in the module's output (None: the output is the logits tensor, or a tuple whose
     first element is); ``stack``: ``"encoder"``, ``"decoder"`` or ``""`` (decoder-only);
-    ``source``: ``"transformers"``, ``"structural"`` or ``"module_pattern"``.
+    ``source``: ``"transformers"``, ``"structural"`` or ``"module_pattern"``; ``selection``: where the
+    gate weights and the selected expert indices the model used are in the output (None: not logged).
     """
 
     path: str
@@ -106,6 +119,7 @@ class RouterSpec:
     stack: str = ""
     source: str = "transformers"
     module: nn.Module | None = field(default=None, repr=False, compare=False)
+    selection: tuple[int, int] | None = None  # (weights index, expert indices index) in the output, if known
 
     def layer_info(self) -> LayerInfo:
         return LayerInfo(self.name, num_experts=self.num_experts, top_k=self.top_k, module_path=self.path,
@@ -260,8 +274,9 @@ def _make_spec(model: nn.Module, path: str, module: nn.Module, index: int | None
     parts = path.split(".")
     stack = "encoder" if "encoder" in parts else "decoder" if "decoder" in parts else ""
     bias = _selection_bias(model, path, module, n)
+    selection = FAMILY_SELECTIONS.get(family) if index == 0 and top_k is not None else None
     return RouterSpec(path=path, name=path, num_experts=n, index=index, top_k=top_k, score_function=score,
-                      selection_bias=bias, stack=stack, source=source, module=module)
+                      selection_bias=bias, stack=stack, source=source, module=module, selection=selection)
 
 
 def _top_k(module: nn.Module, config: Any, family: str | None, n: int) -> int | None:
@@ -343,6 +358,42 @@ class _Batch:
     input_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None
     shape: tuple[int, int] | None
+    sequence_ids: torch.Tensor | None = None  # (B,) of a continued stream; None: new sequences
+    start: torch.Tensor | None = None  # (B,) positions of each row's first token in this forward
+    cache: Any = None  # the KV cache this forward fills (a weakref or the object), None: no stream
+    width: int = 0  # tokens in the cache after this forward
+
+
+@dataclass
+class _Stream:
+    """Rows of the last logged forward that filled a KV cache, for the decode steps that follow it."""
+
+    cache: Any
+    sequence_ids: torch.Tensor
+    next_position: torch.Tensor
+    width: int
+
+    def continues(self, cache: Any, past: int, rows: int) -> bool:
+        ref = self.cache() if isinstance(self.cache, weakref.ref) else self.cache
+        return ref is cache and past == self.width and rows == self.sequence_ids.numel()
+
+
+def _cache_length(cache: Any) -> int | None:
+    """Tokens held by a transformers KV cache object, None when ``cache`` is not one."""
+    get = getattr(cache, "get_seq_length", None)
+    if cache is None or not callable(get):
+        return None
+    try:
+        return int(get())
+    except Exception:  # noqa: BLE001 - a cache that cannot tell its length starts a new batch
+        return None
+
+
+def _ref(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return obj
 
 
 class Capture:
@@ -351,12 +402,13 @@ class Capture:
     def __init__(self, model: nn.Module, out: str | os.PathLike, *, layers: str | Sequence[str] = "auto",
                  hidden: bool = False, router_weights: bool = True, shard_tokens: int = 65536,
                  module_pattern: str | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
-                 model_name: str | None = None, fsync: bool = True) -> None:
+                 model_name: str | None = None, fsync: bool = True, selections: bool = True) -> None:
         self.model = model
         self.path = out
         self.routers = find_routers(model, layers=layers, module_pattern=module_pattern)
         self.hidden = bool(hidden)
         self.router_weights = bool(router_weights)
+        self.selections = bool(selections)
         self.stack = self.routers[0].stack
         config = _model_config(model)
         name = model_name or getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
@@ -366,8 +418,10 @@ class Capture:
             "method": "forward_hooks", "source": self.routers[0].source,
             "layers": layers if isinstance(layers, str) else list(layers), "stack": self.stack or "decoder-only",
             "module_pattern": module_pattern, "hidden": self.hidden, "router_weights": self.router_weights,
+            "selections": sorted({r.name for r in self.routers if r.selection and self.selections}),
             "padding": "excluded (attention mask)", "positions": "real tokens before the token in its row",
-            "sequence_ids": "running count of batch rows", "logits": "raw router output before softmax, sigmoid "
+            "sequence_ids": "running count of batch rows; KV-cache decode steps keep their prompt's",
+            "logits": "raw router output before softmax, sigmoid "
             "or selection bias (what output_router_logits returns)",
         }
         self._writer_args = {"shard_tokens": shard_tokens, "dtype": dtype, "overwrite": overwrite, "fsync": fsync}
@@ -375,8 +429,10 @@ class Capture:
         self._handles: list[Any] = []
         self._pending: _Batch | None = None
         self._current: _Batch | None = None
+        self._stream: _Stream | None = None
         self._outputs: dict[str, list[torch.Tensor]] = {}
         self._hidden: dict[str, list[torch.Tensor]] = {}
+        self._chosen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._active = False
         self._sync = False
         self.sequences = 0
@@ -384,8 +440,11 @@ class Capture:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Capture:
+        # the model's device: the logits reach the writer as CPU copies, so it cannot infer it
+        device = next((p.device for p in self.model.parameters()), None)
         self._writer = RouterLogWriter(self.path, [r.layer_info() for r in self.routers], model=self._model_info,
-                                       capture=self._settings, **self._writer_args)
+                                       capture=self._settings, device=None if device is None else _device_name(device),
+                                       **self._writer_args)
         try:
             if self.router_weights:
                 weights = {r.name: w for r in self.routers if (w := _router_weight(r)) is not None}
@@ -455,8 +514,10 @@ class Capture:
         self._sync = False
         self._outputs = {}
         self._hidden = {}
+        self._chosen = {}
         if self._pending is not None:
             self._current, self._pending = self._pending, None
+            self._stream = None
             return
         prefix = "decoder_" if self.stack == "decoder" else ""
         ids = kwargs.get(prefix + "input_ids")
@@ -474,8 +535,29 @@ class Capture:
             shape = (1, int(ref.shape[0])) if ref.ndim == 2 else tuple(ref.shape[:2]) if ref.ndim == 3 else None
         elif isinstance(ref, torch.Tensor):
             shape = (int(ref.shape[0]), int(ref.shape[1])) if ref.ndim == 2 else None
-        self._current = _Batch(ids if isinstance(ids, torch.Tensor) else None,
-                               mask if isinstance(mask, torch.Tensor) else None, shape)
+        batch = _Batch(ids if isinstance(ids, torch.Tensor) else None,
+                       mask if isinstance(mask, torch.Tensor) else None, shape)
+        if not prefix and shape is not None:
+            self._track_cache(batch, kwargs.get("past_key_values"))
+        self._current = batch
+
+    def _track_cache(self, batch: _Batch, cache: Any) -> None:
+        """Mark ``batch`` as a continuation of the last stream (a decode step) or as the start of one."""
+        past = _cache_length(cache)
+        if past is None:
+            self._stream = None
+            return
+        b, t = batch.shape
+        stream = self._stream
+        if past > 0 and stream is not None and stream.continues(cache, past, b):
+            mask = batch.attention_mask
+            if mask is not None and mask.ndim == 2 and mask.shape[0] == b and mask.shape[1] == past + t:
+                batch.attention_mask = mask[:, past:]  # the columns of this forward's tokens
+            batch.sequence_ids, batch.start = stream.sequence_ids, stream.next_position
+        elif past > 0:
+            self._stream = None  # a cache filled outside the capture: its tokens' positions are unknown
+            return
+        batch.cache, batch.width = _ref(cache), past + t
 
     def _router_hook(self, spec: RouterSpec):
         def hook(module, args, output) -> None:
@@ -484,6 +566,15 @@ class Capture:
             logits = _logits_of(output, spec)
             self._sync = self._sync or logits.is_cuda
             self._outputs.setdefault(spec.name, []).append(_to_cpu(logits))
+            if spec.selection is not None and self.selections:
+                weights, indices = (output[i] if isinstance(output, tuple | list) and len(output) > i else None
+                                    for i in spec.selection)
+                if not (isinstance(weights, torch.Tensor) and isinstance(indices, torch.Tensor)
+                        and weights.is_floating_point() and not indices.is_floating_point()
+                        and weights.shape == indices.shape and weights.ndim >= 1):
+                    raise CaptureFailed(f"router {spec.path!r} did not return (logits, weights, indices); capture "
+                                        "with selections=False")
+                self._chosen.setdefault(spec.name, []).append((_to_cpu(weights), _to_cpu(indices)))
             if self.hidden:
                 x = args[0] if args else None
                 if not isinstance(x, torch.Tensor):
@@ -493,16 +584,16 @@ class Capture:
         return hook
 
     def _post_hook(self, module, args, output) -> None:
-        outputs, hidden, batch = self._outputs, self._hidden, self._current
-        self._outputs, self._hidden, self._current, self._active = {}, {}, None, False
+        outputs, hidden, chosen, batch = self._outputs, self._hidden, self._chosen, self._current
+        self._outputs, self._hidden, self._chosen, self._current, self._active = {}, {}, {}, None, False
         if not outputs:  # no router ran (e.g. a forward that only used another part of the model)
             return
         if self._sync:  # the non-blocking copies into pinned memory must have landed
             torch.cuda.synchronize()
-        self._append(outputs, hidden, batch)
+        self._append(outputs, hidden, batch, chosen)
 
     def _append(self, outputs: dict[str, list[torch.Tensor]], hidden: dict[str, list[torch.Tensor]],
-                batch: _Batch | None) -> None:
+                batch: _Batch | None, chosen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> None:
         missing = [r.name for r in self.routers if r.name not in outputs]
         if missing:
             raise CaptureFailed(f"routers {missing} did not run in this forward while "
@@ -530,15 +621,33 @@ class Capture:
             raise CaptureFailed(f"attention_mask {tuple(mask.shape)} does not match the batch {b}x{t}")
         keep = mask.reshape(-1)
         ids = torch.full((b, t), -1, dtype=torch.int64) if batch.input_ids is None else batch.input_ids.cpu().long()
-        seq = (self.sequences + torch.arange(b, dtype=torch.int64)).unsqueeze(1).expand(b, t)
-        pos = torch.cumsum(mask.long(), dim=1) - 1
+        if batch.sequence_ids is None:
+            rows = self.sequences + torch.arange(b, dtype=torch.int64)
+            start = torch.zeros(b, dtype=torch.int64)
+        else:
+            rows, start = batch.sequence_ids, batch.start
+        seq = rows.unsqueeze(1).expand(b, t)
+        pos = start.unsqueeze(1) + torch.cumsum(mask.long(), dim=1) - 1
         hid = None
         if self.hidden:
             hid = {name: hidden[name][0].reshape(n_rows, -1)[keep] for name in logits if name in hidden}
+        selected = weights = None
+        if chosen:
+            selected, weights = {}, {}
+            for name, [(w, i)] in chosen.items():
+                if w.numel() != n_rows * w.shape[-1]:
+                    raise CaptureFailed(f"router of layer {name!r} selected experts for {w.numel() // w.shape[-1]} "
+                                        f"tokens, not {n_rows}")
+                weights[name] = w.reshape(n_rows, -1)[keep]
+                selected[name] = i.reshape(n_rows, -1)[keep].long()
         self._writer.append({name: x[keep] for name, x in logits.items()}, token_ids=ids.reshape(-1)[keep],
-                            sequence_ids=seq.reshape(-1)[keep], positions=pos.reshape(-1)[keep], hidden=hid)
-        self.sequences += b
+                            sequence_ids=seq.reshape(-1)[keep], positions=pos.reshape(-1)[keep], hidden=hid,
+                            selected=selected, weights=weights)
         self.tokens += int(keep.sum())
+        if batch.sequence_ids is None:
+            self.sequences += b
+        self._stream = None if batch.cache is None else _Stream(batch.cache, rows, start + mask.long().sum(1),
+                                                                batch.width)
 
 
 def _logits_of(output: Any, spec: RouterSpec) -> torch.Tensor:
@@ -574,7 +683,7 @@ def _router_weight(spec: RouterSpec) -> torch.Tensor | None:
 def capture(model: nn.Module, out: str | os.PathLike, *, layers: str | Sequence[str] = "auto", hidden: bool = False,
             router_weights: bool = True, shard_tokens: int = 65536, module_pattern: str | None = None,
             dtype: torch.dtype | None = None, overwrite: bool = False, model_name: str | None = None,
-            fsync: bool = True) -> Capture:
+            fsync: bool = True, selections: bool = True) -> Capture:
     """A context manager that hooks every router of ``model`` and streams its raw logits to a router log at ``out``.
 
     ``layers``: ``"auto"``, ``"encoder"``, ``"decoder"`` or a list of layer names / module paths
@@ -583,6 +692,9 @@ def capture(model: nn.Module, out: str | os.PathLike, *, layers: str | Sequence[
     ``module_pattern``: regex (``re.fullmatch`` on module names) choosing the routers of any torch
     model. ``dtype``: cast the stored logits (None keeps the captured dtype, bf16 included).
     ``overwrite``: replace an existing router log. ``model_name``: stored in the manifest.
+    ``selections``: also store, as ``selected.<layer>`` / ``weights.<layer>`` (n, k), the expert indices
+    the model selected and the gate weights it applied, for the families of :data:`FAMILY_SELECTIONS`
+    (routers returning ``(logits, weights, indices)``; DeepSeek-V3's selection includes its bias).
 
     Inside the block, every forward of ``model`` is logged (padding excluded with the attention
     mask from its ``attention_mask`` argument or :meth:`Capture.set_batch`); :meth:`Capture.run`
@@ -590,4 +702,5 @@ def capture(model: nn.Module, out: str | os.PathLike, *, layers: str | Sequence[
     only on a clean exit. Raises :class:`RouterNotFound` when no router can be found.
     """
     return Capture(model, out, layers=layers, hidden=hidden, router_weights=router_weights, shard_tokens=shard_tokens,
-                   module_pattern=module_pattern, dtype=dtype, overwrite=overwrite, model_name=model_name, fsync=fsync)
+                   module_pattern=module_pattern, dtype=dtype, overwrite=overwrite, model_name=model_name, fsync=fsync,
+                   selections=selections)
