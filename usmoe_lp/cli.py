@@ -12,12 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from usmoe_lp.errors import UsmoeLpError
-from usmoe_lp.logs.cli import import_command, log_app
+from usmoe_lp.logs.cli import capture_command, import_command, log_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Routing analysis and theory verification for sparse Mixture-of-Experts.")
 app.add_typer(log_app, name="log")
 app.command("import")(import_command)
+app.command("capture")(capture_command)
 console = Console()
 err = Console(stderr=True)
 

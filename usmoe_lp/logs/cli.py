@@ -7,6 +7,7 @@ only parses arguments, calls the API and prints.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -165,3 +166,195 @@ def import_command(
     console.print(f"wrote {escape(str(log.path))}: {len(log.layers)} layers x "
                   f"{'/'.join(map(str, experts))} experts, {log.num_tokens:,} tokens in {len(log.sequences):,} "
                   f"sequences, {len(log.shards)} shards, {log.manifest.dtype}")
+
+
+# ----------------------------------------------------------------------------- usmoe-lp capture
+_CAPTURE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                   "fp32": "float32", "float32": "float32"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+_HUB_HINT = ("download it where the hub is reachable (e.g. `hf download ID --local-dir DIR`, or "
+             "`AutoModelForCausalLM.from_pretrained(ID).save_pretrained(DIR)` plus the tokenizer) and pass "
+             "--model DIR")
+
+
+class _CaptureError(Exception):
+    """A user error of ``usmoe-lp capture``: printed without a traceback, exit 2."""
+
+
+def _looks_local(model: str) -> bool:
+    return (model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+            or Path(model).expanduser().exists())
+
+
+def _hub_unreachable(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("couldn't connect", "could not connect", "offline", "connection", "resolve host",
+                                   "name or service not known", "network", "timed out"))
+
+
+def _load_error(what: str, model: str, local: bool, exc: BaseException) -> _CaptureError:
+    if local:
+        return _CaptureError(f"cannot load the {what} from {model}: {exc}")
+    if _hub_unreachable(exc):
+        return _CaptureError(f"cannot load the {what} of {model!r} from the Hugging Face Hub: the hub is not "
+                             f"reachable from here (no network, or offline mode) and it is not in the local "
+                             f"cache; {_HUB_HINT}")
+    return _CaptureError(f"cannot load the {what} of {model!r} (not a local directory, so it was looked up on "
+                         f"the Hugging Face Hub): {exc}. For a local model pass --model DIR")
+
+
+def _load_model_and_tokenizer(model: str, dtype: str | None, device: str):
+    """(model in eval mode on ``device``, tokenizer, is_encoder_decoder); raises _CaptureError."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    local = _looks_local(model)
+    source = model
+    if local:
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise _CaptureError(f"model directory {model} not found")
+        if not path.is_dir():
+            raise _CaptureError(f"--model {model} is a file; pass the directory holding config.json and the "
+                                "weights (what save_pretrained writes)")
+        if not (path / "config.json").is_file():
+            raise _CaptureError(f"{model} has no config.json: pass a directory written by save_pretrained "
+                                "(config.json, weights, tokenizer files)")
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise _CaptureError(
+                f"{model} has no tokenizer (none of {', '.join(_TOKENIZER_FILES[:4])}, ...): add one with "
+                f"`AutoTokenizer.from_pretrained(BASE_MODEL).save_pretrained({str(path)!r})`, where BASE_MODEL is "
+                "the model it was trained with")
+        source = str(path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ...
+        raise _load_error("config", model, local, exc) from None
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error("tokenizer", model, local, exc) from None
+    try:
+        loaded = cls.from_pretrained(source, config=config,
+                                     dtype="auto" if dtype is None else getattr(torch, _CAPTURE_DTYPES[dtype]))
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error("model", model, local, exc) from None
+    return loaded.to(device).eval(), tokenizer, seq2seq
+
+
+def _token_batches(ids: list[int], *, seq_len: int, batch_size: int, pad_id: int, seq2seq: bool,
+                   decoder_start: int) -> list[dict]:
+    """Sequences of ``seq_len`` tokens (the last one right-padded, masked out) in batches of ``batch_size``."""
+    import torch
+
+    seqs = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    batches = []
+    for b in range(0, len(seqs), batch_size):
+        rows = seqs[b:b + batch_size]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if seq2seq:  # the encoder's routers are logged; the decoder needs some input
+            batch["decoder_input_ids"] = torch.full((len(rows), 1), decoder_start, dtype=torch.long)
+        batches.append(batch)
+    return batches
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def capture_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="model directory (save_pretrained layout, with its "
+                                                             "tokenizer) or Hugging Face Hub id")],
+    text: Annotated[Path, typer.Option("--text", "-t", help="UTF-8 text file to run through the model")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="router log directory to write")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="log at most this many tokens of the "
+                                                                         "text")] = 65536,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per forward pass")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="tokens per sequence")] = 512,
+    device: Annotated[str | None, typer.Option("--device", help="cuda or cpu (default: cuda if available)")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="bf16, fp16 or fp32 (default: the checkpoint's "
+                                                              "dtype)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing router log at --out")] = False,
+    shard_tokens: Annotated[int, typer.Option("--shard-tokens", min=1, help="tokens per shard")] = 65536,
+    module_pattern: Annotated[str | None, typer.Option(
+        "--module-pattern", help="regex (full match on module names) of the router modules, for models whose "
+                                 "routers are not found automatically")] = None,
+) -> None:
+    """Run a text file through a MoE model and log every router's raw logits as a router log.
+
+    The text is tokenized (no special tokens added), cut into sequences of --seq-len tokens up to
+    --max-tokens (the last one right-padded; padding is not logged) and fed --batch-size sequences
+    at a time. For encoder-decoder models the encoder's routers are logged.
+    """
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from usmoe_lp.logs.capture import RouterNotFound, capture
+
+    console, err = _consoles()
+    try:
+        if dtype is not None and dtype.lower() not in _CAPTURE_DTYPES:
+            raise _CaptureError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
+        dtype = None if dtype is None else dtype.lower()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.split(":")[0] not in ("cuda", "cpu"):
+            raise _CaptureError(f"--device must be cuda or cpu, got {device!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise _CaptureError("--device cuda was asked for but CUDA is not available here (torch "
+                                f"{torch.__version__}, built with CUDA {torch.version.cuda or 'no'}); use --device cpu")
+        if not text.is_file():
+            raise _CaptureError(f"text file {text} not found" if not text.exists() else f"{text} is not a file")
+        content = text.read_text(encoding="utf-8", errors="replace")
+        loaded, tokenizer, seq2seq = _load_model_and_tokenizer(model, dtype, device)
+        ids = tokenizer(content, add_special_tokens=False)["input_ids"][:max_tokens]
+        if not ids:
+            raise _CaptureError(f"{text} gives no tokens")
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = getattr(loaded.config, "pad_token_id", None) or tokenizer.eos_token_id or 0
+        decoder_start = getattr(loaded.config, "decoder_start_token_id", None)
+        batches = _token_batches(ids, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id, seq2seq=seq2seq,
+                                 decoder_start=pad_id if decoder_start is None else decoder_start)
+        name = model if not _looks_local(model) else Path(model).expanduser().resolve().name
+        t0 = time.perf_counter()
+        logged = 0
+        with capture(loaded, out, shard_tokens=shard_tokens, module_pattern=module_pattern, overwrite=overwrite,
+                     model_name=name) as cap:
+            with Progress(TextColumn("capture"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                          TimeElapsedColumn(), console=err, transient=True) as progress:
+                task = progress.add_task("capture", total=len(ids))
+                for batch in batches:
+                    logged += cap.run([batch])
+                    progress.advance(task, int(batch["attention_mask"].sum()))
+        seconds = time.perf_counter() - t0
+    except (_CaptureError, RouterNotFound, LogError) as exc:
+        raise _fail(exc) from None
+    log = RouterLog.open(out, verify="none")
+    nbytes = _dir_bytes(Path(out))
+    experts = sorted(set(log.num_experts.values()))
+    table = Table(title=f"captured {escape(str(out))}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in (
+        ("model", f"{escape(name)} ({escape(str(log.manifest.model.family or type(loaded).__name__))}) on {device}"),
+        ("tokens", f"{logged:,} in {len(log.sequences):,} sequences, {len(batches)} forward passes"),
+        ("layers", str(len(log.layers))),
+        ("experts", "/".join(map(str, experts))),
+        ("dtype", str(log.manifest.dtype)),
+        ("shards", str(len(log.shards))),
+        ("bytes on disk", f"{nbytes:,} ({nbytes / 1e6:.1f} MB)"),
+        ("time", f"{seconds:.2f} s"),
+        ("tokens/s", f"{logged / seconds:,.0f}"),
+        ("MB/s", f"{nbytes / 1e6 / seconds:.1f}"),
+    ):
+        table.add_row(key, value)
+    console.print(table)
