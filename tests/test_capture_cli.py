@@ -175,3 +175,34 @@ def test_hub_id_without_hub(text_file, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     result = _capture("no-such-org/no-such-model", text_file, tmp_path / "log")
     _error(result, "Hugging Face Hub", "not reachable", "--model DIR")
+
+
+# ----------------------------------------------------------------------------- --generate
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_capture_generate_logs_prompt_and_continuation(moe_dir, text_file, tmp_path, new_tokens):
+    """--generate N: every sequence holds its prompt plus N - 1 generated tokens (the last generated
+    token is never fed back), at contiguous positions; the logits equal one full forward over the
+    final sequences (the oracle: the model's own output_router_logits)."""
+    out = tmp_path / "gen.log"
+    max_tokens = 40
+    result = _capture(moe_dir, text_file, out, "--max-tokens", str(max_tokens), "--generate", str(new_tokens))
+    assert result.exit_code == 0, result.output
+    log = RouterLog.open(out, verify="full")
+    n_seqs = len(log.sequences)
+    assert log.num_tokens == max_tokens + n_seqs * (new_tokens - 1)
+    chunk = log.read(log.layers[0], 0, log.num_tokens)
+    for s in log.sequences.tolist():
+        pos = chunk.positions[chunk.sequence_ids == s]
+        assert sorted(pos.tolist()) == list(range(pos.numel()))
+
+    # oracle: rebuild each final sequence (logged prompt + continuation ids) and run one forward
+    model = AutoModelForCausalLM.from_pretrained(moe_dir).eval()
+    for s in log.sequences.tolist():
+        sel = chunk.sequence_ids == s
+        order = torch.argsort(chunk.positions[sel])
+        ids = chunk.token_ids[sel][order].unsqueeze(0)
+        with torch.no_grad():
+            ref = model(input_ids=ids, output_router_logits=True).router_logits
+        for li, layer in enumerate(log.layers):
+            got = log.read(layer, 0, log.num_tokens).logits[sel][order].float()
+            torch.testing.assert_close(got, ref[li].float(), atol=1e-5, rtol=1e-5)

@@ -246,8 +246,9 @@ def _load_model_and_tokenizer(model: str, dtype: str | None, device: str):
 
 
 def _token_batches(ids: list[int], *, seq_len: int, batch_size: int, pad_id: int, seq2seq: bool,
-                   decoder_start: int) -> list[dict]:
-    """Sequences of ``seq_len`` tokens (the last one right-padded, masked out) in batches of ``batch_size``."""
+                   decoder_start: int, left_pad: bool = False) -> list[dict]:
+    """Sequences of ``seq_len`` tokens in batches of ``batch_size``; a short last sequence is padded
+    (masked out) on the right, or on the left when the batch is to be continued by ``generate()``."""
     import torch
 
     seqs = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
@@ -258,8 +259,9 @@ def _token_batches(ids: list[int], *, seq_len: int, batch_size: int, pad_id: int
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            input_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
+            cols = slice(width - len(r), width) if left_pad else slice(0, len(r))
+            input_ids[i, cols] = torch.tensor(r, dtype=torch.long)
+            mask[i, cols] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask}
         if seq2seq:  # the encoder's routers are logged; the decoder needs some input
             batch["decoder_input_ids"] = torch.full((len(rows), 1), decoder_start, dtype=torch.long)
@@ -288,12 +290,18 @@ def capture_command(
     module_pattern: Annotated[str | None, typer.Option(
         "--module-pattern", help="regex (full match on module names) of the router modules, for models whose "
                                  "routers are not found automatically")] = None,
+    generate: Annotated[int, typer.Option("--generate", min=0, help="continue each sequence with N greedy tokens "
+                                          "through model.generate() and the KV cache; decode steps are logged "
+                                          "with their true positions in the same sequence")] = 0,
 ) -> None:
     """Run a text file through a MoE model and log every router's raw logits as a router log.
 
     The text is tokenized (no special tokens added), cut into sequences of --seq-len tokens up to
     --max-tokens (the last one right-padded; padding is not logged) and fed --batch-size sequences
-    at a time. For encoder-decoder models the encoder's routers are logged.
+    at a time. For encoder-decoder models the encoder's routers are logged. With --generate N
+    (decoder-only models) the batches are left-padded and continued by greedy ``generate()``; every
+    forward it runs is logged, so each sequence holds its prompt and N - 1 generated tokens (the
+    last generated token is never fed back through the model).
     """
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -322,8 +330,12 @@ def capture_command(
         if pad_id is None:
             pad_id = getattr(loaded.config, "pad_token_id", None) or tokenizer.eos_token_id or 0
         decoder_start = getattr(loaded.config, "decoder_start_token_id", None)
+        if generate and seq2seq:
+            raise _CaptureError("--generate is supported for decoder-only models; this is an encoder-decoder "
+                                "model (its encoder routers are logged without --generate)")
         batches = _token_batches(ids, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id, seq2seq=seq2seq,
-                                 decoder_start=pad_id if decoder_start is None else decoder_start)
+                                 decoder_start=pad_id if decoder_start is None else decoder_start,
+                                 left_pad=generate > 0)
         name = model if not _looks_local(model) else Path(model).expanduser().resolve().name
         t0 = time.perf_counter()
         logged = 0
@@ -333,12 +345,19 @@ def capture_command(
                           TimeElapsedColumn(), console=err, transient=True) as progress:
                 task = progress.add_task("capture", total=len(ids))
                 for batch in batches:
-                    logged += cap.run([batch])
+                    if generate:
+                        on_device = {k: v.to(loaded.device) for k, v in batch.items()}
+                        with torch.no_grad():
+                            loaded.generate(**on_device, max_new_tokens=generate, min_new_tokens=generate,
+                                            do_sample=False, pad_token_id=pad_id)
+                    else:
+                        logged += cap.run([batch])
                     progress.advance(task, int(batch["attention_mask"].sum()))
         seconds = time.perf_counter() - t0
     except (_CaptureError, RouterNotFound, LogError) as exc:
         raise _fail(exc) from None
     log = RouterLog.open(out, verify="none")
+    logged = log.num_tokens
     nbytes = _dir_bytes(Path(out))
     experts = sorted(set(log.num_experts.values()))
     table = Table(title=f"captured {escape(str(out))}", show_header=False)
@@ -346,7 +365,7 @@ def capture_command(
     table.add_column("value")
     for key, value in (
         ("model", f"{escape(name)} ({escape(str(log.manifest.model.family or type(loaded).__name__))}) on {device}"),
-        ("tokens", f"{logged:,} in {len(log.sequences):,} sequences, {len(batches)} forward passes"),
+        ("tokens", f"{logged:,} in {len(log.sequences):,} sequences, {len(batches)} batches"),
         ("layers", str(len(log.layers))),
         ("experts", "/".join(map(str, experts))),
         ("dtype", str(log.manifest.dtype)),
