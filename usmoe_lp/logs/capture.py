@@ -34,7 +34,10 @@ previous logged forward filled (same cache object, its length = that forward's a
 width, same batch size) continues those rows: its tokens (the new columns of the attention mask)
 get the rows' sequence ids and the positions after their real tokens so far, so a prompt and its
 generated tokens form one sequence of the log. Any other forward starts new sequences. The last
-token ``generate()`` returns never goes through the model, so it has no router logits.
+token ``generate()`` returns never goes through the model, so it has no router logits. The same holds
+for the decoder of an encoder-decoder model (``layers="decoder"``): each decode step continues its
+row's decoder sequence (the decoder start token at position 0). ``generate()`` runs the encoder
+outside the model's forward, so an encoder log (``layers="auto"``) gets nothing from it.
 """
 
 from __future__ import annotations
@@ -89,11 +92,23 @@ FAMILY_TOP_K: dict[str, int] = {"switch_transformers": 1, "nllb-moe": 2}
 SELECTION_BIAS_ATTRS = ("e_score_correction_bias", "expert_bias")
 # model_type -> (index of the weights, index of the expert indices) in the router's output, for the families
 # whose MoE block hands exactly those two tensors to its experts (checked against the experts' inputs in
-# tests/test_capture_generate.py): what the model selected (n, k) and the gate weights it applied (n, k)
+# tests/test_capture_generate.py and tests/test_capture_selections_more.py): what the model selected (n, k) and
+# the gate weights it applied (n, k)
 FAMILY_SELECTIONS: dict[str, tuple[int, int]] = {
     "mixtral": (1, 2), "olmoe": (1, 2), "qwen2_moe": (1, 2), "qwen3_moe": (1, 2), "deepseek_v2": (1, 2),
-    "deepseek_v3": (1, 2),
+    "deepseek_v3": (1, 2), "gpt_oss": (1, 2), "granitemoe": (1, 2), "phimoe": (1, 2), "jamba": (1, 2),
 }
+# model_type -> (index of the weights, index of the expert indices) among the positional inputs of the MoE block's
+# ``experts`` module (the router's sibling), read by a forward pre-hook, for the families whose router returns only
+# the logits and whose block computes the selection itself (DBRX: softmax, top-k, p-norm of the selected weights)
+FAMILY_EXPERTS_SELECTIONS: dict[str, tuple[int, int]] = {"dbrx": (2, 1)}
+# model_type -> (index of the weights, index of the dispatch mask) in the router's output, for the capacity-limited
+# routers that return a one-hot (..., N) dispatch mask (all zero for a token dropped by the expert capacity) and the
+# (..., 1) gate weight of the token's expert: logged as an (n, N) bool mask of the experts that processed the token and
+# the (n, N) weights they were multiplied by (0 elsewhere, so a dropped token has no expert and no weight).
+# NLLB-MoE stays out: its experts module (transformers 5.x) indexes experts by the values of its 0/1 dispatch mask, so
+# the experts that run are not the ones its router selects.
+FAMILY_DISPATCH_SELECTIONS: dict[str, tuple[int, int]] = {"switch_transformers": (1, 0)}
 _TOP_K_CONFIG_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k", "moe_k", "moe_topk")
 _EXAMPLE = 'capture(model, out, module_pattern=r"model\\.layers\\.\\d+\\.mlp\\.gate")'
 
@@ -120,6 +135,10 @@ class RouterSpec:
     source: str = "transformers"
     module: nn.Module | None = field(default=None, repr=False, compare=False)
     selection: tuple[int, int] | None = None  # (weights index, expert indices index) in the output, if known
+    # where ``selection`` points: "router" (the router's output, (n, k) indices), "experts" (the positional inputs
+    # of ``experts_module``, (n, k) indices) or "dispatch" (the router's output, a one-hot dispatch mask)
+    selection_source: str = "router"
+    experts_module: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def layer_info(self) -> LayerInfo:
         return LayerInfo(self.name, num_experts=self.num_experts, top_k=self.top_k, module_path=self.path,
@@ -274,9 +293,26 @@ def _make_spec(model: nn.Module, path: str, module: nn.Module, index: int | None
     parts = path.split(".")
     stack = "encoder" if "encoder" in parts else "decoder" if "decoder" in parts else ""
     bias = _selection_bias(model, path, module, n)
-    selection = FAMILY_SELECTIONS.get(family) if index == 0 and top_k is not None else None
+    selection, selection_source, experts = _selection(model, path, family, index, top_k)
     return RouterSpec(path=path, name=path, num_experts=n, index=index, top_k=top_k, score_function=score,
-                      selection_bias=bias, stack=stack, source=source, module=module, selection=selection)
+                      selection_bias=bias, stack=stack, source=source, module=module, selection=selection,
+                      selection_source=selection_source, experts_module=experts)
+
+
+def _selection(model: nn.Module, path: str, family: str | None, index: int | None,
+               top_k: int | None) -> tuple[tuple[int, int] | None, str, nn.Module | None]:
+    """Where the family's MoE block exposes what it selected and applied (see FAMILY_SELECTIONS and co.)."""
+    if top_k is None or family is None:
+        return None, "router", None
+    if index == 0 and family in FAMILY_SELECTIONS:
+        return FAMILY_SELECTIONS[family], "router", None
+    if index is not None and family in FAMILY_DISPATCH_SELECTIONS and index not in FAMILY_DISPATCH_SELECTIONS[family]:
+        return FAMILY_DISPATCH_SELECTIONS[family], "dispatch", None
+    if index == 0 and family in FAMILY_EXPERTS_SELECTIONS and "." in path:
+        experts = getattr(model.get_submodule(path.rsplit(".", 1)[0]), "experts", None)
+        if isinstance(experts, nn.Module):
+            return FAMILY_EXPERTS_SELECTIONS[family], "experts", experts
+    return None, "router", None
 
 
 def _top_k(module: nn.Module, config: Any, family: str | None, n: int) -> int | None:
@@ -452,6 +488,8 @@ class Capture:
                     self._writer.write_router_weights(weights)
             for r in self.routers:
                 self._handles.append(r.module.register_forward_hook(self._router_hook(r)))
+                if r.selection is not None and r.selection_source == "experts" and self.selections:
+                    self._handles.append(r.experts_module.register_forward_pre_hook(self._experts_hook(r)))
             self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._post_hook))
         except BaseException as exc:
@@ -537,7 +575,7 @@ class Capture:
             shape = (int(ref.shape[0]), int(ref.shape[1])) if ref.ndim == 2 else None
         batch = _Batch(ids if isinstance(ids, torch.Tensor) else None,
                        mask if isinstance(mask, torch.Tensor) else None, shape)
-        if not prefix and shape is not None:
+        if self.stack != "encoder" and shape is not None:  # encoder tokens never continue a (decoder) KV cache
             self._track_cache(batch, kwargs.get("past_key_values"))
         self._current = batch
 
@@ -566,15 +604,12 @@ class Capture:
             logits = _logits_of(output, spec)
             self._sync = self._sync or logits.is_cuda
             self._outputs.setdefault(spec.name, []).append(_to_cpu(logits))
-            if spec.selection is not None and self.selections:
+            if spec.selection is not None and self.selections and spec.selection_source != "experts":
                 weights, indices = (output[i] if isinstance(output, tuple | list) and len(output) > i else None
                                     for i in spec.selection)
-                if not (isinstance(weights, torch.Tensor) and isinstance(indices, torch.Tensor)
-                        and weights.is_floating_point() and not indices.is_floating_point()
-                        and weights.shape == indices.shape and weights.ndim >= 1):
-                    raise CaptureFailed(f"router {spec.path!r} did not return (logits, weights, indices); capture "
-                                        "with selections=False")
-                self._chosen.setdefault(spec.name, []).append((_to_cpu(weights), _to_cpu(indices)))
+                if spec.selection_source == "dispatch":
+                    weights, indices = _dispatch_selection(spec, weights, indices)
+                self._record_selection(spec, weights, indices, "router", "(logits, weights, indices)")
             if self.hidden:
                 x = args[0] if args else None
                 if not isinstance(x, torch.Tensor):
@@ -582,6 +617,22 @@ class Capture:
                                         "positional input")
                 self._hidden.setdefault(spec.name, []).append(_to_cpu(x))
         return hook
+
+    def _experts_hook(self, spec: RouterSpec):
+        def hook(module, args) -> None:
+            if not self._active:
+                return
+            weights, indices = (args[i] if len(args) > i else None for i in spec.selection)
+            self._record_selection(spec, weights, indices, "experts module of router",
+                                   "(hidden states, expert indices, weights) positionally")
+        return hook
+
+    def _record_selection(self, spec: RouterSpec, weights: Any, indices: Any, where: str, wanted: str) -> None:
+        if not (isinstance(weights, torch.Tensor) and isinstance(indices, torch.Tensor)
+                and weights.is_floating_point() and not indices.is_floating_point()
+                and weights.shape == indices.shape and weights.ndim >= 1):
+            raise CaptureFailed(f"{where} {spec.path!r} did not get {wanted}; capture with selections=False")
+        self._chosen.setdefault(spec.name, []).append((_to_cpu(weights), _to_cpu(indices)))
 
     def _post_hook(self, module, args, output) -> None:
         outputs, hidden, chosen, batch = self._outputs, self._hidden, self._chosen, self._current
@@ -639,7 +690,8 @@ class Capture:
                     raise CaptureFailed(f"router of layer {name!r} selected experts for {w.numel() // w.shape[-1]} "
                                         f"tokens, not {n_rows}")
                 weights[name] = w.reshape(n_rows, -1)[keep]
-                selected[name] = i.reshape(n_rows, -1)[keep].long()
+                i = i.reshape(n_rows, -1)[keep]
+                selected[name] = i if i.dtype == torch.bool else i.long()
         self._writer.append({name: x[keep] for name, x in logits.items()}, token_ids=ids.reshape(-1)[keep],
                             sequence_ids=seq.reshape(-1)[keep], positions=pos.reshape(-1)[keep], hidden=hid,
                             selected=selected, weights=weights)
@@ -658,6 +710,18 @@ def _logits_of(output: Any, spec: RouterSpec) -> torch.Tensor:
         raise CaptureFailed(f"router {spec.path!r} returned {type(value).__name__}, not the logits tensor; point "
                             "module_pattern= at the module (e.g. the gate's Linear) that returns them")
     return value
+
+
+def _dispatch_selection(spec: RouterSpec, weights: Any, mask: Any) -> tuple[Any, Any]:
+    """(one-hot dispatch mask (..., N), gate weight of the token's expert (..., 1)) -> ((..., N) weights applied,
+    0 where not dispatched; (..., N) bool mask of the experts that process the token)."""
+    if not (isinstance(weights, torch.Tensor) and isinstance(mask, torch.Tensor) and weights.is_floating_point()
+            and not mask.is_floating_point() and mask.shape[-1] == spec.num_experts and weights.shape[-1] == 1
+            and weights.shape[:-1] == mask.shape[:-1]):
+        raise CaptureFailed(f"router {spec.path!r} did not return (dispatch mask, weight, logits); capture with "
+                            "selections=False")
+    chosen = mask != 0
+    return torch.where(chosen, weights, torch.zeros((), dtype=weights.dtype, device=weights.device)), chosen
 
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -694,7 +758,10 @@ def capture(model: nn.Module, out: str | os.PathLike, *, layers: str | Sequence[
     ``overwrite``: replace an existing router log. ``model_name``: stored in the manifest.
     ``selections``: also store, as ``selected.<layer>`` / ``weights.<layer>`` (n, k), the expert indices
     the model selected and the gate weights it applied, for the families of :data:`FAMILY_SELECTIONS`
-    (routers returning ``(logits, weights, indices)``; DeepSeek-V3's selection includes its bias).
+    (routers returning ``(logits, weights, indices)``; DeepSeek-V3's selection includes its bias) and
+    :data:`FAMILY_EXPERTS_SELECTIONS` (DBRX: read from its experts module's inputs); for
+    :data:`FAMILY_DISPATCH_SELECTIONS` (Switch Transformers, capacity-limited) an (n, N) bool mask of the experts
+    that processed each token (none for a dropped token) and the (n, N) weights applied (0 elsewhere).
 
     Inside the block, every forward of ``model`` is logged (padding excluded with the attention
     mask from its ``attention_mask`` argument or :meth:`Capture.set_batch`); :meth:`Capture.run`
