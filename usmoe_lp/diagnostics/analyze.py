@@ -1,0 +1,613 @@
+"""The analysis driver: one streaming pass per layer over a router log (or in-memory logits).
+
+For each MoE layer it feeds every chunk of tokens to the mergeable accumulators of the other
+modules of :mod:`usmoe_lp.diagnostics` —
+
+* load (:class:`~usmoe_lp.diagnostics.load.LoadPartial`) on the model's own selection;
+* collapse (:class:`~usmoe_lp.diagnostics.collapse.CollapsePartial`) on logits, probabilities and,
+  when captured, hidden states and router weights;
+* margins (:class:`~usmoe_lp.diagnostics.margins.MarginPartial`) of the model's top-k decisions;
+
+— and gathers a bounded *sample* of whole sequences (the first sequences of the log, at most
+``sequence_tokens`` tokens per layer) for the per-sequence analyses:
+
+* counterfactual re-routing under TC, EC, USMoE and capacity-limited TC at matched budget, with
+  certificates (:class:`~usmoe_lp.diagnostics.counterfactual.CounterfactualPartial`);
+* prefix consistency (information leakage) of every re-routing
+  (:class:`~usmoe_lp.diagnostics.leakage.LeakagePartial`), and the cross-sequence dependence of
+  batch- and position-scoped top-c.
+
+Memory is bounded by the chunk size plus the sequence sample, whatever the size of the log. Merging
+the per-layer partials gives the pooled statistics over all layers (for the aux loss this is what
+transformers' ``load_balancing_loss_func`` computes, since it concatenates the layers' tokens).
+
+Scores. The routing probabilities are the softmax of the logits for ``softmax``, ``softmax_topk``
+and ``unknown`` score functions, and the per-token normalised sigmoid for ``sigmoid`` layers
+(DeepSeek-V3 style). When the log records no selection, the model's selection is re-computed as the
+top-k of the selection scores (probabilities, plus the layer's ``selection_bias`` if any).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from usmoe_lp.diagnostics.collapse import CollapsePartial, CollapseStats
+from usmoe_lp.diagnostics.counterfactual import (
+    CounterfactualPartial,
+    CounterfactualStats,
+    RouterConfig,
+    default_configs,
+)
+from usmoe_lp.diagnostics.leakage import LeakagePartial, LeakageStats, cross_sequence_dependence
+from usmoe_lp.diagnostics.load import LoadPartial, LoadStats
+from usmoe_lp.diagnostics.margins import MarginPartial, MarginStats
+from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
+from usmoe_lp.logs.format import LayerInfo
+from usmoe_lp.logs.reader import Chunk, RouterLog
+from usmoe_lp.routing.scores import unified_score
+
+Progress = Callable[[str, int, int], None]
+"""``progress(layer, tokens_done, tokens_total)``, called after every chunk."""
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """What :func:`analyze` computes and how much of the log it samples.
+
+    routers: counterfactual routers among ``tc``, ``ec``, ``usmoe``, ``capacity_tc``.
+    alphas, kbars, scopes: the USMoE grid (unified-score alpha; experts per token k-bar, None = a
+    default grid around the model's k; group scopes ``sequence``/``batch``/``position``).
+    capacity_factor: EC capacity factor (e = ceil(cf * T * k / N)); capacity-TC uses 1.25 (Switch).
+    chunk_tokens: tokens per streamed chunk. sequence_tokens: at most this many tokens per layer
+    (whole sequences, first in the log) enter the per-sequence analyses. batch_size: sequences
+    grouped for the batch/position scopes. lp_sample: groups per config cross-checked by HiGHS.
+    eps: fragility thresholds (score units). leakage / counterfactual: switch those analyses off.
+    """
+
+    routers: tuple[str, ...] = ("tc", "ec", "usmoe", "capacity_tc")
+    alphas: tuple[float, ...] = (0.3, 0.5, 0.7)
+    kbars: tuple[float, ...] | None = None
+    scopes: tuple[str, ...] = ("sequence",)
+    capacity_factor: float = 1.0
+    chunk_tokens: int = 65536
+    sequence_tokens: int = 16384
+    batch_size: int = 8
+    lp_sample: int = 1
+    eps: tuple[float, ...] = (1e-3, 1e-2, 5e-2)
+    leakage: bool = True
+    counterfactual: bool = True
+    hidden: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.routers if r not in ("tc", "ec", "usmoe", "capacity_tc")]
+        if bad:
+            raise InvalidParameter(f"unknown router(s) {bad}; choose among tc, ec, usmoe, capacity_tc")
+        bad = [s for s in self.scopes if s not in ("sequence", "batch", "position")]
+        if bad:
+            raise InvalidParameter(f"unknown scope(s) {bad}; choose among sequence, batch, position")
+        for name in ("chunk_tokens", "sequence_tokens", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidParameter(f"{name} must be an integer >= 1, got {v!r}")
+        if not all(0.0 <= a <= 1.0 for a in self.alphas):
+            raise InvalidParameter(f"alphas must lie in [0, 1], got {self.alphas}")
+        if self.kbars is not None and not all(math.isfinite(k) and k > 0 for k in self.kbars):
+            raise InvalidParameter(f"kbars must be finite and > 0, got {self.kbars}")
+
+    def configs(self, k: int, num_experts: int) -> tuple[RouterConfig, ...]:
+        """The counterfactual router configurations for a layer with top-k ``k`` and N experts."""
+        kbars = None if self.kbars is None else tuple(kb for kb in self.kbars if kb <= num_experts)
+        all_configs = default_configs(k, alphas=self.alphas, kbars=kbars, scopes=self.scopes,
+                                      capacity_factor=self.capacity_factor, num_experts=num_experts)
+        return tuple(c for c in all_configs if c.router in self.routers)
+
+
+@dataclass(frozen=True)
+class LayerAnalysis:
+    """Everything measured on one layer (None where an analysis was off or impossible)."""
+
+    layer: str
+    num_experts: int
+    top_k: int
+    score_function: str
+    num_tokens: int
+    selection_source: str  # "captured" or "recomputed top-k"
+    load: LoadStats
+    collapse: CollapseStats
+    margins: MarginStats
+    counterfactual: CounterfactualStats | None
+    leakage: dict[str, LeakageStats]
+    cross_sequence: dict[str, dict[str, Any]]
+    sample_sequences: int
+    sample_tokens: int
+
+
+@dataclass(frozen=True)
+class AnalyzeResult:
+    """The result of :func:`analyze`: per layer and pooled over layers.
+
+    ``pooled_load`` merges every layer's load partial (transformers' pooled convention);
+    ``aux_loss_per_layer_mean`` is the OLMoE-scripts convention (mean of per-layer losses).
+    """
+
+    source: str
+    model: dict[str, Any]
+    config: AnalyzeConfig
+    layers: tuple[LayerAnalysis, ...]
+    pooled_load: LoadStats
+    pooled_counterfactual: CounterfactualStats | None
+    pooled_leakage: dict[str, LeakageStats]
+    seconds: float
+    read_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(la.layer for la in self.layers)
+
+    def layer(self, name: str) -> LayerAnalysis:
+        for la in self.layers:
+            if la.layer == name:
+                return la
+        raise KeyError(f"no layer {name!r}; layers are {self.layer_names}")
+
+    @property
+    def aux_loss_pooled(self) -> float | None:
+        return self.pooled_load.aux_loss
+
+    @property
+    def aux_loss_per_layer_mean(self) -> float | None:
+        vals = [la.load.aux_loss for la in self.layers]
+        return None if any(v is None for v in vals) or not vals else float(np.mean(vals))
+
+    # ---------------------------------------------------------------- tidy frames for notebooks
+    def load_frame(self):
+        """Tidy per-layer load metrics: one row per layer (plus ``pooled``)."""
+        import pandas as pd
+
+        rows = [{"layer": la.layer, **_load_row(la.load)} for la in self.layers]
+        rows.append({"layer": "pooled", **_load_row(self.pooled_load)})
+        return pd.DataFrame(rows)
+
+    def expert_load_frame(self):
+        """Tidy per-layer, per-expert load share (columns layer, expert, count, share)."""
+        import pandas as pd
+
+        rows = []
+        for la in self.layers:
+            counts = np.asarray(la.load.counts, dtype=float)
+            total = counts.sum()
+            for e, c in enumerate(counts):
+                rows.append({"layer": la.layer, "expert": e, "count": int(c),
+                             "share": float(c / total) if total > 0 else float("nan")})
+        return pd.DataFrame(rows)
+
+    def counterfactual_frame(self):
+        """Tidy counterfactual table: one row per layer x router configuration (plus ``pooled``),
+        with the leakage of each configuration joined in."""
+        import pandas as pd
+
+        frames = []
+        for la in self.layers:
+            if la.counterfactual is None:
+                continue
+            f = la.counterfactual.to_frame()
+            f.insert(0, "layer", la.layer)
+            frames.append(_join_leakage(f, la.leakage))
+        if self.pooled_counterfactual is not None:
+            f = self.pooled_counterfactual.to_frame()
+            f.insert(0, "layer", "pooled")
+            frames.append(_join_leakage(f, self.pooled_leakage))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def leakage_offset_frame(self):
+        """Tidy per-offset flip-rate curves, pooled over layers (columns label, offset, flip_rate, tokens)."""
+        import pandas as pd
+
+        frames = []
+        for label, stats in self.pooled_leakage.items():
+            f = stats.per_offset_frame()
+            f.insert(0, "label", label)
+            frames.append(f)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def spectrum_frame(self):
+        """Tidy singular spectra of the row-centred logits per layer (columns layer, index, sigma, sigma_rel)."""
+        import pandas as pd
+
+        rows = []
+        for la in self.layers:
+            s = np.asarray(la.collapse.logit_spectrum_centered, dtype=float)
+            top = s[0] if len(s) and s[0] > 0 else 1.0
+            rows += [{"layer": la.layer, "index": i + 1, "sigma": float(v), "sigma_rel": float(v / top)}
+                     for i, v in enumerate(s)]
+        return pd.DataFrame(rows)
+
+
+def _load_row(s: LoadStats) -> dict[str, Any]:
+    return {"tokens": s.num_tokens, "load_entropy": s.entropy, "token_entropy": s.token_entropy,
+            "token_entropy_normalised": s.token_entropy_normalised, "mean_prob_entropy": s.mean_prob_entropy,
+            "maxvio": s.maxvio, "cv": s.cv,
+            "gini": s.gini, "max_over_mean": s.max_over_mean, "dead_experts": s.dead_experts,
+            "zero_expert_rate": s.zero_expert_rate, "aux_loss": s.aux_loss, "z_loss": s.z_loss}
+
+
+def _join_leakage(frame, leakage: Mapping[str, LeakageStats]):
+    frame = frame.copy()
+    frame["flip_rate"] = [leakage[lb].flip_rate if lb in leakage else np.nan for lb in frame["label"]]
+    frame["token_flip_rate"] = [leakage[lb].token_flip_rate if lb in leakage else np.nan for lb in frame["label"]]
+    frame["leak_jaccard"] = [leakage[lb].jaccard if lb in leakage else np.nan for lb in frame["label"]]
+    frame["displacement_mean"] = [leakage[lb].displacement_mean if lb in leakage else np.nan
+                                  for lb in frame["label"]]
+    return frame
+
+
+# ============================================================================ sources
+@dataclass(frozen=True)
+class _Source:
+    """What the driver needs from a log: layer infos, chunks, router weights."""
+
+    name: str
+    infos: tuple[LayerInfo, ...]
+    num_tokens: int
+    chunks: Callable[[str, int, bool], Iterator[Chunk]]
+    has_hidden: Callable[[str], bool]
+    router_weights: Callable[[], dict[str, torch.Tensor] | None]
+    model: dict[str, Any]
+
+
+def _log_source(log: RouterLog) -> _Source:
+    m = log.manifest.model
+
+    def chunks(layer: str, chunk_tokens: int, hidden: bool) -> Iterator[Chunk]:
+        return log.iter_chunks(layer, chunk_tokens, with_hidden=hidden)
+
+    return _Source(name=str(log.path), infos=tuple(log.layer_info(n) for n in log.layers),
+                   num_tokens=log.num_tokens, chunks=chunks, has_hidden=lambda layer: log.has(layer, "hidden"),
+                   router_weights=log.router_weights,
+                   model={"name": m.name, "family": m.family, "revision": m.revision} if m else {})
+
+
+def _memory_source(logits, *, top_k: int, attention_mask=None, score_function: str = "softmax",
+                   selected=None, name: str = "in-memory logits") -> _Source:
+    if isinstance(logits, torch.Tensor | np.ndarray):
+        logits = (logits,)
+    if isinstance(logits, Mapping):
+        items = list(logits.items())
+    else:
+        items = [(f"layer{i}", t) for i, t in enumerate(logits)]
+    if not items:
+        raise InvalidScores("no layers given")
+    tensors: dict[str, torch.Tensor] = {}
+    for lname, t in items:
+        t = torch.as_tensor(t)
+        if t.ndim == 3:
+            t = t.reshape(-1, t.shape[-1])
+        if t.ndim != 2:
+            raise ShapeMismatch(f"layer {lname!r}: logits must be (T, N), (B, T, N) or (B*T, N), got {tuple(t.shape)}")
+        tensors[lname] = t
+    n_rows = {t.shape[0] for t in tensors.values()}
+    if len(n_rows) != 1:
+        raise ShapeMismatch(f"layers have different numbers of rows: { {k: v.shape[0] for k, v in tensors.items()} }")
+    rows = n_rows.pop()
+    if attention_mask is not None:
+        am = torch.as_tensor(attention_mask).bool()
+        if am.ndim != 2 or am.numel() != rows:
+            raise ShapeMismatch(f"attention_mask of shape {tuple(am.shape)} does not cover the {rows} logit rows; "
+                                "expected (B, T) with B*T rows, 1 = real token")
+        B, T = am.shape
+    else:
+        am = None
+        B, T = 1, rows
+    seq = torch.arange(B).repeat_interleave(T)
+    if am is not None:
+        positions = (am.long().cumsum(-1) - 1).clamp(min=0).reshape(-1)
+        keep = am.reshape(-1)
+    else:
+        positions = torch.arange(T).repeat(B)
+        keep = torch.ones(rows, dtype=torch.bool)
+    sel_map = {}
+    if selected is not None:
+        sel_items = selected.items() if isinstance(selected, Mapping) else zip(tensors, selected, strict=True)
+        for lname, s in sel_items:
+            s = torch.as_tensor(s)
+            sel_map[lname] = s.reshape(rows, -1)[keep]
+    data = {lname: t[keep] for lname, t in tensors.items()}
+    seq, positions = seq[keep], positions[keep]
+    n = int(keep.sum())
+    infos = tuple(LayerInfo(lname, num_experts=int(t.shape[1]), top_k=top_k, score_function=score_function)
+                  for lname, t in data.items())
+
+    def chunks(layer: str, chunk_tokens: int, hidden: bool) -> Iterator[Chunk]:
+        for a in range(0, n, chunk_tokens):
+            b = min(a + chunk_tokens, n)
+            yield Chunk(logits=data[layer][a:b], token_ids=torch.full((b - a,), -1), sequence_ids=seq[a:b],
+                        positions=positions[a:b], token_start=a,
+                        selected=sel_map[layer][a:b] if layer in sel_map else None, layer=layer)
+
+    return _Source(name=name, infos=infos, num_tokens=n, chunks=chunks, has_hidden=lambda layer: False,
+                   router_weights=lambda: None, model={})
+
+
+# ============================================================================ scores and masks
+def routing_probs(logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    """(n, N) float32 routing distribution of each token (rows sum to 1).
+
+    softmax / softmax_topk / unknown: softmax of the logits (for softmax_topk models such as GPT-OSS
+    the *full* softmax is the distribution analysed; the model renormalises over its top-k only).
+    sigmoid: sigmoid of the logits normalised per token (DeepSeek-V3 style routers).
+    """
+    z = logits.float()
+    if score_function == "sigmoid":
+        s = torch.sigmoid(z)
+        return s / s.sum(-1, keepdim=True).clamp_min(1e-30)
+    return torch.softmax(z, dim=-1)
+
+
+def selection_scores(logits: torch.Tensor, info: LayerInfo) -> torch.Tensor:
+    """(n, N) float32 scores the model's top-k is taken over: the probabilities (sigmoid, not
+    normalised, for sigmoid routers) plus the layer's selection bias when recorded."""
+    z = logits.float()
+    s = torch.sigmoid(z) if info.score_function == "sigmoid" else torch.softmax(z, dim=-1)
+    if info.selection_bias is not None:
+        s = s + torch.tensor(info.selection_bias, dtype=s.dtype)
+    return s
+
+
+def model_mask(chunk: Chunk, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, str]:
+    """(n, N) bool selection of the model: the captured one when the log has it, else top-k of ``scores``."""
+    n, N = scores.shape
+    sel = chunk.selected
+    if sel is not None:
+        if sel.dtype == torch.bool:
+            if tuple(sel.shape) != (n, N):
+                raise ShapeMismatch(f"captured selection mask has shape {tuple(sel.shape)}, expected {(n, N)}")
+            return sel, "captured"
+        idx = sel.long()
+        mask = torch.zeros(n, N + 1, dtype=torch.bool)
+        mask.scatter_(1, torch.where(idx < 0, N, idx), True)  # -1 (no expert) lands in the spare column
+        return mask[:, :N], "captured"
+    idx = torch.topk(scores, k, dim=-1).indices
+    mask = torch.zeros(n, N, dtype=torch.bool)
+    mask.scatter_(1, idx, True)
+    return mask, "recomputed top-k"
+
+
+# ============================================================================ sequence sample
+class _SequenceSample:
+    """Rows of the first sequences of a layer, bounded by ``budget`` tokens, reassembled by position."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.order: list[int] = []
+        self.tokens = 0
+        self.closed = False
+
+    def add(self, chunk: Chunk, mask: torch.Tensor) -> None:
+        seq = chunk.sequence_ids
+        ids = torch.unique_consecutive(seq).tolist()
+        for sid in dict.fromkeys(ids):
+            if sid not in self.rows:
+                if self.closed or self.tokens >= self.budget:
+                    self.closed = True
+                    continue
+                self.rows[sid] = []
+                self.order.append(sid)
+            sel = seq == sid
+            n = int(sel.sum())
+            self.tokens += n
+            self.rows[sid].append((chunk.positions[sel], chunk.logits[sel].float(), mask[sel]))
+
+    def sequences(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        out = []
+        for sid in self.order:
+            parts = self.rows[sid]
+            pos = torch.cat([p for p, _, _ in parts])
+            order = torch.argsort(pos, stable=True)
+            out.append((sid, torch.cat([z for _, z, _ in parts])[order], torch.cat([m for _, _, m in parts])[order]))
+        return out
+
+
+def _batches(seqs, batch_size: int):
+    """Right-padded (B, Tmax, N) batches of consecutive sampled sequences, with padding masks."""
+    for a in range(0, len(seqs), batch_size):
+        group = seqs[a:a + batch_size]
+        tmax = max(z.shape[0] for _, z, _ in group)
+        N = group[0][1].shape[1]
+        B = len(group)
+        logits = torch.zeros(B, tmax, N)
+        mask = torch.zeros(B, tmax, N, dtype=torch.bool)
+        pad = torch.ones(B, tmax, dtype=torch.bool)
+        for b, (_, z, m) in enumerate(group):
+            logits[b, :z.shape[0]] = z
+            mask[b, :z.shape[0]] = m
+            pad[b, :z.shape[0]] = False
+        yield logits, mask, pad
+
+
+def _config_scores(cfg: RouterConfig, logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    if cfg.router == "usmoe":
+        return unified_score(logits, alpha=cfg.alpha)
+    return routing_probs(logits, score_function)
+
+
+def _leakage_params(cfg: RouterConfig) -> dict[str, Any] | None:
+    if cfg.router == "tc":
+        return {"k": cfg.k}
+    if cfg.router == "ec":
+        return {"k": cfg.k, "capacity_factor": cfg.capacity_factor}
+    if cfg.router == "usmoe" and cfg.scope == "sequence":
+        return {"kbar": cfg.kbar}
+    return None  # capacity-TC drops depend on the whole sequence too, but it has no prefix router here
+
+
+# ============================================================================ the driver
+def analyze(log, *, config: AnalyzeConfig | None = None, layers: Sequence[str] | None = None, top_k: int | None = None,
+            progress: Progress | None = None) -> AnalyzeResult:
+    """Analyse a router log: load, collapse, margins, counterfactual re-routing and leakage per layer.
+
+    log: a :class:`~usmoe_lp.logs.RouterLog` or the path of one. layers: a subset of the log's layers
+    (default all). top_k: the model's experts per token where the log does not record it.
+    progress: ``progress(layer, tokens_done, tokens_total)`` after every chunk.
+
+    Returns an :class:`AnalyzeResult`; :func:`usmoe_lp.report.write_analyze_report` renders it.
+    """
+    if not isinstance(log, RouterLog):
+        log = RouterLog.open(log)
+    return _analyze(_log_source(log), config or AnalyzeConfig(), layers, top_k, progress)
+
+
+def analyze_logits(router_logits, *, top_k: int, attention_mask=None, score_function: str = "softmax",
+                   selected=None, config: AnalyzeConfig | None = None) -> AnalyzeResult:
+    """:func:`analyze` on in-memory logits, e.g. the tuple transformers returns with
+    ``output_router_logits=True`` (one (B*T, N) tensor per layer), a dict layer -> (B, T, N), or one
+    tensor. attention_mask: (B, T), 1 = real token (transformers' convention); required to split
+    a (B*T, N) tensor into sequences. selected: optional per-layer (n, k) indices the model used.
+    """
+    src = _memory_source(router_logits, top_k=top_k, attention_mask=attention_mask,
+                         score_function=score_function, selected=selected)
+    return _analyze(src, config or AnalyzeConfig(), None, top_k, None)
+
+
+def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress) -> AnalyzeResult:
+    t0 = time.perf_counter()
+    infos = {i.name: i for i in src.infos}
+    names = tuple(layers) if layers is not None else tuple(infos)
+    unknown = [n for n in names if n not in infos]
+    if unknown:
+        raise InvalidParameter(f"layer(s) {unknown} not in the log; it has {tuple(infos)}")
+    if not names:
+        raise InvalidParameter("no layers to analyse")
+    if src.num_tokens == 0:
+        raise InvalidScores(f"{src.name}: the log holds no tokens")
+    weights = src.router_weights() if cfg.hidden else None
+    results, load_parts, cf_parts, leak_parts = [], [], [], {}
+    read_seconds = 0.0
+    for name in names:
+        info = infos[name]
+        k = info.top_k if info.top_k is not None else top_k
+        if k is None:
+            raise InvalidParameter(f"layer {name!r}: the log does not record the model's top-k; pass top_k=")
+        out = _analyze_layer(src, info, k, cfg, weights, progress)
+        results.append(out.analysis)
+        load_parts.append(out.load)
+        if out.counterfactual is not None:
+            cf_parts.append(out.counterfactual)
+        for label, part in out.leakage.items():
+            leak_parts.setdefault(label, []).append(part)
+        read_seconds += out.read_seconds
+    # Layers may differ in N (then pooling is undefined): pool only when every layer agrees.
+    same_n = len({la.num_experts for la in results}) == 1
+    pooled_load = _merge_all(load_parts).result() if same_n else None
+    pooled_cf = _merge_all(cf_parts).result() if (cf_parts and same_n and len(cf_parts) == len(results)) else None
+    pooled_leak = {label: _merge_all(parts).result() for label, parts in leak_parts.items()
+                   if len(parts) == len(results)} if same_n else {}
+    return AnalyzeResult(source=src.name, model=src.model, config=cfg, layers=tuple(results),
+                         pooled_load=pooled_load, pooled_counterfactual=pooled_cf, pooled_leakage=pooled_leak,
+                         seconds=time.perf_counter() - t0, read_seconds=read_seconds)
+
+
+def _merge_all(parts):
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merge(p)
+    return out
+
+
+@dataclass
+class _LayerOut:
+    analysis: LayerAnalysis
+    load: Any
+    counterfactual: Any
+    leakage: dict[str, Any]
+    read_seconds: float
+
+
+def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, weights, progress) -> _LayerOut:
+    N = info.num_experts
+    if k > N:
+        raise InvalidParameter(f"layer {info.name!r}: top_k = {k} exceeds the number of experts N = {N}")
+    with_hidden = cfg.hidden and src.has_hidden(info.name)
+    load = LoadPartial.empty(N, top_k=k)
+    collapse = None
+    margins = MarginPartial.empty(k, eps=cfg.eps)
+    sample = _SequenceSample(cfg.sequence_tokens) if (cfg.counterfactual or cfg.leakage) else None
+    source = "recomputed top-k"
+    done = 0
+    read_seconds = 0.0
+    it = src.chunks(info.name, cfg.chunk_tokens, with_hidden)
+    while True:
+        t_read = time.perf_counter()
+        chunk = next(it, None)
+        read_seconds += time.perf_counter() - t_read
+        if chunk is None:
+            break
+        logits = chunk.logits.float()
+        probs = routing_probs(logits, info.score_function)
+        scores = selection_scores(logits, info) if (info.score_function == "sigmoid" or info.selection_bias) \
+            else probs
+        mask, source = model_mask(chunk, scores, k)
+        load.update(mask, probs, logits)
+        hidden = chunk.hidden.float() if (with_hidden and chunk.hidden is not None) else None
+        if collapse is None:
+            collapse = CollapsePartial.empty(N, hidden_dim=None if hidden is None else int(hidden.shape[1]))
+        collapse.update(logits, probs, hidden)
+        margins.update(scores, k)
+        if sample is not None and not sample.closed:
+            sample.add(chunk, mask)
+        done += chunk.num_tokens
+        if progress is not None:
+            progress(info.name, done, src.num_tokens)
+    if collapse is None:
+        collapse = CollapsePartial.empty(N)
+    w = None if weights is None else weights.get(info.name)
+    collapse_stats = collapse.result(router_weights=None if w is None else w.float())
+
+    cf_part, leak_parts, cross = None, {}, {}
+    seqs = sample.sequences() if sample is not None else []
+    configs = cfg.configs(k, N)
+    if seqs and cfg.counterfactual:
+        cf_part = CounterfactualPartial.empty(N, configs, lp_sample=cfg.lp_sample)
+        for logits_b, mask_b, pad_b in _batches(seqs, cfg.batch_size):
+            cf_part.update(logits_b, padding_mask=pad_b, model_mask=mask_b, score_function=info.score_function)
+    if seqs and cfg.leakage:
+        for c in configs:
+            params = _leakage_params(c)
+            if params is None:
+                continue
+            part = LeakagePartial.empty(c.router, num_experts=N, **params)
+            for _, z, _ in seqs:
+                part.update(_config_scores(c, z, info.score_function))
+            leak_parts[c.label] = part
+        for c in configs:
+            if c.router == "usmoe" and c.scope in ("batch", "position"):
+                stats = [cross_sequence_dependence(_config_scores(c, lb, info.score_function), kbar=c.kbar,
+                                                   scope=c.scope, padding_mask=pb)
+                         for lb, _, pb in _batches(seqs, cfg.batch_size) if lb.shape[0] > 1]
+                if stats:
+                    cross[c.label] = _mean_cross(stats)
+    analysis = LayerAnalysis(
+        layer=info.name, num_experts=N, top_k=k, score_function=info.score_function, num_tokens=done,
+        selection_source=source, load=load.result(), collapse=collapse_stats, margins=margins.result(),
+        counterfactual=cf_part.result() if cf_part is not None else None,
+        leakage={label: p.result() for label, p in leak_parts.items()}, cross_sequence=cross,
+        sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs))
+    return _LayerOut(analysis, load, cf_part, leak_parts, read_seconds)
+
+
+def _mean_cross(stats) -> dict[str, Any]:
+    """Cross-sequence statistics of several batches pooled over their real tokens."""
+    tokens = sum(s.num_tokens for s in stats)
+    w = [s.num_tokens / tokens if tokens else 0.0 for s in stats]
+    return {"batches": len(stats), "sequences": sum(s.num_sequences for s in stats), "tokens": tokens,
+            "flip_rate": float(sum(wi * s.flip_rate for wi, s in zip(w, stats, strict=True))),
+            "token_flip_rate": float(sum(wi * s.token_flip_rate for wi, s in zip(w, stats, strict=True))),
+            "jaccard": float(sum(wi * s.jaccard for wi, s in zip(w, stats, strict=True)))}

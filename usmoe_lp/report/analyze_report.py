@@ -1,0 +1,345 @@
+"""Write an analysis as metrics.json, report.md, a self-contained report.html and PNG figures."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from usmoe_lp.report.analyze_figures import (
+    plot_experts_per_token,
+    plot_layer_balance,
+    plot_leakage_offsets,
+    plot_load_heatmap,
+    plot_spectra,
+    plot_sweeps,
+)
+from usmoe_lp.report.verify_report import _clean, library_versions
+
+SCHEMA = "usmoe-lp/analyze/1"
+
+# key -> (definition, unit, source). Every number in metrics.json is one of these keys.
+DEFINITIONS: dict[str, tuple[str, str, str]] = {
+    "load_entropy": ("H(l)/log N of the load share l_e = c_e / sum c of the model's selection (top-k counts)",
+                     "fraction of log N (1 = uniform)", "ANCHORS §9.5"),
+    "load_entropy_nats": ("H(l) of the load share", "nats", "ANCHORS §9.5"),
+    "token_entropy": ("mean over tokens of H(p_t), p_t the routing distribution", "nats", "ANCHORS §9.5 (moewatch)"),
+    "token_entropy_normalised": ("token_entropy / log N", "fraction of log N", "ANCHORS §9.5"),
+    "mean_prob_entropy": ("H(mean_t p_t) / log N, entropy of the mean routing distribution", "fraction of log N",
+                          "ANCHORS §9.5 (Megatron)"),
+    "maxvio": ("max_e c_e / mean_e c_e - 1", "ratio (0 = balanced)", "DeepSeek arXiv 2408.15664"),
+    "max_over_mean": ("max_e c_e / mean_e c_e, zero-load experts counted in the mean", "ratio (1 = balanced)",
+                      "ANCHORS §9.6, §10 (plumb-moe omits zeros)"),
+    "cv": ("population std_e(c_e) / mean_e(c_e)", "ratio (0 = balanced)", "ANCHORS §9.7"),
+    "gini": ("1 + 1/N - 2 sum_i (sum_{j<=i} c_(j)) / (N sum c), c ascending", "0 = balanced, (N-1)/N = collapse",
+             "ANCHORS §9.8 (Megatron's, corrected)"),
+    "dead_experts": ("experts with c_e = 0", "count", "ANCHORS §9.9"),
+    "cold_experts": ("experts with load share <= 0.001", "count", "ANCHORS §9.9 (moewatch)"),
+    "zero_expert_rate": ("share of tokens with no expert", "share of tokens", "ANCHORS §9.11"),
+    "experts_per_token": ("histogram: tokens with 0, 1, ..., N experts", "count of tokens", "ANCHORS §9.22"),
+    "aux_loss": ("Switch/GShard N * sum_e f_e P_e, f_e = c_e / T (sums to k), P_e = mean_t p_te, this layer",
+                 "dimensionless (k at perfect balance)", "Switch eqs. 4-6; transformers load_balancing_loss_func"),
+    "aux_loss_pooled": ("the same loss over all layers' tokens pooled into one set", "dimensionless",
+                        "transformers load_balancing_loss_func (ANCHORS §10)"),
+    "aux_loss_per_layer_mean": ("mean over layers of the per-layer aux loss", "dimensionless",
+                                "OLMoE scripts (ANCHORS §10)"),
+    "z_loss": ("(1/T) sum_t (logsumexp_e z_te)^2", "logit units squared", "ST-MoE arXiv 2202.08906"),
+    "logit_effective_rank": ("exp(H(q)), q_i = sigma_i / sum sigma of the logit matrix", "dimensions (<= N)",
+                             "Roy & Vetterli 2007"),
+    "logit_effective_rank_centered": ("effective rank of the row-centred logits (the part softmax sees)",
+                                      "dimensions (<= N - 1)", "Roy & Vetterli 2007"),
+    "mean_expert_cosine": ("mean over expert pairs of the cosine of their probability columns",
+                           "cosine in [0, 1]", "DESIGN.md Diagnostics"),
+    "router_row_similarity": ("mean_{i != j} |cos(W_i, W_j)| of router weight rows", "cosine in [0, 1]",
+                              "arXiv 2605.12476"),
+    "span_energy": ("||P_W H||_F^2 / ||H||_F^2, hidden energy in the router row space", "share (1 = collapse)",
+                    "X-MoE, Chi et al. 2022"),
+    "hidden_effective_rank": ("effective rank of the pre-router hidden states", "dimensions", "Roy & Vetterli 2007"),
+    "mean_margin": ("mean over tokens of (min selected - max unselected) selection score", "score units",
+                    "Megatron router_diagnostics (ANCHORS §9.12)"),
+    "fragile_share": ("share of token-expert decisions within eps of the token's top-k boundary", "share",
+                      "this project (margins.py)"),
+    "flip_rate": ("share of token-expert decisions of token t that differ between routing the prefix 1..t "
+                  "(with its own budget) and routing the whole sequence", "share of decisions",
+                  "ANCHORS §9.20 (this project)"),
+    "token_flip_rate": ("share of tokens whose expert set differs between prefix and full routing",
+                        "share of tokens", "ANCHORS §9.20"),
+    "jaccard": ("mean Jaccard distance between prefix and full expert sets", "distance in [0, 1]", "ANCHORS §9.20"),
+    "displacement_mean": ("earlier tokens whose expert set changes when one token is appended", "tokens",
+                          "ANCHORS §9.20"),
+    "objective": ("sum of routing probabilities over the selected pairs", "probability mass", "THEORY.md §2"),
+    "coverage": ("objective / total probability mass of the real tokens", "share", "this project"),
+    "drop_rate": ("share of real tokens with no expert", "share of tokens", "ANCHORS §9.11"),
+    "agreement": ("mean Jaccard similarity of the router's expert set with the model's own", "similarity in [0, 1]",
+                  "this project"),
+    "certified_optimal": ("groups whose selection the closed-form dual certificate proves optimal for the "
+                          "router's own program", "count of groups", "usmoe_lp.lp.certify"),
+}
+
+
+def _stats_dict(obj) -> dict[str, Any]:
+    return obj.to_dict() if obj is not None else None
+
+
+def metrics_dict(result) -> dict[str, Any]:
+    """Every number of an :class:`~usmoe_lp.diagnostics.AnalyzeResult` as JSON-safe plain data."""
+    layers = {}
+    for la in result.layers:
+        cf = la.counterfactual
+        layers[la.layer] = {
+            "num_experts": la.num_experts, "top_k": la.top_k, "score_function": la.score_function,
+            "tokens": la.num_tokens, "selection_source": la.selection_source,
+            "load": _stats_dict(la.load), "collapse": _stats_dict(la.collapse), "margins": _stats_dict(la.margins),
+            "counterfactual": None if cf is None else _frame_records(_cf_frame(result, la.layer)),
+            "leakage": {label: s.to_dict() for label, s in la.leakage.items()},
+            "cross_sequence": la.cross_sequence,
+            "sample": {"sequences": la.sample_sequences, "tokens": la.sample_tokens},
+        }
+    pooled = {
+        "load": _stats_dict(result.pooled_load),
+        "aux_loss_pooled": result.aux_loss_pooled,
+        "aux_loss_per_layer_mean": result.aux_loss_per_layer_mean,
+        "counterfactual": None if result.pooled_counterfactual is None
+        else _frame_records(_cf_frame(result, "pooled")),
+        "leakage": {label: s.to_dict() for label, s in result.pooled_leakage.items()},
+    }
+    cfg = result.config
+    return _clean({
+        "schema": SCHEMA,
+        "source": result.source,
+        "model": result.model,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+        "seconds": result.seconds,
+        "library_versions": library_versions(),
+        "definitions": {k: {"definition": d, "unit": u, "source": s} for k, (d, u, s) in DEFINITIONS.items()},
+        "layers": layers,
+        "pooled": pooled,
+    })
+
+
+def _cf_frame(result, layer: str) -> pd.DataFrame:
+    f = result.counterfactual_frame()
+    return f[f["layer"] == layer].drop(columns=["layer"]) if not f.empty else f
+
+
+def _frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+            for row in frame.to_dict(orient="records")]
+
+
+def experts_per_token_frame(result) -> pd.DataFrame:
+    """Tidy experts-per-token shares pooled over layers: the model's own and each counterfactual router."""
+    rows = []
+
+    def add(label, hist):
+        hist = np.asarray(hist, dtype=float)
+        total = hist.sum()
+        rows.extend({"router": label, "experts": i, "share": float(h / total) if total else 0.0}
+                    for i, h in enumerate(hist))
+
+    if result.pooled_load is not None:
+        add("model (captured)", result.pooled_load.experts_per_token)
+    cf = result.pooled_counterfactual
+    if cf is not None:
+        for label, hist in cf.experts_per_token.items():
+            add(label, hist)
+    return pd.DataFrame(rows)
+
+
+def make_figures(result) -> dict[str, Any]:
+    """name.png -> matplotlib Figure (None entries skipped)."""
+    cf = result.counterfactual_frame()
+    figs = {
+        "load_heatmap.png": plot_load_heatmap(result.expert_load_frame()),
+        "layer_balance.png": plot_layer_balance(result.load_frame()),
+        "experts_per_token.png": plot_experts_per_token(experts_per_token_frame(result)),
+        "leakage_per_offset.png": plot_leakage_offsets(result.leakage_offset_frame()),
+        "sweeps.png": plot_sweeps(cf) if not cf.empty else None,
+        "collapse_spectra.png": plot_spectra(result.spectrum_frame()),
+    }
+    return {k: v for k, v in figs.items() if v is not None}
+
+
+CAPTIONS = {
+    "load_heatmap.png": "Expert load per layer: each expert's share of the layer's token-expert assignments.",
+    "layer_balance.png": "Routing entropy and load imbalance (MaxVio, Gini) per layer.",
+    "experts_per_token.png": "Experts per token under the model's own routing and each counterfactual router.",
+    "leakage_per_offset.png": "Leakage: how often the routing of token t changes once later tokens are seen.",
+    "sweeps.png": "USMoE alpha x k-bar sweep against TC and EC: coverage, drops, leakage, balance.",
+    "collapse_spectra.png": "Singular spectra of the row-centred router logits per layer.",
+}
+
+
+def write_analyze_report(result, out: str | Path, *, title: str = "usmoe-lp analyze") -> dict[str, Path]:
+    """Write ``metrics.json``, ``report.md``, ``report.html`` (self-contained: figures embedded) and
+    the PNG figures into ``out``. Returns name -> path of every file written."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    metrics = metrics_dict(result)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False) + "\n")
+    written["metrics.json"] = out / "metrics.json"
+    pngs: dict[str, bytes] = {}
+    for name, fig in make_figures(result).items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        plt.close(fig)
+        pngs[name] = buf.getvalue()
+        (out / name).write_bytes(pngs[name])
+        written[name] = out / name
+    tables = report_tables(result)
+    (out / "report.md").write_text(_markdown(result, tables, pngs, title))
+    written["report.md"] = out / "report.md"
+    (out / "report.html").write_text(_html(result, tables, pngs, title))
+    written["report.html"] = out / "report.html"
+    return written
+
+
+def report_tables(result) -> dict[str, pd.DataFrame]:
+    """The tables of the report, as frames: per-layer load and collapse, counterfactual (pooled)."""
+    load = result.load_frame()
+    cols = [c for c in ("layer", "tokens", "load_entropy", "token_entropy", "maxvio", "cv", "gini", "max_over_mean",
+                        "dead_experts", "aux_loss", "z_loss") if c in load]
+    coll = pd.DataFrame([{"layer": la.layer, "logit_effective_rank": la.collapse.logit_effective_rank,
+                          "logit_effective_rank_centered": la.collapse.logit_effective_rank_centered,
+                          "mean_expert_cosine": la.collapse.mean_expert_cosine,
+                          "router_row_similarity": getattr(la.collapse, "router_row_similarity", None),
+                          "span_energy": getattr(la.collapse, "span_energy", None),
+                          "mean_margin": la.margins.mean_margin,
+                          **{f"fragile@{e:g}": v for e, v in _fragile(la.margins).items()}}
+                         for la in result.layers])
+    cf = result.counterfactual_frame()
+    if not cf.empty:
+        cf = cf[cf["layer"] == "pooled"]
+        keep = [c for c in ("label", "realised_kbar", "coverage", "drop_rate", "agreement", "flip_rate",
+                            "displacement_mean", "gini", "maxvio", "certified_optimal", "certified_total",
+                            "max_lp_gap") if c in cf]
+        cf = cf[keep]
+    return {"load": load[cols], "collapse": coll.dropna(axis=1, how="all"), "counterfactual": cf}
+
+
+def _fragile(margins) -> dict[float, float]:
+    fs = getattr(margins, "fragile_share", None) or {}
+    return {float(k): v for k, v in fs.items()}
+
+
+def summary_lines(result) -> list[str]:
+    """Five lines that say what the analysis found (printed by the CLI and the demo)."""
+    lines = []
+    lf = result.load_frame()
+    per = lf[lf["layer"] != "pooled"]
+    worst = per.loc[per["maxvio"].idxmax()] if not per.empty else None
+    lines.append(f"{len(result.layers)} layers x {result.layers[0].num_tokens} tokens, "
+                 f"N = {result.layers[0].num_experts}, k = {result.layers[0].top_k}; "
+                 f"load entropy {per['load_entropy'].min():.3f}-{per['load_entropy'].max():.3f} of log N")
+    if worst is not None:
+        lines.append(f"most imbalanced layer {worst['layer']}: MaxVio {worst['maxvio']:.2f}, Gini {worst['gini']:.3f}, "
+                     f"{int(worst['dead_experts'])} dead experts")
+    aux_p, aux_l = result.aux_loss_pooled, result.aux_loss_per_layer_mean
+    if aux_p is not None:
+        lines.append(f"aux loss pooled (transformers) {aux_p:.4f} vs per-layer mean (OLMoE) {aux_l:.4f}")
+    cf = result.counterfactual_frame()
+    if not cf.empty:
+        pooled = cf[cf["layer"] == "pooled"]
+        tc = pooled[pooled["router"] == "tc"]
+        k = result.layers[0].top_k
+        usm = pooled[(pooled["router"] == "usmoe") & (pooled["kbar"] == k)]
+        if not tc.empty and not usm.empty:
+            best = usm.loc[usm["coverage"].idxmax()]
+            lines.append(f"re-routing at matched budget (k-bar = k = {k}): TC covers {tc['coverage'].iloc[0]:.3f} of "
+                         f"the probability mass; best USMoE ({best['label']}) {best['coverage']:.3f} with "
+                         f"{best['drop_rate']:.1%} tokens dropped")
+        if "flip_rate" in pooled:
+            leaky = pooled.dropna(subset=["flip_rate"])
+            if not leaky.empty:
+                w = leaky.loc[leaky["flip_rate"].idxmax()]
+                tcf = leaky[leaky["router"] == "tc"]["flip_rate"]
+                lines.append(f"leakage: {w['label']} flips {w['flip_rate']:.2%} of prefix decisions "
+                             f"(TC {tcf.iloc[0]:.0%} by construction)" if not tcf.empty else
+                             f"leakage: {w['label']} flips {w['flip_rate']:.2%} of prefix decisions")
+    return lines[:5]
+
+
+# ------------------------------------------------------------------------------- rendering
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, float | np.floating):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_(none)_\n"
+    head = "| " + " | ".join(map(str, frame.columns)) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    body = "".join("| " + " | ".join(_fmt(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
+    return head + body
+
+
+def _definitions_md() -> str:
+    return "".join(f"- `{k}`: {d} [{u}] ({s})\n" for k, (d, u, s) in DEFINITIONS.items())
+
+
+def _intro(result) -> list[str]:
+    cfg = result.config
+    la0 = result.layers[0]
+    return [f"Source: `{result.source}`" + (f" (model {result.model.get('name')})" if result.model.get("name") else ""),
+            f"Layers: {len(result.layers)}; tokens per layer: {la0.num_tokens}; experts: {la0.num_experts}; "
+            f"top-k: {la0.top_k}; score function: {la0.score_function}; selection: {la0.selection_source}.",
+            f"Counterfactual and leakage sample: {la0.sample_sequences} sequences, {la0.sample_tokens} tokens per "
+            f"layer (the first sequences of the log, at most {cfg.sequence_tokens} tokens). "
+            f"USMoE grid: alpha {list(cfg.alphas)}, k-bar {list(cfg.kbars) if cfg.kbars else 'default'}, "
+            f"scopes {list(cfg.scopes)}; EC capacity factor {cfg.capacity_factor}.",
+            f"Analysis time: {result.seconds:.1f} s."]
+
+
+def _markdown(result, tables, pngs, title) -> str:
+    lines = [f"# {title}", "", *[f"{s}  " for s in _intro(result)], "", "## Summary", ""]
+    lines += [f"- {s}" for s in summary_lines(result)] + [""]
+    lines += ["## Load balance (model's own selection)", "", _md_table(tables["load"])]
+    lines += ["## Collapse and margins", "", _md_table(tables["collapse"])]
+    lines += ["## Counterfactual re-routing (pooled over layers)", "",
+              "Each router re-routes the captured logits; `coverage` is the share of probability mass its selection "
+              "covers, `flip_rate` its leakage, `certified_optimal/total` the groups whose selection the exact dual "
+              "certificate proves optimal for the router's own program.", "", _md_table(tables["counterfactual"])]
+    lines += ["## Figures", ""]
+    lines += [f"![{CAPTIONS.get(n, n)}]({n})\n\n{CAPTIONS.get(n, '')}\n" for n in pngs]
+    lines += ["## Definitions", "", _definitions_md()]
+    return "\n".join(lines) + "\n"
+
+
+def _html(result, tables, pngs, title) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+             "<style>body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
+             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;"
+             "border:1px solid #eee;margin:.5em 0}figcaption{color:#555;font-size:13px}code{background:#f5f5f5}"
+             "</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    parts += [f"<p>{esc(s)}</p>" for s in _intro(result)]
+    parts += ["<h2>Summary</h2><ul>", *[f"<li>{esc(s)}</li>" for s in summary_lines(result)], "</ul>"]
+    for key, heading in (("load", "Load balance (model's own selection)"), ("collapse", "Collapse and margins"),
+                         ("counterfactual", "Counterfactual re-routing (pooled over layers)")):
+        frame = tables[key]
+        parts.append(f"<h2>{esc(heading)}</h2>")
+        parts.append(frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0)
+                     if not frame.empty else "<p>(none)</p>")
+    parts.append("<h2>Figures</h2>")
+    for name, data in pngs.items():
+        b64 = base64.b64encode(data).decode("ascii")
+        parts.append(f"<figure><img alt='{esc(CAPTIONS.get(name, name))}' src='data:image/png;base64,{b64}'>"
+                     f"<figcaption>{esc(CAPTIONS.get(name, ''))} ({esc(name)})</figcaption></figure>")
+    parts.append("<h2>Definitions</h2><ul>")
+    parts += [f"<li><code>{esc(k)}</code>: {esc(d)} [{esc(u)}] ({esc(s)})</li>" for k, (d, u, s) in
+              DEFINITIONS.items()]
+    parts.append("</ul></body></html>")
+    return "\n".join(parts) + "\n"
