@@ -72,9 +72,12 @@ def plot_experts_per_token(hist: pd.DataFrame) -> plt.Figure | None:
     """
     if hist.empty:
         return None
-    hist = hist[hist["share"] > 0]
+    top = int(hist.loc[hist["share"] > 0, "experts"].max())
+    hist = hist[hist["experts"] <= top]
+    order = list(dict.fromkeys(hist["router"]))
     fig, ax = plt.subplots(figsize=(10, 4.2))
-    sns.barplot(data=hist, x="experts", y="share", hue="router", ax=ax)
+    sns.barplot(data=hist, x="experts", y="share", hue="router", hue_order=order, ax=ax,
+                palette=sns.color_palette("tab10", len(order)))
     ax.set_xlabel("experts per token")
     ax.set_ylabel("share of tokens")
     ax.set_title("Experts per token under each router (0 = dropped token)")
@@ -83,21 +86,40 @@ def plot_experts_per_token(hist: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
-def plot_leakage_offsets(curves: pd.DataFrame, max_offset: int | None = None) -> plt.Figure | None:
+def plot_leakage_offsets(curves: pd.DataFrame, labels: list[str] | None = None,
+                         bins: int = 24) -> plt.Figure | None:
     """Prefix-consistency flip rate of token t against the number of tokens after it (T - t).
 
     curves: :meth:`AnalyzeResult.leakage_offset_frame` (label, offset, flip_rate, tokens).
+    labels: the routers to draw (default: all). Offsets are pooled into ``bins`` log-spaced bins
+    (token-weighted means) when there are more offsets than that, so long sequences stay readable.
     """
     if curves.empty:
         return None
     data = curves.dropna(subset=["flip_rate"])
-    if max_offset is not None:
-        data = data[data["offset"] <= max_offset]
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    sns.lineplot(data=data, x="offset", y="flip_rate", hue="label", ax=ax, linewidth=1.2)
+    data = data[data["tokens"] > 0]
+    if labels is not None:
+        data = data[data["label"].isin(labels)]
+    if data.empty:
+        return None
+    top = int(data["offset"].max())
+    if top + 1 > bins:
+        edges = np.unique(np.concatenate([[0], np.geomspace(1, top + 1, bins).astype(int)]))
+        idx = np.searchsorted(edges, data["offset"].to_numpy(), side="right") - 1
+        data = data.assign(bin=idx, weighted=data["flip_rate"] * data["tokens"])
+        agg = data.groupby(["label", "bin"], sort=False).agg(weighted=("weighted", "sum"), tokens=("tokens", "sum"),
+                                                              offset=("offset", "mean")).reset_index()
+        data = agg.assign(flip_rate=agg["weighted"] / agg["tokens"])
+    fig, ax = plt.subplots(figsize=(9, 4.4))
+    order = list(dict.fromkeys(data["label"]))
+    sns.lineplot(data=data, x="offset", y="flip_rate", hue="label", hue_order=order, ax=ax, linewidth=1.4,
+                 marker="o", markersize=3, palette=sns.color_palette("tab10", len(order)))
+    if top > 30:
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
     ax.set_xlabel("future tokens after the routed token (T - t)")
     ax.set_ylabel("flip rate (share of expert decisions changed)")
-    ax.set_title("Information leakage: prefix routing vs full-sequence routing")
+    ax.set_title("Information leakage: routing of the prefix 1..t vs the whole sequence")
     ax.legend(fontsize=7, title="router")
     fig.tight_layout()
     return fig
@@ -138,6 +160,7 @@ def plot_spectra(spectra: pd.DataFrame) -> plt.Figure | None:
 
     spectra: :meth:`AnalyzeResult.spectrum_frame` (layer, index, sigma_rel).
     """
+    spectra = spectra[spectra["sigma_rel"] > 1e-12] if not spectra.empty else spectra  # row-centring: rank <= N-1
     if spectra.empty:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -145,6 +168,6 @@ def plot_spectra(spectra: pd.DataFrame) -> plt.Figure | None:
     ax.set_yscale("log")
     ax.set_xlabel("singular value index")
     ax.set_ylabel("sigma_i / sigma_1 (log scale)")
-    ax.set_title("Router-logit spectrum per layer (collapse shows as a fast decay)")
+    ax.set_title("Spectrum of the row-centred router logits per layer (collapse = fast decay)")
     fig.tight_layout()
     return fig

@@ -133,8 +133,9 @@ def _frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
             for row in frame.to_dict(orient="records")]
 
 
-def experts_per_token_frame(result) -> pd.DataFrame:
-    """Tidy experts-per-token shares pooled over layers: the model's own and each counterfactual router."""
+def experts_per_token_frame(result, labels: list[str] | None = None) -> pd.DataFrame:
+    """Tidy experts-per-token shares pooled over layers: the model's own and each counterfactual router
+    (only ``labels`` when given)."""
     rows = []
 
     def add(label, hist):
@@ -148,7 +149,8 @@ def experts_per_token_frame(result) -> pd.DataFrame:
     cf = result.pooled_counterfactual
     if cf is not None:
         for label, hist in cf.experts_per_token.items():
-            add(label, hist)
+            if labels is None or label in labels:
+                add(label, hist)
     return pd.DataFrame(rows)
 
 
@@ -158,12 +160,26 @@ def make_figures(result) -> dict[str, Any]:
     figs = {
         "load_heatmap.png": plot_load_heatmap(result.expert_load_frame()),
         "layer_balance.png": plot_layer_balance(result.load_frame()),
-        "experts_per_token.png": plot_experts_per_token(experts_per_token_frame(result)),
-        "leakage_per_offset.png": plot_leakage_offsets(result.leakage_offset_frame()),
+        "experts_per_token.png": plot_experts_per_token(experts_per_token_frame(result, _leak_labels(result))),
+        "leakage_per_offset.png": plot_leakage_offsets(result.leakage_offset_frame(), labels=_leak_labels(result)),
         "sweeps.png": plot_sweeps(cf) if not cf.empty else None,
         "collapse_spectra.png": plot_spectra(result.spectrum_frame()),
     }
     return {k: v for k, v in figs.items() if v is not None}
+
+
+def _leak_labels(result) -> list[str] | None:
+    """TC, EC, capacity-TC and the sequence-scoped USMoE configs of the alpha nearest 0.5 (one per k-bar)."""
+    cf = result.counterfactual_frame()
+    if cf.empty:
+        return None
+    pooled = cf[cf["layer"] == "pooled"]
+    usm = pooled[(pooled["router"] == "usmoe") & (pooled["scope"] == "sequence")]
+    keep = list(pooled[pooled["router"] != "usmoe"]["label"])
+    if not usm.empty:
+        alpha = usm["alpha"].iloc[(usm["alpha"] - 0.5).abs().argmin()]
+        keep += list(usm[usm["alpha"] == alpha]["label"])
+    return keep
 
 
 CAPTIONS = {
