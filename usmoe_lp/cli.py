@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from usmoe_lp.diagnostics.cli import analyze_command
 from usmoe_lp.errors import UsmoeLpError
 from usmoe_lp.logs.cli import capture_command, import_command, log_app
 
@@ -19,6 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(log_app, name="log")
 app.command("import")(import_command)
 app.command("capture")(capture_command)
+app.command("analyze")(analyze_command)
 console = Console()
 err = Console(stderr=True)
 

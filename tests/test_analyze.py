@@ -1,0 +1,176 @@
+"""End to end: capture a tiny transformers MoE, analyse the log, check the report against the API and oracles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import OlmoeConfig, OlmoeForCausalLM
+from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+from typer.testing import CliRunner
+
+from usmoe_lp import capture
+from usmoe_lp.cli import app
+from usmoe_lp.diagnostics import AnalyzeConfig, analyze, analyze_logits, aux_loss
+from usmoe_lp.errors import InvalidParameter
+from usmoe_lp.logs import RouterLog
+from usmoe_lp.report import write_analyze_report
+
+N, K, LAYERS = 8, 2, 2
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    torch.manual_seed(0)
+    cfg = OlmoeConfig(vocab_size=120, hidden_size=32, intermediate_size=32, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=N, num_experts_per_tok=K,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = OlmoeForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 120, (5, 37), generator=g)
+    att = torch.ones(5, 37, dtype=torch.long)
+    att[1, :9] = 0  # left padding
+    att[3, :20] = 0
+    ids[att == 0] = 0
+    return model, ids, att
+
+
+@pytest.fixture(scope="module")
+def log_and_result(model_and_batch, tmp_path_factory):
+    model, ids, att = model_and_batch
+    path = tmp_path_factory.mktemp("analyze") / "log"
+    with capture(model, path, fsync=False), torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=att, output_router_logits=True)
+    cfg = AnalyzeConfig(scopes=("sequence", "batch", "position"), chunk_tokens=50, batch_size=3)
+    return path, out, analyze(path, config=cfg)
+
+
+def test_pooled_and_per_layer_aux_loss_match_transformers(model_and_batch, log_and_result):
+    _, _, att = model_and_batch
+    _, out, result = log_and_result
+    hf = load_balancing_loss_func(out.router_logits, N, K, att)
+    assert result.aux_loss_pooled == pytest.approx(float(hf), rel=1e-5)
+    per_layer = aux_loss(out.router_logits, K, attention_mask=att, pooled=False)
+    assert result.aux_loss_per_layer_mean == pytest.approx(per_layer, rel=1e-5)
+    assert result.aux_loss_pooled != pytest.approx(result.aux_loss_per_layer_mean, rel=1e-9)  # ANCHORS §10
+
+
+def test_counts_are_the_models_captured_topk(model_and_batch, log_and_result):
+    _, out, result = log_and_result
+    _, _, att = model_and_batch
+    keep = att.reshape(-1).bool()
+    for i, la in enumerate(result.layers):
+        assert la.selection_source == "captured"
+        z = out.router_logits[i][keep]
+        idx = torch.topk(torch.softmax(z.float(), -1), K, dim=-1).indices
+        expected = np.bincount(idx.reshape(-1).numpy(), minlength=N)
+        np.testing.assert_array_equal(np.asarray(la.load.counts), expected)
+        assert la.num_tokens == int(keep.sum())
+        assert la.load.experts_per_token[K] == la.num_tokens
+
+
+def test_counterfactual_tc_reproduces_the_model_and_does_not_leak(log_and_result):
+    _, _, result = log_and_result
+    cf = result.counterfactual_frame()
+    tc = cf[cf["router"] == "tc"]
+    assert len(tc) == LAYERS + 1  # each layer and pooled
+    assert (tc["agreement"] == 1.0).all()  # OLMoE routes by top-k of softmax: TC on the probabilities
+    assert (tc["certified_optimal"] == tc["certified_total"]).all()
+    assert (tc["flip_rate"] == 0.0).all()
+    ec = cf[(cf["router"] == "ec") & (cf["layer"] == "pooled")]
+    assert float(ec["flip_rate"].iloc[0]) > 0  # EC is non-causal
+    usm = cf[cf["router"] == "usmoe"]
+    assert set(usm["scope"]) == {"sequence", "batch", "position"}
+    assert (usm["certified_optimal"] == usm["certified_total"]).all()
+    for la in result.layers:
+        assert set(la.cross_sequence) == set(usm[(usm["scope"] != "sequence") & (usm["layer"] == la.layer)]["label"])
+
+
+def test_chunking_does_not_change_the_numbers(log_and_result):
+    path, _, result = log_and_result
+    other = analyze(path, config=AnalyzeConfig(scopes=("sequence", "batch", "position"), chunk_tokens=100000,
+                                               batch_size=3))
+    for a, b in zip(result.layers, other.layers, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.load.counts), np.asarray(b.load.counts))
+        assert a.load.token_entropy == pytest.approx(b.load.token_entropy, rel=1e-9)
+        assert a.load.z_loss == pytest.approx(b.load.z_loss, rel=1e-9)
+        assert a.collapse.logit_effective_rank == pytest.approx(b.collapse.logit_effective_rank, rel=1e-6)
+        assert a.margins.mean_margin == pytest.approx(b.margins.mean_margin, rel=1e-9)
+    cf_a, cf_b = result.counterfactual_frame(), other.counterfactual_frame()
+    np.testing.assert_allclose(cf_a["objective"], cf_b["objective"], rtol=1e-9)
+    np.testing.assert_allclose(cf_a["flip_rate"].fillna(-1), cf_b["flip_rate"].fillna(-1), rtol=1e-12)
+
+
+def test_in_memory_logits_give_the_same_analysis(model_and_batch, log_and_result):
+    _, ids, att = model_and_batch
+    _, out, result = log_and_result
+    mem = analyze_logits(out.router_logits, top_k=K, attention_mask=att,
+                         config=AnalyzeConfig(scopes=("sequence", "batch", "position"), batch_size=3))
+    assert mem.aux_loss_pooled == pytest.approx(result.aux_loss_pooled, rel=1e-6)
+    for a, b in zip(result.layers, mem.layers, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.load.counts), np.asarray(b.load.counts))
+        assert a.load.gini == pytest.approx(b.load.gini, abs=1e-12)
+    cf_a, cf_b = result.counterfactual_frame(), mem.counterfactual_frame()
+    np.testing.assert_allclose(cf_a["coverage"], cf_b["coverage"], rtol=1e-6)
+
+
+def test_report_files_match_the_api(log_and_result, tmp_path):
+    _, _, result = log_and_result
+    written = write_analyze_report(result, tmp_path / "rep")
+    for name in ("metrics.json", "report.md", "report.html", "load_heatmap.png", "layer_balance.png",
+                 "experts_per_token.png", "leakage_per_offset.png", "sweeps.png", "collapse_spectra.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0, name
+        assert name in written
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert metrics["schema"] == "usmoe-lp/analyze/1"
+    assert metrics["pooled"]["aux_loss_pooled"] == pytest.approx(result.aux_loss_pooled)
+    for key in ("load_entropy", "maxvio", "gini", "aux_loss_pooled", "flip_rate"):
+        assert key in metrics["definitions"]
+    for la in result.layers:
+        m = metrics["layers"][la.layer]
+        assert m["load"]["entropy"] == pytest.approx(la.load.entropy)
+        assert m["load"]["gini"] == pytest.approx(la.load.gini)
+        assert m["collapse"]["logit_effective_rank"] == pytest.approx(la.collapse.logit_effective_rank)
+        for label, stats in la.leakage.items():
+            assert m["leakage"][label]["flip_rate"] == pytest.approx(stats.flip_rate)
+        rows = {r["label"]: r for r in m["counterfactual"]}
+        assert rows["tc k=2"]["agreement"] == 1.0
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 6  # self-contained: every figure embedded
+    assert "src='http" not in html and 'src="http' not in html
+
+
+def test_cli_analyze(log_and_result, tmp_path):
+    path, _, result = log_and_result
+    res = CliRunner().invoke(app, ["analyze", str(path), "--out", str(tmp_path / "cli"), "--alpha", "0.5",
+                                   "--kbar", "1,1.5,2", "--scope", "sequence"])
+    assert res.exit_code == 0, res.output
+    assert "report:" in res.output
+    metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    labels = {r["label"] for r in metrics["pooled"]["counterfactual"]}
+    assert {"usmoe a=0.5 kbar=1 seq", "usmoe a=0.5 kbar=1.5 seq", "usmoe a=0.5 kbar=2 seq"} <= labels
+    assert list(metrics["layers"]) == list(result.layer_names)
+    first = result.layers[0]
+    assert metrics["layers"][first.layer]["load"]["counts"] == [int(c) for c in first.load.counts]
+
+
+def test_cli_analyze_errors(tmp_path):
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "error" in res.output
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "missing"), "--routers", "bogus"])
+    assert res.exit_code == 2
+    assert "bogus" in res.output
+
+
+def test_bad_requests(log_and_result):
+    path, _, _ = log_and_result
+    log = RouterLog.open(path)
+    with pytest.raises(InvalidParameter, match="not in the log"):
+        analyze(log, layers=["nope"])
+    with pytest.raises(InvalidParameter, match="unknown router"):
+        AnalyzeConfig(routers=("tc", "sinkhorn"))
+    with pytest.raises(InvalidParameter, match="alphas"):
+        AnalyzeConfig(alphas=(1.5,))
