@@ -160,7 +160,7 @@ class AnalyzeResult:
 
     @property
     def aux_loss_pooled(self) -> float | None:
-        return self.pooled_load.aux_loss
+        return None if self.pooled_load is None else self.pooled_load.aux_loss
 
     @property
     def aux_loss_per_layer_mean(self) -> float | None:
@@ -173,7 +173,12 @@ class AnalyzeResult:
         import pandas as pd
 
         rows = [{"layer": la.layer, **_load_row(la.load)} for la in self.layers]
-        rows.append({"layer": "pooled", **_load_row(self.pooled_load)})
+        if self.pooled_load is not None:
+            pooled = _load_row(self.pooled_load)
+            for key in _BALANCE_KEYS:  # expert e of one layer is not expert e of another: average instead
+                if key in pooled:
+                    pooled[key] = float(np.mean([r[key] for r in rows]))
+            rows.append({"layer": "pooled", **pooled})
         return pd.DataFrame(rows)
 
     def expert_load_frame(self):
@@ -200,11 +205,26 @@ class AnalyzeResult:
                 continue
             f = la.counterfactual.to_frame()
             f.insert(0, "layer", la.layer)
-            frames.append(_join_leakage(f, la.leakage))
-        if self.pooled_counterfactual is not None:
+            f = _join_leakage(f, la.leakage)
+            cross = la.cross_sequence
+            f["cross_flip_rate"] = [cross[lb]["flip_rate"] if lb in cross else np.nan for lb in f["label"]]
+            f["cross_token_flip_rate"] = [cross[lb]["token_flip_rate"] if lb in cross else np.nan for lb in f["label"]]
+            f["cross_tokens"] = [cross[lb]["tokens"] if lb in cross else 0 for lb in f["label"]]
+            frames.append(f)
+        if self.pooled_counterfactual is not None and frames:
             f = self.pooled_counterfactual.to_frame()
             f.insert(0, "layer", "pooled")
-            frames.append(_join_leakage(f, self.pooled_leakage))
+            f = _join_leakage(f, self.pooled_leakage)
+            per_layer = pd.concat(frames, ignore_index=True)
+            means = per_layer.groupby("label", sort=False)[[c for c in _BALANCE_KEYS if c in per_layer]].mean()
+            for col in means.columns:  # balance per layer, then averaged (expert ids differ across layers)
+                f[col] = f["label"].map(means[col])
+            tokens = per_layer.groupby("label", sort=False)["cross_tokens"].sum()
+            for col in ("cross_flip_rate", "cross_token_flip_rate"):
+                w = (per_layer[col] * per_layer["cross_tokens"]).groupby(per_layer["label"], sort=False).sum()
+                f[col] = f["label"].map(w / tokens.where(tokens > 0))
+            f["cross_tokens"] = f["label"].map(tokens).fillna(0).astype(int)
+            frames.append(f)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def leakage_offset_frame(self):
@@ -229,6 +249,10 @@ class AnalyzeResult:
             rows += [{"layer": la.layer, "index": i + 1, "sigma": float(v), "sigma_rel": float(v / top)}
                      for i, v in enumerate(s)]
         return pd.DataFrame(rows)
+
+
+_BALANCE_KEYS = ("load_entropy", "load_entropy_nats", "maxvio", "max_over_mean", "cv", "gini", "dead_experts",
+                 "cold_experts", "utilisation")
 
 
 def _load_row(s: LoadStats) -> dict[str, Any]:

@@ -73,6 +73,8 @@ DEFINITIONS: dict[str, tuple[str, str, str]] = {
     "jaccard": ("mean Jaccard distance between prefix and full expert sets", "distance in [0, 1]", "ANCHORS §9.20"),
     "displacement_mean": ("earlier tokens whose expert set changes when one token is appended", "tokens",
                           "ANCHORS §9.20"),
+    "cross_flip_rate": ("share of token-expert decisions that differ between routing a sequence with its batch "
+                        "(batch / position scope) and routing it alone", "share of decisions", "ANCHORS §8.3"),
     "objective": ("sum of routing probabilities over the selected pairs", "probability mass", "THEORY.md §2"),
     "coverage": ("objective / total probability mass of the real tokens", "share", "this project"),
     "drop_rate": ("share of real tokens with no expert", "share of tokens", "ANCHORS §9.11"),
@@ -236,8 +238,8 @@ def report_tables(result) -> dict[str, pd.DataFrame]:
     if not cf.empty:
         cf = cf[cf["layer"] == "pooled"]
         keep = [c for c in ("label", "realised_kbar", "coverage", "drop_rate", "agreement", "flip_rate",
-                            "displacement_mean", "gini", "maxvio", "certified_optimal", "certified_total",
-                            "max_lp_gap") if c in cf]
+                            "displacement_mean", "cross_flip_rate", "gini", "maxvio", "certified_optimal",
+                            "certified_total", "max_lp_gap") if c in cf]
         cf = cf[keep]
     return {"load": load[cols], "collapse": coll.dropna(axis=1, how="all"), "counterfactual": cf}
 
@@ -321,7 +323,9 @@ def _intro(result) -> list[str]:
 def _markdown(result, tables, pngs, title) -> str:
     lines = [f"# {title}", "", *[f"{s}  " for s in _intro(result)], "", "## Summary", ""]
     lines += [f"- {s}" for s in summary_lines(result)] + [""]
-    lines += ["## Load balance (model's own selection)", "", _md_table(tables["load"])]
+    lines += ["## Load balance (model's own selection)", "",
+              "Row `pooled`: balance metrics are averaged over layers (expert e of one layer is not expert e of "
+              "another); `aux_loss` there is transformers' pooled loss.", "", _md_table(tables["load"])]
     lines += ["## Collapse and margins", "", _md_table(tables["collapse"])]
     lines += ["## Counterfactual re-routing (pooled over layers)", "",
               "Each router re-routes the captured logits; `coverage` is the share of probability mass its selection "
