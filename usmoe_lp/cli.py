@@ -14,6 +14,7 @@ from rich.table import Table
 from usmoe_lp.diagnostics.cli import analyze_command
 from usmoe_lp.errors import UsmoeLpError
 from usmoe_lp.logs.cli import capture_command, import_command, log_app
+from usmoe_lp.tiny.cli import train_tiny_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Routing analysis and theory verification for sparse Mixture-of-Experts.")
@@ -21,6 +22,7 @@ app.add_typer(log_app, name="log")
 app.command("import")(import_command)
 app.command("capture")(capture_command)
 app.command("analyze")(analyze_command)
+app.command("train-tiny")(train_tiny_command)
 console = Console()
 err = Console(stderr=True)
 
@@ -110,27 +112,24 @@ def verify(
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("out/demo"), help="output directory")) -> None:
-    """The main job on an embedded default: a short verify run (no download, no GPU)."""
-    from usmoe_lp.verify import VerifyConfig
+def demo(out: Path = typer.Option(Path("out/demo"), help="output directory"),
+         tokens: int = typer.Option(8192, help="held-out tokens to capture and analyse")) -> None:
+    """The main job on the embedded default (no download, no GPU): verify the LP claims, capture the
+    embedded trained MoE's router logits on held-out text, analyse them, write one report."""
+    from usmoe_lp.demo import run_demo
 
-    config = VerifyConfig(sizes=((8, 4), (12, 5), (32, 8)), ks=(1, 2), trials=2, seed=0,
-                          backends=("closed_form", "highs", "cbc"), ilp_max_vars=64)
-    command = "usmoe-lp verify --sizes 8x4,12x5,32x8 --ks 1,2 --trials 2 --seed 0 " \
-              "--backends closed_form,highs,cbc --ilp-max-vars 64"
-    result, seconds = _run_verify(config, out / "verify", command, progress=True)
-    _print_summary(result, out / "verify", seconds)
-    summary = result.claim_summary()
-    holds = [c["claim"] for c in summary if c["verdict"] == "holds"]
-    fails = [c for c in summary if c["verdict"] == "fails"]
-    console.print(f"\n[bold]usmoe-lp demo[/] — report in {out / 'verify' / 'report.md'}")
-    console.print(f"1. {len(result.records)} claim checks on {len(config.families)} score families, "
-                  f"{len(config.sizes)} sizes, in {seconds:.1f} s")
-    console.print(f"2. {len(holds)} of {len(summary)} claims hold on every instance")
-    for i, c in enumerate(fails[:3], start=3):
-        cx = c["minimal_counterexample"]
-        console.print(f"{i}. {c['claim']} fails {c['failures']}/{c['trials']}; minimal counterexample "
-                      f"{cx['size']} k={cx['k']}: {cx['scores']}")
+    t0 = time.perf_counter()
+    try:
+        result = run_demo(out, max_tokens=tokens)
+    except UsmoeLpError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    _print_summary(result.verify, out / "verify", result.seconds["verify"])
+    sec = result.seconds
+    console.print(f"\n[bold]usmoe-lp demo[/] in {time.perf_counter() - t0:.0f} s (verify {sec['verify']:.0f} s, "
+                  f"capture {sec['capture']:.0f} s, analyze {sec['analyze']:.0f} s) — report: {result.report}")
+    for i, line in enumerate(result.summary, start=1):
+        console.print(f"{i}. {line}")
 
 
 @app.command("families")
