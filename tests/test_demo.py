@@ -1,0 +1,37 @@
+"""`usmoe-lp demo`: the whole pipeline on the embedded model (small token budget to stay quick)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from usmoe_lp.cli import app
+from usmoe_lp.logs import RouterLog
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--tokens", "1024"])
+    assert res.exit_code == 0, res.output
+    assert "report:" in res.output and "report.html" in res.output
+    for n in range(1, 6):  # the five-line summary
+        assert f"\n{n}. " in res.output
+    for name in ("report.html", "summary.json", "verify/report.json", "verify/report.md", "analysis/metrics.json",
+                 "analysis/report.html", "analysis/load_heatmap.png", "analysis/sweeps.png"):
+        assert (out / name).stat().st_size > 0, name
+    log = RouterLog.open(out / "router-log")
+    assert log.complete and len(log.layers) == 4 and set(log.num_experts.values()) == {8}
+    assert log.manifest.model.family == "olmoe"
+    assert log.num_tokens >= 1024
+    assert log.validate().ok
+    metrics = json.loads((out / "analysis" / "metrics.json").read_text())
+    assert list(metrics["layers"]) == list(log.layers)
+    # the trained routers are not trivial: confident routing, uneven load, layers differ
+    ent = [m["load"]["token_entropy_normalised"] for m in metrics["layers"].values()]
+    assert max(ent) < 0.97 and max(ent) - min(ent) > 0.05
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert len(summary) == 5 and summary[0].startswith("verify:") and summary[-1].startswith("leakage")
+    page = (out / "report.html").read_text()
+    assert "analysis/report.html" in page and "verify/report.md" in page
+    assert page.count("data:image/png;base64,") >= 3
