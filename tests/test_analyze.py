@@ -174,3 +174,28 @@ def test_bad_requests(log_and_result):
         AnalyzeConfig(routers=("tc", "sinkhorn"))
     with pytest.raises(InvalidParameter, match="alphas"):
         AnalyzeConfig(alphas=(1.5,))
+
+
+def test_hidden_states_and_router_weights_feed_collapse(model_and_batch, tmp_path):
+    model, ids, att = model_and_batch
+    path = tmp_path / "hlog"
+    with capture(model, path, hidden=True, fsync=False), torch.inference_mode():
+        model(input_ids=ids, attention_mask=att)
+    result = analyze(path, config=AnalyzeConfig(counterfactual=False, leakage=False))
+    log = RouterLog.open(path)
+    weights = log.router_weights()
+    for la in result.layers:
+        c = la.collapse
+        H = torch.cat([ch.hidden.double() for ch in log.iter_chunks(la.layer, with_hidden=True)]).numpy()
+        W = weights[la.layer].double().numpy()
+        # oracle: projector onto the row space of W from numpy's pseudo-inverse
+        P = np.linalg.pinv(W) @ W
+        expected = np.linalg.norm(H @ P) ** 2 / np.linalg.norm(H) ** 2
+        assert c.span_energy == pytest.approx(expected, rel=1e-5)
+        s = np.linalg.svd(H, compute_uv=False)
+        q = s / s.sum()
+        assert c.hidden_effective_rank == pytest.approx(float(np.exp(-(q * np.log(q)).sum())), rel=1e-4)
+        cos = W / np.linalg.norm(W, axis=1, keepdims=True)
+        sim = np.abs(cos @ cos.T)[~np.eye(N, dtype=bool)].mean()
+        assert c.router_row_similarity == pytest.approx(sim, rel=1e-5)
+    assert result.layers[0].counterfactual is None and result.layers[0].leakage == {}
