@@ -103,8 +103,13 @@ def metrics_dict(result) -> dict[str, Any]:
             "cross_sequence": la.cross_sequence,
             "sample": {"sequences": la.sample_sequences, "tokens": la.sample_tokens},
         }
+    lf = result.load_frame()
+    mean_row = lf[lf["layer"] == "pooled"].drop(columns=["layer"]).to_dict(orient="records")
     pooled = {
-        "load": _stats_dict(result.pooled_load),
+        "note": "load_over_layers: balance metrics averaged over layers (expert e of one layer is not expert e of "
+                "another); load_pooled_tokens: every layer's tokens in one set, as transformers' pooled aux loss",
+        "load_over_layers": mean_row[0] if mean_row else None,
+        "load_pooled_tokens": _stats_dict(result.pooled_load),
         "aux_loss_pooled": result.aux_loss_pooled,
         "aux_loss_per_layer_mean": result.aux_loss_per_layer_mean,
         "counterfactual": None if result.pooled_counterfactual is None
