@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
@@ -151,6 +152,7 @@ def list_claims() -> None:
 
 
 def main() -> None:
+    os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files; never open windows from the CLI
     app()
 
 

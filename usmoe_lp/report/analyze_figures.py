@@ -8,13 +8,12 @@ plot. Axes are labelled with units; titles say what is shown.
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+# No matplotlib.use() here: a library must not switch the backend of a notebook that imports it.
+# The CLI sets MPLBACKEND=Agg (usmoe_lp.cli.main); headless machines fall back to Agg anyway.
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
 
 def plot_load_heatmap(expert_load: pd.DataFrame) -> plt.Figure | None:
