@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 
 from usmoe_lp.cli import app
 from usmoe_lp.logs import RouterLog
+from usmoe_lp.report.verify_report import FIGURES
+from usmoe_lp.verify import CLAIMS
 
 
 def test_demo_end_to_end(tmp_path):
@@ -31,7 +33,15 @@ def test_demo_end_to_end(tmp_path):
     ent = [m["load"]["token_entropy_normalised"] for m in metrics["layers"].values()]
     assert max(ent) < 0.97 and max(ent) - min(ent) > 0.05
     summary = json.loads((out / "summary.json").read_text())["summary"]
-    assert len(summary) == 5 and summary[0].startswith("verify:") and summary[-1].startswith("leakage")
+    assert len(summary) == 5 and summary[-1].startswith("leakage")
+    verify = json.loads((out / "verify" / "report.json").read_text())["claims"]
+    holds = sum(c["verdict"] == "holds" for c in verify)
+    failing = [c["claim"] for c in verify if c["verdict"] == "fails"]
+    assert summary[0].startswith(f"verify: {holds} of {len(CLAIMS)} claims hold on every instance; fail: ")
+    assert all(c in summary[0] for c in failing)
+    assert {"topc_optimal_le", "usmoe_ge_ec"} <= set(failing)
+    for name in FIGURES:
+        assert (out / "verify" / name).is_file()
     page = (out / "report.html").read_text()
     assert "analysis/report.html" in page and "verify/report.md" in page
     assert page.count("data:image/png;base64,") >= 3

@@ -270,27 +270,3 @@ def test_cli_claims_lists_every_claim():
 def test_cli_without_arguments_shows_help():
     res = runner.invoke(app, [])
     assert "verify" in res.output and "demo" in res.output
-
-
-@pytest.mark.slow
-def test_cli_demo(tmp_path):
-    res = runner.invoke(app, ["demo", "--out", str(tmp_path)])
-    assert res.exit_code == 0, res.output
-    out = tmp_path / "verify"
-    for name in ("report.json", "report.md", *FIGURES):
-        assert (out / name).is_file()
-    report = load_strict(out / "report.json")
-    summary = report["claims"]
-    assert "usmoe-lp demo" in res.output
-    numbered = re.findall(r"^([1-5])\. (.*)$", res.output, flags=re.MULTILINE)
-    failing = [c for c in summary if c["verdict"] == "fails"]
-    assert [n for n, _ in numbered] == [str(i) for i in range(1, 3 + min(3, len(failing)))]
-    assert len(numbered) == 5  # three claims fail on the demo's instances
-    lines = dict(numbered)
-    n_checks = sum(c["trials"] for c in summary)
-    assert lines["1"].startswith(f"{n_checks} claim checks on {len(FAMILIES)} score families, 3 sizes")
-    holds = sum(c["verdict"] == "holds" for c in summary)
-    assert lines["2"] == f"{holds} of {len(CLAIMS)} claims hold on every instance"
-    for i, c in zip("345", failing, strict=False):
-        assert lines[i].startswith(f"{c['claim']} fails {c['failures']}/{c['trials']}")
-    assert {c["claim"] for c in failing} >= {"topc_optimal_le", "usmoe_ge_ec"}
