@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
+import bench_analyze  # noqa: E402
 import bench_certificate  # noqa: E402
 import bench_solvers  # noqa: E402
 from common import machine_info, machine_markdown  # noqa: E402
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, help="timed runs per measurement (default 9; quick 3)")
     ap.add_argument("--skip-certificate", action="store_true")
     ap.add_argument("--skip-solvers", action="store_true")
+    ap.add_argument("--skip-analyze", action="store_true",
+                    help="skip the streaming-analysis benchmark (full size: writes a 1 GB log to the temp dir)")
     args = ap.parse_args(argv)
 
     out_dir = args.out
@@ -69,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         raw["solvers"] = solvers
         sections.append(bench_solvers.to_markdown(solvers))
         ok &= bench_solvers.ok(solvers)
+
+    if not args.skip_analyze:
+        L, T, N = bench_analyze.QUICK_SIZE if args.quick else bench_analyze.FULL_SIZE
+        _log(f"streaming-analysis benchmark at {L}x{T}x{N} ...")
+        with tempfile.TemporaryDirectory(prefix="usmoe-bench-analyze-") as tmp:
+            analyze_res = bench_analyze.run(
+                L, T, N, repeats=1 if args.quick else 3, threads=(1,) if args.quick else (1, 2),
+                log_dir=Path(tmp) / "log" if args.quick else None, log=_log,
+                seq_len=bench_analyze.QUICK_SEQ_LEN if args.quick else bench_analyze.SEQ_LEN,
+                sample_tokens=bench_analyze.QUICK_SAMPLE_TOKENS if args.quick else None)
+        raw["analyze"] = analyze_res
+        sections.append(bench_analyze.to_markdown(analyze_res))
+        ok &= bench_analyze.ok(analyze_res)
 
     elapsed = time.perf_counter() - t_start
     info["load_average_end"] = list(os.getloadavg())

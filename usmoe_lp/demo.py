@@ -43,11 +43,12 @@ class DemoResult:
 
 
 def capture_heldout(out: str | Path, *, max_tokens: int = 8192, seq_len: int = 256, batch_size: int = 8,
-                    model=None, tokenizer=None, overwrite: bool = True) -> Path:
+                    model=None, tokenizer=None, overwrite: bool = True, hidden: bool = True) -> Path:
     """Capture the embedded model's router logits on held-out text into a router log at ``out``.
 
     The held-out documents (never seen in training) are tokenised, cut into sequences of at most
     ``seq_len`` bytes, and fed in batches of ``batch_size`` until ``max_tokens`` tokens are logged.
+    ``hidden``: also log the pre-router hidden states (d = 128 here), for the collapse metrics.
     Returns the log's path.
     """
     from usmoe_lp.logs.capture import capture
@@ -68,7 +69,8 @@ def capture_heldout(out: str | Path, *, max_tokens: int = 8192, seq_len: int = 2
         if total >= max_tokens:
             break
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with capture(model, out, overwrite=overwrite, model_name="usmoe-lp tiny (embedded)", fsync=False), \
+    with capture(model, out, overwrite=overwrite, model_name="usmoe-lp tiny (embedded)", fsync=False,
+                 hidden=hidden), \
             torch.inference_mode():
         for a in range(0, len(texts), batch_size):
             batch = texts[a:a + batch_size]

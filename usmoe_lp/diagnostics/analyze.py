@@ -385,8 +385,14 @@ def selection_scores(logits: torch.Tensor, info: LayerInfo) -> torch.Tensor:
     return s
 
 
-def model_mask(chunk: Chunk, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, str]:
-    """(n, N) bool selection of the model: the captured one when the log has it, else top-k of ``scores``."""
+def model_mask(chunk: Chunk, scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None
+               ) -> tuple[torch.Tensor, str]:
+    """(n, N) bool selection of the model: the captured one when the log has it, else top-k of ``scores``.
+
+    sorted_rows: optionally (n, N) numpy, the rows of ``scores`` sorted ascending. Then the top-k of a
+    row whose k-th largest score beats its (k+1)-th is ``scores >= k-th largest`` (one comparison);
+    only rows with a tie at the boundary go through ``torch.topk`` (same selection as without).
+    """
     n, N = scores.shape
     sel = chunk.selected
     if sel is not None:
@@ -398,6 +404,17 @@ def model_mask(chunk: Chunk, scores: torch.Tensor, k: int) -> tuple[torch.Tensor
         mask = torch.zeros(n, N + 1, dtype=torch.bool)
         mask.scatter_(1, torch.where(idx < 0, N, idx), True)  # -1 (no expert) lands in the spare column
         return mask[:, :N], "captured"
+    if sorted_rows is not None and k < N:
+        kth = sorted_rows[:, N - k]
+        mask_np = scores.detach().cpu().numpy() >= kth[:, None]
+        tied = np.flatnonzero(~(kth > sorted_rows[:, N - k - 1]))  # ties at the boundary (or NaN)
+        mask = torch.from_numpy(mask_np)
+        if tied.size:
+            rows = torch.from_numpy(tied)
+            sub = torch.zeros(len(tied), N, dtype=torch.bool)
+            sub.scatter_(1, torch.topk(scores[rows], k, dim=-1).indices, True)
+            mask[rows] = sub
+        return mask, "recomputed top-k"
     idx = torch.topk(scores, k, dim=-1).indices
     mask = torch.zeros(n, N, dtype=torch.bool)
     mask.scatter_(1, idx, True)
@@ -578,13 +595,16 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
         probs = routing_probs(logits, info.score_function)
         scores = selection_scores(logits, info) if (info.score_function == "sigmoid" or info.selection_bias) \
             else probs
-        mask, source = model_mask(chunk, scores, k)
+        srt = None
+        if k < N and scores.dtype == torch.float32 and scores.device.type == "cpu":
+            srt = np.sort(scores.detach().numpy(), axis=1)  # one row sort: the model's top-k and the margins
+        mask, source = model_mask(chunk, scores, k, srt)
         load.update(mask, probs, logits)
         hidden = chunk.hidden.float() if (with_hidden and chunk.hidden is not None) else None
         if collapse is None:
             collapse = CollapsePartial.empty(N, hidden_dim=None if hidden is None else int(hidden.shape[1]))
         collapse.update(logits, probs, hidden)
-        margins.update(scores, k)
+        margins.update(scores, k, sorted_rows=srt)
         if sample is not None and not sample.closed:
             sample.add(chunk, mask)
         done += chunk.num_tokens

@@ -75,7 +75,7 @@ def _as_array(x, name: str, *, ndim: int = 2) -> np.ndarray:
         raise InvalidScores(f"{name} could not be converted to an array: {exc}") from None
     if arr.dtype.kind == "f":
         if arr.dtype != np.float64:
-            arr = arr.astype(np.float32)
+            arr = arr.astype(np.float32, copy=False)
     elif arr.dtype.kind in "biu":
         arr = arr.astype(np.float64)
     else:
@@ -276,20 +276,23 @@ def _chunk_gram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the shifted rows Xc = X - mu in float32 in blocks of _BLOCK_ROWS rows (each block's product and
     column sums converted to float64 and summed), then add mu's part back exactly in float64:
     X^T X = Xc^T Xc + r mu^T + mu r^T + n mu mu^T and X^T 1 = r + n mu, with r = Xc^T 1. The float32
-    round-off is then relative to the spread of X around mu, not to its mean.
+    round-off is then relative to the spread of X around mu, not to its mean. The float32 products
+    run in torch (its BLAS honours ``torch.set_num_threads``; numpy's OpenBLAS spins up its own
+    threads, which on a shared machine was an order of magnitude slower and erratic).
     """
     n, m = x.shape
     if x.dtype == np.float64:
         return x.T @ x, x.sum(axis=0)
-    first = x[:_BLOCK_ROWS]
-    mu = (np.ones(first.shape[0], dtype=np.float32) @ first) / np.float32(first.shape[0])
-    gram = np.zeros((m, m))
-    resid = np.zeros(m)
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    mu = xt[:_BLOCK_ROWS].mean(dim=0)
+    gram = torch.zeros((m, m), dtype=torch.float64)
+    resid = torch.zeros(m, dtype=torch.float64)
     for a in range(0, n, _BLOCK_ROWS):
-        xc = x[a : a + _BLOCK_ROWS] - mu
-        gram += xc.T @ xc
-        resid += np.ones(xc.shape[0], dtype=np.float32) @ xc
-    mu64 = mu.astype(np.float64)
+        xc = xt[a : a + _BLOCK_ROWS] - mu
+        gram += (xc.T @ xc).double()
+        resid += xc.sum(dim=0).double()
+    gram, resid = gram.numpy(), resid.numpy()
+    mu64 = mu.double().numpy()
     gram += np.outer(resid, mu64) + np.outer(mu64, resid) + n * np.outer(mu64, mu64)
     return gram, resid + n * mu64
 
@@ -466,11 +469,12 @@ class CollapsePartial:
         if not given:
             p = _softmax(z)
 
-        aug = np.empty((n, big_n + 1), dtype=z.dtype)
-        m = z @ np.full(big_n, 1.0 / big_n, dtype=z.dtype)
-        aug[:, :big_n] = z - m[:, None]
+        zt = torch.from_numpy(np.ascontiguousarray(z))
+        m = zt.mean(dim=1)  # torch: numpy's row reductions / gemv are several times slower here
+        aug = torch.empty((n, big_n + 1), dtype=zt.dtype)
+        torch.sub(zt, m[:, None], out=aug[:, :big_n])
         aug[:, big_n] = m
-        g, s = _chunk_gram(aug)
+        g, s = _chunk_gram(aug.numpy())
         pg, ps = _chunk_gram(p)
         if h is not None:
             hg, hs = _chunk_gram(h)

@@ -29,8 +29,12 @@ def default_margin_edges() -> np.ndarray:
     return np.logspace(math.log10(HIST_LOW), math.log10(HIST_HIGH), decades * BINS_PER_DECADE + 1)
 
 
-def _scores(scores, name: str = "scores") -> np.ndarray:
-    """(T, N) float64 from (T, N) or (B, T, N) numpy/torch, finite, T >= 0, N >= 1."""
+def _scores(scores, name: str = "scores", *, keep_float32: bool = False) -> np.ndarray:
+    """(T, N) float64 from (T, N) or (B, T, N) numpy/torch, finite, T >= 0, N >= 1.
+
+    keep_float32: float32 input stays float32 (its values are exactly representable in float64, so
+    sorting them first and converting the selected entries later gives the same numbers).
+    """
     a = _as_numpy(scores, name)
     if a.ndim == 3:
         a = a.reshape(-1, a.shape[-1])
@@ -40,8 +44,9 @@ def _scores(scores, name: str = "scores") -> np.ndarray:
         raise InvalidScores(f"{name} must be numeric, got dtype {a.dtype}")
     if a.shape[1] == 0:
         raise InvalidScores(f"{name} has N = 0 experts; need N >= 1")
-    a = a.astype(np.float64, copy=False)
-    if not np.isfinite(a).all():
+    if not (keep_float32 and a.dtype == np.float32):
+        a = a.astype(np.float64, copy=False)
+    if not np.isfinite(a.sum()) and not np.isfinite(a).all():  # the sum is a fast path
         n_nan = int(np.isnan(a).sum())
         raise InvalidScores(
             f"{name} has {n_nan} NaN and {int((~np.isfinite(a)).sum()) - n_nan} Inf entries; "
@@ -128,8 +133,12 @@ def fragile_counts(scores, k: int, eps=DEFAULT_EPS) -> dict[float, int]:
 
 
 def _fragile(s: np.ndarray, kth: np.ndarray, nxt: np.ndarray, eps: tuple[float, ...]) -> dict[float, int]:
-    d = np.abs(s - ((kth + nxt) / 2)[:, None])
-    return {e: int((d <= e).sum()) for e in eps}
+    """{eps: #{(t, e) : |s_{t,e} - b_t| <= eps}} with b_t = (kth_t + nxt_t) / 2, decided in float64
+    (s of any float dtype is converted; the difference is formed in place, counted without a bool sum)."""
+    d = s.astype(np.float64)  # a fresh copy: the subtraction below is in place
+    d -= ((kth + nxt) / 2)[:, None]
+    np.abs(d, out=d)
+    return {e: int(np.count_nonzero(d <= e)) for e in eps}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,12 +345,15 @@ class MarginPartial:
         """
         return cls(k, eps, bins, num_experts)
 
-    def update(self, scores, k: int | None = None) -> None:
+    def update(self, scores, k: int | None = None, *, sorted_rows=None) -> None:
         """Consume one chunk: scores (T, N) or (B, T, N) float. ``k`` if given must equal the
-        accumulator's k (a guard for callers that pass it along)."""
+        accumulator's k (a guard for callers that pass it along). ``sorted_rows``: optionally the
+        (T, N) rows of ``scores`` sorted ascending (``np.sort(scores, axis=1)``, numpy or torch), when
+        the caller already has them (the analysis driver sorts once for the model's top-k); they are
+        trusted to be the sorted scores (only their shape is checked)."""
         if k is not None and check_int(k, "k", low=1) != self.k:
             raise InvalidParameter(f"this accumulator was made for k = {self.k}, update got k = {k}")
-        s = _scores(scores)
+        s = _scores(scores, keep_float32=True)
         n = s.shape[1]
         if self.num_experts is None:
             if self.k > n:
@@ -355,7 +367,16 @@ class MarginPartial:
         self.num_tokens += t
         if self.k == n:
             return
-        kth, nxt = _kth_and_next(s, self.k)
+        if sorted_rows is None:
+            srt = np.sort(s, axis=1)  # float32 rows sort with SIMD; the order is that of the float64 values
+        else:
+            srt = _as_numpy(sorted_rows, "sorted_rows")
+            if srt.ndim == 3:
+                srt = srt.reshape(-1, srt.shape[-1])
+            if srt.shape != s.shape:
+                raise ShapeMismatch(f"sorted_rows has shape {tuple(srt.shape)} but scores have {tuple(s.shape)}")
+        kth = srt[:, n - self.k].astype(np.float64)
+        nxt = srt[:, n - self.k - 1].astype(np.float64)
         m = kth - nxt
         self.boundary_tokens += t
         self.margin_sum += float(m.sum())
