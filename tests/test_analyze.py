@@ -199,3 +199,41 @@ def test_hidden_states_and_router_weights_feed_collapse(model_and_batch, tmp_pat
         sim = np.abs(cos @ cos.T)[~np.eye(N, dtype=bool)].mean()
         assert c.router_row_similarity == pytest.approx(sim, rel=1e-5)
     assert result.layers[0].counterfactual is None and result.layers[0].leakage == {}
+
+
+def test_imported_log_with_unknown_score_function(model_and_batch, log_and_result, tmp_path):
+    """A log imported from a plain transformers tuple has score_function 'unknown': re-routing uses the softmax."""
+    from usmoe_lp.logs import import_hf_router_logits
+
+    _, ids, att = model_and_batch
+    _, out, result = log_and_result
+    log = import_hf_router_logits(out.router_logits, tmp_path / "imp", att, top_k=K)
+    assert {log.layer_info(n).score_function for n in log.layers} == {"unknown"}
+    imp = analyze(log, config=AnalyzeConfig(scopes=("sequence",), batch_size=3))
+    cf = imp.counterfactual_frame()
+    assert (cf[cf["router"] == "tc"]["agreement"] == 1.0).all()
+    ours = result.counterfactual_frame()
+    for label in ("tc k=2", "ec cf=1", "usmoe a=0.5 kbar=2 seq"):
+        a = cf[(cf["label"] == label) & (cf["layer"] == "pooled")]["coverage"].iloc[0]
+        b = ours[(ours["label"] == label) & (ours["layer"] == "pooled")]["coverage"].iloc[0]
+        assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_topc_margins_match_a_sort(log_and_result):
+    """The global-threshold margin of each sequence: c-th minus (c+1)-th largest unified score, by sorting."""
+    from usmoe_lp.routing import unified_score
+
+    path, _, result = log_and_result
+    log = RouterLog.open(path)
+    la = result.layers[0]
+    chunk = log.read(la.layer, 0, log.num_tokens)
+    margins = []
+    for sid in torch.unique(chunk.sequence_ids).tolist():
+        sel = chunk.sequence_ids == sid
+        z = chunk.logits[sel][torch.argsort(chunk.positions[sel])].double()
+        u = np.sort(unified_score(z, alpha=0.5).numpy().reshape(-1))[::-1]
+        c = int(np.floor(2.5 * z.shape[0] + 0.5))
+        margins.append(u[c - 1] - u[c])
+    cf = result.counterfactual_frame()
+    row = cf[(cf["layer"] == la.layer) & (cf["label"] == "usmoe a=0.5 kbar=2.5 seq")]
+    assert float(row["topc_margin_mean"].iloc[0]) == pytest.approx(float(np.mean(margins)), rel=1e-9)

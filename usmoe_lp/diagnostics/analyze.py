@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from usmoe_lp._validate import round_half_up
 from usmoe_lp.diagnostics.collapse import CollapsePartial, CollapseStats
 from usmoe_lp.diagnostics.counterfactual import (
     CounterfactualPartial,
@@ -47,7 +48,7 @@ from usmoe_lp.diagnostics.counterfactual import (
 )
 from usmoe_lp.diagnostics.leakage import LeakagePartial, LeakageStats, cross_sequence_dependence
 from usmoe_lp.diagnostics.load import LoadPartial, LoadStats
-from usmoe_lp.diagnostics.margins import MarginPartial, MarginStats
+from usmoe_lp.diagnostics.margins import MarginPartial, MarginStats, topc_margin
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk, RouterLog
@@ -125,6 +126,7 @@ class LayerAnalysis:
     counterfactual: CounterfactualStats | None
     leakage: dict[str, LeakageStats]
     cross_sequence: dict[str, dict[str, Any]]
+    topc_margins: dict[str, dict[str, Any]]
     sample_sequences: int
     sample_tokens: int
 
@@ -210,6 +212,8 @@ class AnalyzeResult:
             f["cross_flip_rate"] = [cross[lb]["flip_rate"] if lb in cross else np.nan for lb in f["label"]]
             f["cross_token_flip_rate"] = [cross[lb]["token_flip_rate"] if lb in cross else np.nan for lb in f["label"]]
             f["cross_tokens"] = [cross[lb]["tokens"] if lb in cross else 0 for lb in f["label"]]
+            for col, vals in _topc_columns(f["label"], [la.topc_margins]).items():
+                f[col] = vals
             frames.append(f)
         if self.pooled_counterfactual is not None and frames:
             f = self.pooled_counterfactual.to_frame()
@@ -224,8 +228,47 @@ class AnalyzeResult:
                 w = (per_layer[col] * per_layer["cross_tokens"]).groupby(per_layer["label"], sort=False).sum()
                 f[col] = f["label"].map(w / tokens.where(tokens > 0))
             f["cross_tokens"] = f["label"].map(tokens).fillna(0).astype(int)
+            for col, vals in _topc_columns(f["label"], [la.topc_margins for la in self.layers]).items():
+                f[col] = vals
             frames.append(f)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def experts_per_token_frame(self, labels: Sequence[str] | None = None):
+        """Tidy experts-per-token shares pooled over layers (columns router, experts, share): the
+        model's own selection and each counterfactual router (only ``labels`` when given)."""
+        import pandas as pd
+
+        rows = []
+
+        def add(label, hist):
+            hist = np.asarray(hist, dtype=float)
+            total = hist.sum()
+            rows.extend({"router": label, "experts": i, "share": float(h / total) if total else 0.0}
+                        for i, h in enumerate(hist))
+
+        if self.pooled_load is not None:
+            add("model (captured)", self.pooled_load.experts_per_token)
+        if self.pooled_counterfactual is not None:
+            for label, hist in self.pooled_counterfactual.experts_per_token.items():
+                if labels is None or label in labels:
+                    add(label, hist)
+        return pd.DataFrame(rows)
+
+    def collapse_frame(self):
+        """Tidy collapse and margin metrics: one row per layer."""
+        import pandas as pd
+
+        rows = []
+        for la in self.layers:
+            c, m = la.collapse, la.margins
+            rows.append({"layer": la.layer, "logit_effective_rank": c.logit_effective_rank,
+                         "logit_effective_rank_centered": c.logit_effective_rank_centered,
+                         "max_rank": c.max_rank, "mean_expert_cosine": c.mean_expert_cosine,
+                         "router_row_similarity": c.router_row_similarity, "span_energy": c.span_energy,
+                         "hidden_effective_rank": c.hidden_effective_rank, "mean_margin": m.mean_margin,
+                         "median_margin": m.median_margin,
+                         **{f"fragile@{float(e):g}": v for e, v in (m.fragile_share or {}).items()}})
+        return pd.DataFrame(rows)
 
     def leakage_offset_frame(self):
         """Tidy per-offset flip-rate curves, pooled over layers (columns label, offset, flip_rate, tokens)."""
@@ -261,6 +304,22 @@ def _load_row(s: LoadStats) -> dict[str, Any]:
             "maxvio": s.maxvio, "cv": s.cv,
             "gini": s.gini, "max_over_mean": s.max_over_mean, "dead_experts": s.dead_experts,
             "zero_expert_rate": s.zero_expert_rate, "aux_loss": s.aux_loss, "z_loss": s.z_loss}
+
+
+def _topc_columns(labels, margin_dicts) -> dict[str, list[float]]:
+    """Columns topc_margin_mean and topc_fragile@eps for each label, pooling the layers' sums."""
+    rows = []
+    for lb in labels:
+        parts = [d[lb] for d in margin_dicts if lb in d]
+        if not parts:
+            rows.append({})
+            continue
+        pooled = {"sequences": sum(p["sequences"] for p in parts), "pairs": sum(p["pairs"] for p in parts),
+                  "margin_sum": sum(p["margin_sum"] for p in parts),
+                  "fragile_pairs": {e: sum(p["fragile_pairs"][e] for p in parts) for e in parts[0]["fragile_pairs"]}}
+        rows.append(_topc_margin_row(pooled))
+    cols = sorted({k for r in rows for k in r}, key=lambda k: (k != "topc_margin_mean", k))
+    return {c: [r.get(c, float("nan")) for r in rows] for c in cols}
 
 
 def _join_leakage(frame, leakage: Mapping[str, LeakageStats]):
@@ -621,7 +680,12 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
     if seqs and cfg.counterfactual:
         cf_part = CounterfactualPartial.empty(N, configs, lp_sample=cfg.lp_sample)
         for logits_b, mask_b, pad_b in _batches(seqs, cfg.batch_size):
-            cf_part.update(logits_b, padding_mask=pad_b, model_mask=mask_b, score_function=info.score_function)
+            cf_part.update(logits_b, padding_mask=pad_b, model_mask=mask_b, score_function=_cf_score(info))
+    topc: dict[str, dict[str, Any]] = {}
+    if seqs and (cfg.leakage or cfg.counterfactual):
+        for c in configs:
+            if c.router == "usmoe" and c.scope == "sequence":
+                topc[c.label] = _topc_margin_sums(c, seqs, info.score_function, cfg.eps)
     if seqs and cfg.leakage:
         for c in configs:
             params = _leakage_params(c)
@@ -642,9 +706,43 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
         layer=info.name, num_experts=N, top_k=k, score_function=info.score_function, num_tokens=done,
         selection_source=source, load=load.result(), collapse=collapse_stats, margins=margins.result(),
         counterfactual=cf_part.result() if cf_part is not None else None,
-        leakage={label: p.result() for label, p in leak_parts.items()}, cross_sequence=cross,
+        leakage={label: p.result() for label, p in leak_parts.items()}, cross_sequence=cross, topc_margins=topc,
         sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs))
     return _LayerOut(analysis, load, cf_part, leak_parts, read_seconds)
+
+
+def _cf_score(info: LayerInfo) -> str:
+    """Score function for re-routing: sigmoid routers re-route on normalised sigmoids, every other
+    (softmax, softmax_topk, unknown) on the softmax — the same convention as :func:`routing_probs`."""
+    return "sigmoid" if info.score_function == "sigmoid" else "softmax"
+
+
+def _topc_margin_sums(cfg: RouterConfig, seqs, score_function: str, eps) -> dict[str, Any]:
+    """Global-threshold margins of a sequence-scoped USMoE config over the sampled sequences, as sums
+    (so layers pool by adding): the margin c-th minus (c+1)-th largest unified score of each sequence,
+    and the pairs within eps of the sequence's boundary (ANCHORS §9 item 12, for the global cut)."""
+    margin_sum, sequences, pairs = 0.0, 0, 0
+    fragile = dict.fromkeys(eps, 0)
+    for _, z, _ in seqs:
+        u = _config_scores(cfg, z.double(), score_function).numpy()  # float64: margins are small differences
+        c = round_half_up(cfg.kbar * u.shape[0])
+        if not 1 <= c < u.size:
+            continue
+        g = topc_margin(u, c, eps=eps)
+        margin_sum += g.margin
+        sequences += 1
+        pairs += u.size
+        for e in eps:
+            fragile[e] += round(g.fragile_share[e] * u.size)
+    return {"sequences": sequences, "pairs": pairs, "margin_sum": margin_sum, "fragile_pairs": fragile}
+
+
+def _topc_margin_row(sums: dict[str, Any]) -> dict[str, float]:
+    n, pairs = sums["sequences"], sums["pairs"]
+    row = {"topc_margin_mean": sums["margin_sum"] / n if n else float("nan")}
+    for e, v in sums["fragile_pairs"].items():
+        row[f"topc_fragile@{e:g}"] = v / pairs if pairs else float("nan")
+    return row
 
 
 def _mean_cross(stats) -> dict[str, Any]:

@@ -65,6 +65,8 @@ DEFINITIONS: dict[str, tuple[str, str, str]] = {
                     "Megatron router_diagnostics (ANCHORS §9.12)"),
     "fragile_share": ("share of token-expert decisions within eps of the token's top-k boundary", "share",
                       "this project (margins.py)"),
+    "topc_margin_mean": ("mean over sequences of the c-th minus the (c+1)-th largest unified score (USMoE, "
+                         "sequence scope)", "score units", "ANCHORS §9.12 for the global cut"),
     "flip_rate": ("share of token-expert decisions of token t that differ between routing the prefix 1..t "
                   "(with its own budget) and routing the whole sequence", "share of decisions",
                   "ANCHORS §9.20 (this project)"),
@@ -141,24 +143,8 @@ def _frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def experts_per_token_frame(result, labels: list[str] | None = None) -> pd.DataFrame:
-    """Tidy experts-per-token shares pooled over layers: the model's own and each counterfactual router
-    (only ``labels`` when given)."""
-    rows = []
-
-    def add(label, hist):
-        hist = np.asarray(hist, dtype=float)
-        total = hist.sum()
-        rows.extend({"router": label, "experts": i, "share": float(h / total) if total else 0.0}
-                    for i, h in enumerate(hist))
-
-    if result.pooled_load is not None:
-        add("model (captured)", result.pooled_load.experts_per_token)
-    cf = result.pooled_counterfactual
-    if cf is not None:
-        for label, hist in cf.experts_per_token.items():
-            if labels is None or label in labels:
-                add(label, hist)
-    return pd.DataFrame(rows)
+    """Same as :meth:`AnalyzeResult.experts_per_token_frame` (kept for callers of the report module)."""
+    return result.experts_per_token_frame(labels)
 
 
 def make_figures(result) -> dict[str, Any]:
@@ -231,27 +217,15 @@ def report_tables(result) -> dict[str, pd.DataFrame]:
     load = result.load_frame()
     cols = [c for c in ("layer", "tokens", "load_entropy", "token_entropy", "maxvio", "cv", "gini", "max_over_mean",
                         "dead_experts", "aux_loss", "z_loss") if c in load]
-    coll = pd.DataFrame([{"layer": la.layer, "logit_effective_rank": la.collapse.logit_effective_rank,
-                          "logit_effective_rank_centered": la.collapse.logit_effective_rank_centered,
-                          "mean_expert_cosine": la.collapse.mean_expert_cosine,
-                          "router_row_similarity": getattr(la.collapse, "router_row_similarity", None),
-                          "span_energy": getattr(la.collapse, "span_energy", None),
-                          "mean_margin": la.margins.mean_margin,
-                          **{f"fragile@{e:g}": v for e, v in _fragile(la.margins).items()}}
-                         for la in result.layers])
+    coll = result.collapse_frame().drop(columns=["max_rank", "median_margin"], errors="ignore")
     cf = result.counterfactual_frame()
     if not cf.empty:
         cf = cf[cf["layer"] == "pooled"]
         keep = [c for c in ("label", "realised_kbar", "coverage", "drop_rate", "agreement", "flip_rate",
-                            "displacement_mean", "cross_flip_rate", "gini", "maxvio", "certified_optimal",
-                            "certified_total", "max_lp_gap") if c in cf]
+                            "displacement_mean", "cross_flip_rate", "topc_margin_mean", "gini", "maxvio",
+                            "certified_optimal", "certified_total", "max_lp_gap") if c in cf]
         cf = cf[keep]
     return {"load": load[cols], "collapse": coll.dropna(axis=1, how="all"), "counterfactual": cf}
-
-
-def _fragile(margins) -> dict[float, float]:
-    fs = getattr(margins, "fragile_share", None) or {}
-    return {float(k): v for k, v in fs.items()}
 
 
 def summary_lines(result) -> list[str]:
