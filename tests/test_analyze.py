@@ -237,3 +237,11 @@ def test_topc_margins_match_a_sort(log_and_result):
     cf = result.counterfactual_frame()
     row = cf[(cf["layer"] == la.layer) & (cf["label"] == "usmoe a=0.5 kbar=2.5 seq")]
     assert float(row["topc_margin_mean"].iloc[0]) == pytest.approx(float(np.mean(margins)), rel=1e-9)
+
+
+def test_lp_cross_check_runs_on_the_first_layers_only(log_and_result):
+    _, _, result = log_and_result
+    first, second = (la.counterfactual.to_frame() for la in result.layers[:2])
+    assert (first["lp_checked"] >= 1).all() and (first["max_lp_gap"] < 1e-9).sum() >= len(first) - 1
+    assert (second["lp_checked"] == 0).all()
+    assert (second["certified_optimal"][second["router"] != "capacity_tc"] >= 1).all()  # closed form everywhere

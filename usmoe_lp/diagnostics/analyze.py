@@ -68,7 +68,9 @@ class AnalyzeConfig:
     capacity_factor: EC capacity factor (e = ceil(cf * T * k / N)); capacity-TC uses 1.25 (Switch).
     chunk_tokens: tokens per streamed chunk. sequence_tokens: at most this many tokens per layer
     (whole sequences, first in the log) enter the per-sequence analyses. batch_size: sequences
-    grouped for the batch/position scopes. lp_sample: groups per config cross-checked by HiGHS.
+    grouped for the batch/position scopes. lp_sample: groups per config cross-checked by HiGHS, in
+    the first ``lp_layers`` layers (the closed-form certificate covers every group of every layer;
+    the LP solve is the expensive independent cross-check, a few seconds per config at 4096 x 64).
     eps: fragility thresholds (score units). leakage / counterfactual: switch those analyses off.
     """
 
@@ -81,6 +83,7 @@ class AnalyzeConfig:
     sequence_tokens: int = 16384
     batch_size: int = 8
     lp_sample: int = 1
+    lp_layers: int = 1
     eps: tuple[float, ...] = (1e-3, 1e-2, 5e-2)
     leakage: bool = True
     counterfactual: bool = True
@@ -93,6 +96,10 @@ class AnalyzeConfig:
         bad = [s for s in self.scopes if s not in ("sequence", "batch", "position")]
         if bad:
             raise InvalidParameter(f"unknown scope(s) {bad}; choose among sequence, batch, position")
+        for name in ("lp_sample", "lp_layers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidParameter(f"{name} must be an integer >= 0, got {v!r}")
         for name in ("chunk_tokens", "sequence_tokens", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -596,7 +603,8 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress) -> Analy
         k = info.top_k if info.top_k is not None else top_k
         if k is None:
             raise InvalidParameter(f"layer {name!r}: the log does not record the model's top-k; pass top_k=")
-        out = _analyze_layer(src, info, k, cfg, weights, progress)
+        lp_sample = cfg.lp_sample if len(results) < cfg.lp_layers else 0
+        out = _analyze_layer(src, info, k, cfg, weights, progress, lp_sample)
         results.append(out.analysis)
         load_parts.append(out.load)
         if out.counterfactual is not None:
@@ -631,7 +639,8 @@ class _LayerOut:
     read_seconds: float
 
 
-def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, weights, progress) -> _LayerOut:
+def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, weights, progress,
+                   lp_sample: int) -> _LayerOut:
     N = info.num_experts
     if k > N:
         raise InvalidParameter(f"layer {info.name!r}: top_k = {k} exceeds the number of experts N = {N}")
@@ -678,7 +687,7 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
     seqs = sample.sequences() if sample is not None else []
     configs = cfg.configs(k, N)
     if seqs and cfg.counterfactual:
-        cf_part = CounterfactualPartial.empty(N, configs, lp_sample=cfg.lp_sample)
+        cf_part = CounterfactualPartial.empty(N, configs, lp_sample=lp_sample)
         for logits_b, mask_b, pad_b in _batches(seqs, cfg.batch_size):
             cf_part.update(logits_b, padding_mask=pad_b, model_mask=mask_b, score_function=_cf_score(info))
     topc: dict[str, dict[str, Any]] = {}
