@@ -336,8 +336,9 @@ def test_merge_rejects_incompatible_partials():
         p.merge(CounterfactualPartial.empty(5, cfgs))
     with pytest.raises(InvalidParameter, match="configs"):
         p.merge(CounterfactualPartial.empty(4, (RouterConfig("tc", 2),)))
-    with pytest.raises(InvalidParameter, match="lp_sample"):
-        p.merge(CounterfactualPartial.empty(4, cfgs, lp_sample=3))
+    with pytest.raises(InvalidParameter, match="lp_max_pairs"):
+        p.merge(CounterfactualPartial.empty(4, cfgs, lp_max_pairs=7))
+    assert p.merge(CounterfactualPartial.empty(4, cfgs, lp_sample=3)).lp_sample == 3  # LP on some layers only
     q, r = CounterfactualPartial.empty(4, cfgs), CounterfactualPartial.empty(4, cfgs)
     q.update(torch.randn(3, 4))
     r.update(torch.randn(3, 4), score_function="sigmoid")

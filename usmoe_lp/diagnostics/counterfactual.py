@@ -801,20 +801,23 @@ class CounterfactualPartial:
     def merge(self, other: CounterfactualPartial) -> CounterfactualPartial:
         """A NEW partial holding both inputs' sums (neither input is modified).
 
+        Partials with different ``lp_sample`` merge (e.g. layers where the LP cross-check ran and
+        layers where it did not): the checked counts add up and the merged ``lp_sample`` is the larger.
+
         Raises:
-            InvalidParameter: different num_experts, configs, LP settings or score functions.
+            InvalidParameter: different num_experts, configs, lp_max_pairs / lp_time_limit or score functions.
         """
         if not isinstance(other, CounterfactualPartial):
             raise InvalidParameter(f"can only merge a CounterfactualPartial, got {type(other).__name__}")
-        for name in ("num_experts", "configs", "lp_sample", "lp_max_pairs", "lp_time_limit"):
+        for name in ("num_experts", "configs", "lp_max_pairs", "lp_time_limit"):
             if getattr(self, name) != getattr(other, name):
                 raise InvalidParameter(f"cannot merge partials with different {name}: "
                                        f"{getattr(self, name)!r} vs {getattr(other, name)!r}")
         sf = {self.score_function, other.score_function} - {None}
         if len(sf) > 1:
             raise InvalidParameter(f"cannot merge partials with different score functions: {sorted(sf)}")
-        out = CounterfactualPartial(self.num_experts, self.configs, self.lp_sample, self.lp_max_pairs,
-                                    self.lp_time_limit)
+        out = CounterfactualPartial(self.num_experts, self.configs, max(self.lp_sample, other.lp_sample),
+                                    self.lp_max_pairs, self.lp_time_limit)
         out.score_function = next(iter(sf)) if sf else None
         out.tokens = self.tokens + other.tokens
         out.updates = self.updates + other.updates
