@@ -208,8 +208,8 @@ class RouterConfig:
 
 def _default_kbars(k: int) -> tuple[float, ...]:
     vals = {k / 2, float(k), 1.5 * k}
-    if k % 2 == 0:  # k/2 and 3k/2 are integers: add k + 1/2 so a fractional k-bar is always swept
-        vals.add(k + 0.5)
+    if k % 2 == 0:  # k/2 and 3k/2 are integers: add k -/+ 1/2 so fractional k-bars are always swept
+        vals.update({k - 0.5, k + 0.5})
     return tuple(sorted(vals))
 
 

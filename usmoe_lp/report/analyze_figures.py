@@ -138,7 +138,10 @@ def plot_sweeps(cf: pd.DataFrame) -> plt.Figure | None:
     panels = [("coverage", "share of probability mass covered"), ("drop_rate", "dropped tokens (share)"),
               ("flip_rate", "leakage flip rate"), ("gini", "load Gini (0 = balanced)")]
     panels = [(c, lab) for c, lab in panels if c in pooled]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.9))
+    cols = 2 if len(panels) > 2 else len(panels)
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.9 * rows), squeeze=False)
+    axes = axes.reshape(-1)[:len(panels)]
     usm = usm.assign(alpha=usm["alpha"].map(lambda a: f"{a:g}"))
     colors = {"tc": "black", "ec": "tab:red", "capacity_tc": "tab:gray"}
     for ax, (col, label) in zip(np.atleast_1d(axes), panels, strict=True):
@@ -149,7 +152,8 @@ def plot_sweeps(cf: pd.DataFrame) -> plt.Figure | None:
         ax.set_xlabel("k-bar (experts per token, USMoE)")
         ax.set_ylabel(label)
         ax.legend(fontsize=6, title="alpha / ref")
-    fig.suptitle("USMoE sweep over alpha and k-bar on the captured logits (dashed: TC, EC, capacity-TC)")
+    fig.suptitle("USMoE sweep over alpha and k-bar on the captured logits (dashed: TC, EC, capacity-TC at the "
+                 "model's k)")
     fig.tight_layout()
     return fig
 

@@ -293,7 +293,7 @@ def _intro(result) -> list[str]:
             f"Layers: {len(result.layers)}; tokens per layer: {la0.num_tokens}; experts: {la0.num_experts}; "
             f"top-k: {la0.top_k}; score function: {la0.score_function}; selection: {la0.selection_source}.",
             f"Counterfactual and leakage sample: {la0.sample_sequences} sequences, {la0.sample_tokens} tokens per "
-            f"layer (the first sequences of the log, at most {cfg.sequence_tokens} tokens). "
+            f"layer (whole sequences, the first of the log, until {cfg.sequence_tokens} tokens are reached). "
             f"USMoE grid: alpha {list(cfg.alphas)}, k-bar {list(cfg.kbars) if cfg.kbars else 'default'}, "
             f"scopes {list(cfg.scopes)}; EC capacity factor {cfg.capacity_factor}.",
             f"Analysis time: {result.seconds:.1f} s."]
