@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,7 @@ class AnalyzeConfig:
     leakage: bool = True
     counterfactual: bool = True
     hidden: bool = True
+    threads: bool = True
 
     def __post_init__(self) -> None:
         bad = [r for r in self.routers if r not in ("tc", "ec", "usmoe", "capacity_tc")]
@@ -653,6 +655,10 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
     done = 0
     read_seconds = 0.0
     it = src.chunks(info.name, cfg.chunk_tokens, with_hidden)
+    # The collapse Grams (torch matmuls, which release the GIL) run in a worker thread while this
+    # thread does the sort, the mask, the load and the margins of the same chunk.
+    pool = ThreadPoolExecutor(max_workers=1) if cfg.threads else None
+    pending = None
     while True:
         t_read = time.perf_counter()
         chunk = next(it, None)
@@ -667,17 +673,26 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
         if k < N and scores.dtype == torch.float32 and scores.device.type == "cpu":
             srt = np.sort(scores.detach().numpy(), axis=1)  # one row sort: the model's top-k and the margins
         mask, source = model_mask(chunk, scores, k, srt)
-        load.update(mask, probs, logits)
         hidden = chunk.hidden.float() if (with_hidden and chunk.hidden is not None) else None
         if collapse is None:
             collapse = CollapsePartial.empty(N, hidden_dim=None if hidden is None else int(hidden.shape[1]))
-        collapse.update(logits, probs, hidden)
+        if pending is not None:
+            pending.result()
+        if pool is not None:
+            pending = pool.submit(collapse.update, logits, probs, hidden)
+        else:
+            collapse.update(logits, probs, hidden)
+        load.update(mask, probs, logits)
         margins.update(scores, k, sorted_rows=srt)
         if sample is not None and not sample.closed:
             sample.add(chunk, mask)
         done += chunk.num_tokens
         if progress is not None:
             progress(info.name, done, src.num_tokens)
+    if pending is not None:
+        pending.result()
+    if pool is not None:
+        pool.shutdown()
     if collapse is None:
         collapse = CollapsePartial.empty(N)
     w = None if weights is None else weights.get(info.name)
