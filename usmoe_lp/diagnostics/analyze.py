@@ -73,6 +73,8 @@ class AnalyzeConfig:
     the first ``lp_layers`` layers (the closed-form certificate covers every group of every layer;
     the LP solve is the expensive independent cross-check, a few seconds per config at 4096 x 64).
     eps: fragility thresholds (score units). leakage / counterfactual: switch those analyses off.
+    hidden: use captured hidden states and router weights for the collapse metrics. threads: run the
+    collapse Grams in a worker thread, overlapping the rest of each chunk (results are identical).
     """
 
     routers: tuple[str, ...] = ("tc", "ec", "usmoe", "capacity_tc")
