@@ -245,3 +245,28 @@ def test_lp_cross_check_runs_on_the_first_layers_only(log_and_result):
     assert (first["lp_checked"] >= 1).all() and (first["max_lp_gap"] < 1e-9).sum() >= len(first) - 1
     assert (second["lp_checked"] == 0).all()
     assert (second["certified_optimal"][second["router"] != "capacity_tc"] >= 1).all()  # closed form everywhere
+
+
+def test_kv_cache_decoding_mismatch(model_and_batch, log_and_result):
+    """With a KV cache each decode step is a group of one token: USMoE decodes as TC with k' = round(k-bar).
+    Oracle: for k-bar = k, decode-time routing is the model's own top-k, so the mismatch is 1 - (share of tokens
+    whose full-sequence top-c set equals the captured top-2)."""
+    from usmoe_lp.routing import global_topc, unified_score
+
+    path, _, result = log_and_result
+    log = RouterLog.open(path)
+    la = result.layers[1]
+    chunk = log.read(la.layer, 0, log.num_tokens)
+    same = total = 0
+    for sid in torch.unique(chunk.sequence_ids).tolist():
+        sel = chunk.sequence_ids == sid
+        order = torch.argsort(chunk.positions[sel])
+        z = chunk.logits[sel][order].double()
+        full = global_topc(unified_score(z, alpha=0.5), kbar=2).mask
+        model = torch.zeros_like(full).scatter_(1, chunk.selected[sel][order].long(), True)
+        same += int((full == model).all(dim=1).sum())
+        total += z.shape[0]
+    cf = result.counterfactual_frame()
+    row = cf[(cf["layer"] == la.layer) & (cf["label"] == "usmoe a=0.5 kbar=2 seq")]
+    assert float(row["kv_decode_token_flip_rate"].iloc[0]) == pytest.approx(1 - same / total, abs=1e-12)
+    assert 0 < float(row["kv_decode_token_flip_rate"].iloc[0]) < 1

@@ -142,7 +142,10 @@ def _summary(vres, ares, seconds) -> list[str]:
                          f"mass vs TC {tc['coverage']:.3f}, dropping {u['drop_rate']:.1%} of tokens")
             both = pd.concat([f for f in (ec, usm.loc[[u.name]]) if not f.empty])
             leak = [f"{r['label']} {r['flip_rate']:.2%}" for _, r in both.iterrows() if pd.notna(r.get("flip_rate"))]
-            lines.append("leakage (prefix flip rate): TC 0% by construction; " + ", ".join(leak))
+            kv = u.get("kv_decode_token_flip_rate")
+            kv_text = f"; KV-cache decoding of that USMoE changes the experts of {kv:.1%} of tokens" \
+                if kv is not None and pd.notna(kv) else ""
+            lines.append("leakage (prefix flip rate): TC 0% by construction; " + ", ".join(leak) + kv_text)
     return lines[:5]
 
 

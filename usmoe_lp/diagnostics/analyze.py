@@ -53,6 +53,7 @@ from usmoe_lp.diagnostics.margins import MarginPartial, MarginStats, topc_margin
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk, RouterLog
+from usmoe_lp.routing.routers import global_topc, token_choice
 from usmoe_lp.routing.scores import unified_score
 
 Progress = Callable[[str, int, int], None]
@@ -326,10 +327,12 @@ def _topc_columns(labels, margin_dicts) -> dict[str, list[float]]:
             rows.append({})
             continue
         pooled = {"sequences": sum(p["sequences"] for p in parts), "pairs": sum(p["pairs"] for p in parts),
-                  "margin_sum": sum(p["margin_sum"] for p in parts),
+                  "margin_sum": sum(p["margin_sum"] for p in parts), "num_experts": parts[0]["num_experts"],
+                  **{key: sum(p[key] for p in parts) for key in ("decode_tokens", "decode_token_flips",
+                                                                 "decode_pair_flips")},
                   "fragile_pairs": {e: sum(p["fragile_pairs"][e] for p in parts) for e in parts[0]["fragile_pairs"]}}
         rows.append(_topc_margin_row(pooled))
-    cols = sorted({k for r in rows for k in r}, key=lambda k: (k != "topc_margin_mean", k))
+    cols = sorted({k for r in rows for k in r}, key=lambda k: (not k.startswith("topc_margin"), k))
     return {c: [r.get(c, float("nan")) for r in rows] for c in cols}
 
 
@@ -744,13 +747,28 @@ def _cf_score(info: LayerInfo) -> str:
 
 
 def _topc_margin_sums(cfg: RouterConfig, seqs, score_function: str, eps) -> dict[str, Any]:
-    """Global-threshold margins of a sequence-scoped USMoE config over the sampled sequences, as sums
-    (so layers pool by adding): the margin c-th minus (c+1)-th largest unified score of each sequence,
-    and the pairs within eps of the sequence's boundary (ANCHORS §9 item 12, for the global cut)."""
+    """Global-threshold margins and the KV-cache decoding mismatch of a sequence-scoped USMoE config
+    over the sampled sequences, as sums (so layers pool by adding).
+
+    Margins: the c-th minus (c+1)-th largest unified score of each sequence, and the pairs within eps
+    of the sequence's boundary (ANCHORS §9 item 12, for the global cut). Decoding mismatch: with a KV
+    cache every decode step routes a group of ONE token with c = round_half_up(k-bar), i.e. Token
+    Choice with k' = round_half_up(k-bar) on the unified score (for k' = k, the model's own TC, since
+    the unified score is increasing in each logit); counted are the tokens (and token-expert pairs)
+    whose decode-time routing differs from the full-sequence top-c the model would be trained with."""
     margin_sum, sequences, pairs = 0.0, 0, 0
     fragile = dict.fromkeys(eps, 0)
+    k_step = round_half_up(cfg.kbar)  # the budget of a decode step: a group of one token
+    dec_tokens = dec_token_flips = dec_pair_flips = 0
     for _, z, _ in seqs:
-        u = _config_scores(cfg, z.double(), score_function).numpy()  # float64: margins are small differences
+        ut = _config_scores(cfg, z.double(), score_function)  # float64: margins are small differences
+        u = ut.numpy()
+        full = global_topc(ut, kbar=cfg.kbar).mask
+        step = token_choice(ut, k_step).mask if k_step >= 1 else torch.zeros_like(full)
+        diff = full != step
+        dec_tokens += int(u.shape[0])
+        dec_token_flips += int(diff.any(dim=1).sum())
+        dec_pair_flips += int(diff.sum())
         c = round_half_up(cfg.kbar * u.shape[0])
         if not 1 <= c < u.size:
             continue
@@ -760,12 +778,17 @@ def _topc_margin_sums(cfg: RouterConfig, seqs, score_function: str, eps) -> dict
         pairs += u.size
         for e in eps:
             fragile[e] += round(g.fragile_share[e] * u.size)
-    return {"sequences": sequences, "pairs": pairs, "margin_sum": margin_sum, "fragile_pairs": fragile}
+    return {"sequences": sequences, "pairs": pairs, "margin_sum": margin_sum, "fragile_pairs": fragile,
+            "decode_tokens": dec_tokens, "decode_token_flips": dec_token_flips, "decode_pair_flips": dec_pair_flips,
+            "decode_k": k_step, "num_experts": int(z.shape[1]) if seqs else 0}
 
 
 def _topc_margin_row(sums: dict[str, Any]) -> dict[str, float]:
     n, pairs = sums["sequences"], sums["pairs"]
     row = {"topc_margin_mean": sums["margin_sum"] / n if n else float("nan")}
+    t = sums.get("decode_tokens", 0)
+    row["kv_decode_token_flip_rate"] = sums["decode_token_flips"] / t if t else float("nan")
+    row["kv_decode_flip_rate"] = sums["decode_pair_flips"] / (t * sums["num_experts"]) if t else float("nan")
     for e, v in sums["fragile_pairs"].items():
         row[f"topc_fragile@{e:g}"] = v / pairs if pairs else float("nan")
     return row

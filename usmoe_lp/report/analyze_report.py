@@ -67,6 +67,9 @@ DEFINITIONS: dict[str, tuple[str, str, str]] = {
                       "this project (margins.py)"),
     "topc_margin_mean": ("mean over sequences of the c-th minus the (c+1)-th largest unified score (USMoE, "
                          "sequence scope)", "score units", "ANCHORS §9.12 for the global cut"),
+    "kv_decode_token_flip_rate": ("share of tokens whose expert set differs between the full-sequence top-c "
+                                  "(training) and KV-cache decoding, where each step is a group of one token with "
+                                  "c = round_half_up(k-bar)", "share of tokens", "this project (THEORY.md §6)"),
     "flip_rate": ("share of token-expert decisions of token t that differ between routing the prefix 1..t "
                   "(with its own budget) and routing the whole sequence", "share of decisions",
                   "ANCHORS §9.20 (this project)"),
@@ -222,8 +225,8 @@ def report_tables(result) -> dict[str, pd.DataFrame]:
     if not cf.empty:
         cf = cf[cf["layer"] == "pooled"]
         keep = [c for c in ("label", "realised_kbar", "coverage", "drop_rate", "agreement", "flip_rate",
-                            "displacement_mean", "cross_flip_rate", "topc_margin_mean", "gini", "maxvio",
-                            "certified_optimal", "certified_total", "max_lp_gap") if c in cf]
+                            "displacement_mean", "kv_decode_token_flip_rate", "cross_flip_rate", "topc_margin_mean",
+                            "gini", "maxvio", "certified_optimal", "certified_total", "max_lp_gap") if c in cf]
         cf = cf[keep]
     return {"load": load[cols], "collapse": coll.dropna(axis=1, how="all"), "counterfactual": cf}
 
