@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -160,7 +160,6 @@ class AnalyzeResult:
     pooled_leakage: dict[str, LeakageStats]
     seconds: float
     read_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layer_names(self) -> tuple[str, ...]:

@@ -145,18 +145,13 @@ def _frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
             for row in frame.to_dict(orient="records")]
 
 
-def experts_per_token_frame(result, labels: list[str] | None = None) -> pd.DataFrame:
-    """Same as :meth:`AnalyzeResult.experts_per_token_frame` (kept for callers of the report module)."""
-    return result.experts_per_token_frame(labels)
-
-
 def make_figures(result) -> dict[str, Any]:
     """name.png -> matplotlib Figure (None entries skipped)."""
     cf = result.counterfactual_frame()
     figs = {
         "load_heatmap.png": plot_load_heatmap(result.expert_load_frame()),
         "layer_balance.png": plot_layer_balance(result.load_frame()),
-        "experts_per_token.png": plot_experts_per_token(experts_per_token_frame(result, _leak_labels(result))),
+        "experts_per_token.png": plot_experts_per_token(result.experts_per_token_frame(_leak_labels(result))),
         "leakage_per_offset.png": plot_leakage_offsets(result.leakage_offset_frame(), labels=_leak_labels(result)),
         "sweeps.png": plot_sweeps(cf) if not cf.empty else None,
         "collapse_spectra.png": plot_spectra(result.spectrum_frame()),
