@@ -45,16 +45,16 @@ from usmoe_lp.diagnostics.counterfactual import (
     CounterfactualPartial,
     CounterfactualStats,
     RouterConfig,
+    config_scores,
     default_configs,
 )
 from usmoe_lp.diagnostics.leakage import LeakagePartial, LeakageStats, cross_sequence_dependence
-from usmoe_lp.diagnostics.load import LoadPartial, LoadStats
+from usmoe_lp.diagnostics.load import BALANCE_KEYS, LoadPartial, LoadStats
 from usmoe_lp.diagnostics.margins import MarginPartial, MarginStats, topc_margin
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk, RouterLog
 from usmoe_lp.routing.routers import global_topc, token_choice
-from usmoe_lp.routing.scores import unified_score
 
 Progress = Callable[[str, int, int], None]
 """``progress(layer, tokens_done, tokens_total)``, called after every chunk."""
@@ -188,7 +188,7 @@ class AnalyzeResult:
         rows = [{"layer": la.layer, **_load_row(la.load)} for la in self.layers]
         if self.pooled_load is not None:
             pooled = _load_row(self.pooled_load)
-            for key in _BALANCE_KEYS:  # expert e of one layer is not expert e of another: average instead
+            for key in BALANCE_KEYS:  # expert e of one layer is not expert e of another: average instead
                 if key in pooled:
                     pooled[key] = float(np.mean([r[key] for r in rows]))
             rows.append({"layer": "pooled", **pooled})
@@ -231,7 +231,7 @@ class AnalyzeResult:
             f.insert(0, "layer", "pooled")
             f = _join_leakage(f, self.pooled_leakage)
             per_layer = pd.concat(frames, ignore_index=True)
-            means = per_layer.groupby("label", sort=False)[[c for c in _BALANCE_KEYS if c in per_layer]].mean()
+            means = per_layer.groupby("label", sort=False)[[c for c in BALANCE_KEYS if c in per_layer]].mean()
             for col in means.columns:  # balance per layer, then averaged (expert ids differ across layers)
                 f[col] = f["label"].map(means[col])
             tokens = per_layer.groupby("label", sort=False)["cross_tokens"].sum()
@@ -303,10 +303,6 @@ class AnalyzeResult:
             rows += [{"layer": la.layer, "index": i + 1, "sigma": float(v), "sigma_rel": float(v / top)}
                      for i, v in enumerate(s)]
         return pd.DataFrame(rows)
-
-
-_BALANCE_KEYS = ("load_entropy", "load_entropy_nats", "maxvio", "max_over_mean", "cv", "gini", "dead_experts",
-                 "cold_experts", "utilisation")
 
 
 def _load_row(s: LoadStats) -> dict[str, Any]:
@@ -546,12 +542,6 @@ def _batches(seqs, batch_size: int):
         yield logits, mask, pad
 
 
-def _config_scores(cfg: RouterConfig, logits: torch.Tensor, score_function: str) -> torch.Tensor:
-    if cfg.router == "usmoe":
-        return unified_score(logits, alpha=cfg.alpha)
-    return routing_probs(logits, score_function)
-
-
 def _leakage_params(cfg: RouterConfig) -> dict[str, Any] | None:
     if cfg.router == "tc":
         return {"k": cfg.k}
@@ -713,7 +703,7 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
     if seqs and (cfg.leakage or cfg.counterfactual):
         for c in configs:
             if c.router == "usmoe" and c.scope == "sequence":
-                topc[c.label] = _topc_margin_sums(c, seqs, info.score_function, cfg.eps)
+                topc[c.label] = _topc_margin_sums(c, seqs, _cf_score(info), cfg.eps)
     if seqs and cfg.leakage:
         for c in configs:
             params = _leakage_params(c)
@@ -721,11 +711,11 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
                 continue
             part = LeakagePartial.empty(c.router, num_experts=N, **params)
             for _, z, _ in seqs:
-                part.update(_config_scores(c, z, info.score_function))
+                part.update(config_scores(z, c, _cf_score(info)))
             leak_parts[c.label] = part
         for c in configs:
             if c.router == "usmoe" and c.scope in ("batch", "position"):
-                stats = [cross_sequence_dependence(_config_scores(c, lb, info.score_function), kbar=c.kbar,
+                stats = [cross_sequence_dependence(config_scores(lb, c, _cf_score(info)), kbar=c.kbar,
                                                    scope=c.scope, padding_mask=pb)
                          for lb, _, pb in _batches(seqs, cfg.batch_size) if lb.shape[0] > 1]
                 if stats:
@@ -760,7 +750,7 @@ def _topc_margin_sums(cfg: RouterConfig, seqs, score_function: str, eps) -> dict
     k_step = round_half_up(cfg.kbar)  # the budget of a decode step: a group of one token
     dec_tokens = dec_token_flips = dec_pair_flips = 0
     for _, z, _ in seqs:
-        ut = _config_scores(cfg, z.double(), score_function)  # float64: margins are small differences
+        ut = config_scores(z.double(), cfg, score_function)  # float64: margins are small differences
         u = ut.numpy()
         full = global_topc(ut, kbar=cfg.kbar).mask
         step = token_choice(ut, k_step).mask if k_step >= 1 else torch.zeros_like(full)

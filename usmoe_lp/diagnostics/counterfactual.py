@@ -74,6 +74,7 @@ import numpy as np
 import torch
 
 from usmoe_lp._validate import check_int
+from usmoe_lp.diagnostics.load import BALANCE_KEYS, balance_metrics
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.lp import RoutingProblem, certify, certify_with_duals, solve
 from usmoe_lp.routing import (
@@ -295,6 +296,15 @@ def _probabilities(z: torch.Tensor, score_function: str) -> torch.Tensor:
     return torch.softmax(torch.nn.functional.logsigmoid(z), dim=-1)
 
 
+def config_scores(logits: torch.Tensor, config: RouterConfig, score_function: str = "softmax") -> torch.Tensor:
+    """The scores ``config`` routes on, same shape and dtype as ``logits`` ((T, N) or (B, T, N) float):
+    ``unified_score(logits, alpha)`` for USMoE, else the router probabilities (softmax, or the sigmoid
+    normalised per token for ``score_function="sigmoid"``)."""
+    if config.router == "usmoe":
+        return unified_score(logits, config.alpha)
+    return _probabilities(logits, score_function)
+
+
 def _dispatch(config: RouterConfig, scores: torch.Tensor, pad) -> Routing:
     if config.router == "tc":
         return token_choice(scores, config.k, padding_mask=pad)
@@ -342,13 +352,10 @@ def reroute(logits, config: RouterConfig, *, padding_mask=None, score_function: 
     config.check_experts(z3.shape[-1])
     z = z3[0] if squeeze else z3
     pad = None if padding_mask is None else ~(valid[0] if squeeze else valid)
-    scores = unified_score(z, config.alpha) if config.router == "usmoe" else _probabilities(z, score_function)
-    return _dispatch(config, scores, pad)
+    return _dispatch(config, config_scores(z, config, score_function), pad)
 
 
 # ----------------------------------------------------------------------------- results
-_BALANCE_KEYS = ("load_entropy", "load_entropy_nats", "maxvio", "max_over_mean", "cv", "gini",
-                 "dead_experts", "cold_experts", "utilisation")
 
 
 @dataclass(frozen=True, eq=False)
@@ -434,7 +441,7 @@ class CounterfactualRecord:
                "coverage": self.coverage, "dropped_tokens": self.dropped_tokens, "drop_rate": self.drop_rate,
                "budget_mismatch": self.budget_mismatch, "agreement": self.agreement,
                "agreement_tokens": self.agreement_tokens}
-        out.update({key: self.balance.get(key) for key in _BALANCE_KEYS})
+        out.update({key: self.balance.get(key) for key in BALANCE_KEYS})
         out.update({"certificate": self.certificate, "certified_optimal": self.certified_optimal,
                     "certified_total": self.certified_total, "max_certificate_gap": self.max_certificate_gap,
                     "lp_checked": self.lp_checked, "lp_skipped": self.lp_skipped, "lp_failed": self.lp_failed,
@@ -828,7 +835,6 @@ class CounterfactualPartial:
 
     def result(self) -> CounterfactualStats:
         """The :class:`CounterfactualStats` of everything seen (balance via ``load.balance_metrics``)."""
-        from usmoe_lp.diagnostics.load import balance_metrics
 
         records = []
         for config, a in zip(self.configs, self.accs, strict=True):

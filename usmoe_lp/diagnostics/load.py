@@ -59,6 +59,11 @@ def _entropy_nats(share: np.ndarray) -> float:
     return float(-(pos * np.log(pos)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
+BALANCE_KEYS = ("load_entropy", "load_entropy_nats", "maxvio", "max_over_mean", "cv", "gini", "dead_experts",
+                "cold_experts", "utilisation")
+"""The keys of :func:`balance_metrics`, in order."""
+
+
 def balance_metrics(counts) -> dict[str, float | int]:
     """Balance metrics of per-expert counts (ANCHORS.md §9 items 5-9).
 
