@@ -33,3 +33,7 @@ class UnsupportedProblem(UsmoeLpError, ValueError):
 
 class SolverError(UsmoeLpError, RuntimeError):
     """A solver backend failed or is not installed."""
+
+
+class OutputExists(UsmoeLpError, FileExistsError):
+    """An output path cannot take a new result: it is a file, not empty, or holds files of the user's."""

@@ -6,7 +6,7 @@ file (or directory) concerned and says what was wrong and what to do.
 
 from __future__ import annotations
 
-from usmoe_lp.errors import UsmoeLpError
+from usmoe_lp.errors import OutputExists, UsmoeLpError
 
 
 class LogError(UsmoeLpError):
@@ -33,7 +33,7 @@ class UnsupportedVersion(LogError, ValueError):
     """The manifest was written by a newer format version than this usmoe-lp can read."""
 
 
-class LogExists(LogError, FileExistsError):
+class LogExists(LogError, OutputExists):
     """The writer's target already holds data; pass ``overwrite=True`` to replace a router log."""
 
 
