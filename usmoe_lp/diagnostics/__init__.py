@@ -5,7 +5,8 @@ mergeable partial (``XPartial.empty / update / merge / result``); :func:`analyze
 over a router log, and :func:`usmoe_lp.report.write_analyze_report` renders the result.
 (The one-shot ``counterfactual`` function stays in its module, ``usmoe_lp.diagnostics.counterfactual``,
 so that the package attribute remains the module.)
-Definitions and sources: ANCHORS.md §9, DESIGN.md "Diagnostics", and each function's docstring.
+Definitions and sources: each module's and function's docstring, and the definitions table of the
+analyze report (``usmoe_lp.report.analyze_report.DEFINITIONS``: definition, unit and source of every metric).
 """
 
 from usmoe_lp.diagnostics.analyze import (

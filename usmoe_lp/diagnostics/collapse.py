@@ -1,6 +1,7 @@
 """Representation-collapse diagnostics: effective rank, singular spectra, cosine similarities, span energy.
 
-Definitions (``ANCHORS.md`` §3 and §9 item 19; no anchor tool computes any of them):
+Definitions (X-MoE's collapse argument, Chi et al. 2022, and the works cited per item; the MoE analysis
+tools we know of, such as moewatch and Megatron-LM's diagnostics, measure only load collapse):
 
 * **Effective rank** (Roy & Vetterli 2007): ``erank(X) = exp(H(q))`` with ``q_i = sigma_i / sum_j sigma_j``
   over the singular values of X and H the Shannon entropy in nats; ``1 <= erank <= min(n, d)`` for a
@@ -180,7 +181,7 @@ def singular_spectrum(matrix) -> np.ndarray:
 def effective_rank(matrix, *, center: bool = False) -> float:
     """Effective rank of ``matrix`` (n, d) float (numpy or torch, any float dtype), unitless.
 
-    Roy & Vetterli 2007 (ANCHORS.md §9 item 19): ``exp(H(q))`` with ``q_i = sigma_i / sum_j sigma_j``
+    Roy & Vetterli 2007 (papers/references.bib: ``roy2007erank``): ``exp(H(q))`` with ``q_i = sigma_i / sum_j sigma_j``
     over the singular values and H the Shannon entropy in nats. ``1 <= erank <= min(n, d)``; it is the
     rank for a matrix whose non-zero singular values are equal. The zero matrix has effective rank
     0.0 (by definition here: q is undefined). Singular values below numpy's ``matrix_rank`` tolerance
@@ -246,8 +247,8 @@ def span_energy(hidden, weights) -> float:
     hidden: (n, d) float pre-router hidden states; weights: (N, d) float router rows. P_W is the
     orthogonal projector onto the row space of W, built from an orthonormal basis (SVD of W, rank by
     numpy's ``matrix_rank`` tolerance; no explicit inverse). Unitless, in [0, 1]: 1 means every hidden
-    state lies in the router span (X-MoE's representation collapse, Chi et al. 2022, ANCHORS.md §3 and
-    §9 item 19), ``rank(W) / d`` is the expectation for isotropic hidden states, 0 means orthogonal to
+    state lies in the router span (X-MoE's representation collapse, Chi et al. 2022, arXiv
+    2204.09179), ``rank(W) / d`` is the expectation for isotropic hidden states, 0 means orthogonal to
     every router row. All-zero hidden states have no energy to split: :class:`InvalidScores`.
 
     >>> span_energy(np.array([[3.0, 4.0, 0.0]]), np.array([[1.0, 0.0, 0.0]]))
@@ -397,7 +398,7 @@ class CollapsePartial:
     * for the probabilities P (T, N): the Gram ``P^T P`` and column sums;
     * for the hidden states H (T, d), when ``hidden_dim`` is set: ``H^T H`` (d, d) and column sums.
 
-    ``probs`` defaults to the softmax of the logits (ANCHORS.md §9: ``p = softmax(z)``); pass the
+    ``probs`` defaults to the softmax of the logits (the usual routing distribution ``p = softmax(z)``); pass the
     model's own probabilities for sigmoid routers. A partial takes either always or never ``probs``.
 
     >>> import torch

@@ -1,13 +1,13 @@
 """Counterfactual re-routing: what TC, EC, USMoE or capacity-limited TC do with the same captured logits.
 
-ANCHORS.md §8 item 2 (no anchor replays real captured logits offline under other routers) and
-DESIGN.md "Diagnostics". One set of router logits Z (T tokens x N experts per sequence) is
-re-routed under each :class:`RouterConfig`; per config the module reports the objective in a
-common currency, how much of the score mass it covers, dropped tokens, load balance, agreement
-with the model's own selection and optimality certificates of the selection against the
-router's own program (THEORY.md §2-4).
+No MoE analysis tool we know of replays captured logits offline under other routers (USMoE changes
+the model's forward pass, moe-routing-bench retrains toy models). One set of router logits Z
+(T tokens x N experts per sequence) is re-routed under each :class:`RouterConfig`; per config the
+module reports the objective in a common currency, how much of the score mass it covers, dropped
+tokens, load balance, agreement with the model's own selection and optimality certificates of the
+selection against the router's own program (papers/routing-as-lp.md §1).
 
-Scores (the choice made here, THEORY.md §2.3 caveat 3: comparisons need one fixed S):
+Scores (the choice made here; comparisons need one fixed S, papers/routing-as-lp.md §6):
 
 * TC, EC and capacity-TC route on the router **probabilities** P: ``softmax(Z)`` over experts
   (``score_function="softmax"``), or, for sigmoid routers (DeepSeek-V3 style),
@@ -16,17 +16,18 @@ Scores (the choice made here, THEORY.md §2.3 caveat 3: comparisons need one fix
   stays a share. TC's selection is the same on Z, P or sigmoid(Z) (monotone within a row); EC's
   depends on the per-token normalisation.
 * USMoE routes on its unified score ``U = alpha * 2 sigmoid(Z) / N + (1 - alpha) softmax(Z)``
-  (``usmoe_lp.routing.unified_score``; THEORY.md §3) with the global top-c per scope (§4).
+  (``usmoe_lp.routing.unified_score``) with the global top-c per scope (papers/routing-as-lp.md §1).
 
 Common currency: ``objective`` is sum of P over the selected pairs for every router, so USMoE's
 objective is measured in probabilities too; ``own_objective`` is the sum of the router's own
 scores (U for USMoE; equal to ``objective`` for the others). ``coverage = objective / sum of P
 over real tokens`` (a share in [0, 1]; for TC the mean top-k probability mass).
 
-Matched budget (THEORY.md §2.3 Corollary and caveat 5): TC selects T*k pairs per sequence; EC
-selects N*e with e = ceil(capacity_factor * T * k / N); USMoE c = round_half_up(kbar * tokens in
-the group), = T*k at kbar = k. ``budget_mismatch`` = selected pairs - k * real tokens (for EC
-exactly N*e - T*k summed over sequences; negative for capacity-TC = dropped assignments).
+Matched budget (papers/routing-as-lp.md §1; the relaxation argument and EC's rounding in §4.3-4.4):
+TC selects T*k pairs per sequence; EC selects N*e with e = ceil(capacity_factor * T * k / N); USMoE
+c = round_half_up(kbar * tokens in the group), = T*k at kbar = k. ``budget_mismatch`` = selected
+pairs - k * real tokens (for EC exactly N*e - T*k summed over sequences; negative for capacity-TC =
+dropped assignments).
 
 Certificates:
 
@@ -122,7 +123,7 @@ class RouterConfig:
         alpha: usmoe only, weight of the scaled sigmoid in the unified score, in [0, 1]; 0 is the
             softmax, 1 the scaled sigmoid. Default 0.5 (the reference code's ``rate``).
         scope: usmoe only, the group of the global top-c: ``sequence``, ``batch`` or
-            ``position`` (THEORY.md §4); ``sequence`` for every other router.
+            ``position`` (papers/routing-as-lp.md §1); ``sequence`` for every other router.
         capacity_factor: ec (default 1.0) and capacity_tc (default 1.25, the Switch default).
         policy: capacity_tc only, the order in which assignments are served: ``position`` or
             ``priority`` (``usmoe_lp.routing.capacity_token_choice``).

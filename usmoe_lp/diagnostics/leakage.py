@@ -1,7 +1,9 @@
 """Information leakage of non-causal routers: prefix consistency and cross-sequence dependence.
 
-Definitions (issue 4; ``ANCHORS.md`` §4 and §9 item 20). For one sequence with router scores S,
-(T, N) float (the caller passes the router's own scores, e.g. the unified score for USMoE):
+Definitions (issue 4; defined in this project, since no MoE tool we know of measures leakage; motivated
+by the non-causal selection of Expert Choice, Zhou et al. 2022, and Mixture-of-Depths, Raposo et al.
+2024; results in papers/routing-as-lp.md §5.3). For one sequence with router scores S, (T, N) float
+(the caller passes the router's own scores, e.g. the unified score for USMoE):
 
 * D_full — the routing of the whole sequence;
 * D_{<=t} — the routing of the prefix 1..t with the budget the router would use for a sequence of
@@ -30,10 +32,10 @@ Statistics (pooled over the tokens of all analysed sequences, token-weighted):
   per offset, so sequences of different lengths merge exactly.
 * ``displacement`` — for t = 2..T, the number of EARLIER tokens s < t whose expert set in
   D_{<=t} differs from that in D_{<=t-1}: how many past decisions one appended token changes
-  (ANCHORS.md §9 item 20's "budget-displacement count"). Mean, max and histogram over all steps.
+  (a "budget-displacement count", defined here). Mean, max and histogram over all steps.
 
-Choice where the sources differ: ANCHORS.md §9 item 20 sketches the flip rate over all pairs s <= t
-of every prefix; issue 4 (followed here) compares the causal decision of each token with the full
+Choice where definitions could differ: a flip rate could also be averaged over all pairs s <= t of
+every prefix; issue 4 (followed here) compares the causal decision of each token with the full
 routing, which is what decoding actually changes. Token Choice is leak-free: every statistic is
 exactly 0 (a sanity check).
 
@@ -516,7 +518,7 @@ def prefix_consistency(scores, router: str, *, k: int | None = None, kbar: float
 
     Returns :class:`LeakageStats`: ``flip_rate``, ``token_flip_rate`` (shares), ``jaccard`` (mean
     Jaccard distance), ``per_offset`` (flip rate per number of future tokens), and the displacement
-    count per appended token. Definitions: module docstring; issue 4 and ANCHORS.md §9 item 20.
+    count per appended token. Definitions: module docstring (issue 4; defined in this project).
 
     >>> import numpy as np
     >>> s = np.array([[1.0, 0.0], [3.0, 2.0]])   # token 2 outbids token 1 for the budget

@@ -1,9 +1,11 @@
 """Load-balance statistics of a routing: load entropy, MaxVio, CV, Gini, dead experts, aux and z losses.
 
-Definitions follow ``ANCHORS.md`` §9 items 1-9; the quirks of other tools listed in §10 are avoided on
-purpose (and each is a regression test): top-k counts (never top-1 only), zero-load experts counted
-in max/mean, population CV, Gini exactly 0 at perfect balance, and both the pooled (transformers) and
-the per-layer-mean (OLMoE scripts) Switch aux loss.
+Definitions follow their original sources, named at each metric (Switch Transformers, ST-MoE,
+DeepSeek's MaxVio, moewatch, Megatron-LM's ``routing_diagnostics``). Known quirks of other tools are
+avoided on purpose (and each is a regression test): top-k counts (moewatch counts top-1 only),
+zero-load experts counted in max/mean (plumb-moe leaves them out), population CV, Gini exactly 0 at
+perfect balance (Megatron-LM's omits the +1/N term), and both the pooled (transformers) and the
+per-layer-mean (OLMoE scripts) Switch aux loss.
 
 Entropies are in nats; "normalised" entropies are divided by log N (N = number of experts).
 """
@@ -18,7 +20,7 @@ import numpy as np
 from usmoe_lp._validate import check_int
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 
-COLD_SHARE = 0.001  # moewatch's dead/cold threshold on the load share (ANCHORS.md §9 item 9)
+COLD_SHARE = 0.001  # moewatch's dead/cold threshold on the load share
 
 
 def _as_numpy(x, name: str) -> np.ndarray:
@@ -65,11 +67,11 @@ BALANCE_KEYS = ("load_entropy", "load_entropy_nats", "maxvio", "max_over_mean", 
 
 
 def balance_metrics(counts) -> dict[str, float | int]:
-    """Balance metrics of per-expert counts (ANCHORS.md §9 items 5-9).
+    """Balance metrics of per-expert counts (the source of each is named at its entry below).
 
     Args:
         counts: (N,) int or float, c_e = number of token-expert assignments of expert e (count
-            every selected pair: a top-k router gives k per token, never top-1 only; §10).
+            every selected pair: a top-k router gives k per token, never top-1 only as moewatch counts).
             numpy array, torch tensor or list; must be finite and >= 0.
 
     Returns a dict (plain Python floats/ints):
@@ -78,10 +80,10 @@ def balance_metrics(counts) -> dict[str, float | int]:
         - ``load_entropy_nats``: H(l) in nats.
         - ``maxvio``: max_e c_e / mean_e c_e - 1 (DeepSeek, arXiv 2408.15664); 0 at balance.
         - ``max_over_mean``: max_e c_e / mean_e c_e = maxvio + 1, the mean taken over ALL N
-          experts, zero-load experts included (plumb-moe leaves them out; §10).
+          experts, zero-load experts included (plumb-moe leaves them out).
         - ``cv``: POPULATION std (ddof=0, not torch's sample default) / mean of c_e.
         - ``gini``: G = 1 + 1/N - 2 sum_i (sum_{j<=i} c_(j)) / (N sum c), c sorted ascending.
-          Exactly 0 at perfect balance (Megatron omits the +1/N; §10) and (N-1)/N when one
+          Exactly 0 at perfect balance (Megatron-LM omits the +1/N, giving -1/N) and (N-1)/N when one
           expert takes everything.
         - ``dead_experts``: int, #{e : c_e == 0} (Megatron's threshold).
         - ``cold_experts``: int, #{e : l_e <= 0.001} (moewatch's threshold; includes the dead).
@@ -254,7 +256,7 @@ class LoadStats:
       divided by log N. moewatch's "logits mode" entropy.
     - ``mean_prob_entropy``: H(mean_t q_t) / log N, the entropy of the mean routing distribution
       (Megatron ``routing_diagnostics``); ``mean_prob_entropy_nats``: the same in nats.
-      The three entropies differ in general (ANCHORS.md §9 item 5).
+      The three entropies differ in general (moewatch reports the first two both as "entropy").
     - ``maxvio``, ``max_over_mean``, ``cv`` (population), ``gini``, ``dead_experts``,
       ``cold_experts``, ``utilisation``: as in :func:`balance_metrics`.
     - ``experts_per_token``: (N+1,) ints, entry j = number of tokens that got exactly j experts.
@@ -455,7 +457,7 @@ class LoadPartial:
 
 
 def load_stats(mask, probs=None, *, logits=None, top_k: int | None = None) -> LoadStats:
-    """Load-balance statistics of one routing (ANCHORS.md §9 items 1, 3-9).
+    """Load-balance statistics of one routing (definitions and sources: :class:`LoadStats`).
 
     Args:
         mask: (T, N) or (B, T, N) bool (or 0/1 numbers), the selection actually made (top-k or any
@@ -521,7 +523,7 @@ def _topk_mask(p: np.ndarray, k: int) -> np.ndarray:
 
 
 def aux_loss(router_logits, k: int, attention_mask=None, pooled: bool = True) -> float:
-    """Switch/GShard load-balancing loss on transformers' router logits (ANCHORS.md §9 item 1).
+    """Switch/GShard load-balancing loss on transformers' router logits (Fedus et al. 2022, eqs. 4-6).
 
     Args:
         router_logits: the per-layer tuple exactly as transformers returns it with
@@ -533,7 +535,7 @@ def aux_loss(router_logits, k: int, attention_mask=None, pooled: bool = True) ->
         pooled: True (default): all layers' tokens pooled into one set, L = N sum_e f_e P_e with
             f_e = c_e / T and P_e = mean_t p_{t,e} over the pooled tokens, exactly transformers'
             ``load_balancing_loss_func`` (Mixtral, Qwen-MoE, OLMoE in transformers...). False: the
-            mean over layers of each layer's loss, as the OLMoE training scripts compute it (§10).
+            mean over layers of each layer's loss, as the OLMoE training scripts compute it.
 
     Returns the loss as a float (unitless; 1 at perfect balance for k = 1, k for top-k).
 
@@ -573,7 +575,7 @@ def aux_loss(router_logits, k: int, attention_mask=None, pooled: bool = True) ->
 
 
 def router_z_loss(router_logits) -> float:
-    """ST-MoE router z-loss (1/T) sum_t (logsumexp_e z_{t,e})^2 (ANCHORS.md §9 item 3).
+    """ST-MoE router z-loss (1/T) sum_t (logsumexp_e z_{t,e})^2 (Zoph et al. 2022, arXiv 2202.08906).
 
     Args:
         router_logits: per-layer tuple of (B*T, N) or (B, T, N) float tensors, or one tensor.

@@ -1,7 +1,7 @@
 """Decision margins of a routing: how far each top-k / global top-c decision is from flipping.
 
 Margins are in score units (the units of whatever scores the router ranked: probabilities,
-logits, unified scores). ANCHORS.md §9 item 12 (Megatron ``router_diagnostics`` boundary margin).
+logits, unified scores). The top-k boundary margin follows Megatron-LM's ``router_diagnostics``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _kth_and_next(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def topk_margins(scores, k: int, *, relative: bool = False) -> np.ndarray:
-    """Per-token top-k boundary margin (ANCHORS.md §9 item 12).
+    """Per-token top-k boundary margin (as in Megatron-LM's ``router_diagnostics``).
 
     Args:
         scores: (T, N) or (B, T, N) float (flattened to (B*T, N)), finite; the scores the router ranks.
@@ -255,7 +255,7 @@ class MarginStats:
       10**(1/40) ~ 1.059 for margins in [1e-8, 1e3) with the default bins; 0.0 if the median falls in
       [0, first edge) (ties), and the last edge (a lower bound) if it falls beyond the last edge.
     - ``mean_relative_margin``: mean of margin / k-th largest score over boundary tokens whose
-      k-th largest score is > 0 (Megatron form, ANCHORS.md §9 item 12); ``relative_tokens``: their count.
+      k-th largest score is > 0 (Megatron-LM ``router_diagnostics`` form); ``relative_tokens``: their count.
     - ``fragile_pairs`` {eps: count} and ``fragile_share`` {eps: count / (num_tokens * N)}: see
       :func:`fragile_counts`.
     - ``histogram``: (edges, counts) with counts of length len(edges) + 1: bin 0 is
