@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -400,29 +401,106 @@ class _Batch:
     width: int = 0  # tokens in the cache after this forward
 
 
+_FILLED_OUTSIDE = ("it was filled outside the capture (before `with capture(...)`, or by forwards of another model "
+                   "or stack)")
+
+
 @dataclass
 class _Stream:
     """Rows of the last logged forward that filled a KV cache, for the decode steps that follow it."""
 
-    cache: Any
-    sequence_ids: torch.Tensor
-    next_position: torch.Tensor
-    width: int
+    cache: Any  # a weakref to the cache (or the cache itself when it cannot be weakly referenced)
+    sequence_ids: torch.Tensor  # (B,) int64
+    next_position: torch.Tensor  # (B,) int64: each row's next position (its real tokens so far)
+    width: int  # tokens in the cache after that forward
+    snapshot: tuple[tuple[Any, int], ...] = ()  # _snapshot of the cache right after that forward
 
-    def continues(self, cache: Any, past: int, rows: int) -> bool:
-        ref = self.cache() if isinstance(self.cache, weakref.ref) else self.cache
-        return ref is cache and past == self.width and rows == self.sequence_ids.numel()
+    def mismatch(self, cache: Any, past: int, rows: int) -> str | None:
+        """Why a forward over ``rows`` rows whose ``cache`` holds ``past`` tokens does not continue this stream;
+        None when it does."""
+        if _deref(self.cache) is not cache:
+            return f"it is not the cache the last logged forward filled: {_FILLED_OUTSIDE}"
+        if rows != self.sequence_ids.numel():
+            return (f"the batch has {rows} rows but the logged forward that filled the cache had "
+                    f"{self.sequence_ids.numel()} (the batch size changed between the forwards)")
+        if past != self.width:
+            return (f"the last logged forward left {self.width} tokens in it (it was cropped, e.g. by assisted "
+                    "decoding, or extended by forwards outside the capture)")
+        if not _unchanged(self.snapshot, cache):
+            return ("its contents were replaced between the forwards (beam search reorders its rows; cropping or "
+                    "selecting rows rewrites it), so its rows are no longer the logged sequences")
+        return None
+
+
+def _cache_type() -> type | None:
+    """``transformers.cache_utils.Cache`` when transformers is loaded (no transformers cache exists otherwise)."""
+    module = sys.modules.get("transformers.cache_utils")
+    return getattr(module, "Cache", None)
+
+
+def _is_cache(value: Any) -> bool:
+    """A KV cache: a transformers ``Cache``, or any object with a callable ``get_seq_length`` (other libraries)."""
+    if value is None or isinstance(value, torch.Tensor | str | int | float | bool):
+        return False
+    cache_type = _cache_type()
+    return (cache_type is not None and isinstance(value, cache_type)) or callable(getattr(value, "get_seq_length",
+                                                                                         None))
+
+
+def _find_cache(args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache among a forward's arguments, whatever carries it (``cache=``, ``past_key_values=``, a positional
+    argument); None when there is none. Two different caches raise :class:`CaptureFailed`."""
+    found = None
+    for value in (*kwargs.values(), *args):
+        if value is not found and _is_cache(value):
+            if found is not None:
+                names = [k for k, v in kwargs.items() if v is found or v is value] or ["positional arguments"]
+                raise CaptureFailed(f"the forward got two KV caches ({', '.join(names)}); the capture cannot tell "
+                                    "which one its routers' tokens extend: pass one")
+            found = value
+    return found
 
 
 def _cache_length(cache: Any) -> int | None:
-    """Tokens held by a transformers KV cache object, None when ``cache`` is not one."""
-    get = getattr(cache, "get_seq_length", None)
-    if cache is None or not callable(get):
+    """Tokens held by a KV cache object, None when ``cache`` is None or cannot tell its length."""
+    if cache is None:
         return None
     try:
-        return int(get())
+        return int(cache.get_seq_length())
     except Exception:  # noqa: BLE001 - a cache that cannot tell its length starts a new batch
         return None
+
+
+def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """The tensors of the first layer of a transformers cache (of its self-attention cache for an encoder-decoder
+    one): what a beam-search reorder, a crop or a row selection replaces or rewrites in place between two forwards;
+    [] for a cache without ``layers``."""
+    layers = getattr(getattr(cache, "self_attention_cache", cache), "layers", None)
+    if not isinstance(layers, list | tuple) or not layers:
+        return []
+    try:
+        fields = vars(layers[0]).values()
+    except TypeError:  # a layer with __slots__
+        return []
+    return [v for v in fields if isinstance(v, torch.Tensor)]
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: identity only
+        return -1
+
+
+def _snapshot(cache: Any) -> tuple[tuple[Any, int], ...]:
+    """(weakref, version) of each of :func:`_cache_tensors`: a new tensor or an in-place write changes it."""
+    return tuple((weakref.ref(t), _version(t)) for t in _cache_tensors(cache))
+
+
+def _unchanged(snapshot: tuple[tuple[Any, int], ...], cache: Any) -> bool:
+    now = _cache_tensors(cache)
+    return len(now) == len(snapshot) and all(ref() is t and version == _version(t)
+                                             for (ref, version), t in zip(snapshot, now, strict=True))
 
 
 def _ref(obj: Any) -> Any:
@@ -430,6 +508,10 @@ def _ref(obj: Any) -> Any:
         return weakref.ref(obj)
     except TypeError:
         return obj
+
+
+def _deref(ref: Any) -> Any:
+    return ref() if isinstance(ref, weakref.ref) else ref
 
 
 class Capture:
@@ -554,9 +636,15 @@ class Capture:
         self._hidden = {}
         self._chosen = {}
         if self._pending is not None:
-            self._current, self._pending = self._pending, None
-            self._stream = None
-            return
+            batch, self._pending = self._pending, None
+        else:
+            batch = self._batch_from(args, kwargs)
+        if self.stack != "encoder" and batch.shape is not None:  # encoder tokens never continue a (decoder) KV cache
+            self._track_cache(batch, _find_cache(args, kwargs))
+        self._current = batch
+
+    def _batch_from(self, args: tuple, kwargs: Mapping[str, Any]) -> _Batch:
+        """The token ids, attention mask and (B, T) shape of a forward, from its arguments."""
         prefix = "decoder_" if self.stack == "decoder" else ""
         ids = kwargs.get(prefix + "input_ids")
         if ids is None and not prefix and args and isinstance(args[0], torch.Tensor):
@@ -573,28 +661,32 @@ class Capture:
             shape = (1, int(ref.shape[0])) if ref.ndim == 2 else tuple(ref.shape[:2]) if ref.ndim == 3 else None
         elif isinstance(ref, torch.Tensor):
             shape = (int(ref.shape[0]), int(ref.shape[1])) if ref.ndim == 2 else None
-        batch = _Batch(ids if isinstance(ids, torch.Tensor) else None,
-                       mask if isinstance(mask, torch.Tensor) else None, shape)
-        if self.stack != "encoder" and shape is not None:  # encoder tokens never continue a (decoder) KV cache
-            self._track_cache(batch, kwargs.get("past_key_values"))
-        self._current = batch
+        return _Batch(ids if isinstance(ids, torch.Tensor) else None,
+                      mask if isinstance(mask, torch.Tensor) else None, shape)
 
     def _track_cache(self, batch: _Batch, cache: Any) -> None:
-        """Mark ``batch`` as a continuation of the last stream (a decode step) or as the start of one."""
+        """Mark ``batch`` as a continuation of the last stream (a decode step) or as the start of one.
+
+        A forward whose cache already holds tokens must continue the stream the last logged forward left in that
+        cache (same cache object, untouched since, same rows); any other raises :class:`CaptureFailed` saying why,
+        as its tokens' sequences and positions are unknown."""
         past = _cache_length(cache)
         if past is None:
             self._stream = None
             return
         b, t = batch.shape
-        stream = self._stream
-        if past > 0 and stream is not None and stream.continues(cache, past, b):
+        if past > 0:
+            stream = self._stream
+            why = _FILLED_OUTSIDE if stream is None else stream.mismatch(cache, past, b)
+            if why is not None:
+                raise CaptureFailed(
+                    f"a forward with a KV cache already holding {past} tokens does not continue a sequence this "
+                    f"capture logged: {why}. The capture logs generate() (greedy or sampling, num_beams=1) and "
+                    "decode loops whose cache is filled inside `with capture(...)` from empty")
             mask = batch.attention_mask
             if mask is not None and mask.ndim == 2 and mask.shape[0] == b and mask.shape[1] == past + t:
                 batch.attention_mask = mask[:, past:]  # the columns of this forward's tokens
             batch.sequence_ids, batch.start = stream.sequence_ids, stream.next_position
-        elif past > 0:
-            self._stream = None  # a cache filled outside the capture: its tokens' positions are unknown
-            return
         batch.cache, batch.width = _ref(cache), past + t
 
     def _router_hook(self, spec: RouterSpec):
@@ -699,7 +791,7 @@ class Capture:
         if batch.sequence_ids is None:
             self.sequences += b
         self._stream = None if batch.cache is None else _Stream(batch.cache, rows, start + mask.long().sum(1),
-                                                                batch.width)
+                                                                batch.width, _snapshot(_deref(batch.cache)))
 
 
 def _logits_of(output: Any, spec: RouterSpec) -> torch.Tensor:
