@@ -73,7 +73,7 @@ def _observations(r: TrainResult) -> list[str]:
         f"{100 * min(min(x.load_share) for x in t):.1f}% (uniform: {100 / n:.1f}%). With the auxiliary "
         f"loss (coefficient {r.hyperparameters['router_aux_loss_coef']}) "
         + ("every expert stays in use (none below 0.1% of the selections)." if dead == 0 else
-           f"{dead} expert(s) get below 0.1% of their layer's selections (dead, ANCHORS.md §9 item 9)."))
+           f"{dead} expert(s) get below 0.1% of their layer's selections (dead by moewatch's threshold)."))
     tok = [x.token_entropy for x in t]
     lines.append(
         ("- **The routers are confident, unlike random ones.**" if max(tok) < min(x.token_entropy for x in i) - 0.05

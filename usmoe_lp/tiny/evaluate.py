@@ -6,9 +6,10 @@ exactly once, with up to ``seq_len - 1`` tokens of context. Targets that are ``B
 are not scored. Units: **nats per token** for the loss (bytes and EOS targets), **bits per byte** over the byte
 targets only, perplexity ``exp(loss)``.
 
-Router statistics (definitions of ANCHORS.md §9, items 5, 6, 7, 17), per layer, over every token of the stream
-once (the window overlap is counted once), with the model's own selection (top-k of the softmax of the raw router
-logits; OLMoE, Muennighoff et al. 2024):
+Router statistics (load entropy as in moewatch, MaxVio as in DeepSeek's arXiv 2408.15664, the coefficient of
+variation, OLMoE's vocabulary specialisation), per layer, over every token of the stream once (the window overlap
+is counted once), with the model's own selection (top-k of the softmax of the raw router logits; OLMoE,
+Muennighoff et al. 2024):
 
 * ``load_share[e] = c_e / Σ c`` with ``c_e`` the number of tokens that selected expert ``e`` among their top-k;
 * ``load_entropy = -Σ ℓ_e ln ℓ_e / ln E`` (normalised to [0, 1]; 1 = perfectly balanced);

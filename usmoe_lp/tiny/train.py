@@ -2,7 +2,7 @@
 
 ``train_tiny(out, steps=..., seed=...)`` builds an :class:`transformers.OlmoeForCausalLM` (OLMoE, Muennighoff et
 al. 2024, arXiv 2409.02060: softmax router, top-k without renormalisation, load-balancing auxiliary loss of
-Switch/GShard, ANCHORS.md §9 item 1, HF ``load_balancing_loss_func``), trains it with AdamW on random windows of
+Switch/GShard, Fedus et al. 2022, HF ``load_balancing_loss_func``), trains it with AdamW on random windows of
 the training stream (:mod:`usmoe_lp.tiny.data`), evaluates held-out loss / perplexity / bits per byte and the
 routers (:mod:`usmoe_lp.tiny.evaluate`) against the same architecture at its random initialisation and a unigram
 byte model, and writes ``out/``: ``config.json``, ``model.safetensors`` (float32), ``generation_config.json``,
