@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from usmoe_lp.cli import app
+from usmoe_lp.errors import OutputExists
 from usmoe_lp.report import write_verify_report
 from usmoe_lp.verify import CLAIMS, FAMILIES, VerifyConfig, VerifyResult, run_verify
 from usmoe_lp.verify.runner import Counterexample, TrialRecord
@@ -187,7 +188,11 @@ def test_rewriting_a_directory_drops_stale_files(report_dir, tmp_path):
     assert list((out / "counterexamples").glob("*.json"))
     clean = run_verify(VerifyConfig(families=("sigmoid",), sizes=((4, 2),), ks=(1,), trials=1,
                                     backends=FAST, claims=("usmoe_ge_tc",)), progress=False)
-    paths = write_verify_report(clean, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OutputExists, match="overwrite=True"):
+        write_verify_report(clean, out)  # an earlier report is replaced only when asked to
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    paths = write_verify_report(clean, out, overwrite=True)
     assert list((out / "counterexamples").glob("*.json")) == []
     assert not (out / "gap_distributions.png").exists()
     assert not (out / "capped_greedy_gap.png").exists()

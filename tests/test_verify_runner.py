@@ -255,14 +255,38 @@ def test_cells_add_up(small_result):
     assert "sigmoid" not in summary["topc_optimal_le"]["failing_families"]  # positive scores
 
 
-def test_k_above_n_is_skipped_and_unapplicable_claims_not_run():
-    cfg = VerifyConfig(families=("gaussian",), sizes=((3, 2), (2, 3)), ks=(3,), trials=1,
-                       backends=("closed_form", "highs", "milp"), claims=("ilp_eq_lp",),
-                       ilp_max_vars=4)
+def test_k_above_n_is_skipped_where_another_size_runs_it():
+    cfg = VerifyConfig(families=("gaussian",), sizes=((3, 2), (2, 3)), ks=(2, 3), trials=1,
+                       backends=FAST, claims=("topc_optimal_eq",))
     res = run_verify(cfg, progress=False)
-    # k = 3 > N = 2 is skipped; 2x3 = 6 variables > ilp_max_vars: ilp_eq_lp not applicable
-    assert res.records == []
-    assert res.claim_summary()[0]["verdict"] == "not run"
+    # k = 3 > N = 2 is skipped on 3x2 only; every k and every size still runs somewhere
+    assert sorted({(r.T, r.N, r.k) for r in res.records}) == [(2, 3, 2), (2, 3, 3), (3, 2, 2)]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    # every size has N < k: nothing would run ("not run" for every claim, exit 0, before the fix)
+    ({"sizes": ((4, 2),), "ks": (5,)}, r"ks 5 cannot run.*4x2"),
+    ({"sizes": ((4, 2), (6, 3)), "ks": (1, 4)}, r"ks 4 cannot run.*4x2, 6x3"),
+    # a size that runs no k is ignored just as silently
+    ({"sizes": ((4, 2), (6, 4)), "ks": (3,)}, r"sizes 4x2 cannot run"),
+    # a claim that is applicable to no instance
+    ({"claims": ("ilp_eq_lp",), "backends": FAST}, r"ilp_eq_lp cannot run.*cbc or milp"),
+    ({"claims": ("ilp_eq_lp",), "sizes": ((3, 2), (2, 3)), "ks": (1,),
+      "backends": ("closed_form", "highs", "milp"), "ilp_max_vars": 4}, r"ilp_eq_lp cannot run.*T\*N <= ilp_max_vars = 4"),
+])
+def test_config_that_would_run_nothing_is_refused(kwargs, match):
+    with pytest.raises(UsmoeLpError, match=match):
+        VerifyConfig(**{"families": ("gaussian",), "trials": 1, **kwargs})
+
+
+def test_runnable_claims_actually_run():
+    # the oracle for the applicability rule: whatever VerifyConfig accepts runs every claim somewhere
+    cfg = VerifyConfig(families=("gaussian",), sizes=((3, 2), (8, 8)), ks=(1,), trials=1,
+                       backends=("closed_form", "highs", "milp"), claims=("ilp_eq_lp", "topc_optimal_eq"),
+                       ilp_max_vars=6)
+    res = run_verify(cfg, progress=False)
+    assert all(c["verdict"] != "not run" for c in res.claim_summary())
+    assert {(r.T, r.N) for r in res.records if r.claim == "ilp_eq_lp"} == {(3, 2)}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -281,6 +305,12 @@ def test_k_above_n_is_skipped_and_unapplicable_claims_not_run():
     ({"sizes": ()}, "sizes"),
     ({"ks": (0,)}, "ks"),
     ({"families": ()}, "families"),
+    ({"seed": -1}, "seed must be >= 0"),  # was a numpy traceback from SeedSequence
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"trials": 2.5}, "trials must be an integer"),
+    ({"ilp_max_vars": -1}, "ilp_max_vars must be >= 0"),
+    ({"backends": ()}, "backends"),
+    ({"shrink": "no"}, "shrink must be True or False"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(UsmoeLpError, match=match):

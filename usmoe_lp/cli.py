@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from usmoe_lp.diagnostics.cli import analyze_command
-from usmoe_lp.errors import UsmoeLpError
+from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.logs.cli import capture_command, import_command, log_app
 from usmoe_lp.tiny.cli import train_tiny_command
 
@@ -63,15 +62,21 @@ def _print_summary(result, out: Path, seconds: float) -> None:
     console.print(f"report: {out / 'report.md'} (json: {out / 'report.json'})")
 
 
-def _run_verify(config, out: Path, command: str, progress: bool):
-    from usmoe_lp.report import write_verify_report
+def _run_verify(config, out: Path, overwrite: bool, progress: bool):
+    from usmoe_lp.report.verify_report import check_verify_destination, write_verify_report
     from usmoe_lp.verify import run_verify
 
+    check_verify_destination(out, overwrite=overwrite, overwrite_flag="--overwrite", out_flag="--out")
     t0 = time.perf_counter()
     result = run_verify(config, progress=progress)
     seconds = time.perf_counter() - t0
-    write_verify_report(result, out, command=command)
+    # the report records the command line of the config (no --out): same inputs, same bytes anywhere
+    write_verify_report(result, out, overwrite=overwrite, overwrite_flag="--overwrite")
     return result, seconds
+
+
+def _not_run(result) -> list[str]:
+    return [c["claim"] for c in result.claim_summary() if c["verdict"] == "not run"]
 
 
 @app.command()
@@ -88,12 +93,15 @@ def verify(
     shrink_all: bool = typer.Option(False, help="shrink every failing instance, not only the first per "
                                     "claim x family x size (slower)"),
     out: Path = typer.Option(Path("verify-report"), help="output directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier verify report at --out "
+                                   "(never other files)"),
     strict: bool = typer.Option(False, help="exit 1 when any claim fails"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Check the USMoE paper's LP claims on random score matrices; write report.json/.md and figures.
 
-    A failing claim is a finding, not an error: the exit code is 0 unless --strict.
+    A failing claim is a finding, not an error: the exit code is 0 unless --strict. A claim that
+    ran on no instance exits 1. The report is built aside and replaces --out only when complete.
     """
     from usmoe_lp.verify import VerifyConfig
 
@@ -103,27 +111,40 @@ def verify(
             sizes=_sizes(sizes), ks=_ints(ks), trials=trials, seed=seed,
             backends=_names(backends), claims=_names(claims) if claims != "all" else VerifyConfig.claims,
             ilp_max_vars=ilp_max_vars, shrink=shrink, shrink_all=shrink_all and shrink)
-        result, seconds = _run_verify(config, out, "usmoe-lp " + shlex.join(sys.argv[1:]), progress)
+        result, seconds = _run_verify(config, out, overwrite, progress)
     except UsmoeLpError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     _print_summary(result, out, seconds)
+    idle = _not_run(result)
+    if idle:  # the config checks make this unreachable; never report a silent "not run" as success
+        err.print(f"[red]error:[/] claims {', '.join(idle)} ran on no instance of --sizes/--ks/--backends")
+        raise typer.Exit(1)
     if strict and any(c["verdict"] == "fails" for c in result.claim_summary()):
         raise typer.Exit(1)
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("out/demo"), help="output directory"),
-         tokens: int = typer.Option(8192, help="held-out tokens to capture and analyse")) -> None:
+         tokens: int = typer.Option(8192, help="held-out tokens to capture and analyse"),
+         overwrite: bool = typer.Option(True, "--overwrite/--no-overwrite",
+                                        help="replace an earlier demo output at --out (never other files); "
+                                        "--no-overwrite refuses any non-empty --out")) -> None:
     """The main job on the embedded default (no download, no GPU): verify the LP claims, capture the
-    embedded trained MoE's router logits on held-out text, analyse them, write one report."""
+    embedded trained MoE's router logits on held-out text, analyse them, write one report.
+
+    The demo is built aside and replaces --out only when complete. It replaces its own earlier
+    output (so `make demo` can run again) but refuses a --out holding anything else."""
     from usmoe_lp.demo import run_demo
 
     t0 = time.perf_counter()
     try:
-        result = run_demo(out, max_tokens=tokens)
+        if tokens < 1:
+            raise InvalidParameter(f"--tokens must be >= 1, got {tokens}")
+        result = run_demo(out, max_tokens=tokens, overwrite=overwrite, overwrite_flag="--overwrite",
+                          out_flag="--out")
     except UsmoeLpError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     _print_summary(result.verify, out / "verify", result.seconds["verify"])
     sec = result.seconds

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import time
@@ -21,12 +22,20 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from usmoe_lp.report.analyze_report import ANALYZE_OWNED
+from usmoe_lp.report.outputs import ROUTER_LOG_OWNED, check_report_location, foreign_check, prefixed
+from usmoe_lp.report.verify_report import VERIFY_OWNED
+from usmoe_lp.staging import staged_directory
 from usmoe_lp.verify import VerifyConfig
+from usmoe_lp.verify.runner import command_line
 
 VERIFY_CONFIG = VerifyConfig(sizes=((8, 4), (12, 5), (32, 8)), ks=(1, 2), trials=2, seed=0,
                              backends=("closed_form", "highs", "cbc"), ilp_max_vars=64)
-VERIFY_COMMAND = ("usmoe-lp verify --sizes 8x4,12x5,32x8 --ks 1,2 --trials 2 --seed 0 "
-                  "--backends closed_form,highs,cbc --ilp-max-vars 64")
+VERIFY_COMMAND = command_line(VERIFY_CONFIG)
+
+DEMO_OWNED: tuple[str, ...] = (r"report\.html", r"summary\.json", r"timings\.json", *prefixed("verify", VERIFY_OWNED),
+                               *prefixed("analysis", ANALYZE_OWNED), *prefixed("router-log", ROUTER_LOG_OWNED))
+"""What a demo output directory holds (see :func:`usmoe_lp.report.outputs.foreign_entries`)."""
 
 
 @dataclass(frozen=True)
@@ -84,15 +93,32 @@ def capture_heldout(out: str | Path, *, max_tokens: int = 8192, seq_len: int = 2
     return Path(out)
 
 
-def run_demo(out: str | Path = "out/demo", *, progress: bool = True, max_tokens: int = 8192) -> DemoResult:
-    """Run the whole demo into ``out`` (``verify/``, ``router-log/``, ``analysis/``, ``report.html``)."""
+def run_demo(out: str | Path = "out/demo", *, progress: bool = True, max_tokens: int = 8192,
+             overwrite: bool = True, overwrite_flag: str = "overwrite=True", out_flag: str = "out") -> DemoResult:
+    """Run the whole demo into ``out`` (``verify/``, ``router-log/``, ``analysis/``, ``report.html``).
+
+    The demo is built in a hidden sibling of ``out`` and swapped in only when complete
+    (:mod:`usmoe_lp.staging`). ``overwrite`` (default True: ``out/demo`` is the demo's own default)
+    replaces an earlier demo output, never a directory holding anything else; False refuses any
+    non-empty ``out``. ``overwrite_flag`` / ``out_flag``: how the caller's interface names those
+    options, for the messages. The files do not depend on ``out`` and, except ``timings.json``, on
+    the time the run took.
+    """
+    final = Path(out)
+    check_report_location(final, what="demo", out_flag=out_flag)
+    with staged_directory(final, what="demo output", overwrite=overwrite, foreign=foreign_check(DEMO_OWNED),
+                          overwrite_flag=overwrite_flag) as tmp:
+        vres, ares, summary, seconds = _run_into(tmp, progress=progress, max_tokens=max_tokens)
+    return DemoResult(out=final, report=final / "report.html", verify=vres, analysis=ares, log=final / "router-log",
+                      seconds=seconds, summary=summary)
+
+
+def _run_into(out: Path, *, progress: bool, max_tokens: int):
     from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze
     from usmoe_lp.report import write_verify_report
     from usmoe_lp.report.analyze_report import summary_lines, write_analyze_report
     from usmoe_lp.verify import run_verify
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     seconds = {}
     t0 = time.perf_counter()
     vres = run_verify(VERIFY_CONFIG, progress=progress)
@@ -100,21 +126,22 @@ def run_demo(out: str | Path = "out/demo", *, progress: bool = True, max_tokens:
     seconds["verify"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    log = capture_heldout(out / "router-log", max_tokens=max_tokens)
+    log = capture_heldout(out / "router-log", max_tokens=max_tokens, overwrite=False)
     seconds["capture"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     cfg = AnalyzeConfig(alphas=(0.3, 0.5, 0.7), scopes=("sequence", "batch"), sequence_tokens=max_tokens)
-    ares = analyze(log, config=cfg)
+    # the log's path inside the demo, not the staging directory the run is built in
+    ares = dataclasses.replace(analyze(log, config=cfg), source="router-log")
     write_analyze_report(ares, out / "analysis", title="usmoe-lp analyze: embedded tiny MoE on held-out text")
     seconds["analyze"] = time.perf_counter() - t0
 
     summary = tuple(_summary(vres, ares, seconds))
-    report = out / "report.html"
-    report.write_text(_report_html(out, vres, ares, summary, seconds, summary_lines(ares)))
-    (out / "summary.json").write_text(json.dumps({"summary": list(summary), "seconds": seconds}, indent=1) + "\n")
-    return DemoResult(out=out, report=report, verify=vres, analysis=ares, log=log, seconds=seconds,
-                      summary=summary)
+    (out / "report.html").write_text(_report_html(out, vres, ares, summary, summary_lines(ares)))
+    (out / "summary.json").write_text(json.dumps({"summary": list(summary)}, indent=1) + "\n")
+    # the only file that varies between identical runs: how long each step took
+    (out / "timings.json").write_text(json.dumps({"seconds": seconds}, indent=1) + "\n")
+    return vres, ares, summary, seconds
 
 
 def _summary(vres, ares, seconds) -> list[str]:
@@ -157,7 +184,7 @@ def _img(path: Path, alt: str) -> str:
            f"<figcaption>{html.escape(alt)}</figcaption></figure>"
 
 
-def _report_html(out: Path, vres, ares, summary, seconds, analysis_lines) -> str:
+def _report_html(out: Path, vres, ares, summary, analysis_lines) -> str:
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(c['claim'])}</td><td>{esc(c['verdict'])}</td><td>{c['failures']} / {c['trials']}</td>"
@@ -188,6 +215,6 @@ def _report_html(out: Path, vres, ares, summary, seconds, analysis_lines) -> str
         _img(a / "sweeps.png", "USMoE alpha x k-bar sweep vs TC and EC"),
         _img(a / "leakage_per_offset.png", "Leakage per offset"),
         _img(a / "experts_per_token.png", "Experts per token per router"),
-        f"<p>Times: {esc(', '.join(f'{k} {v:.1f} s' for k, v in seconds.items()))}.</p>",
+        "<p>How long each step took: <a href='timings.json'>timings.json</a>.</p>",
         "</body></html>"]
     return "\n".join(parts) + "\n"

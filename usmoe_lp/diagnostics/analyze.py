@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from usmoe_lp._validate import round_half_up
+from usmoe_lp._validate import check_int, round_half_up
 from usmoe_lp.diagnostics.collapse import CollapsePartial, CollapseStats
 from usmoe_lp.diagnostics.counterfactual import (
     CounterfactualPartial,
@@ -109,10 +109,26 @@ class AnalyzeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidParameter(f"{name} must be an integer >= 1, got {v!r}")
-        if not all(0.0 <= a <= 1.0 for a in self.alphas):
+        if not all(_is_real(a) and 0.0 <= a <= 1.0 for a in self.alphas):
             raise InvalidParameter(f"alphas must lie in [0, 1], got {self.alphas}")
-        if self.kbars is not None and not all(math.isfinite(k) and k > 0 for k in self.kbars):
+        if self.kbars is not None and not all(_is_real(k) and math.isfinite(k) and k > 0 for k in self.kbars):
             raise InvalidParameter(f"kbars must be finite and > 0, got {self.kbars}")
+        if not (_is_real(self.capacity_factor) and math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
+            raise InvalidParameter(f"capacity_factor must be finite and > 0, got {self.capacity_factor!r}")
+        if not self.eps or not all(_is_real(e) and math.isfinite(e) and e > 0 for e in self.eps):
+            raise InvalidParameter(f"eps must be finite thresholds > 0, got {self.eps}")
+        for name in ("leakage", "counterfactual", "hidden", "threads"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameter(f"{name} must be True or False, got {getattr(self, name)!r}")
+        # a grid that is asked for but empty would silently drop its routers
+        if self.counterfactual and not self.routers:
+            raise InvalidParameter("routers is empty; name at least one router or set counterfactual=False")
+        if "usmoe" in self.routers:
+            empty = [name for name in ("alphas", "scopes") if not getattr(self, name)]
+            if self.kbars is not None and not self.kbars:
+                empty.append("kbars (None: the default grid)")
+            if empty:
+                raise InvalidParameter(f"{', '.join(empty)} must not be empty when routers includes usmoe")
 
     def configs(self, k: int, num_experts: int) -> tuple[RouterConfig, ...]:
         """The counterfactual router configurations for a layer with top-k ``k`` and N experts."""
@@ -120,6 +136,36 @@ class AnalyzeConfig:
         all_configs = default_configs(k, alphas=self.alphas, kbars=kbars, scopes=self.scopes,
                                       capacity_factor=self.capacity_factor, num_experts=num_experts)
         return tuple(c for c in all_configs if c.router in self.routers)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def resolve_top_k(infos: Sequence[LayerInfo], top_k: int | None = None, *, name: str = "top_k") -> dict[str, int]:
+    """The model's top-k of each layer of ``infos``: what the log records, else ``top_k``.
+
+    ``top_k`` only fills in a log that does not record k: given where the log records another k it
+    is an error (never silently ignored), as is a k outside 1..N. ``name`` is how the caller's
+    interface spells the parameter (``--top-k`` on the command line).
+    """
+    if top_k is not None:
+        top_k = check_int(top_k, name, low=1)
+    out = {}
+    for info in infos:
+        recorded = info.top_k
+        if recorded is not None and top_k is not None and top_k != recorded:
+            raise InvalidParameter(f"{name} = {top_k}, but the log records k = {recorded} for layer {info.name!r}; "
+                                   f"{name} only supplies k where the log does not record it: leave it out")
+        k = recorded if recorded is not None else top_k
+        if k is None:
+            raise InvalidParameter(f"layer {info.name!r}: the log does not record the model's top-k; pass {name}")
+        if k > info.num_experts:
+            source = f"{name} = {k}" if recorded is None else f"the log records k = {k}, which"
+            raise InvalidParameter(f"layer {info.name!r}: {source} exceeds the number of experts N = "
+                                   f"{info.num_experts}; need 1 <= k <= N")
+        out[info.name] = k
+    return out
 
 
 @dataclass(frozen=True)
@@ -591,14 +637,12 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress) -> Analy
         raise InvalidParameter("no layers to analyse")
     if src.num_tokens == 0:
         raise InvalidScores(f"{src.name}: the log holds no tokens")
+    ks = resolve_top_k([infos[n] for n in names], top_k)  # every layer checked before any work
     weights = src.router_weights() if cfg.hidden else None
     results, load_parts, cf_parts, leak_parts = [], [], [], {}
     read_seconds = 0.0
     for name in names:
-        info = infos[name]
-        k = info.top_k if info.top_k is not None else top_k
-        if k is None:
-            raise InvalidParameter(f"layer {name!r}: the log does not record the model's top-k; pass top_k=")
+        info, k = infos[name], ks[name]
         lp_sample = cfg.lp_sample if len(results) < cfg.lp_layers else 0
         out = _analyze_layer(src, info, k, cfg, weights, progress, lp_sample)
         results.append(out.analysis)

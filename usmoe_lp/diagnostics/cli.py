@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from usmoe_lp.errors import UsmoeLpError
+from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.logs.errors import LogError
 
 
@@ -36,20 +36,24 @@ def analyze_command(
     scope: Annotated[str, typer.Option(help="USMoE scopes: sequence, batch, position.")] = "sequence",
     capacity_factor: Annotated[float, typer.Option(help="EC capacity factor: e = ceil(cf T k / N).")] = 1.0,
     layers: Annotated[str, typer.Option(help="Comma-separated layer names (default: all).")] = "",
-    top_k: Annotated[int, typer.Option(help="Model top-k where the log does not record it (0 = from the log).")] = 0,
+    top_k: Annotated[int, typer.Option(help="Model top-k where the log does not record it (0 = from the log; "
+                                            "an error where the log records another k).")] = 0,
     sequence_tokens: Annotated[int, typer.Option(help="Tokens per layer sampled for re-routing and leakage.")]
     = 16384,
     chunk_tokens: Annotated[int, typer.Option(help="Tokens per streamed chunk (bounds memory).")] = 65536,
     no_leakage: Annotated[bool, typer.Option("--no-leakage", help="Skip prefix-consistency leakage.")] = False,
     no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip re-routing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier analyze report at --out "
+                                            "(never other files).")] = False,
 ) -> None:
     """Analyse a router log: load balance, collapse, margins, leakage and counterfactual re-routing.
 
-    Writes metrics.json, report.md, report.html and PNG figures into --out.
+    Writes metrics.json, report.md, report.html and PNG figures into --out. The report is built
+    aside and replaces --out only when complete; an existing report needs --overwrite.
     """
-    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze
+    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze, resolve_top_k
     from usmoe_lp.logs.reader import RouterLog
-    from usmoe_lp.report.analyze_report import summary_lines, write_analyze_report
+    from usmoe_lp.report.analyze_report import check_analyze_destination, summary_lines, write_analyze_report
 
     console, err = Console(), Console(stderr=True)
     try:
@@ -58,8 +62,16 @@ def analyze_command(
                             capacity_factor=capacity_factor, chunk_tokens=chunk_tokens,
                             sequence_tokens=sequence_tokens, leakage=not no_leakage,
                             counterfactual=not no_counterfactual)
+        if top_k < 0:
+            raise InvalidParameter(f"--top-k must be >= 0 (0: the k the log records), got {top_k}")
+        check_analyze_destination(out, log=log, overwrite=overwrite, overwrite_flag="--overwrite",
+                                  out_flag="--out")
         rlog = RouterLog.open(log)
         names = _names(layers) or rlog.layers
+        unknown = [n for n in names if n not in rlog.layers]
+        if unknown:
+            raise InvalidParameter(f"--layers {','.join(unknown)}: not in the log; it has {','.join(rlog.layers)}")
+        resolve_top_k([rlog.layer_info(n) for n in names], top_k or None, name="--top-k")
         t0 = time.perf_counter()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("tokens"), TimeElapsedColumn(), console=err, transient=True) as bar:
@@ -71,7 +83,7 @@ def analyze_command(
                 bar.update(task, completed=sum(finished.values()), description=f"layer {layer}")
 
             result = analyze(rlog, config=cfg, layers=names, top_k=top_k or None, progress=progress)
-        written = write_analyze_report(result, out)
+        written = write_analyze_report(result, out, overwrite=overwrite, overwrite_flag="--overwrite")
     except (UsmoeLpError, LogError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None

@@ -3,7 +3,8 @@
 Every function takes the tidy frames of :class:`usmoe_lp.diagnostics.AnalyzeResult`
 (``load_frame``, ``expert_load_frame``, ``counterfactual_frame``, ``leakage_offset_frame``,
 ``spectrum_frame``) and returns a :class:`matplotlib.figure.Figure`, or None when there is nothing to
-plot. Axes are labelled with units; titles say what is shown.
+plot. Axes are labelled with units; titles say what is shown. Every plot is deterministic (no
+bootstrap error bars, no random jitter): equal frames give equal PNG bytes.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ def plot_layer_balance(load: pd.DataFrame) -> plt.Figure | None:
     ent = per.melt(id_vars="layer", value_vars=[c for c in ("load_entropy", "token_entropy_normalised",
                                                            "mean_prob_entropy") if c in per],
                    var_name="metric", value_name="value").dropna()
-    sns.pointplot(data=ent, x="layer", y="value", hue="metric", ax=axes[0], markers="o")
+    sns.pointplot(data=ent, x="layer", y="value", hue="metric", ax=axes[0], markers="o", errorbar=None)
     axes[0].set_ylim(0, 1.05)
     axes[0].set_ylabel("entropy / log N (1 = uniform)")
     axes[0].set_title("Routing entropy per layer")
     bal = per.melt(id_vars="layer", value_vars=["maxvio", "gini"], var_name="metric", value_name="value").dropna()
-    sns.pointplot(data=bal, x="layer", y="value", hue="metric", ax=axes[1], markers="o")
+    sns.pointplot(data=bal, x="layer", y="value", hue="metric", ax=axes[1], markers="o", errorbar=None)
     axes[1].set_ylabel("MaxVio = max/mean - 1; Gini (0 = balanced)")
     axes[1].set_title("Load imbalance per layer")
     for ax in axes:
@@ -75,7 +76,7 @@ def plot_experts_per_token(hist: pd.DataFrame) -> plt.Figure | None:
     hist = hist[hist["experts"] <= top]
     order = list(dict.fromkeys(hist["router"]))
     fig, ax = plt.subplots(figsize=(10, 4.2))
-    sns.barplot(data=hist, x="experts", y="share", hue="router", hue_order=order, ax=ax,
+    sns.barplot(data=hist, x="experts", y="share", hue="router", hue_order=order, ax=ax, errorbar=None,
                 palette=sns.color_palette("tab10", len(order)))
     ax.set_xlabel("experts per token")
     ax.set_ylabel("share of tokens")
@@ -112,7 +113,7 @@ def plot_leakage_offsets(curves: pd.DataFrame, labels: list[str] | None = None,
     fig, ax = plt.subplots(figsize=(9, 4.4))
     order = list(dict.fromkeys(data["label"]))
     sns.lineplot(data=data, x="offset", y="flip_rate", hue="label", hue_order=order, ax=ax, linewidth=1.4,
-                 marker="o", markersize=3, palette=sns.color_palette("tab10", len(order)))
+                 marker="o", markersize=3, palette=sns.color_palette("tab10", len(order)), errorbar=None)
     if top > 30:
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlim(left=0)
@@ -145,7 +146,7 @@ def plot_sweeps(cf: pd.DataFrame) -> plt.Figure | None:
     usm = usm.assign(alpha=usm["alpha"].map(lambda a: f"{a:g}"))
     colors = {"tc": "black", "ec": "tab:red", "capacity_tc": "tab:gray"}
     for ax, (col, label) in zip(np.atleast_1d(axes), panels, strict=True):
-        sns.lineplot(data=usm, x="kbar", y=col, hue="alpha", marker="o", ax=ax)
+        sns.lineplot(data=usm, x="kbar", y=col, hue="alpha", marker="o", ax=ax, errorbar=None)
         for _, r in refs.iterrows():
             if pd.notna(r.get(col)):
                 ax.axhline(r[col], ls="--", lw=1, color=colors.get(r["router"], "gray"), label=r["label"])
@@ -167,7 +168,7 @@ def plot_spectra(spectra: pd.DataFrame) -> plt.Figure | None:
     if spectra.empty:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    sns.lineplot(data=spectra, x="index", y="sigma_rel", hue="layer", marker="o", ax=ax)
+    sns.lineplot(data=spectra, x="index", y="sigma_rel", hue="layer", marker="o", ax=ax, errorbar=None)
     ax.set_yscale("log")
     ax.set_xlabel("singular value index")
     ax.set_ylabel("sigma_i / sigma_1 (log scale)")

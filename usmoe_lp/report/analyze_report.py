@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from usmoe_lp.report.analyze_figures import (
     plot_spectra,
     plot_sweeps,
 )
+from usmoe_lp.report.outputs import check_report_location, foreign_check, save_png
 from usmoe_lp.report.verify_report import _clean, library_versions
+from usmoe_lp.staging import check_destination, staged_directory
 
 SCHEMA = "usmoe-lp/analyze/1"
 
@@ -127,7 +130,6 @@ def metrics_dict(result) -> dict[str, Any]:
         "source": result.source,
         "model": result.model,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
-        "seconds": result.seconds,
         "library_versions": library_versions(),
         "definitions": {k: {"definition": d, "unit": u, "source": s} for k, (d, u, s) in DEFINITIONS.items()},
         "layers": layers,
@@ -183,31 +185,68 @@ CAPTIONS = {
 }
 
 
-def write_analyze_report(result, out: str | Path, *, title: str = "usmoe-lp analyze") -> dict[str, Path]:
+ANALYZE_OWNED: tuple[str, ...] = (r"metrics\.json", r"report\.md", r"report\.html",
+                                  *(re.escape(name) for name in CAPTIONS))
+"""What an analyze report directory holds (see :func:`usmoe_lp.report.outputs.foreign_entries`)."""
+
+
+def check_analyze_destination(out: str | Path, *, log: str | Path | None = None, overwrite: bool = False,
+                              overwrite_flag: str = "overwrite=True", out_flag: str = "out") -> None:
+    """Raise :class:`~usmoe_lp.errors.OutputExists` unless ``out`` may receive an analyze report.
+
+    ``out`` may be missing or empty; an earlier analyze report there needs ``overwrite``, and any
+    other file there is refused (never deleted). ``out`` must not be (or lie inside) a router log,
+    nor contain the analysed ``log``.
+    """
+    check_report_location(out, what="analyze report", inputs=() if log is None else (log,), out_flag=out_flag)
+    check_destination(out, what="analyze report", overwrite=overwrite, foreign=foreign_check(ANALYZE_OWNED),
+                      overwrite_flag=overwrite_flag)
+
+
+def write_analyze_report(result, out: str | Path, *, title: str = "usmoe-lp analyze", overwrite: bool = False,
+                         overwrite_flag: str = "overwrite=True") -> dict[str, Path]:
     """Write ``metrics.json``, ``report.md``, ``report.html`` (self-contained: figures embedded) and
-    the PNG figures into ``out``. Returns name -> path of every file written."""
+    the PNG figures into the directory ``out``. Returns name -> path of every file written.
+
+    The directory is built aside and swapped in only when complete (:mod:`usmoe_lp.staging`): a
+    failure leaves an earlier report untouched, and a rerun leaves no figure of an earlier run. An
+    existing non-empty ``out`` is replaced only with ``overwrite=True`` and only when it holds nothing
+    but an earlier analyze report. The same result gives the same bytes whatever ``out`` is (no
+    timings, no paths of the output in the files).
+    """
+    final = Path(out)
+    check_analyze_destination(final, log=_log_path(result), overwrite=overwrite, overwrite_flag=overwrite_flag)
+    with staged_directory(final, what="analyze report", overwrite=overwrite, foreign=foreign_check(ANALYZE_OWNED),
+                          overwrite_flag=overwrite_flag) as tmp:
+        names = _write_files(result, tmp, title)
+    return {name: final / name for name in names}
+
+
+def _log_path(result) -> Path | None:
+    """The analysed router log's directory, when the result came from one on disk."""
+    path = Path(result.source)
+    return path if path.is_dir() else None
+
+
+def _write_files(result, out: Path, title: str) -> list[str]:
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    metrics = metrics_dict(result)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False) + "\n")
-    written["metrics.json"] = out / "metrics.json"
+    names = ["metrics.json"]
+    (out / "metrics.json").write_text(json.dumps(metrics_dict(result), indent=1, allow_nan=False) + "\n")
     pngs: dict[str, bytes] = {}
     for name, fig in make_figures(result).items():
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        plt.close(fig)
+        try:
+            save_png(fig, buf, dpi=120)
+        finally:
+            plt.close(fig)
         pngs[name] = buf.getvalue()
         (out / name).write_bytes(pngs[name])
-        written[name] = out / name
+        names.append(name)
     tables = report_tables(result)
     (out / "report.md").write_text(_markdown(result, tables, pngs, title))
-    written["report.md"] = out / "report.md"
     (out / "report.html").write_text(_html(result, tables, pngs, title))
-    written["report.html"] = out / "report.html"
-    return written
+    return [*names, "report.md", "report.html"]
 
 
 def report_tables(result) -> dict[str, pd.DataFrame]:
@@ -293,8 +332,7 @@ def _intro(result) -> list[str]:
             f"Counterfactual and leakage sample: {la0.sample_sequences} sequences, {la0.sample_tokens} tokens per "
             f"layer (whole sequences, the first of the log, until {cfg.sequence_tokens} tokens are reached). "
             f"USMoE grid: alpha {list(cfg.alphas)}, k-bar {list(cfg.kbars) if cfg.kbars else 'default'}, "
-            f"scopes {list(cfg.scopes)}; EC capacity factor {cfg.capacity_factor}.",
-            f"Analysis time: {result.seconds:.1f} s."]
+            f"scopes {list(cfg.scopes)}; EC capacity factor {cfg.capacity_factor}."]
 
 
 def _markdown(result, tables, pngs, title) -> str:

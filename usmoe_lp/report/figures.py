@@ -44,8 +44,15 @@ def plot_gap_distributions(frame: pd.DataFrame) -> plt.Figure | None:
     fig, axes = plt.subplots(1, len(claims), figsize=(4.2 * len(claims), 4.2), squeeze=False)
     for ax, claim in zip(axes[0], claims, strict=True):
         sub = fails[fails["claim"] == claim]
-        sns.stripplot(data=sub, x="family", y="gap", hue="size", hue_order=sizes, palette=palette,
-                      ax=ax, jitter=0.25, size=4, dodge=False)
+        families = list(dict.fromkeys(sub["family"]))
+        # a strip plot whose jitter comes from a seeded Generator (seaborn's stripplot draws it from
+        # numpy's global state, so two identical runs gave different PNGs)
+        jitter = np.random.default_rng(0).uniform(-0.25, 0.25, size=len(sub))
+        sub = sub.assign(x=sub["family"].map(families.index).to_numpy() + jitter)
+        sns.scatterplot(data=sub, x="x", y="gap", hue="size", hue_order=sizes, palette=palette, ax=ax, s=16,
+                        linewidth=0)
+        ax.set_xticks(range(len(families)), families)
+        ax.set_xlim(-0.5, len(families) - 0.5)
         ax.set_yscale("log")
         ax.set_title(f"{claim}\n{len(sub)} failing instances", fontsize=10)
         ax.set_xlabel("score family")

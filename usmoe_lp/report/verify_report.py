@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ from usmoe_lp.report.figures import (
     plot_usmoe_minus_tc,
     records_frame,
 )
+from usmoe_lp.report.outputs import check_report_location, foreign_check, save_png
+from usmoe_lp.staging import check_destination, staged_directory
+from usmoe_lp.verify.runner import command_line
 
 FIGURES = {
     "gap_distributions.png": plot_gap_distributions,
@@ -63,17 +67,48 @@ def usmoe_minus_tc_table(result) -> list[dict]:
     return out
 
 
-def write_verify_report(result, out: str | Path, command: str | None = None) -> dict[str, Path]:
-    """Write the report directory; returns {name: path}. Same result -> same report.json."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+VERIFY_OWNED: tuple[str, ...] = (
+    r"report\.json", r"report\.md", *(re.escape(name) for name in FIGURES),
+    r"counterexamples/", r"counterexamples/[A-Za-z0-9_]+__[A-Za-z0-9_]+__\d+x\d+\.json",
+    r"counterexamples/all/", r"counterexamples/all/[A-Za-z0-9_]+__[A-Za-z0-9_]+__\d+x\d+__k\d+__t\d+\.json",
+)
+"""What a verify report directory holds (relative paths; see :func:`usmoe_lp.report.outputs.foreign_entries`)."""
+
+
+def check_verify_destination(out: str | Path, *, overwrite: bool = False,
+                             overwrite_flag: str = "overwrite=True", out_flag: str = "out") -> None:
+    """Raise :class:`~usmoe_lp.errors.OutputExists` unless ``out`` may receive a verify report.
+
+    ``out`` may be missing or empty; an earlier verify report there needs ``overwrite``, and any
+    other file there is refused (never deleted). ``out`` must not be (or lie inside) a router log.
+    """
+    check_report_location(out, what="verify report", out_flag=out_flag)
+    check_destination(out, what="verify report", overwrite=overwrite, foreign=foreign_check(VERIFY_OWNED),
+                      overwrite_flag=overwrite_flag)
+
+
+def write_verify_report(result, out: str | Path, command: str | None = None, *, overwrite: bool = False,
+                        overwrite_flag: str = "overwrite=True") -> dict[str, Path]:
+    """Write the report directory ``out``; returns {name: path}.
+
+    The directory is built aside and swapped in only when complete (:mod:`usmoe_lp.staging`): a
+    failure leaves an earlier report untouched. An existing non-empty ``out`` is replaced only with
+    ``overwrite=True`` and only when it holds nothing but an earlier verify report. ``command``
+    defaults to the ``usmoe-lp verify`` command line of ``result.config``
+    (:func:`usmoe_lp.verify.runner.command_line`). The same result gives the same bytes in every
+    file, whatever ``out`` is.
+    """
+    final = Path(out)
+    check_verify_destination(final, overwrite=overwrite, overwrite_flag=overwrite_flag)
+    with staged_directory(final, what="verify report", overwrite=overwrite, foreign=foreign_check(VERIFY_OWNED),
+                          overwrite_flag=overwrite_flag) as tmp:
+        names = _write_files(result, tmp, command_line(result.config) if command is None else command)
+    return {name: final / name for name in names}
+
+
+def _write_files(result, out: Path, command: str) -> list[str]:
     cex_dir = out / "counterexamples"
-    cex_dir.mkdir(exist_ok=True)
-    # a re-used directory must not keep counterexamples or figures this result did not produce
-    all_dir = cex_dir / "all"
-    for stale in [*cex_dir.glob("*__*__*.json"), *all_dir.glob("*__*__*.json"), *(out / name for name in FIGURES)]:
-        stale.unlink(missing_ok=True)
-    paths: dict[str, Path] = {}
+    cex_dir.mkdir()
     # counterexamples/<claim>__<family>__<TxN>.json: the smallest of each cell;
     # counterexamples/all/...__k<k>__t<trial>.json: every shrunk failure (with shrink_all)
     for cell in result.cells():
@@ -81,7 +116,8 @@ def write_verify_report(result, out: str | Path, command: str | None = None) -> 
             p = cex_dir / f"{cell['claim']}__{cell['family']}__{cell['size']}.json"
             p.write_text(json.dumps(_clean(cell["counterexample"]), indent=1) + "\n")
     if result.config.shrink_all and result.counterexamples:
-        all_dir.mkdir(exist_ok=True)
+        all_dir = cex_dir / "all"
+        all_dir.mkdir()
         for c in result.counterexamples:
             p = all_dir / f"{c.claim}__{c.family}__{c.T}x{c.N}__k{c.k}__t{c.trial}.json"
             p.write_text(json.dumps(_clean(c.to_dict()), indent=1) + "\n")
@@ -104,8 +140,8 @@ def write_verify_report(result, out: str | Path, command: str | None = None) -> 
         "cells": result.cells(),
         "usmoe_minus_tc": usmoe_minus_tc_table(result),
     }
-    paths["report.json"] = out / "report.json"
-    paths["report.json"].write_text(json.dumps(_clean(report), indent=1) + "\n")
+    names = ["report.json"]
+    (out / "report.json").write_text(json.dumps(_clean(report), indent=1) + "\n")
 
     frame = records_frame(result)
     figs = []
@@ -116,13 +152,13 @@ def write_verify_report(result, out: str | Path, command: str | None = None) -> 
             fig = fn(frame)
             if fig is None:
                 continue
-            fig.savefig(out / name, dpi=110, metadata={"Software": None})
-            plt.close(fig)
-            paths[name] = out / name
+            try:
+                save_png(fig, out / name, dpi=110)
+            finally:
+                plt.close(fig)
             figs.append(name)
-    paths["report.md"] = out / "report.md"
-    paths["report.md"].write_text(render_markdown(report, figs))
-    return paths
+    (out / "report.md").write_text(render_markdown(report, figs))
+    return [*names, *figs, "report.md"]
 
 
 def _fmt(x) -> str:

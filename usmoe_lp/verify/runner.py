@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from usmoe_lp._validate import check_int
 from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.verify.claims import CLAIMS, Context, Instance, get_claims
 from usmoe_lp.verify.families import FAMILIES, get_families
@@ -53,22 +54,27 @@ class VerifyConfig:
     def __post_init__(self):
         get_families(self.families)
         get_claims(self.claims)
-        if self.trials < 1:
-            raise InvalidParameter(f"trials must be >= 1, got {self.trials}")
-        empty = [name for name in ("families", "sizes", "ks", "claims") if not getattr(self, name)]
+        empty = [name for name in ("families", "sizes", "ks", "claims", "backends") if not getattr(self, name)]
         if empty:
             raise InvalidParameter(f"nothing to verify: {', '.join(empty)} must not be empty")
+        object.__setattr__(self, "trials", check_int(self.trials, "trials", low=1))
+        # numpy's SeedSequence takes non-negative integers only
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", low=0))
+        object.__setattr__(self, "ilp_max_vars", check_int(self.ilp_max_vars, "ilp_max_vars", low=0))
+        for name in ("shrink", "shrink_all"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise InvalidParameter(f"{name} must be True or False, got {getattr(self, name)!r}")
         for size in self.sizes:
             if not (isinstance(size, tuple | list) and len(size) == 2
-                    and all(isinstance(v, int | np.integer) for v in size)):
+                    and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in size)):
                 raise InvalidParameter(f"sizes must be (T, N) pairs of integers, got {size!r}")
             T, N = size
             if T < 1 or N < 1:
                 raise InvalidParameter(f"sizes must be positive TxN, got {T}x{N}")
         if self.shrink_all and not self.shrink:
             raise InvalidParameter("shrink_all needs shrink=True")
-        if any(k < 1 for k in self.ks):
-            raise InvalidParameter(f"ks must be >= 1, got {self.ks}")
+        for k in self.ks:
+            check_int(k, "ks", low=1)
         from usmoe_lp.lp import BACKENDS
 
         bad = [b for b in self.backends if b not in BACKENDS]
@@ -76,12 +82,58 @@ class VerifyConfig:
             raise InvalidParameter(f"unknown backends {bad}; choose from {', '.join(BACKENDS)}")
         if len(set(self.backends) & {"closed_form", "highs", "cbc", "milp"}) < 2:
             raise InvalidParameter("use at least two independent backends, e.g. closed_form,highs")
+        _check_runnable(self)
 
     def to_dict(self) -> dict:
         return {"families": list(self.families), "sizes": [f"{T}x{N}" for T, N in self.sizes],
                 "ks": list(self.ks), "trials": self.trials, "seed": self.seed,
                 "backends": list(self.backends), "claims": list(self.claims),
                 "ilp_max_vars": self.ilp_max_vars, "shrink": self.shrink, "shrink_all": self.shrink_all}
+
+
+def _sizes_text(sizes) -> str:
+    return ", ".join(f"{T}x{N}" for T, N in sizes)
+
+
+def _check_runnable(config: VerifyConfig) -> None:
+    """Refuse a config in which a k, a size or a claim would run on no instance (never a silent "not run")."""
+    idle_ks = [k for k in config.ks if all(k > N for _, N in config.sizes)]
+    if idle_ks:
+        raise InvalidParameter(
+            f"ks {', '.join(map(str, idle_ks))} cannot run: k experts per token need k <= N, and every size "
+            f"has fewer experts (sizes {_sizes_text(config.sizes)}); lower ks or add sizes with N >= "
+            f"{max(idle_ks)}")
+    idle_sizes = [(T, N) for T, N in config.sizes if all(k > N for k in config.ks)]
+    if idle_sizes:
+        raise InvalidParameter(
+            f"sizes {_sizes_text(idle_sizes)} cannot run: every k of ks ({', '.join(map(str, config.ks))}) "
+            "exceeds their N; add a k <= N or drop those sizes")
+    if "ilp_eq_lp" in config.claims:
+        ilp = [b for b in config.backends if b in ("cbc", "milp")]
+        fits = [(T, N) for T, N in config.sizes if T * N <= config.ilp_max_vars]
+        if not ilp or "highs" not in config.backends or not fits:
+            need = ("an integer-program backend (cbc or milp) and highs in backends" if not ilp
+                    or "highs" not in config.backends else
+                    f"a size with T*N <= ilp_max_vars = {config.ilp_max_vars} (sizes {_sizes_text(config.sizes)})")
+            raise InvalidParameter(f"claim ilp_eq_lp cannot run: it needs {need}; change that or leave ilp_eq_lp "
+                                   "out of claims")
+
+
+def command_line(config: VerifyConfig) -> str:
+    """The ``usmoe-lp verify`` command line that runs ``config`` (without ``--out``: the same for any
+    output directory, so the report does not depend on where it is written)."""
+    parts = ["usmoe-lp verify",
+             "--families " + ("all" if config.families == tuple(FAMILIES) else ",".join(config.families)),
+             "--sizes " + ",".join(f"{T}x{N}" for T, N in config.sizes),
+             "--ks " + ",".join(map(str, config.ks)), f"--trials {config.trials}", f"--seed {config.seed}",
+             "--backends " + ",".join(config.backends),
+             "--claims " + ("all" if config.claims == tuple(CLAIMS) else ",".join(config.claims)),
+             f"--ilp-max-vars {config.ilp_max_vars}"]
+    if not config.shrink:
+        parts.append("--no-shrink")
+    if config.shrink_all:
+        parts.append("--shrink-all")
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)
