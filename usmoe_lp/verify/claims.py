@@ -6,7 +6,7 @@ numbers behind the verdict. Every optimum is computed by at least two independen
 closed form, HiGHS through highspy, and the CBC / SciPy integer programs on small instances);
 backends that disagree fail the check with a note, since that is a finding too.
 
-Sources: arXiv 2503.22996 (USMoE) Prop. 3.1 and §3; THEORY.md §2.3, §3, §10, §11.
+Sources: arXiv 2503.22996 (USMoE) Prop. 3.1 and §3; proofs and caveats in papers/routing-as-lp.md §1-4.
 """
 
 from __future__ import annotations
@@ -394,7 +394,7 @@ class Claim:
         id: registry key (snake_case).
         statement: the claim in words.
         source: where it comes from.
-        expectation: what the theory predicts (THEORY.md), so a reader can compare.
+        expectation: what the theory predicts (papers/routing-as-lp.md §2-4), so a reader can compare.
         check: ``check(instance) -> Check | None`` (None: not applicable to this instance).
     """
 
@@ -409,7 +409,7 @@ CLAIMS: dict[str, Claim] = {
     c.id: c
     for c in [
         Claim("topc_optimal_eq", "Global top-c is optimal for max <S,x> s.t. sum x = c",
-              "Prop. 3.1 with equality (THEORY.md §2.3)", "holds for every S (exchange argument)",
+              "Prop. 3.1 with equality (papers/routing-as-lp.md §3)", "holds for every S (exchange argument)",
               check_topc_optimal_eq),
         Claim("topc_optimal_le", "Global top-c is optimal for max <S,x> s.t. sum x <= c, S real",
               "Prop. 3.1 as stated (arXiv 2503.22996 v2 §3)",
@@ -421,27 +421,29 @@ CLAIMS: dict[str, Claim] = {
               "Prop. 3.1 / Lemma A.2 (relaxation)",
               "holds when N e = T k; can fail when rounding gives EC a larger budget", check_usmoe_ge_ec),
         Claim("greedy_tc_eq_lp", "Row-wise top-k equals the Token Choice LP optimum",
-              "THEORY.md §10.4", "holds (rows are independent)", check_greedy_tc),
+              "papers/routing-as-lp.md §3 (threshold dual)", "holds (rows are independent)", check_greedy_tc),
         Claim("greedy_ec_eq_lp", "Column-wise top-e equals the Expert Choice LP optimum",
-              "THEORY.md §10.4", "holds (columns are independent)", check_greedy_ec),
+              "papers/routing-as-lp.md §3 (threshold dual)", "holds (columns are independent)", check_greedy_ec),
         Claim("lp_integral_tc", "The TC LP relaxation has an integral optimal vertex",
-              "THEORY.md §2.3 caveat 4", "holds (interval matrix, totally unimodular)", _integral("tc")),
+              "papers/routing-as-lp.md §2 (single family)", "holds (interval matrix, totally unimodular)",
+              _integral("tc")),
         Claim("lp_integral_ec", "The EC LP relaxation has an integral optimal vertex",
-              "THEORY.md §2.3 caveat 4", "holds (totally unimodular)", _integral("ec")),
+              "papers/routing-as-lp.md §2 (single family)", "holds (totally unimodular)", _integral("ec")),
         Claim("lp_integral_budget", "The budget (<= c) LP relaxation has an integral optimal vertex",
-              "THEORY.md §2.3 caveat 4", "holds (one all-ones row)", _integral("budget_le")),
+              "papers/routing-as-lp.md §2 (single family)", "holds (one all-ones row)", _integral("budget_le")),
         Claim("lp_integral_capped", "The capped (budget + token + expert caps) LP has an integral vertex",
-              "THEORY.md §2.3 caveat 4", "holds (b-matching / network flow)", _integral("capped")),
+              "papers/routing-as-lp.md §2 (laminar families, flow)", "holds (b-matching / network flow)",
+              _integral("capped")),
         Claim("ilp_eq_lp", "The 0/1 optimum equals the LP optimum for TC, EC, budget and capped",
-              "THEORY.md §10.1", "holds (integral relaxations)", check_ilp_eq_lp),
+              "papers/routing-as-lp.md §2", "holds (integral relaxations)", check_ilp_eq_lp),
         Claim("tc_row_invariance", "TC masks are invariant to row-wise strictly increasing transforms",
-              "THEORY.md §3 invariances", "holds in exact arithmetic; float saturation can tie entries",
-              _invariance(axis=1)),
+              "papers/routing-as-lp.md §1 (invariances)",
+              "holds in exact arithmetic; float saturation can tie entries", _invariance(axis=1)),
         Claim("ec_column_invariance", "EC masks are invariant to column-wise strictly increasing transforms",
-              "THEORY.md §3 invariances", "holds in exact arithmetic; float saturation can tie entries",
-              _invariance(axis=0)),
+              "papers/routing-as-lp.md §1 (invariances)",
+              "holds in exact arithmetic; float saturation can tie entries", _invariance(axis=0)),
         Claim("capped_greedy_optimal", "Greedy top-c with token and expert caps is optimal for the capped program",
-              "THEORY.md §2.3 caveat 4 (capacity-aware USMoE)",
+              "capacity-aware USMoE, defined in this project; papers/routing-as-lp.md §1",
               "fails: greedy is only a 1/2-approximation for b-matching; see the gap distribution",
               check_capped_greedy),
     ]
