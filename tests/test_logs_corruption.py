@@ -137,12 +137,13 @@ def test_shard_with_wrong_shape_or_dtype(log_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda p: (p / MANIFEST_NAME).write_text('{"format_version": 1, "layers": ['), "not valid JSON"),
     (lambda p: (p / MANIFEST_NAME).write_bytes(b"\xff\xfe\x00"), "not UTF-8"),
-    (lambda p: edit_manifest(p, lambda m: m.pop("layers")), "missing key 'layers'"),
-    (lambda p: edit_manifest(p, lambda m: m.update(format_version="one")), "format_version is 'one'"),
+    (lambda p: edit_manifest(p, lambda m: m.pop("layers")), "field layers is missing"),
+    (lambda p: edit_manifest(p, lambda m: m.update(format_version="one")), "field format_version is \"one\", expected an integer >= 1"),
     (lambda p: edit_manifest(p, lambda m: m.update(num_tokens=31)), "num_tokens is 31 but the shards cover 30"),
     (lambda p: edit_manifest(p, lambda m: m["shards"][1].update(token_start=11)), "must be contiguous"),
-    (lambda p: edit_manifest(p, lambda m: m["shards"][0].update(file="../../etc/passwd")), "not of the form"),
-    (lambda p: edit_manifest(p, lambda m: m["shards"][0].update(sha256="abc")), "not 64 hex digits"),
+    (lambda p: edit_manifest(p, lambda m: m["shards"][0].update(file="../../etc/passwd")),
+     "expected a path of the form shards/NNNNN.safetensors"),
+    (lambda p: edit_manifest(p, lambda m: m["shards"][0].update(sha256="abc")), "field shards\\[0\\].sha256 is \"abc\", expected 64 lowercase hex digits"),
     (lambda p: edit_manifest(p, lambda m: m["layers"][0].update(num_experts=5)), "layer says \\(5,\\)"),
     (lambda p: edit_manifest(p, lambda m: m["layers"][0].update(top_k=9)), "top_k must be"),
 ])

@@ -33,8 +33,15 @@ class UnsupportedVersion(LogError, ValueError):
     """The manifest was written by a newer format version than this usmoe-lp can read."""
 
 
+#: How messages spell the option that replaces an existing log. Every message that advises it says
+#: exactly this, so an interface that spells it otherwise (the CLI: ``--overwrite``) may substitute
+#: its own spelling, or pass ``overwrite_flag=`` to the writer.
+OVERWRITE_FLAG = "overwrite=True"
+
+
 class LogExists(LogError, OutputExists):
-    """The writer's target already holds data; pass ``overwrite=True`` to replace a router log."""
+    """The writer's target already holds data; pass ``overwrite=True`` to replace a router log (an
+    incomplete one from an interrupted run included: there is no resume)."""
 
 
 class InvalidLogInput(LogError, ValueError):
@@ -43,6 +50,12 @@ class InvalidLogInput(LogError, ValueError):
 
 class NonFiniteLogits(InvalidLogInput):
     """Router logits contain NaN or Inf (raw logits are finite); the message names the layer."""
+
+
+class NonFiniteLog(CorruptLog, NonFiniteLogits):
+    """A router log holds NaN or Inf logits (its writer refuses them, so the log is damaged); the
+    message names the shard file, the layer and the first token. Both a :class:`CorruptLog` and a
+    :class:`NonFiniteLogits`."""
 
 
 class ImportFailed(LogError, ValueError):

@@ -7,7 +7,10 @@ the rows asked for are read. Every error names the file and the problem.
 from __future__ import annotations
 
 import bisect
+import errno
+import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from usmoe_lp.errors import InvalidParameter
-from usmoe_lp.logs.errors import CorruptLog, LogNotFound, MissingLayer
+from usmoe_lp.logs.errors import CorruptLog, LogNotFound, MissingLayer, NonFiniteLog
 from usmoe_lp.logs.format import (
     HIDDEN,
     LOGITS,
@@ -33,12 +36,98 @@ from usmoe_lp.logs.format import (
     LayerInfo,
     Manifest,
     ShardInfo,
-    sha256_file,
+    TokenOrder,
+    non_finite,
+    sha256_stream,
     torch_dtype,
 )
 
 Verify = Literal["lazy", "full", "none"]
 _VERIFY_MODES = ("lazy", "full", "none")
+
+# Files are opened relative to the log directory, one component at a time, never following a link
+# (O_NOFOLLOW) and without blocking on a FIFO (O_NONBLOCK); what is opened must be a regular file.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_BY_DIR_FD = bool(_NOFOLLOW) and os.open in os.supports_dir_fd
+_FD_DIR = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
+_KINDS = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFLNK: "a symbolic link"}
+
+
+def _refuse(path: Path, mode: int, expected: str) -> CorruptLog:
+    kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    if stat.S_ISLNK(mode):
+        return CorruptLog(f"{path}: a symbolic link; a router log never follows links (one can point outside the "
+                          f"log): replace it with the {expected} itself")
+    return CorruptLog(f"{path}: {kind}, not a {expected}; a router log holds only regular files and directories")
+
+
+def _open_in_log(root: Path, rel: str) -> int:
+    """A read-only descriptor of the regular file ``rel`` ('/'-separated, inside the log ``root``).
+
+    No component below ``root`` may be a symbolic link, and the file must be a regular file: checked
+    on the very objects opened (openat with O_NOFOLLOW, then fstat), before a byte is read. Raises
+    :class:`CorruptLog` naming the path otherwise, and for a missing file.
+    """
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise CorruptLog(f"{root / rel}: not a path inside the router log")
+    where = root
+    if not _BY_DIR_FD:                       # no openat: check each component with lstat, then open the path
+        for k, part in enumerate(parts):
+            where = where / part
+            try:
+                st = os.lstat(where)
+            except FileNotFoundError:
+                raise CorruptLog(f"{root / rel}: missing, but {MANIFEST_NAME} lists it; the log lost this file") \
+                    from None
+            last = k == len(parts) - 1
+            if not (stat.S_ISREG(st.st_mode) if last else stat.S_ISDIR(st.st_mode)):
+                raise _refuse(where, st.st_mode, "file" if last else "directory")
+        fd = os.open(root / rel, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    else:
+        dir_fd = os.open(root, os.O_RDONLY | _DIRECTORY)
+        try:
+            for k, part in enumerate(parts):
+                where = where / part
+                last = k == len(parts) - 1
+                flags = os.O_RDONLY | _NOFOLLOW | (os.O_NONBLOCK if last else _DIRECTORY)
+                try:
+                    fd = os.open(part, flags, dir_fd=dir_fd)
+                except OSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        raise CorruptLog(f"{root / rel}: missing, but {MANIFEST_NAME} lists it; the log lost this "
+                                         f"file") from None
+                    if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR):
+                        raise _refuse(where, os.lstat(where).st_mode, "file" if last else "directory") from None
+                    raise CorruptLog(f"{where}: cannot be read ({exc.strerror})") from None
+                if not last:
+                    os.close(dir_fd)
+                    dir_fd = fd
+        finally:
+            os.close(dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _refuse(root / rel, st.st_mode, "file")
+    return fd
+
+
+class _LogFile:
+    """``with _LogFile(root, rel) as f``: the regular file ``rel`` of the log, opened by :func:`_open_in_log`,
+    as a binary file; ``f.size`` is its size (from fstat)."""
+
+    def __init__(self, root: Path, rel: str) -> None:
+        fd = _open_in_log(root, rel)
+        self.size = os.fstat(fd).st_size
+        self.file = os.fdopen(fd, "rb")
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 @dataclass(frozen=True)
@@ -121,6 +210,9 @@ class RouterLog:
         self._manifest = manifest
         self._verify = verify
         self._verified: set[int] = set()
+        self._order = TokenOrder()     # the token rule across shards, for shards checked in log order
+        self._order_upto = 0           # shards [0, _order_upto) went through self._order
+        self._fingerprints: dict[str, int] = {}   # sha256 of a shard's token metadata -> shard index
         self._starts = [s.token_start for s in manifest.shards]
         self._layer_info = {layer.name: layer for layer in manifest.layers}
 
@@ -136,19 +228,20 @@ class RouterLog:
         if verify not in _VERIFY_MODES:
             raise InvalidParameter(f"verify must be one of {_VERIFY_MODES}, got {verify!r}")
         path = Path(path)
-        if not path.is_dir():
+        if not path.is_dir():      # the log directory itself may be a link the user made; nothing inside it may
             raise LogNotFound(f"{path}: no such router log (not a directory)")
         manifest_path = path / MANIFEST_NAME
-        if not manifest_path.is_file():
-            if (path / SHARDS_DIR).is_dir():
+        if not os.path.lexists(manifest_path):
+            if os.path.lexists(path / SHARDS_DIR):
                 raise CorruptLog(f"{manifest_path} is missing but {path / SHARDS_DIR} exists: the manifest was deleted")
             raise LogNotFound(f"{path} is not a router log: it has no {MANIFEST_NAME}")
-        try:
-            text = manifest_path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise CorruptLog(f"{manifest_path}: not UTF-8 text; the manifest is damaged") from None
-        except OSError as exc:
-            raise CorruptLog(f"{manifest_path}: cannot be read ({exc.strerror})") from None
+        with _LogFile(path, MANIFEST_NAME) as f:
+            try:
+                text = f.read().decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptLog(f"{manifest_path}: not UTF-8 text; the manifest is damaged") from None
+            except OSError as exc:
+                raise CorruptLog(f"{manifest_path}: cannot be read ({exc.strerror})") from None
         log = cls(path, Manifest.from_json(text, source=str(manifest_path)), verify)
         if verify == "lazy":
             for shard in log._manifest.shards:
@@ -249,10 +342,11 @@ class RouterLog:
         return Chunk(token_start=start, layer=layer, **out)
 
     def iter_chunks(self, layer: str, chunk_tokens: int = 65536, *, start: int = 0, stop: int | None = None,
-                    with_hidden: bool = False) -> Iterator[Chunk]:
+                    with_hidden: bool = False, check_finite: bool = False) -> Iterator[Chunk]:
         """Yield :class:`Chunk` s of ``chunk_tokens`` tokens (the last may be shorter) covering
         ``[start, stop)`` of ``layer`` once, in order, crossing shard boundaries freely.
-        Memory: one chunk at a time. Arguments are checked now, not at the first ``next()``."""
+        Memory: one chunk at a time. Arguments are checked now, not at the first ``next()``.
+        ``check_finite``: pass each chunk through :meth:`check_finite` (raise on NaN/Inf logits)."""
         self._check_layer(layer)
         start, stop = self._check_range(start, self.num_tokens if stop is None else stop)
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
@@ -262,9 +356,32 @@ class RouterLog:
 
         def chunks() -> Iterator[Chunk]:
             for a in range(start, stop, chunk_tokens):
-                yield self.read(layer, a, min(a + chunk_tokens, stop), with_hidden=with_hidden)
+                chunk = self.read(layer, a, min(a + chunk_tokens, stop), with_hidden=with_hidden)
+                yield self.check_finite(chunk) if check_finite else chunk
 
         return chunks()
+
+    def check_finite(self, chunk: Chunk) -> Chunk:
+        """Return ``chunk`` (read from this log) if its logits are finite; else raise :class:`NonFiniteLog`
+        naming the shard file, the layer and the first bad token. Every consumer that needs finite
+        logits (the analysis driver) checks through this, so the message is the same everywhere."""
+        self._raise_non_finite(chunk.layer, chunk.token_start, chunk.logits)
+        return chunk
+
+    def _raise_non_finite(self, layer: str, token_start: int, logits: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteLog` if ``logits`` (rows = tokens ``token_start, ...`` of ``layer``) has a NaN
+        or an Inf: the one place the reader words this error."""
+        found = non_finite(logits)
+        if found is None:
+            return
+        n_nan, n_inf, row, col = found
+        token = token_start + row
+        shard = self._manifest.shards[bisect.bisect_right(self._starts, token) - 1]
+        stop = token_start + logits.shape[0]
+        raise NonFiniteLog(f"{self._path / shard.file}: logits of layer {layer!r} have {n_nan} NaN and {n_inf} Inf "
+                           f"entries in tokens [{token_start}, {stop}), the first at token {token} of the log (row "
+                           f"{token - shard.token_start} of this shard), expert {col}; raw router logits are finite, "
+                           f"so this log is damaged (or was not written by usmoe-lp)")
 
     def router_weights(self) -> dict[str, torch.Tensor] | None:
         """Layer name -> (N, d) router weight, or None when not captured."""
@@ -277,7 +394,7 @@ class RouterLog:
 
     def _load_router_weights(self) -> dict[str, torch.Tensor]:
         path = self._path / ROUTER_WEIGHTS_NAME
-        with self._safe_open(path) as f:
+        with self._safe_open(ROUTER_WEIGHTS_NAME) as f:
             out = {name: f.get_tensor(name) for name in f.keys()}
         for name, w in out.items():
             if name not in self._layer_info or w.ndim != 2 or w.shape[0] != self._layer_info[name].num_experts:
@@ -287,14 +404,18 @@ class RouterLog:
 
     # ------------------------------------------------------------------ validation
     def validate(self, checksums: bool = True) -> ValidationReport:
-        """Check every shard listed in the manifest (exists, size, sha256, tensor names, shapes,
-        dtypes) and the router weights; raise :class:`CorruptLog` / :class:`MissingLayer` naming
-        the file on the first problem. Files on disk that the manifest does not list (a shard in
-        flight at a crash, ``*.tmp``) are ignored and reported as warnings. ``checksums=False``
-        skips the sha256 (which reads every byte of the log)."""
+        """Check every shard listed in the manifest (a regular file, not a link; size, sha256, tensor
+        names, shapes, dtypes; token metadata: positions and sequence ids >= 0, each sequence's
+        positions increasing through the log, no shard a copy of another; finite logits) and the router
+        weights; raise :class:`CorruptLog` (:class:`NonFiniteLog` for NaN/Inf logits, naming shard,
+        layer and token) / :class:`MissingLayer` naming the file on the first problem. Files on disk
+        that the manifest does not list (a shard in flight at a crash, ``*.tmp``) are ignored and
+        reported as warnings. ``checksums=False`` skips the sha256 and the finiteness check (which
+        read every byte of the log)."""
         warnings: list[str] = []
+        self._order, self._order_upto, self._fingerprints = TokenOrder(), 0, {}
         for i in range(len(self._manifest.shards)):
-            warnings += self._verify_shard(i, checksum=checksums)
+            warnings += self._verify_shard(i, checksum=checksums, finite=checksums)
         rw = self._manifest.router_weights
         if rw is not None:
             if checksums:
@@ -304,7 +425,10 @@ class RouterLog:
             self._load_router_weights()
         listed = {s.file for s in self._manifest.shards}
         shards_dir = self._path / SHARDS_DIR
-        if shards_dir.is_dir():
+        if os.path.lexists(shards_dir):
+            mode = os.lstat(shards_dir).st_mode
+            if not stat.S_ISDIR(mode):     # a link is not listed: its names are not the log's
+                raise _refuse(shards_dir, mode, "directory")
             for p in sorted(shards_dir.iterdir()):
                 rel = f"{SHARDS_DIR}/{p.name}"
                 if rel in listed:
@@ -316,7 +440,7 @@ class RouterLog:
                 else:
                     warnings.append(f"{p}: not a router-log file; ignored")
         for name in (MANIFEST_NAME + TMP_SUFFIX, ROUTER_WEIGHTS_NAME + TMP_SUFFIX):
-            if (self._path / name).exists():
+            if os.path.lexists(self._path / name):
                 warnings.append(f"{self._path / name}: a temporary file left by an interrupted write; ignored")
         if not self._manifest.complete:
             warnings.append(f"{self._path / MANIFEST_NAME}: the writer did not close this log (it crashed or is still "
@@ -340,26 +464,32 @@ class RouterLog:
         return start, stop
 
     def _check_size(self, file: str, expected: int) -> int:
-        path = self._path / file
+        fd = _open_in_log(self._path, file)
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise CorruptLog(f"{path}: missing, but {MANIFEST_NAME} lists it; the log lost this file") from None
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        self._compare_size(file, size, expected)
+        return size
+
+    def _compare_size(self, file: str, size: int, expected: int) -> None:
+        path = self._path / file
         if size < expected:
             raise CorruptLog(f"{path}: truncated shard ({size} of {expected} bytes)" if file != ROUTER_WEIGHTS_NAME
                              else f"{path}: truncated ({size} of {expected} bytes)")
         if size > expected:
             raise CorruptLog(f"{path}: {size} bytes but {MANIFEST_NAME} records {expected}; the file was changed")
-        return size
 
     def _check_file(self, file: str, size: int, sha256: str) -> None:
-        self._check_size(file, size)
-        actual = sha256_file(self._path / file)
+        opened = _LogFile(self._path, file)
+        with opened as f:
+            self._compare_size(file, opened.size, size)
+            actual = sha256_stream(f)
         if actual != sha256:
             raise CorruptLog(f"{self._path / file}: checksum mismatch (sha256 {actual[:16]}..., {MANIFEST_NAME} "
                              f"records {sha256[:16]}...); the file is damaged")
 
-    def _verify_shard(self, i: int, checksum: bool = True) -> list[str]:
+    def _verify_shard(self, i: int, checksum: bool = True, finite: bool = False) -> list[str]:
         shard = self._manifest.shards[i]
         path = self._path / shard.file
         if checksum:
@@ -368,7 +498,7 @@ class RouterLog:
             self._check_size(shard.file, shard.bytes)
         warnings = []
         n = shard.num_tokens
-        with self._safe_open(path) as f:
+        with self._safe_open(shard.file) as f:
             keys = set(f.keys())
             meta = f.metadata() or {}
             for name, spec in self._manifest.tensors.items():
@@ -386,6 +516,11 @@ class RouterLog:
                 if key in meta and meta[key] != str(getattr(shard, key)):
                     raise CorruptLog(f"{path}: header says {key}={meta[key]} but {MANIFEST_NAME} says "
                                      f"{getattr(shard, key)}; the shard is in the wrong place")
+            if self._manifest.tensors:
+                self._check_tokens(i, *(self._slice(f, i, name, 0, n) for name in METADATA_TENSORS))
+            if finite:
+                for layer in self._layer_info:
+                    self._raise_non_finite(layer, shard.token_start, self._slice(f, i, LOGITS + layer, 0, n))
             extra = sorted(keys - set(self._manifest.tensors))
             if extra:
                 warnings.append(f"{path}: tensors not in the manifest's schema, ignored: {extra}")
@@ -393,18 +528,43 @@ class RouterLog:
             self._verified.add(i)
         return warnings
 
-    def _safe_open(self, path: Path):
+    def _check_tokens(self, i: int, token_ids: torch.Tensor, sequence_ids: torch.Tensor,
+                      positions: torch.Tensor) -> None:
+        """Shard ``i``'s token metadata: not a copy of another shard's, and following :class:`TokenOrder`
+        (across shards too when the shards are checked in log order, as :meth:`validate` and a sequential
+        read do; otherwise within the shard)."""
+        shard = self._manifest.shards[i]
+        path = self._path / shard.file
+        h = hashlib.sha256()
+        for t in (token_ids, sequence_ids, positions):
+            h.update(t.numpy().tobytes())
+        other = self._fingerprints.setdefault(h.hexdigest(), i)
+        if other != i:
+            raise CorruptLog(f"{path}: holds the same tokens (token ids, sequence ids, positions) as "
+                             f"{self._path / self._manifest.shards[other].file}; a duplicated shard")
+        in_order = i == self._order_upto
+        problem = (self._order if in_order else TokenOrder()).check(sequence_ids.numpy(), positions.numpy())
+        if problem is not None:
+            row, what = problem
+            raise CorruptLog(f"{path}: token {shard.token_start + row} of the log (row {row} of this shard) {what}; "
+                             "the token metadata is damaged")
+        if in_order:
+            self._order_upto += 1
+
+    def _safe_open(self, rel: str):
+        path = self._path / rel
+        fd = _open_in_log(self._path, rel)
         try:
-            return safe_open(str(path), framework="pt")
-        except FileNotFoundError:
-            raise CorruptLog(f"{path}: missing, but {MANIFEST_NAME} lists it; the log lost this file") from None
+            return safe_open(f"{_FD_DIR}/{fd}" if _FD_DIR else str(path), framework="pt")
         except Exception as exc:  # safetensors raises its own SafetensorError for a damaged header
             raise CorruptLog(f"{path}: not a readable safetensors file ({exc}); the file is damaged") from None
+        finally:
+            os.close(fd)
 
     def _open_shard(self, i: int):
         if self._verify != "none" and i not in self._verified:
             self._verify_shard(i)
-        return self._safe_open(self._path / self._manifest.shards[i].file)
+        return self._safe_open(self._manifest.shards[i].file)
 
     def _slice(self, f, i: int, name: str, lo: int, hi: int) -> torch.Tensor:
         path = self._path / self._manifest.shards[i].file

@@ -2,7 +2,11 @@
 
 Each shard is written as ``shards/NNNNN.safetensors.tmp``, fsynced, renamed, and only then listed in
 ``manifest.json`` (rewritten atomically with the shard's sha256). A process killed at any moment
-leaves a log that opens and validates, holding every shard completed before the kill.
+leaves a log that opens and validates, holding every shard completed before the kill, marked
+incomplete. A new log is written in place; replacing an existing one (``overwrite=True``) builds
+the new log in a hidden sibling directory and swaps it in only when the writer closes cleanly
+(:mod:`usmoe_lp.staging`), so a refused or interrupted run never loses the old log. Every file
+gets the permissions of a normally created file (0o666 less the umask).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from usmoe_lp.logs.errors import InvalidLogInput, LogExists, NonFiniteLogits
+from usmoe_lp.logs.errors import OVERWRITE_FLAG, InvalidLogInput, LogExists, NonFiniteLogits
 from usmoe_lp.logs.format import (
     FORMAT_VERSION,
     HIDDEN,
@@ -39,14 +44,17 @@ from usmoe_lp.logs.format import (
     ModelInfo,
     ShardInfo,
     TensorSpec,
+    TokenOrder,
     atomic_write_text,
     dtype_name,
     fsync_dir,
     fsync_file,
     library_versions,
+    non_finite,
     sha256_file,
     shard_file,
 )
+from usmoe_lp.staging import check_destination, staging_path, swap_in
 
 _LOG_ENTRIES = {MANIFEST_NAME, MANIFEST_NAME + TMP_SUFFIX, SHARDS_DIR, ROUTER_WEIGHTS_NAME,
                 ROUTER_WEIGHTS_NAME + TMP_SUFFIX}
@@ -61,7 +69,16 @@ class RouterLogWriter:
     ``dtype``: cast logits and hidden states to this dtype (None keeps the captured dtype, bf16
     included). ``device``: recorded in the manifest (None: inferred from the first logits).
     ``overwrite``: replace an existing router log at ``path`` (never anything else); without it a
-    non-empty ``path`` is refused. ``fsync=False`` skips fsync (tests only: not crash-safe).
+    non-empty ``path`` is refused (:class:`LogExists`; for an incomplete log left by an interrupted
+    run the message says so: there is no resume, the run starts again with ``overwrite=True``).
+    The replacement is written aside and swapped in by :meth:`close`; until then, and for good if
+    the run fails, ``path`` keeps the old log. ``overwrite_flag``: how the caller's interface spells
+    ``overwrite=True`` in messages (the CLI passes ``"--overwrite"``). ``fsync=False`` skips fsync
+    (tests only: not crash-safe).
+
+    Token metadata follows :class:`~usmoe_lp.logs.format.TokenOrder` (positions and sequence ids
+    >= 0, each sequence's positions increasing through the log); :meth:`append` refuses a batch
+    that breaks it.
 
     The buffer holds fewer than ``shard_tokens`` tokens between calls, plus whatever one
     :meth:`append` brings: appending chunks of at most ``shard_tokens`` tokens keeps it under two
@@ -89,6 +106,7 @@ class RouterLogWriter:
         device: str | None = None,
         overwrite: bool = False,
         fsync: bool = True,
+        overwrite_flag: str = OVERWRITE_FLAG,
     ) -> None:
         layers = tuple(layers)
         if not layers or not all(isinstance(layer, LayerInfo) for layer in layers):
@@ -118,6 +136,7 @@ class RouterLogWriter:
             raise InvalidLogInput(f"capture settings must be JSON-serialisable: {exc}") from None
 
         self._path = Path(path)
+        self._overwrite_flag = overwrite_flag
         self._layers = layers
         self._shard_tokens = shard_tokens
         self._dtype = dtype
@@ -127,17 +146,30 @@ class RouterLogWriter:
         self._buffered_bytes = 0
         self._max_buffered_bytes = 0
         self._closed = False
-        _prepare_directory(self._path, overwrite)
-        (self._path / SHARDS_DIR).mkdir()
+        self._order = TokenOrder()
+        self._file_mode: int | None = None       # that of the first manifest, a normally created file
+        self._dir = self._prepare_directory(overwrite)   # where the files go: path, or a sibling to swap in
         self._manifest = Manifest(
             model=model, layers=layers, capture=capture, versions=library_versions(), device=device,
             created=datetime.now(UTC).isoformat(timespec="seconds"), format_version=FORMAT_VERSION)
-        self._write_manifest()
+        try:
+            (self._dir / SHARDS_DIR).mkdir()
+            self._write_manifest()
+            self._file_mode = stat.S_IMODE(os.stat(self._dir / MANIFEST_NAME).st_mode)
+        except BaseException:
+            self.discard()
+            raise
 
     # ------------------------------------------------------------------ properties
     @property
     def path(self) -> Path:
+        """Where the log is (and, when replacing one, will be once :meth:`close` succeeds)."""
         return self._path
+
+    @property
+    def staged(self) -> bool:
+        """True when replacing an existing log: the new one is written aside and swapped in by :meth:`close`."""
+        return self._dir != self._path
 
     @property
     def manifest(self) -> Manifest:
@@ -227,7 +259,7 @@ class RouterLogWriter:
                 raise InvalidLogInput(f"router weights of layer {name!r} must be a floating "
                                       f"(N={layers[name].num_experts}, d) tensor, got {tuple(t.shape)} {t.dtype}")
             tensors[name] = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-        final = self._path / ROUTER_WEIGHTS_NAME
+        final = self._dir / ROUTER_WEIGHTS_NAME
         sha, size = self._write_safetensors(tensors, final, {"format": "pt"})
         self._manifest = dataclasses.replace(self._manifest, router_weights=FileInfo(ROUTER_WEIGHTS_NAME, sha, size))
         self._write_manifest()
@@ -238,8 +270,32 @@ class RouterLogWriter:
             self._flush(self._buffered_tokens)
 
     def close(self) -> None:
-        """Write the remaining tokens and mark the log complete. Idempotent."""
-        self._finish(complete=True)
+        """Write the remaining tokens and mark the log complete (then swap it in, when replacing a
+        log). Idempotent. If it fails, a log written in place stays marked incomplete and a
+        replacement is discarded (the old log stays)."""
+        if self._closed:
+            return
+        try:
+            self._finish(complete=True)
+            if self.staged:
+                check_destination(self._path, what="router log", overwrite=True, foreign=_foreign_entries,
+                                  overwrite_flag=self._overwrite_flag, error=LogExists)
+                swap_in(self._dir, self._path)
+                self._dir = self._path
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Give up after a failure: a replacement being written aside is removed (the old log stays as
+        it was); a log written in place keeps its completed shards and stays marked incomplete."""
+        if self.staged:
+            self._closed = True
+            shutil.rmtree(self._dir, ignore_errors=True)
+            return
+        if not self._closed:
+            self._closed = True
+            self._buffers.clear()
 
     def __enter__(self) -> RouterLogWriter:
         return self
@@ -247,6 +303,9 @@ class RouterLogWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
             self.close()
+            return
+        if self.staged:  # a failed replacement: the old log stays, the new one goes
+            self.discard()
             return
         try:  # keep what was captured before the error; the log stays marked incomplete
             self._finish(complete=False)
@@ -325,14 +384,21 @@ class RouterLogWriter:
                     t = t.to(self._dtype)
                 batch[prefix + name] = t
         schema = {name: TensorSpec(dtype_name(t.dtype), tuple(t.shape[1:])) for name, t in batch.items()}
-        if self._manifest.tensors:
-            if schema != self._manifest.tensors:
-                raise InvalidLogInput(_schema_difference(self._manifest.tensors, schema, self._path))
-        elif n:
+        first = not self._manifest.tensors and n
+        if self._manifest.tensors and schema != self._manifest.tensors:
+            raise InvalidLogInput(_schema_difference(self._manifest.tensors, schema, self._path))
+        if first:
             dtypes = {schema[LOGITS + name].dtype for name in expected}
             if len(dtypes) > 1:
                 raise InvalidLogInput(f"every layer's logits must have one dtype, got {sorted(dtypes)}; "
                                       "pass dtype= to the writer to cast them")
+        # last of the checks, as it remembers the tokens it accepts
+        problem = self._order.check(batch["sequence_ids"].cpu().numpy(), batch["positions"].cpu().numpy())
+        if problem is not None:
+            row, what = problem
+            raise InvalidLogInput(f"token {row} of this batch {what}; a router log holds each token of a sequence "
+                                  f"once, in order ({self._path})")
+        if first:
             self._manifest = dataclasses.replace(
                 self._manifest, tensors=schema, dtype=schema[LOGITS + expected[0]].dtype,
                 device=self._manifest.device or _device_name(batch[LOGITS + expected[0]].device))
@@ -352,7 +418,7 @@ class RouterLogWriter:
         relative = shard_file(index)
         meta = {"format": "pt", "usmoe_lp_format_version": str(FORMAT_VERSION), "shard_index": str(index),
                 "token_start": str(start), "token_stop": str(start + n)}
-        sha, size = self._write_safetensors(tensors, self._path / relative, meta)
+        sha, size = self._write_safetensors(tensors, self._dir / relative, meta)
         del tensors
         self._buffered_tokens -= n
         self._buffered_bytes = remaining_bytes
@@ -364,6 +430,7 @@ class RouterLogWriter:
     def _write_safetensors(self, tensors: dict[str, torch.Tensor], final: Path, meta: dict[str, str]):
         tmp = final.with_name(final.name + TMP_SUFFIX)
         save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, self._file_mode)    # safetensors creates its files 0600
         if self._fsync:
             fsync_file(tmp)
         sha, size = sha256_file(tmp), tmp.stat().st_size
@@ -373,45 +440,66 @@ class RouterLogWriter:
         return sha, size
 
     def _write_manifest(self) -> None:
-        path = self._path / MANIFEST_NAME
+        path = self._dir / MANIFEST_NAME
         if self._fsync:
-            atomic_write_text(path, self._manifest.to_json())
+            atomic_write_text(path, self._manifest.to_json(), self._file_mode)
         else:
             tmp = path.with_name(path.name + TMP_SUFFIX)
             tmp.write_text(self._manifest.to_json())
+            if self._file_mode is not None:
+                os.chmod(tmp, self._file_mode)
             os.replace(tmp, path)
+
+    def _prepare_directory(self, overwrite: bool) -> Path:
+        """The directory to write into: ``path`` itself when it is new or empty (created as needed), else a
+        fresh sibling to swap in on :meth:`close` (``path`` must then hold a router log and ``overwrite``)."""
+        path = self._path
+        if not overwrite:
+            _refuse_incomplete_log(path, self._overwrite_flag)
+        replacing = check_destination(path, what="router log", overwrite=overwrite, foreign=_foreign_entries,
+                                      overwrite_flag=self._overwrite_flag, error=LogExists)
+        target = staging_path(path) if replacing else path
+        try:
+            target.mkdir(parents=True, exist_ok=not replacing)
+        except OSError as exc:
+            raise LogExists(f"cannot write the router log {path}: {exc.strerror or exc}") from None
+        return target
 
 
 # ----------------------------------------------------------------------------- helpers
-def _prepare_directory(path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise LogExists(f"{path} exists and is not a directory; choose another path for the router log")
-    if not path.exists():
-        path.mkdir(parents=True)
-        return
-    entries = sorted(p.name for p in path.iterdir())
-    if not entries:
-        return
-    if not overwrite:
-        raise LogExists(f"{path} is not empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); "
-                        "refusing to overwrite it: choose another directory or pass overwrite=True (--overwrite) "
-                        "to replace a router log")
-    foreign = [e for e in entries if e not in _LOG_ENTRIES]
+def _foreign_entries(path: Path) -> list[str]:
+    """Entries of ``path`` that no router-log writer makes (what an overwrite must never delete)."""
+    foreign = [p.name for p in path.iterdir() if p.name not in _LOG_ENTRIES]
     shards = path / SHARDS_DIR
-    if shards.is_dir():
-        foreign += [f"{SHARDS_DIR}/{p.name}" for p in shards.iterdir()
-                    if not SHARD_FILE_RE.match(f"{SHARDS_DIR}/{p.name.removesuffix(TMP_SUFFIX)}")]
-    elif shards.exists():
+    if shards.is_symlink() or (shards.exists() and not shards.is_dir()):
         foreign.append(SHARDS_DIR)
-    if foreign:
-        raise LogExists(f"{path} holds files that are not part of a router log ({', '.join(sorted(foreign)[:5])}); "
-                        "refusing to delete them even with overwrite=True: choose another directory")
-    # the manifest goes first: an interrupted overwrite leaves unlisted shards, never a manifest without them
-    for name in (MANIFEST_NAME, MANIFEST_NAME + TMP_SUFFIX, ROUTER_WEIGHTS_NAME, ROUTER_WEIGHTS_NAME + TMP_SUFFIX):
-        (path / name).unlink(missing_ok=True)
-    if shards.exists():
-        shutil.rmtree(shards)
-    fsync_dir(path)
+    elif shards.is_dir():
+        foreign += [f"{SHARDS_DIR}/{p.name}" for p in shards.iterdir()
+                    if p.is_symlink() or not SHARD_FILE_RE.match(f"{SHARDS_DIR}/{p.name.removesuffix(TMP_SUFFIX)}")]
+    return sorted(foreign)
+
+
+def _refuse_incomplete_log(path: Path, overwrite_flag: str) -> None:
+    """Raise :class:`LogExists` if ``path`` holds a router log its writer never closed (an interrupted run)."""
+    manifest = path / MANIFEST_NAME
+    if manifest.is_symlink() or not manifest.is_file():
+        return
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and data.get("complete") is not True:
+        tokens = data.get("num_tokens")
+        raise LogExists(incomplete_log_message(path, tokens if isinstance(tokens, int) else None, overwrite_flag))
+
+
+def incomplete_log_message(path: Path, tokens: int | None, overwrite_flag: str = OVERWRITE_FLAG) -> str:
+    """What :class:`LogExists` says about an incomplete log at ``path`` (``overwrite_flag``: the interface's
+    spelling of ``overwrite=True``)."""
+    held = f" of {tokens} tokens" if tokens is not None else ""
+    return (f"{path} holds an incomplete router log{held} (from an interrupted run: its writer never closed it); "
+            f"there is no resume: pass {overwrite_flag} to start the run again from the beginning (it replaces "
+            f"this log), or choose another directory")
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
@@ -428,16 +516,10 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
 
 
 def _check_finite(t: torch.Tensor, layer: str, after: str) -> None:
-    # A float64 sum is finite iff every entry is (barring overflow, which falls through to the exact
-    # check): one fast reduction instead of torch.isfinite, which is ~10x slower on this CPU build.
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    found = non_finite(t)
+    if found is None:
         return
-    finite = torch.isfinite(t)
-    if bool(finite.all()):
-        return
-    n_nan = int(torch.isnan(t).sum())
-    n_inf = int((~finite).sum()) - n_nan
-    row, col = (int(v) for v in torch.nonzero(~finite)[0])
+    n_nan, n_inf, row, col = found
     raise NonFiniteLogits(f"logits of layer {layer!r} have {n_nan} NaN and {n_inf} Inf entries{after} (first at "
                           f"token {row} of this batch, expert {col}); raw router logits must be finite — drop or "
                           "mask padding instead of writing -inf")
