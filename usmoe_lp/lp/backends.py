@@ -135,7 +135,8 @@ def solve_highs(problem: RoutingProblem, time_limit: float | None = None,
     lp = highspy.HighsLp()
     lp.num_col_ = n
     lp.num_row_ = rows.num_rows
-    lp.col_cost_ = problem.scores.ravel()
+    scale = _power_of_two_scale(problem.scores)
+    lp.col_cost_ = problem.scores.ravel() * scale  # exact: HiGHS's tolerances are absolute
     lp.col_lower_ = np.zeros(n)
     lp.col_upper_ = np.ones(n)
     # A lower bound of 0 on a count is implied by x >= 0; stating it makes a ranged row, and
@@ -154,9 +155,26 @@ def solve_highs(problem: RoutingProblem, time_limit: float | None = None,
     sol = h.getSolution()
     ok = status == highspy.HighsModelStatus.kOptimal
     x = np.asarray(sol.col_value, dtype=np.float64).reshape(T, N) if ok else np.zeros((T, N))
-    duals = _split_duals(problem, rows, np.asarray(sol.row_dual)) if ok and sol.dual_valid else None
-    obj = float(h.getInfo().objective_function_value) if ok else math.nan
-    return RawResult(x, obj, _status(text), f"HiGHS: {text}", duals, time.perf_counter() - t0)
+    duals = None
+    if ok and sol.dual_valid:
+        duals = _split_duals(problem, rows, np.asarray(sol.row_dual) / scale)
+    obj = float(h.getInfo().objective_function_value) / scale if ok else math.nan
+    message = f"HiGHS: {text}"
+    if _status(text) == "error":
+        message += (f" (HiGHS could not solve the LP relaxation of {problem.describe()}; scores span "
+                    f"[{problem.scores.min():.3g}, {problem.scores.max():.3g}]; try backend='closed_form' "
+                    "for single-family programs or 'cbc')")
+    return RawResult(x, obj, _status(text), message, duals, time.perf_counter() - t0)
+
+
+def _power_of_two_scale(scores: np.ndarray) -> float:
+    """2**-e with 2**e the binade of max |scores|: brings the largest score into [0.5, 1), where
+    HiGHS's absolute tolerances (1e-7) are relative ones; multiplying by a power of two is exact
+    (barring underflow of entries ~1e-300 smaller than the largest)."""
+    peak = float(np.max(np.abs(scores))) if scores.size else 0.0
+    if peak == 0.0 or not math.isfinite(peak):
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(peak)[1])
 
 
 def _quiet_highs(highspy):
@@ -208,14 +226,15 @@ def solve_milp(problem: RoutingProblem, time_limit: float | None = None) -> RawR
     options = {"disp": False}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
-    res = milp(c=-problem.scores.ravel(), integrality=np.ones(n), bounds=Bounds(0, 1),
+    scale = _power_of_two_scale(problem.scores)  # exact; SciPy's HiGHS tolerances are absolute
+    res = milp(c=-problem.scores.ravel() * scale, integrality=np.ones(n), bounds=Bounds(0, 1),
                constraints=constraints, options=options)
     status = {0: "optimal", 1: "time_limit", 2: "infeasible"}.get(res.status, "error")
     if res.x is None:
         return RawResult(np.zeros((T, N)), math.nan, status, f"scipy.milp: {res.message}", None,
                          time.perf_counter() - t0)
     x = np.asarray(res.x, dtype=np.float64).reshape(T, N)
-    return RawResult(x, float(-res.fun), status, f"scipy.milp: {res.message}", None,
+    return RawResult(x, float(-res.fun) / scale, status, f"scipy.milp: {res.message}", None,
                      time.perf_counter() - t0)
 
 
@@ -234,7 +253,8 @@ def solve_cbc(problem: RoutingProblem, time_limit: float | None = None) -> RawRe
         xs = [prob.add_variable(f"x{v}", 0, 1, cat=pulp.LpBinary) for v in range(n)]
     else:  # pragma: no cover - older PuLP
         xs = [pulp.LpVariable(f"x{v}", lowBound=0, upBound=1, cat=pulp.LpBinary) for v in range(n)]
-    prob += pulp.LpAffineExpression(zip(xs, problem.scores.ravel().tolist(), strict=True))
+    scale = _power_of_two_scale(problem.scores)  # exact; CBC's tolerances are absolute
+    prob += pulp.LpAffineExpression(zip(xs, (problem.scores.ravel() * scale).tolist(), strict=True))
     rows = constraint_rows(problem)
     k = len(rows.families)
     members: list[list[int]] = [[] for _ in range(rows.num_rows)]

@@ -30,8 +30,9 @@ class Certificate:
         dual: an upper bound on the program's optimum from explicit dual multipliers; equal to
             the optimum when ``optimal`` is False and the optimum could be computed.
         gap: ``dual - primal`` (>= 0 up to rounding).
-        optimal: the mask is feasible and reaches the dual bound (exactly for the closed form;
-            within ``tolerance`` for LP duals).
+        optimal: proven: the mask is feasible and reaches the dual bound in exact arithmetic
+            (``status == "optimal"``). Never True for a mask that is not optimal; False when
+            the certificate could not decide (``status == "undecided"``).
         feasible: the mask meets every constraint of the program.
         integral: the LP relaxation solution behind the bound is integral (True for the closed
             form, which constructs an integral vertex; None when no LP solution was involved).
@@ -48,9 +49,14 @@ class Certificate:
             0 without a tie. None for an infeasible mask under LP duals.
         backend: where the dual multipliers came from (``closed_form``, ``highs``).
         seconds: wall time of the certification.
-        tolerance: absolute tolerance used to call a gap zero.
+        tolerance: a bound on the float64 rounding error of ``gap`` (relative to the magnitude
+            of the scores and multipliers summed); the optimality decision itself is exact and
+            does not use it.
         duals: the multipliers by family: ``token`` (T,), ``expert`` (N,), ``budget`` (G,).
         message: a one-line human-readable verdict.
+        status: ``optimal`` (proven), ``not_optimal`` (proven: a better feasible mask exists),
+            ``infeasible`` (the mask breaks a constraint) or ``undecided`` (the multipliers or
+            the float64 numbers do not allow a decision; the message says why).
     """
 
     primal: float
@@ -68,6 +74,12 @@ class Certificate:
     tolerance: float
     duals: dict[str, np.ndarray] = field(default_factory=dict)
     message: str = ""
+    status: str = ""
+
+    @property
+    def decided(self) -> bool:
+        """False when the certificate could not tell whether the mask is optimal."""
+        return self.status != "undecided"
 
     @property
     def unique(self) -> bool | None:
@@ -80,7 +92,7 @@ class Certificate:
         """JSON-ready summary (duals omitted)."""
         return {
             "primal": self.primal, "dual": self.dual, "gap": self.gap, "optimal": self.optimal,
-            "feasible": self.feasible, "integral": self.integral,
+            "status": self.status, "feasible": self.feasible, "integral": self.integral,
             "max_fractionality": self.max_fractionality, "ties": self.ties,
             "log10_optimal_masks": self.log10_optimal_masks, "margin": self.margin,
             "backend": self.backend, "seconds": self.seconds, "message": self.message,

@@ -152,11 +152,11 @@ def _block_multiplicity(M: np.ndarray, u: np.ndarray, lo: np.ndarray, hi: np.nda
             picks = np.array([lo[b] - ab])
         else:
             picks = np.arange(max(0, lo[b] - ab), min(tb, hi[b] - ab) + 1)
+        if picks.size == 1 and picks[0] in (0, tb):  # C(t, 0) = C(t, t) = 1: unique, exactly
+            continue
         logs = _log10_comb(tb, picks)
         top = logs.max()
-        val = top + math.log10(np.sum(10.0 ** (logs - top)))
-        if val > 1e-12:
-            ties[b], logm[b] = tb, val
+        ties[b], logm[b] = tb, top + math.log10(np.sum(10.0 ** (logs - top)))
     return ties, logm
 
 
@@ -271,7 +271,7 @@ def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
         primal=primal, dual=dual, gap=dual - primal, optimal=optimal, feasible=feasible,
         integral=True, max_fractionality=0.0, ties=ties, log10_optimal_masks=logm, margin=margin,
         backend="closed_form", seconds=time.perf_counter() - t0, tolerance=0.0, duals=duals,
-        message=msg,
+        message=msg, status="optimal" if optimal else ("not_optimal" if feasible else "infeasible"),
     )
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from usmoe_lp._validate import check_finite_numpy, check_int
+from usmoe_lp._validate import INT64_MAX, as_float64_scores, check_finite_numpy, check_int, check_summable
 from usmoe_lp.errors import InfeasibleProblem, InvalidParameter, InvalidScores, ShapeMismatch
 
 Sense = Literal["<=", "=="]
@@ -33,6 +33,8 @@ FAMILIES = ("token", "expert", "budget")
 def _as_bounds(value, length: int, name: str, default: int) -> np.ndarray:
     if value is None:
         return np.full(length, default, dtype=np.int64)
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
     arr = np.asarray(value)
     if arr.ndim == 0:
         arr = np.full(length, arr)
@@ -45,6 +47,9 @@ def _as_bounds(value, length: int, name: str, default: int) -> np.ndarray:
     if np.any(arr < 0):
         i = int(np.argmax(arr < 0))
         raise InvalidParameter(f"{name}[{i}] = {arr[i]} is negative")
+    if np.any(arr > INT64_MAX):  # checked before the int64 cast, which would wrap
+        i = int(np.argmax(arr > INT64_MAX))
+        raise InvalidParameter(f"{name}[{i}] = {arr[i]} is beyond the int64 range")
     return arr.astype(np.int64)
 
 
@@ -53,7 +58,10 @@ class RoutingProblem:
     """A routing program (see the module docstring for the formulation).
 
     Attributes:
-        scores: (T, N) float64, finite.
+        scores: (T, N) float64, finite, a copy. Accepted input: any real float dtype (numpy or
+            torch, bfloat16 included; converted exactly) or integers up to 2**53 in magnitude
+            (exact in float64); complex, bool, string and object arrays are refused, and so are
+            scores so large that their sums could overflow (max |S| > float64 max / (8 T*N)).
         token_min, token_max: (T,) int64, per-token bounds on experts per token (max clipped to N).
         expert_min, expert_max: (N,) int64, per-expert bounds on tokens per expert (max clipped to T).
         budget: (G,) int64 per-group global budget, or None for no budget.
@@ -65,7 +73,7 @@ class RoutingProblem:
             ``capped`` or ``custom``).
 
     Raises:
-        InvalidScores: empty, non-2-D or non-finite scores.
+        InvalidScores: empty, non-2-D, non-finite, non-real or too large scores.
         ShapeMismatch: a bound or group vector of the wrong length.
         InvalidParameter: negative or non-integer bounds, a budget beyond the group's T_g * N.
         InfeasibleProblem: bounds that no 0/1 routing can meet; the message names them.
@@ -88,13 +96,11 @@ class RoutingProblem:
     _group_sizes: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        s = np.asarray(self.scores)
+        s = as_float64_scores(self.scores)  # a copy: never freeze the caller's array
         if s.ndim != 2:
             raise InvalidScores(f"scores must be 2-D (T tokens, N experts); got shape {s.shape}")
-        if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
-            raise InvalidScores(f"scores must be numeric, got dtype {s.dtype}")
-        s = np.array(s, dtype=np.float64, order="C", copy=True)  # ours: never freeze the caller's array
         check_finite_numpy(s)
+        check_summable(s)
         T, N = s.shape
         s.setflags(write=False)
         set_ = object.__setattr__
@@ -145,7 +151,7 @@ class RoutingProblem:
     @classmethod
     def token_choice(cls, scores, k: int) -> RoutingProblem:
         """Token Choice: every token takes exactly ``k`` experts (rows sum to k). scores: (T, N)."""
-        s = np.asarray(scores)
+        s = as_float64_scores(scores)
         n = s.shape[-1] if s.ndim == 2 and s.size else None  # empty: InvalidScores below
         k = check_int(k, "k", low=1)
         if n is not None and k > n:
@@ -155,7 +161,7 @@ class RoutingProblem:
     @classmethod
     def expert_choice(cls, scores, capacity: int) -> RoutingProblem:
         """Expert Choice: every expert takes exactly ``capacity`` tokens (columns sum to e)."""
-        s = np.asarray(scores)
+        s = as_float64_scores(scores)
         t = s.shape[0] if s.ndim == 2 and s.size else None  # empty: InvalidScores below
         e = check_int(capacity, "capacity", low=1)
         if t is not None and e > t:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from usmoe_lp._validate import INTEGRALITY_TOL, rounding_bound
 from usmoe_lp.errors import InvalidParameter, SolverError
 from usmoe_lp.lp import backends
 from usmoe_lp.lp.certificate import (
@@ -33,10 +34,10 @@ from usmoe_lp.lp.certificate import (
     reduced_scores,
 )
 from usmoe_lp.lp.closed_form import certify_closed_form, solve_blocks
+from usmoe_lp.lp.exact import exact_sign_of_difference, proves_optimal
 from usmoe_lp.lp.problem import RoutingProblem
 
 BACKENDS = ("closed_form", "highs", "milp", "cbc")
-INTEGRALITY_TOL = 1e-9
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,19 +123,24 @@ def solve(problem: RoutingProblem, backend: str = "closed_form", *,
                     raw.duals, cert)
 
 
-def certify(problem: RoutingProblem, mask, *, backend: str = "auto", rtol: float = 1e-9) -> Certificate:
+def certify(problem: RoutingProblem, mask, *, backend: str = "auto") -> Certificate:
     """Is ``mask`` an optimal 0/1 routing of ``problem``? Exact certificate, see :class:`Certificate`.
 
     Args:
         problem: the program.
         mask: (T, N) bool or 0/1 array (a torch tensor is accepted via ``numpy()``).
         backend: ``closed_form`` (single-family programs; exact, O(T*N)), ``highs`` (LP duals,
-            any program) or ``auto`` (closed form when it applies).
-        rtol: relative tolerance on the gap for LP-dual certificates.
+            any program, made exact by :mod:`usmoe_lp.lp.exact`) or ``auto`` (closed form when
+            it applies).
+
+    Returns:
+        A :class:`Certificate` whose ``status`` is ``optimal``, ``not_optimal``, ``infeasible``
+        or ``undecided``; ``optimal`` is True only for a proof.
 
     Raises:
         ShapeMismatch: the mask's shape differs from the scores'.
         UnsupportedProblem: ``closed_form`` on a combined program.
+        SolverError: the LP relaxation could not be solved.
     """
     X = as_mask(problem, mask)
     if backend == "auto":
@@ -147,26 +153,33 @@ def certify(problem: RoutingProblem, mask, *, backend: str = "auto", rtol: float
     raw = backends.solve_highs(problem)
     if raw.status != "optimal" or raw.duals is None:
         raise SolverError(f"could not certify: the LP relaxation did not solve ({raw.message})")
-    cert = certify_with_duals(problem, X, raw.duals, x=raw.x, backend="highs", rtol=rtol)
+    cert = certify_with_duals(problem, X, raw.duals, x=raw.x, backend="highs")
     return _with_seconds(cert, time.perf_counter() - t0)
 
 
 def certify_with_duals(problem: RoutingProblem, mask, duals: dict[str, np.ndarray], *,
-                       x: np.ndarray | None = None, backend: str = "user", rtol: float = 1e-9) -> Certificate:
+                       x: np.ndarray | None = None, backend: str = "user") -> Certificate:
     """Certify ``mask`` with given multipliers: gap = g(duals) - objective(mask) (weak duality).
 
-    ``x`` (T, N) is the LP solution the duals came from, for the integrality report.
+    The decision is exact, with no tolerance: ``optimal`` when exact multipliers rebuilt from
+    ``duals`` meet complementary slackness with the mask (:func:`usmoe_lp.lp.exact.proves_optimal`);
+    ``not_optimal`` when a better feasible mask is exhibited (the closed-form optimum of a
+    single-family program, or the rounded LP solution ``x``); ``undecided`` otherwise — the
+    multipliers do not prove it, whatever the float gap says.
+
+    ``x`` (T, N) is the LP solution the duals came from, for the integrality report and as a
+    candidate better mask.
     """
     t0 = time.perf_counter()
     X = as_mask(problem, mask)
     primal = problem.objective(X)
     dual = dual_bound(problem, duals)
-    tol = rtol * max(1.0, abs(primal), abs(dual))
+    gap = dual - primal
+    tol = _gap_error_bound(problem, duals)
     violations = feasibility_violations(problem, X)
     feasible = not violations
-    gap = dual - primal
-    optimal = feasible and gap <= tol
     ties = log10_masks = margin = None
+    exact = None
     if problem.is_single_family and feasible:
         # The block margin and tie count depend on the mask and blocks only, not on which
         # (possibly degenerate) optimal duals the solver returned.
@@ -177,20 +190,43 @@ def certify_with_duals(problem: RoutingProblem, mask, duals: dict[str, np.ndarra
         sel, uns = R[X], R[~X]
         margin = float((sel.min() if sel.size else np.inf) - (uns.max() if uns.size else -np.inf))
     frac = None if x is None else float(np.max(np.abs(x - np.round(x))))
-    if not feasible:
-        msg = "infeasible: " + "; ".join(violations)
-    elif optimal:
-        msg = "optimal (LP dual bound reached)"
-    else:
-        msg = f"not proven optimal: gap {gap:.3g} to the LP dual bound"
+    status, msg = _decide(problem, X, duals, x, feasible, violations, exact, gap)
     return Certificate(
-        primal=primal, dual=dual, gap=gap, optimal=optimal, feasible=feasible,
+        primal=primal, dual=dual, gap=gap, optimal=status == "optimal", feasible=feasible,
         integral=None if frac is None else frac <= INTEGRALITY_TOL, max_fractionality=frac,
         ties=ties, log10_optimal_masks=log10_masks, margin=margin, backend=backend,
         seconds=time.perf_counter() - t0, tolerance=tol, duals=dict(duals), message=msg,
+        status=status,
     )
 
 
+def _decide(problem, X, duals, x, feasible, violations, exact, gap) -> tuple[str, str]:
+    """(status, message) of a dual certificate: exact proofs only (module docstring of exact)."""
+    if not feasible:
+        return "infeasible", "infeasible: " + "; ".join(violations)
+    if proves_optimal(problem, X, duals):
+        return "optimal", "optimal (LP dual bound reached, checked in exact arithmetic)"
+    if exact is not None and exact.status == "not_optimal":
+        return "not_optimal", f"not optimal: {exact.message.removeprefix('not optimal: ')} (exact closed form)"
+    if x is not None:
+        Y = np.asarray(x) > 0.5
+        if not feasibility_violations(problem, Y) and exact_sign_of_difference(problem.scores, Y, X) > 0:
+            return "not_optimal", (f"not optimal: the LP solution's mask scores "
+                                   f"{problem.objective(Y) - problem.objective(X):.3g} more")
+    why = ("the mask is optimal (closed form) but these multipliers do not prove it"
+           if exact is not None else "undecided: these multipliers neither prove nor refute it")
+    return "undecided", f"not proven optimal: gap {gap:.3g} to the LP dual bound; {why}"
+
+
+def _gap_error_bound(problem: RoutingProblem, duals: dict[str, np.ndarray]) -> float:
+    """Float64 rounding bound of ``dual_bound - objective`` (reported as the certificate's tolerance)."""
+    T, N = problem.shape
+    mag = float(np.abs(problem.scores).sum())
+    for y in duals.values():
+        y = np.abs(np.asarray(y, dtype=np.float64))
+        if y.size:
+            mag += float(y.max()) * T * N + float(y.sum()) * max(T, N)
+    return rounding_bound(4 * T * N + T + N + problem.num_groups, mag)
 def _with_seconds(cert: Certificate, seconds: float) -> Certificate:
     from dataclasses import replace
 
