@@ -1,0 +1,148 @@
+"""Bad input at the public API: a clear UsmoeLpError naming the problem, never a silent wrong
+routing (integers rounded through float32, complex parts dropped, masks read by truthiness)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from usmoe_lp.errors import InvalidParameter, InvalidScores, UsmoeLpError
+from usmoe_lp.lp import RoutingProblem, solve
+from usmoe_lp.routing import (
+    capacity_token_choice,
+    expert_choice,
+    global_topc,
+    sigmoid_score,
+    softmax_score,
+    token_choice,
+    unified_score,
+)
+
+ROUTERS = {
+    "token_choice": lambda s, **kw: token_choice(s, 1, **kw),
+    "expert_choice": lambda s, **kw: expert_choice(s, capacity=1, **kw),
+    "global_topc": lambda s, **kw: global_topc(s, budget=1, **kw),
+    "capacity_token_choice": lambda s, **kw: capacity_token_choice(s, 1, **kw),
+}
+
+
+# ----------------------------------------------------------------------------- integer scores
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_integers_route_exactly(dtype):
+    """16777217 is not a float32: the old cast picked expert 0."""
+    S = torch.tensor([[16777216, 16777217, 3]], dtype=dtype)
+    assert token_choice(S, k=1).mask.int().tolist() == [[0, 1, 0]]
+    assert global_topc(S, budget=1).mask.int().tolist() == [[0, 1, 0]]
+
+
+def test_integers_beyond_2_53_are_refused():
+    S = np.array([[2**53, 2**53 + 1, 3]], dtype=np.int64)
+    with pytest.raises(InvalidScores, match="2\\*\\*53"):
+        RoutingProblem.token_choice(S, 1)
+    with pytest.raises(InvalidScores, match="2\\*\\*53"):
+        token_choice(torch.as_tensor(S), 1)
+    ok = np.array([[2**52, 2**52 + 1, 3]], dtype=np.int64)  # exact in float64: routed right
+    assert solve(RoutingProblem.token_choice(ok, 1)).mask.tolist() == [[False, True, False]]
+    assert token_choice(torch.as_tensor(ok), 1).mask.tolist() == [[False, True, False]]
+
+
+# ----------------------------------------------------------------------------- non-real scores
+BAD_SCORES = [
+    (np.array([[1 + 2j, 1 + 0j]]), "complex"),
+    (torch.tensor([[1 + 2j, 1 + 0j]]), "complex"),
+    (np.array([["a", "b"]]), "real numeric"),
+    (np.array([[1, 2]], dtype=object), "real numeric"),
+    (torch.tensor([[True, False]]), "bool"),
+]
+
+
+@pytest.mark.parametrize(("scores", "match"), BAD_SCORES)
+def test_non_real_scores_are_refused_everywhere(scores, match):
+    with pytest.raises(InvalidScores, match=match):
+        RoutingProblem.token_choice(scores, 1)
+    for name, route in ROUTERS.items():
+        with pytest.raises(InvalidScores, match=match):
+            route(scores)
+    with pytest.raises(InvalidScores, match=match):
+        softmax_score(scores)
+
+
+def test_bfloat16_is_converted_exactly():
+    S = torch.tensor([[0.5, 1.25, -3.0]], dtype=torch.bfloat16)
+    p = RoutingProblem.token_choice(S, 1)
+    assert p.scores.dtype == np.float64 and p.scores.tolist() == [[0.5, 1.25, -3.0]]
+    assert solve(p).mask.tolist() == token_choice(S, 1).mask.tolist() == [[False, True, False]]
+
+
+# ----------------------------------------------------------------------------- padding masks
+def test_attention_mask_as_padding_mask_is_refused_with_the_conversion():
+    S = torch.rand(1, 3, 4)
+    attention_mask = torch.tensor([[1, 1, 1]])
+    for route in ROUTERS.values():
+        with pytest.raises(InvalidParameter, match="attention_mask == 0"):
+            route(S, padding_mask=attention_mask)
+        with pytest.raises(InvalidParameter, match="True where the token is padding"):
+            route(S, padding_mask=np.array([[0.0, 0.0, 1.0]]))
+    r = token_choice(S, 1, padding_mask=attention_mask == 0)  # the documented conversion
+    assert r.num_tokens == 3 and int(r.mask.sum()) == 3
+
+
+def test_all_padding_is_an_error():
+    for route in ROUTERS.values():
+        with pytest.raises(InvalidParameter, match="every token"):
+            route(torch.rand(2, 3, 4), padding_mask=torch.ones(2, 3, dtype=torch.bool))
+    # one sequence all padding in a batch is fine: it routes nothing
+    pm = torch.tensor([[True, True, True], [False, False, True]])
+    assert int(token_choice(torch.rand(2, 3, 4), 1, padding_mask=pm).mask[0].sum()) == 0
+
+
+# ----------------------------------------------------------------------------- parameters
+@pytest.mark.parametrize("call", [
+    lambda: global_topc(torch.rand(3, 4), kbar="1"),
+    lambda: global_topc(torch.rand(3, 4), budget="2"),
+    lambda: global_topc(torch.rand(3, 4), kbar=1 + 0j),
+    lambda: unified_score(torch.zeros(1, 4), alpha="0.5"),
+    lambda: unified_score(torch.zeros(1, 4), alpha=float("nan")),
+    lambda: expert_choice(torch.rand(4, 3), capacity_factor="1"),
+    lambda: token_choice(torch.rand(4, 3), k="1"),
+    lambda: RoutingProblem.budget(np.ones((2, 2)), "2"),
+])
+def test_string_and_non_real_parameters_get_a_message(call):
+    with pytest.raises(InvalidParameter, match="must be"):
+        call()
+
+
+def test_huge_budget_is_not_wrapped():
+    for call in (lambda: global_topc(torch.rand(3, 4), budget=2**63 - 1),
+                 lambda: RoutingProblem.budget(np.ones((2, 2)), 2**63 - 1),
+                 lambda: RoutingProblem.budget(np.ones((2, 2)), 2**64),
+                 lambda: RoutingProblem(np.ones((2, 2)), token_max=2**64)):
+        with pytest.raises(InvalidParameter) as err:
+            call()
+        assert "-9223372036854775808" not in str(err.value) and "-" not in str(err.value).split("got")[-1]
+    with pytest.raises(InvalidParameter, match="9223372036854775807 exceeds"):
+        RoutingProblem.budget(np.ones((2, 2)), 2**63 - 1)
+
+
+def test_expert_choice_k_beyond_n_is_refused_like_token_choice():
+    with pytest.raises(InvalidParameter, match="k = 5 exceeds the number of experts N = 3"):
+        token_choice(torch.rand(4, 3), k=5)
+    with pytest.raises(InvalidParameter, match="k = 5 exceeds the number of experts N = 3"):
+        expert_choice(torch.rand(4, 3), k=5)
+
+
+# ----------------------------------------------------------------------------- score functions
+@pytest.mark.parametrize("fn", [softmax_score, sigmoid_score, unified_score])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_score_functions_refuse_non_finite_logits(fn, bad):
+    Z = torch.zeros(2, 3)
+    Z[1, 2] = bad
+    Z[0, 0] = bad if bad != bad else Z[0, 0]  # a second NaN when NaN
+    with pytest.raises(InvalidScores, match=r"logits has .*first at index \((0, 0|1, 2)\)"):
+        fn(Z)
+
+
+def test_every_new_error_is_a_usmoe_lp_error():
+    with pytest.raises(UsmoeLpError):
+        token_choice(torch.tensor([[1 + 1j]]), 1)
