@@ -151,7 +151,8 @@ def test_model_dir_without_tokenizer(text_file, tmp_path):
 
 def test_model_without_router(text_file, tmp_path):
     model_dir = _save(tmp_path / "model", None)  # a dense llama
-    _error(_capture(model_dir, text_file, tmp_path / "log"), "no router found in LlamaForCausalLM", "module_pattern")
+    _error(_capture(model_dir, text_file, tmp_path / "log"), "no router found in LlamaForCausalLM",
+           "--module-pattern")
     result = _capture(model_dir, text_file, tmp_path / "log", "--module-pattern", r"model\.nothing")
     _error(result, "matches no module")
 
@@ -164,7 +165,8 @@ def test_cuda_unavailable(moe_dir, text_file, tmp_path):
 
 
 def test_bad_dtype(moe_dir, text_file, tmp_path):
-    _error(_capture(moe_dir, text_file, tmp_path / "log", "--dtype", "int8"), "--dtype must be bf16, fp16 or fp32")
+    _error(_capture(moe_dir, text_file, tmp_path / "log", "--dtype", "int8"), "Invalid value for '--dtype'",
+           "float32, bfloat16, float16")
 
 
 def test_hub_id_without_hub(text_file, tmp_path, monkeypatch):

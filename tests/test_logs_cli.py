@@ -103,14 +103,14 @@ def test_import_command(tmp_path):
                                  "--overwrite"])
     assert result.exit_code == 0 and RouterLog.open(tmp_path / "log").num_tokens == 8
     np.save(tmp_path / "x.npy", np.ones((5, 4, 3), dtype=np.float32))
-    result = runner.invoke(app, ["import", str(tmp_path / "x.npy"), "--out", str(tmp_path / "npy")])
+    result = runner.invoke(app, ["import", str(tmp_path / "x.npy"), "--out", str(tmp_path / "npy"), "--layout", "ltn"])
     assert result.exit_code == 0 and "5 layers x 3 experts, 4 tokens" in result.output
     for args, message in [
         (["import", str(tmp_path / "x.npy"), "--out", str(tmp_path / "e1"), "--attention-mask",
           str(tmp_path / "mask.pt")], "apply to transformers"),
         (["import", str(tmp_path / "x.csv"), "--out", str(tmp_path / "e2")], "unknown file type"),
-        (["import", str(tmp_path / "router_logits.pt"), "--out", str(tmp_path / "e3"), "--top-k", "9"], "top_k"),
-        (["import", str(tmp_path / "x.npy"), "--out", str(tmp_path / "e4"), "--dtype", "int8"], "--dtype"),
+        (["import", str(tmp_path / "router_logits.pt"), "--out", str(tmp_path / "e3"), "--top-k", "9"], "--top-k must be"),
+        (["import", str(tmp_path / "x.npy"), "--out", str(tmp_path / "e4"), "--dtype", "int8"], "Invalid value for '--dtype'"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, args

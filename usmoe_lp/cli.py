@@ -16,8 +16,26 @@ from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.logs.cli import capture_command, import_command, log_app
 from usmoe_lp.tiny.cli import train_tiny_command
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# rich_markup_mode=None: click's plain help, where flags show no "<bool>" value they would refuse.
+# Errors: every command prints them through usmoe_lp.cli_errors.fail (one line, API keywords as flags).
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Routing analysis and theory verification for sparse Mixture-of-Experts.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from usmoe_lp import __version__
+
+        typer.echo(f"usmoe-lp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="print the usmoe-lp version and exit")) -> None:
+    """Routing analysis and theory verification for sparse Mixture-of-Experts."""
+
+
 app.add_typer(log_app, name="log")
 app.command("import")(import_command)
 app.command("capture")(capture_command)

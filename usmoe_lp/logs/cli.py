@@ -1,12 +1,15 @@
-"""Command line for router logs: ``usmoe-lp log info LOG`` and ``usmoe-lp import SRC --out LOG``.
+"""Command line for router logs: ``usmoe-lp log info LOG``, ``usmoe-lp import SRC --out LOG`` and
+``usmoe-lp capture --model M --text FILE --out LOG``.
 
-``log_app`` and ``import_command`` are mounted on the main app by ``usmoe_lp/cli.py``; this module
-only parses arguments, calls the API and prints.
+``log_app``, ``import_command`` and ``capture_command`` are mounted on the main app by
+``usmoe_lp/cli.py``; this module only parses arguments, calls the API and prints. Every error
+is printed through :func:`usmoe_lp.cli_errors.fail` (one line, in CLI flags, exit 2).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,15 +19,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from usmoe_lp.logs.errors import LogError
-from usmoe_lp.logs.format import Manifest
-from usmoe_lp.logs.importers import import_file
+from usmoe_lp.cli_errors import DTYPE_METAVAR, fail, parse_dtype
+from usmoe_lp.errors import UsmoeLpError
+from usmoe_lp.logs.errors import LogError, LogExists
+from usmoe_lp.logs.format import SCORE_FUNCTIONS, Manifest
+from usmoe_lp.logs.importers import LAYOUTS, import_file
 from usmoe_lp.logs.reader import RouterLog
+from usmoe_lp.staging import check_destination
 
-log_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect router logs.")
-
-_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "fp16": "float16", "fp32": "float32"}
+# rich_markup_mode=None: click's plain help, where flags show no "<bool>" value they would refuse
+log_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect router logs.",
+                      rich_markup_mode=None)
 
 
 @log_app.callback()
@@ -37,10 +42,20 @@ def _consoles() -> tuple[Console, Console]:
     return Console(), Console(stderr=True)
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    _, err = _consoles()
-    err.print(f"[red]error:[/] {escape(str(exc))}")
-    return typer.Exit(2)
+def _choice(allowed, what: str):
+    """A typer parser accepting one of ``allowed`` (the usage error lists them)."""
+    def parse(value: str | None) -> str | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not a {what}; use one of {', '.join(allowed)}")
+        return value
+    return parse
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """--out can take a router log: not a file, not under a file, empty unless --overwrite (the writer
+    checks what an overwrite may replace). Checked before any slow work."""
+    check_destination(out, what="router log", overwrite=overwrite, foreign=lambda d: [],
+                      overwrite_flag="--overwrite", error=LogExists)
 
 
 def _summary_table(log: RouterLog) -> Table:
@@ -106,14 +121,14 @@ def info(
     log: Annotated[Path, typer.Argument(help="router log directory")],
     checksums: Annotated[bool, typer.Option("--checksums/--no-checksums",
                                             help="verify every shard's sha256 (reads the whole log)")] = True,
-    shards: Annotated[int, typer.Option(help="list at most this many shards (-1: all)")] = 12,
+    shards: Annotated[int, typer.Option(min=-1, help="list at most this many shards (-1: all)")] = 12,
 ) -> None:
     """Print the manifest of a router log in readable form and validate the log (exit 2 if corrupt)."""
     console, err = _consoles()
     try:
         opened = RouterLog.open(log, verify="none")
-    except LogError as exc:
-        raise _fail(exc) from None
+    except (UsmoeLpError, OSError) as exc:
+        raise fail(exc) from None
     console.print(_summary_table(opened))
     console.print(_layers_table(opened.manifest))
     if opened.manifest.shards:
@@ -121,9 +136,8 @@ def info(
     try:
         report = opened.validate(checksums=checksums)
         sequences = len(opened.sequences)
-    except LogError as exc:
-        err.print(f"[red]invalid router log:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+    except (UsmoeLpError, OSError) as exc:
+        raise fail(f"invalid router log: {exc}" if isinstance(exc, LogError) else exc) from None
     what = "sizes, sha256 checksums, tensor names, shapes and dtypes" if checksums else \
         "sizes, tensor names, shapes and dtypes (checksums skipped)"
     console.print(f"[green]valid[/]: {report.shards_checked} shards, {report.num_tokens:,} tokens in {sequences:,} "
@@ -132,45 +146,81 @@ def info(
         console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
+_IMPORT_HELP = f"""Import router logits from another tool as a router log (the file type is chosen by extension).
+
+.pt/.pth/.bin: the tuple transformers returns with output_router_logits=True (per layer (B*T, N)
+or (B, T, N)), with --attention-mask (drops padding, gives the sequences) and --input-ids.
+
+.npy: (T, N) is one layer (layout tn). A 3-D array needs --layout:
+{'; '.join(f"{k} = {v}" for k, v in LAYOUTS.items())}.
+
+.npz: one array per layer (key = layer name), each (T, N), or (B, T, N) with --layout btn; plus
+optional token metadata, each a (T,) integer array over all T tokens: sequence_ids (the sequence of
+each token), positions (its position in that sequence; default: counted per sequence) and
+token_ids (default -1).
+
+.safetensors: one (T, N) tensor per layer, one (L, T, N) tensor, or a router-log shard; the same
+metadata keys as .npz.
+
+Sequence boundaries (leakage is computed per sequence) come from sequence_ids, --layout btn (one
+sequence per row), --sequence-length L (rows of L tokens) or the attention mask; without any, all
+tokens are one sequence and a warning says so. Integer arrays of chosen expert ids (vLLM, SGLang)
+cannot be imported: router logits are needed (capture them with `usmoe-lp capture`).
+"""
+
+
 def import_command(
     src: Annotated[Path, typer.Argument(help="router logits: .pt/.pth (transformers tuple), .npy, .npz, "
                                               ".safetensors")],
     out: Annotated[Path, typer.Option("--out", "-o", help="router log directory to write")],
+    layout: Annotated[str | None, typer.Option(
+        "--layout", metavar="|".join(LAYOUTS), parser=_choice(tuple(LAYOUTS), "layout"),
+        help="what the axes of a 3-D .npy (or the .npz layers) are: ltn = (layers, tokens, experts), btn = "
+             "(sequences, tokens, experts) of one layer, tn = (tokens, experts)")] = None,
+    sequence_length: Annotated[int | None, typer.Option(
+        "--sequence-length", min=1, help="consecutive rows of this many tokens are one sequence")] = None,
     attention_mask: Annotated[Path | None, typer.Option(
         "--attention-mask", help="(B, T) mask, 1 = real token (.pt/.npy/.npz/.safetensors); drops padding "
                                  "from a transformers tuple")] = None,
     input_ids: Annotated[Path | None, typer.Option("--input-ids", help="(B, T) token ids for a transformers "
                                                                        "tuple")] = None,
     model_name: Annotated[str | None, typer.Option("--model-name", help="model name recorded in the log")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="experts per token the model uses")] = None,
-    shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="tokens per shard")] = 65536,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="store logits as float32, float16 or bfloat16 "
-                                                              "(default: as in the file)")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing router log at --out")] = False,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="experts per token the model uses")] = None,
+    score_function: Annotated[str, typer.Option(
+        "--score-function", metavar="|".join(SCORE_FUNCTIONS), parser=_choice(SCORE_FUNCTIONS, "score function"),
+        help="how the model turns logits into gate scores")] = "unknown",
+    shard_tokens: Annotated[int, typer.Option("--shard-tokens", min=1, help="tokens per shard")] = 65536,
+    dtype: Annotated[str | None, typer.Option("--dtype", metavar=DTYPE_METAVAR, parser=parse_dtype,
+                                              help="store logits in this dtype (default: as in the file)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing router log at --out (only "
+                                                                "once the new one is complete)")] = False,
 ) -> None:
-    """Import router logits from another tool as a router log (the file type is chosen by extension)."""
     import torch
 
     console, err = _consoles()
-    if dtype is not None and dtype.lower() not in _DTYPES:
-        err.print(f"[red]error:[/] --dtype must be one of float32, float16, bfloat16, got {escape(dtype)!r}")
-        raise typer.Exit(2)
     try:
-        log = import_file(src, out, attention_mask=attention_mask, input_ids=input_ids, model_name=model_name,
-                          top_k=top_k, shard_tokens=shard_tokens,
-                          dtype=None if dtype is None else getattr(torch, _DTYPES[dtype.lower()]),
-                          overwrite=overwrite)
-    except LogError as exc:
-        raise _fail(exc) from None
+        log = import_file(src, out, attention_mask=attention_mask, input_ids=input_ids, layout=layout,
+                          sequence_length=sequence_length, model_name=model_name, top_k=top_k,
+                          score_function=score_function, shard_tokens=shard_tokens,
+                          dtype=None if dtype is None else getattr(torch, dtype), overwrite=overwrite)
+    except (UsmoeLpError, OSError) as exc:
+        raise fail(exc) from None
+    capture = log.manifest.capture
     experts = sorted(set(log.num_experts.values()))
-    console.print(f"wrote {escape(str(log.path))}: {len(log.layers)} layers x "
+    layout_text = f" (layout {capture['layout']})" if "layout" in capture else ""
+    console.print(f"wrote {escape(str(log.path))}{layout_text}: {len(log.layers)} layers x "
                   f"{'/'.join(map(str, experts))} experts, {log.num_tokens:,} tokens in {len(log.sequences):,} "
                   f"sequences, {len(log.shards)} shards, {log.manifest.dtype}")
+    if capture.get("sequences") == "none" and log.num_tokens > 1:
+        err.print(f"[yellow]warning:[/] all {log.num_tokens:,} tokens are one sequence: nothing said where "
+                  "sequences start (sequence_ids in the file, --sequence-length, --layout btn, --attention-mask); "
+                  "leakage and sequence-scoped routing treat them as one")
+
+
+import_command.__doc__ = _IMPORT_HELP
 
 
 # ----------------------------------------------------------------------------- usmoe-lp capture
-_CAPTURE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-                   "fp32": "float32", "float32": "float32"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                     "spiece.model", "sentencepiece.bpe.model")
 _HUB_HINT = ("download it where the hub is reachable (e.g. `hf download ID --local-dir DIR`, or "
@@ -178,13 +228,20 @@ _HUB_HINT = ("download it where the hub is reachable (e.g. `hf download ID --loc
              "--model DIR")
 
 
-class _CaptureError(Exception):
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+class _CaptureError(UsmoeLpError):
     """A user error of ``usmoe-lp capture``: printed without a traceback, exit 2."""
 
 
 def _looks_local(model: str) -> bool:
-    return (model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
-            or Path(model).expanduser().exists())
+    """Whether --model can only be a local path: it exists, or it is no Hugging Face Hub id
+    (``name`` or ``namespace/name``): starts with . / ~, has a backslash or several slashes, or its
+    first component is an existing local directory (``models/typo`` beside a ``models/``)."""
+    path = Path(model).expanduser()
+    return (path.exists() or not _HUB_ID.match(model) or model.startswith((".", "/", "~"))
+            or ("/" in model and Path(model.split("/", 1)[0]).is_dir()))
 
 
 def _hub_unreachable(exc: BaseException) -> bool:
@@ -194,14 +251,15 @@ def _hub_unreachable(exc: BaseException) -> bool:
 
 
 def _load_error(what: str, model: str, local: bool, exc: BaseException) -> _CaptureError:
+    text = " ".join(str(exc).split())
     if local:
-        return _CaptureError(f"cannot load the {what} from {model}: {exc}")
+        return _CaptureError(f"cannot load the {what} from {model}: {text}")
     if _hub_unreachable(exc):
-        return _CaptureError(f"cannot load the {what} of {model!r} from the Hugging Face Hub: the hub is not "
-                             f"reachable from here (no network, or offline mode) and it is not in the local "
-                             f"cache; {_HUB_HINT}")
-    return _CaptureError(f"cannot load the {what} of {model!r} (not a local directory, so it was looked up on "
-                         f"the Hugging Face Hub): {exc}. For a local model pass --model DIR")
+        return _CaptureError(f"--model {model}: no such local directory, and as a Hugging Face Hub id it cannot be "
+                             f"loaded: the hub is not reachable from here (no network, or offline mode) and it is "
+                             f"not in the local cache. A local directory works: {_HUB_HINT}")
+    return _CaptureError(f"--model {model}: no such local directory, and loading the {what} of {model!r} from the "
+                         f"Hugging Face Hub failed: {text}. For a local model pass --model DIR")
 
 
 def _load_model_and_tokenizer(model: str, dtype: str | None, device: str):
@@ -214,7 +272,7 @@ def _load_model_and_tokenizer(model: str, dtype: str | None, device: str):
     if local:
         path = Path(model).expanduser()
         if not path.exists():
-            raise _CaptureError(f"model directory {model} not found")
+            raise _CaptureError(f"--model {model}: no such directory (model directory not found)")
         if not path.is_dir():
             raise _CaptureError(f"--model {model} is a file; pass the directory holding config.json and the "
                                 "weights (what save_pretrained writes)")
@@ -238,8 +296,7 @@ def _load_model_and_tokenizer(model: str, dtype: str | None, device: str):
     except Exception as exc:  # noqa: BLE001
         raise _load_error("tokenizer", model, local, exc) from None
     try:
-        loaded = cls.from_pretrained(source, config=config,
-                                     dtype="auto" if dtype is None else getattr(torch, _CAPTURE_DTYPES[dtype]))
+        loaded = cls.from_pretrained(source, config=config, dtype="auto" if dtype is None else getattr(torch, dtype))
     except Exception as exc:  # noqa: BLE001
         raise _load_error("model", model, local, exc) from None
     return loaded.to(device).eval(), tokenizer, seq2seq
@@ -283,9 +340,11 @@ def capture_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per forward pass")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="tokens per sequence")] = 512,
     device: Annotated[str | None, typer.Option("--device", help="cuda or cpu (default: cuda if available)")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="bf16, fp16 or fp32 (default: the checkpoint's "
-                                                              "dtype)")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing router log at --out")] = False,
+    dtype: Annotated[str | None, typer.Option("--dtype", metavar=DTYPE_METAVAR, parser=parse_dtype,
+                                              help="run the model in this dtype (default: the checkpoint's "
+                                                   "dtype)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing router log at --out (only "
+                                                                "once the new one is complete)")] = False,
     shard_tokens: Annotated[int, typer.Option("--shard-tokens", min=1, help="tokens per shard")] = 65536,
     module_pattern: Annotated[str | None, typer.Option(
         "--module-pattern", help="regex (full match on module names) of the router modules, for models whose "
@@ -306,13 +365,10 @@ def capture_command(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from usmoe_lp.logs.capture import RouterNotFound, capture
+    from usmoe_lp.logs.capture import capture
 
     console, err = _consoles()
     try:
-        if dtype is not None and dtype.lower() not in _CAPTURE_DTYPES:
-            raise _CaptureError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
-        dtype = None if dtype is None else dtype.lower()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.split(":")[0] not in ("cuda", "cpu"):
             raise _CaptureError(f"--device must be cuda or cpu, got {device!r}")
@@ -320,8 +376,10 @@ def capture_command(
             raise _CaptureError("--device cuda was asked for but CUDA is not available here (torch "
                                 f"{torch.__version__}, built with CUDA {torch.version.cuda or 'no'}); use --device cpu")
         if not text.is_file():
-            raise _CaptureError(f"text file {text} not found" if not text.exists() else f"{text} is not a file")
+            raise _CaptureError(f"--text {text}: text file not found" if not text.exists() else
+                                f"--text {text} is not a file")
         content = text.read_text(encoding="utf-8", errors="replace")
+        _check_out(out, overwrite)
         loaded, tokenizer, seq2seq = _load_model_and_tokenizer(model, dtype, device)
         ids = tokenizer(content, add_special_tokens=False)["input_ids"][:max_tokens]
         if not ids:
@@ -354,8 +412,8 @@ def capture_command(
                         logged += cap.run([batch])
                     progress.advance(task, int(batch["attention_mask"].sum()))
         seconds = time.perf_counter() - t0
-    except (_CaptureError, RouterNotFound, LogError) as exc:
-        raise _fail(exc) from None
+    except (UsmoeLpError, OSError) as exc:
+        raise fail(exc) from None
     log = RouterLog.open(out, verify="none")
     logged = log.num_tokens
     nbytes = _dir_bytes(Path(out))
