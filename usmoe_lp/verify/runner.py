@@ -92,7 +92,7 @@ class VerifyConfig:
 
 
 def _sizes_text(sizes) -> str:
-    return ", ".join(f"{T}x{N}" for T, N in sizes)
+    return ",".join(f"{T}x{N}" for T, N in sizes)
 
 
 def _check_runnable(config: VerifyConfig) -> None:
@@ -100,13 +100,13 @@ def _check_runnable(config: VerifyConfig) -> None:
     idle_ks = [k for k in config.ks if all(k > N for _, N in config.sizes)]
     if idle_ks:
         raise InvalidParameter(
-            f"ks {', '.join(map(str, idle_ks))} cannot run: k experts per token need k <= N, and every size "
-            f"has fewer experts (sizes {_sizes_text(config.sizes)}); lower ks or add sizes with N >= "
+            f"ks={','.join(map(str, idle_ks))} cannot run: k experts per token need k <= N, and every size "
+            f"has fewer experts (sizes={_sizes_text(config.sizes)}); lower ks or add a size with N >= "
             f"{max(idle_ks)}")
     idle_sizes = [(T, N) for T, N in config.sizes if all(k > N for k in config.ks)]
     if idle_sizes:
         raise InvalidParameter(
-            f"sizes {_sizes_text(idle_sizes)} cannot run: every k of ks ({', '.join(map(str, config.ks))}) "
+            f"sizes={_sizes_text(idle_sizes)} cannot run: every k of ks={','.join(map(str, config.ks))} "
             "exceeds their N; add a k <= N or drop those sizes")
     if "ilp_eq_lp" in config.claims:
         ilp = [b for b in config.backends if b in ("cbc", "milp")]
@@ -114,7 +114,7 @@ def _check_runnable(config: VerifyConfig) -> None:
         if not ilp or "highs" not in config.backends or not fits:
             need = ("an integer-program backend (cbc or milp) and highs in backends" if not ilp
                     or "highs" not in config.backends else
-                    f"a size with T*N <= ilp_max_vars = {config.ilp_max_vars} (sizes {_sizes_text(config.sizes)})")
+                    f"a size with T*N <= ilp_max_vars={config.ilp_max_vars} (sizes={_sizes_text(config.sizes)})")
             raise InvalidParameter(f"claim ilp_eq_lp cannot run: it needs {need}; change that or leave ilp_eq_lp "
                                    "out of claims")
 
