@@ -5,7 +5,7 @@ one row per token (if the token family binds), per expert, and per budget group.
 the flattened (row-major) entries x_{i*N+j}. The matrix is built directly in CSC form (each
 variable touches at most three rows), which is what keeps HiGHS fast: SciPy's bundled HiGHS
 1.12 spends >20 s in presolve on the single dense budget row at 1024x64 where highspy >= 1.15
-takes 0.2 s (ECOSYSTEM.md §3).
+takes 0.2 s (benchmarks/results.md).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def _status(text: str) -> str:
 def solve_milp(problem: RoutingProblem, time_limit: float | None = None) -> RawResult:
     """The 0/1 integer program through ``scipy.optimize.milp`` (HiGHS branch and bound).
 
-    Slow on the budget program beyond ~4k variables (SciPy's HiGHS presolve; ECOSYSTEM.md §3).
+    Slow on the budget program beyond ~4k variables (SciPy's HiGHS presolve; benchmarks/results.md).
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csc_array

@@ -1,7 +1,7 @@
 """The analytic optimum and dual certificate of single-family routing programs, in O(T*N).
 
 A single-family program (only token bounds, only expert bounds, or only a budget per group;
-THEORY.md §2) splits into independent blocks — rows, columns or groups — each of the form
+papers/routing-as-lp.md §2-3) splits into independent blocks — rows, columns or groups — each of the form
 
     max sum_l s_l x_l   s.t.  lo <= sum_l x_l <= hi,  0 <= x_l <= 1.
 
@@ -13,7 +13,7 @@ is an optimal dual: the entries above u* are selected, those below are not, and 
 fill the count up to ``hi`` (u* > 0), ``lo`` (u* < 0), or the fewest needed (u* = 0). Greedy
 top-k per row (Token Choice), top-e per column (Expert Choice) and global top-c (USMoE, Prop. 3.1
 for ``== c``) are the special cases lo = hi. For ``<= c`` with signed scores u* = 0 drops the
-negative entries that plain top-c keeps — the sign caveat of THEORY.md §2.3.
+negative entries that plain top-c keeps — the sign caveat of papers/routing-as-lp.md §3.
 
 Certifying a given mask needs no sort: the mask's own boundary values give a dual
 u = clip(0, max unselected, min selected) whose bound exceeds the mask's objective by exactly

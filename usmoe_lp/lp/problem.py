@@ -9,7 +9,7 @@ A routing program over a score matrix ``S`` (T tokens x N experts) is
                x_ij in {0, 1}   (the LP relaxation: 0 <= x_ij <= 1)
 
 with ``budget_lo_g = budget_g`` for the sense ``"=="`` and ``0`` for ``"<="``. Token Choice,
-Expert Choice and the USMoE global top-c (THEORY.md §2, arXiv 2503.22996 §3 / Prop. 3.1) are
+Expert Choice and the USMoE global top-c (papers/routing-as-lp.md §1, arXiv 2503.22996 §3 / Prop. 3.1) are
 constructors of it; ``capped`` is the capacity-aware global router (a b-matching).
 The constraint matrix of any *single* family is an interval matrix and the matrix of token and
 expert families together is a bipartite incidence matrix; with one extra all-ones row (a budget)
@@ -66,7 +66,7 @@ class RoutingProblem:
         expert_min, expert_max: (N,) int64, per-expert bounds on tokens per expert (max clipped to T).
         budget: (G,) int64 per-group global budget, or None for no budget.
         budget_sense: ``"<="`` or ``"=="``. They are different programs: with signed scores the
-            ``"<="`` optimum drops negative entries that top-c keeps (THEORY.md §2.3 caveat 1).
+            ``"<="`` optimum drops negative entries that top-c keeps (papers/routing-as-lp.md §3).
         groups: (T,) int64 group id in [0, G) for each token (the scope of the budget), or None
             for a single group holding every token.
         name: which constructor built it (``token_choice``, ``expert_choice``, ``budget``,
@@ -226,7 +226,7 @@ class RoutingProblem:
 
     @property
     def is_single_family(self) -> bool:
-        """True when at most one family binds: the closed form applies (THEORY.md §2)."""
+        """True when at most one family binds: the closed form applies (papers/routing-as-lp.md §2-3)."""
         return len(self.families) <= 1
 
     def family_bounds(self, family: str) -> tuple[np.ndarray, np.ndarray]:
