@@ -549,18 +549,18 @@ class TokenOrder:
         seq, pos = np.asarray(sequence_ids), np.asarray(positions)
         if seq.size == 0:
             return None
+        found: list[tuple[int, str]] = []       # (token, problem) candidates: the first token wins
         for name, values in (("position", pos), ("sequence id", seq)):
             if values.min() < 0:
                 i = int(np.argmax(values < 0))
-                return i, f"has {name} {int(values[i])}; positions and sequence ids are >= 0"
+                found.append((i, f"has {name} {int(values[i])}; positions and sequence ids are >= 0"))
         order = None if bool((np.diff(seq) >= 0).all()) else np.argsort(seq, kind="stable")
         s, p = (seq, pos) if order is None else (seq[order], pos[order])
         same = s[1:] == s[:-1]
-        bad = same & (p[1:] <= p[:-1])
-        if bad.any():
-            j = int(np.argmax(bad)) + 1
-            return (j if order is None else int(order[j]),
-                    _out_of_order(int(s[j]), int(p[j]), int(p[j - 1])))
+        bad = np.flatnonzero(same & (p[1:] <= p[:-1])) + 1          # in sorted order
+        if bad.size:
+            j = int(bad[0] if order is None else bad[np.argmin(order[bad])])
+            found.append((j if order is None else int(order[j]), _out_of_order(int(s[j]), int(p[j]), int(p[j - 1]))))
         starts = np.flatnonzero(np.concatenate(([True], ~same)))
         stops = np.concatenate((starts[1:], [s.size])) - 1
         ids, firsts, lasts = s[starts].tolist(), p[starts].tolist(), p[stops].tolist()
@@ -568,7 +568,9 @@ class TokenOrder:
         for sid, first, k in zip(ids, firsts, starts.tolist(), strict=True):
             prev = last.get(sid)
             if prev is not None and first <= prev:
-                return k if order is None else int(order[k]), _out_of_order(sid, first, prev)
+                found.append((k if order is None else int(order[k]), _out_of_order(sid, first, prev)))
+        if found:
+            return min(found, key=lambda item: item[0])
         last.update(zip(ids, lasts, strict=True))
         return None
 
