@@ -1,6 +1,6 @@
 """Routers as pure torch functions: scores in, a :class:`Routing` out (CPU or CUDA).
 
-Each router is the greedy solution of one routing program (THEORY.md §2; the exact path in
+Each router is the greedy solution of one routing program (papers/routing-as-lp.md §1; the exact path in
 ``usmoe_lp.lp`` certifies it):
 
 * :func:`token_choice` — row-wise top-k (Shazeer et al. 2017; Fedus et al. 2021).
@@ -167,7 +167,7 @@ def expert_choice(scores, capacity: int | None = None, capacity_factor: float = 
     scores: (T, N) or (B, T, N) float. Without ``capacity``, e = ceil(capacity_factor * T * k / N)
     with T the real tokens of the sequence (Zhou et al. 2022). ``params['budget_mismatch']``
     reports N * e - T * k: EC matches a TC budget exactly only when T * k / N is an integer
-    (THEORY.md §2.3 caveat 5). Capacity is clipped to the sequence's real tokens.
+    (papers/routing-as-lp.md §4.4). Capacity is clipped to the sequence's real tokens.
     """
     s3, valid, squeeze = _prepare(scores, padding_mask)
     B, T, N = s3.shape
@@ -204,7 +204,7 @@ def global_topc(scores, budget: int | None = None, kbar: float | None = None,
     tokens in the group), reported in ``params['budget']`` with the realised k-bar.
 
     Padding is excluded by default. ``include_padding=True`` reproduces the reference code, in
-    which left-padded tokens compete for c = T_padded * k (THEORY.md §4).
+    which left-padded tokens compete for c = T_padded * k (papers/routing-as-lp.md §5.3, padding).
 
     Selects exactly c pairs: the optimum of the ``== c`` program (and of ``<= c`` for positive
     scores). For signed scores the ``<= c`` optimum differs; solve it with ``usmoe_lp.lp``.

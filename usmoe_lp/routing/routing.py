@@ -14,7 +14,8 @@ class Routing:
     Attributes:
         mask: (T, N) or (B, T, N) bool, True where token i is processed by expert j.
         weights: same shape, float: the score of each selected pair (0 elsewhere). Weights are
-            the scores themselves, not renormalised over the selected experts (THEORY.md §3).
+            the scores themselves, not renormalised over the selected experts, as in the USMoE reference
+            code (papers/routing-as-lp.md §1).
         router: ``token_choice``, ``expert_choice``, ``global_topc`` or ``capacity_token_choice``.
         params: the parameters as used, e.g. ``k``, ``capacity``, per-group ``budget``,
             requested ``kbar``, ``scope``, the rounding rule.

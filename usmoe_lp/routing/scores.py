@@ -1,6 +1,6 @@
 """Score functions f(Z) applied to router logits Z (torch; CPU or CUDA).
 
-USMoE (arXiv 2503.22996, Def. 3.2; THEORY.md §3) mixes a token-side and an expert-side score:
+USMoE (arXiv 2503.22996, Def. 3.2; papers/routing-as-lp.md §1) mixes a token-side and an expert-side score:
 
     U = alpha * f_e(Z) + (1 - alpha) * f_t(Z),   f_t = softmax over experts,
                                                  f_e = 2 * sigmoid(Z) / N.
