@@ -784,7 +784,7 @@ def _topc_margin_sums(cfg: RouterConfig, seqs, score_function: str, eps) -> dict
     over the sampled sequences, as sums (so layers pool by adding).
 
     Margins: the c-th minus (c+1)-th largest unified score of each sequence, and the pairs within eps
-    of the sequence's boundary (ANCHORS §9 item 12, for the global cut). Decoding mismatch: with a KV
+    of the sequence's boundary (Megatron-LM's boundary margin, at the global cut). Decoding mismatch: with a KV
     cache every decode step routes a group of ONE token with c = round_half_up(k-bar), i.e. Token
     Choice with k' = round_half_up(k-bar) on the unified score (for k' = k, the model's own TC, since
     the unified score is increasing in each logit); counted are the tokens (and token-expert pairs)
