@@ -54,7 +54,7 @@ def test_pooled_and_per_layer_aux_loss_match_transformers(model_and_batch, log_a
     assert result.aux_loss_pooled == pytest.approx(float(hf), rel=1e-5)
     per_layer = aux_loss(out.router_logits, K, attention_mask=att, pooled=False)
     assert result.aux_loss_per_layer_mean == pytest.approx(per_layer, rel=1e-5)
-    assert result.aux_loss_pooled != pytest.approx(result.aux_loss_per_layer_mean, rel=1e-9)  # ANCHORS §10
+    assert result.aux_loss_pooled != pytest.approx(result.aux_loss_per_layer_mean, rel=1e-9)  # pooled vs OLMoE
 
 
 def test_counts_are_the_models_captured_topk(model_and_batch, log_and_result):

@@ -29,7 +29,7 @@ GENERIC = dict(
     pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0,
     encoder_sparse_step=1, decoder_sparse_step=1, num_experts_per_token=K,
 )
-# per-family overrides (ECOSYSTEM.md appendix)
+# per-family overrides that make each tiny config build (after the generic ones above)
 FAMILIES = {
     "mixtral": {},
     "olmoe": {},

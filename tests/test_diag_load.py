@@ -1,5 +1,6 @@
-"""Load-balance diagnostics: hand-computed cases, transformers' own losses as oracles, ANCHORS.md §10
-quirks as regression tests, and the streaming merge property."""
+"""Load-balance diagnostics: hand-computed cases, transformers' own losses as oracles, the
+quirks of other tools (moewatch, plumb-moe, Megatron-LM, the OLMoE scripts) as regression tests,
+and the streaming merge property."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def test_balance_metrics_bad_input(bad):
 
 
 # ---------------------------------------------------------------------------------------------
-# ANCHORS.md §10 quirks
+# Quirks of other tools: moewatch, plumb-moe, Megatron-LM routing_diagnostics, OLMoE scripts
 # ---------------------------------------------------------------------------------------------
 
 

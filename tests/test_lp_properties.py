@@ -1,4 +1,4 @@
-"""Hypothesis properties of the routing programs (THEORY.md §2): the closed form against HiGHS,
+"""Hypothesis properties of the routing programs (papers/routing-as-lp.md §1-3): the closed form against HiGHS,
 the relaxation ordering TC/EC <= global budget, invariances, and the sign caveat."""
 
 from __future__ import annotations

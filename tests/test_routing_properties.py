@@ -1,4 +1,4 @@
-"""Hypothesis properties of the torch routers (THEORY.md §2.3 and §3 invariances).
+"""Hypothesis properties of the torch routers (papers/routing-as-lp.md §1, invariances; §3).
 
 * Token Choice depends only on the order within each row, Expert Choice only on the order
   within each column (of a sequence); so strictly monotone row-wise (resp. column-wise)

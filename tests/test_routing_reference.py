@@ -1,7 +1,7 @@
 """The torch global top-c against a transcription of the USMoE reference code.
 
 The reference (giangdip2410/USMoE, the training-free ``OlmoeSparseMoeBlock`` and the
-from-scratch ``FMoETransformerMLP``; THEORY.md §3-§4) routes one batch as follows::
+from-scratch ``FMoETransformerMLP``; papers/routing-as-lp.md §1) routes one batch as follows::
 
     routing_weights = softmax(router_logits, dim=1, dtype=float32)       # (B*T, N)
     sig             = sigmoid(router_logits) * 2.0 / N
@@ -148,7 +148,7 @@ def test_position_scope_reproduces_transformer_xl_reference(B, T, N, k):
 
 
 def test_position_scope_differs_from_sequence_scope():
-    """The two released code paths route differently on the same logits (THEORY.md §4)."""
+    """The two released code paths route differently on the same logits (papers/routing-as-lp.md §1, §5.3)."""
     gen = torch.Generator().manual_seed(11)
     Z = torch.randn(4, 6, 8, generator=gen) * 2
     U = unified_score(Z, 0.5)

@@ -51,7 +51,7 @@ def brute_optimum(S: np.ndarray, program: str, k: int) -> float:
     if program == "tc":
         ok = np.all(rows == k, axis=1)
     elif program == "ec":
-        e = math.ceil(T * k / N)  # THEORY.md §2.3 caveat 5: capacity rounded up
+        e = math.ceil(T * k / N)  # papers/routing-as-lp.md §1: capacity rounded up
         ok = np.all(cols == e, axis=1)
     elif program == "budget_eq":
         ok = total == c
@@ -157,7 +157,7 @@ def test_registry_lookup():
 
 # ----------------------------------------------------------------------------- hand-built
 def test_topc_optimal_le_fails_on_the_theory_counterexample():
-    S = np.array([[0.5, -1.0], [-2.0, -0.2]])  # THEORY.md §2.3 caveat 1, c = T k = 2
+    S = np.array([[0.5, -1.0], [-2.0, -0.2]])  # sign caveat (papers/routing-as-lp.md §3), c = T k = 2
     for ctx in (FAST, Context()):  # with and without CBC
         chk = CLAIMS["topc_optimal_le"].check(Instance(S, 1, ctx))
         assert not chk.passed
