@@ -3,6 +3,8 @@ routing (integers rounded through float32, complex parts dropped, masks read by 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -109,7 +111,7 @@ def test_all_padding_is_an_error():
     lambda: RoutingProblem.budget(np.ones((2, 2)), "2"),
 ])
 def test_string_and_non_real_parameters_get_a_message(call):
-    with pytest.raises(InvalidParameter, match="must be"):
+    with pytest.raises(InvalidParameter, match="must (be|lie)"):
         call()
 
 
@@ -120,7 +122,7 @@ def test_huge_budget_is_not_wrapped():
                  lambda: RoutingProblem(np.ones((2, 2)), token_max=2**64)):
         with pytest.raises(InvalidParameter) as err:
             call()
-        assert "-9223372036854775808" not in str(err.value) and "-" not in str(err.value).split("got")[-1]
+        assert not re.search(r"(?<![\w*])-\d", str(err.value)), str(err.value)  # no wrapped negative
     with pytest.raises(InvalidParameter, match="9223372036854775807 exceeds"):
         RoutingProblem.budget(np.ones((2, 2)), 2**63 - 1)
 

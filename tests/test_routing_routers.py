@@ -600,11 +600,11 @@ INF = torch.tensor([[0.1, 0.2], [float("-inf"), 0.3]])
 
 @pytest.mark.parametrize("call,exc,match", [
     # non-finite and malformed scores
-    (lambda: token_choice(NAN, 1), InvalidScores, "NaN/Inf"),
+    (lambda: token_choice(NAN, 1), InvalidScores, "NaN and .* Inf entries"),
     (lambda: token_choice(INF, 1), InvalidScores, "padding_mask"),
-    (lambda: expert_choice(NAN, capacity=1), InvalidScores, "NaN/Inf"),
-    (lambda: global_topc(INF, budget=1), InvalidScores, "NaN/Inf"),
-    (lambda: capacity_token_choice(NAN, 1), InvalidScores, "NaN/Inf"),
+    (lambda: expert_choice(NAN, capacity=1), InvalidScores, "NaN and .* Inf entries"),
+    (lambda: global_topc(INF, budget=1), InvalidScores, "NaN and .* Inf entries"),
+    (lambda: capacity_token_choice(NAN, 1), InvalidScores, "NaN and .* Inf entries"),
     (lambda: token_choice(torch.rand(3), 1), InvalidScores, r"\(T, N\) or \(B, T, N\)"),
     (lambda: token_choice(torch.rand(1, 2, 3, 4), 1), InvalidScores, "shape"),
     (lambda: global_topc(torch.rand(0, 3), budget=0), InvalidScores, "empty"),

@@ -56,7 +56,7 @@ def _dtype_problem(kind: str, dtype, name: str) -> str | None:
 
 
 def _check_exact_ints(values: np.ndarray, name: str) -> None:
-    big = np.abs(values.astype(np.float64)) > MAX_EXACT_INT
+    big = (values > MAX_EXACT_INT) | (values < -MAX_EXACT_INT)  # in the integer dtype: exact
     if np.any(big):
         first = tuple(int(v) for v in np.argwhere(big)[0])
         raise InvalidScores(
@@ -123,7 +123,7 @@ def as_score_tensor(scores, name: str = "scores"):
             raise InvalidScores(problem)
         if scores.is_floating_point():
             return scores
-        if bool((scores.abs() > MAX_EXACT_INT).any()):
+        if bool(((scores > MAX_EXACT_INT) | (scores < -MAX_EXACT_INT)).any()):
             _check_exact_ints(scores.detach().cpu().numpy(), name)
         return scores.double()
     arr = np.asarray(scores) if not isinstance(scores, np.ndarray) else scores
@@ -241,12 +241,16 @@ def check_real(value, name: str, *, low: float | None = None, high: float | None
         out = float(value)
     except (TypeError, ValueError):
         raise InvalidParameter(f"{name} must be a real number, got {value!r}") from None
-    if isinstance(value, complex) or not math.isfinite(out):
-        raise InvalidParameter(f"{name} must be a finite real number, got {value!r}")
-    if low is not None and (out < low or (low_open and out == low)):
-        raise InvalidParameter(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and out > high:
-        raise InvalidParameter(f"{name} must be <= {high}, got {value!r}")
+    below = low is not None and (out < low or (low_open and out == low))
+    above = high is not None and out > high
+    if not math.isfinite(out) or below or above:
+        if low is not None and high is not None:
+            want = f"lie in {'(' if low_open else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            want = f"be a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            want = "be a finite number" + ("" if high is None else f" <= {high:g}")
+        raise InvalidParameter(f"{name} must {want}, got {value!r}")
     return out
 
 

@@ -25,7 +25,16 @@ from typing import Literal
 
 import torch
 
-from usmoe_lp._validate import check_int, round_half_up
+from usmoe_lp._validate import (
+    PADDING_CONVENTION,
+    as_score_tensor,
+    ceil_decimal,
+    check_finite_torch,
+    check_int,
+    check_padding_mask,
+    check_real,
+    round_half_up,
+)
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.routing.routing import Routing
 
@@ -34,36 +43,34 @@ Scope = Literal["sequence", "batch", "position"]
 
 # ----------------------------------------------------------------------------- helpers
 def _prepare(scores, padding_mask):
-    """Validate and lift to (B, T, N); returns (scores3, valid (B, T) bool or None, squeeze)."""
-    if not isinstance(scores, torch.Tensor):
-        scores = torch.as_tensor(scores)
+    """Validate and lift to (B, T, N); returns (scores3, valid (B, T) bool or None, squeeze).
+
+    Scores: any real floating tensor is used as it is; integers become float64 exactly
+    (refused beyond 2**53); complex, bool, string and object input is refused
+    (:func:`usmoe_lp._validate.as_score_tensor`, the rule ``RoutingProblem`` applies too).
+    """
+    scores = as_score_tensor(scores)
     if scores.ndim not in (2, 3):
         raise InvalidScores(f"scores must be (T, N) or (B, T, N), got shape {tuple(scores.shape)}")
     if scores.numel() == 0:
         raise InvalidScores(f"scores are empty (shape {tuple(scores.shape)})")
-    if not torch.is_floating_point(scores):
-        scores = scores.float()
-    # A float64 sum is finite iff every entry is (barring overflow, which falls through to the
-    # exact check): one pass instead of torch.isfinite's slower elementwise test.
-    if not bool(torch.isfinite(scores.sum(dtype=torch.float64))) and not bool(torch.isfinite(scores).all()):
-        bad = ~torch.isfinite(scores)
-        first = tuple(int(v) for v in bad.nonzero()[0])
-        raise InvalidScores(
-            f"scores have {int(bad.sum())} NaN/Inf entries (first at {first}); exclude padding "
-            "with padding_mask instead of -inf"
-        )
+    check_finite_torch(scores)
     squeeze = scores.ndim == 2
     s3 = scores.unsqueeze(0) if squeeze else scores
     valid = None
     if padding_mask is not None:
-        pm = torch.as_tensor(padding_mask, device=scores.device)
+        pm = check_padding_mask(padding_mask).to(scores.device)
         pm = pm.unsqueeze(0) if pm.ndim == 1 else pm
         if tuple(pm.shape) != tuple(s3.shape[:2]):
             raise ShapeMismatch(
                 f"padding_mask has shape {tuple(torch.as_tensor(padding_mask).shape)}; "
                 f"expected {tuple(scores.shape[:-1])} (True marks padding)"
             )
-        valid = ~pm.bool()
+        if bool(pm.all()):
+            raise InvalidParameter(
+                "padding_mask marks every token as padding, so there is nothing to route; "
+                + PADDING_CONVENTION)
+        valid = ~pm
     return s3, valid, squeeze
 
 
@@ -120,20 +127,21 @@ def _mask_out(s3, valid):
     return s3.masked_fill(~valid.unsqueeze(-1), float("-inf"))
 
 
-def _check_capacity_factor(capacity_factor) -> None:
-    try:
-        cf = float(capacity_factor)
-    except (TypeError, ValueError):
-        cf = float("nan")
-    if not (math.isfinite(cf) and cf > 0):
-        raise InvalidParameter(
-            f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
+def _check_k(k, n: int) -> int:
+    """k experts per token, 1 <= k <= N: the one rule of every router that takes a ``k``."""
+    k = check_int(k, "k", low=1)
+    if k > n:
+        raise InvalidParameter(f"k = {k} exceeds the number of experts N = {n}")
+    return k
+
+
+def _check_capacity_factor(capacity_factor) -> float:
+    return check_real(capacity_factor, "capacity_factor", low=0.0, low_open=True)
 
 
 def _capacity(capacity_factor: float, tokens: int, k: int, n: int) -> int:
-    # ceil(cf * T * k / N); the rounding slack absorbs float error in cf (1.1 * 10 = 11.000000000000002).
-    raw = float(capacity_factor) * tokens * k / n
-    return int(math.ceil(raw - 1e-9 * max(1.0, raw)))
+    """ceil(cf * T * k / N), float error in the decimal cf absorbed (1.1 * 10 = 11.000000000000002)."""
+    return ceil_decimal(float(capacity_factor) * tokens * k / n)
 
 
 # ----------------------------------------------------------------------------- routers
@@ -150,9 +158,7 @@ def token_choice(scores, k: int, padding_mask=None) -> Routing:
     """
     s3, valid, squeeze = _prepare(scores, padding_mask)
     B, T, N = s3.shape
-    k = check_int(k, "k", low=1)
-    if k > N:
-        raise InvalidParameter(f"k = {k} exceeds the number of experts N = {N}")
+    k = _check_k(k, N)
     counts = torch.full((B * T,), k, dtype=torch.long, device=s3.device)
     if valid is not None:
         counts = counts * valid.reshape(-1)
@@ -171,10 +177,10 @@ def expert_choice(scores, capacity: int | None = None, capacity_factor: float = 
     """
     s3, valid, squeeze = _prepare(scores, padding_mask)
     B, T, N = s3.shape
-    k = check_int(k, "k", low=1)
+    k = _check_k(k, N)
     tokens = valid.sum(-1) if valid is not None else torch.full((B,), T, device=s3.device)
     if capacity is None:
-        _check_capacity_factor(capacity_factor)
+        capacity_factor = _check_capacity_factor(capacity_factor)
         caps = [_capacity(capacity_factor, int(t), k, N) for t in tokens.tolist()]
     else:
         e = check_int(capacity, "capacity", low=1)
@@ -230,9 +236,7 @@ def global_topc(scores, budget: int | None = None, kbar: float | None = None,
     else:
         flat, tokens = values.transpose(0, 1).reshape(T, B * N), real.sum(0)
     if kbar is not None:
-        kb = float(kbar)
-        if not (math.isfinite(kb) and kb >= 0):
-            raise InvalidParameter(f"kbar must be a finite number >= 0, got {kbar}")
+        kb = check_real(kbar, "kbar", low=0.0)
         if kb > N:
             raise InvalidParameter(f"kbar = {kb} exceeds the number of experts N = {N}")
         cs = [round_half_up(kb * t) for t in tokens.tolist()]
@@ -250,7 +254,7 @@ def global_topc(scores, budget: int | None = None, kbar: float | None = None,
         mask = sel.reshape(B, T, N)
     else:
         mask = sel.reshape(T, B, N).transpose(0, 1).contiguous()
-    params = {"scope": scope, "kbar": None if kbar is None else float(kbar),
+    params = {"scope": scope, "kbar": None if kbar is None else kb,
               "budget": cs if len(cs) > 1 else cs[0],
               "rounding": None if kbar is None else "c = round_half_up(kbar * tokens in group)",
               "include_padding": include_padding}
@@ -270,14 +274,12 @@ def capacity_token_choice(scores, k: int, capacity_factor: float = 1.0,
     """
     s3, valid, squeeze = _prepare(scores, padding_mask)
     B, T, N = s3.shape
-    k = check_int(k, "k", low=1)
-    if k > N:
-        raise InvalidParameter(f"k = {k} exceeds the number of experts N = {N}")
+    k = _check_k(k, N)
     if policy not in ("position", "priority"):
         raise InvalidParameter(f"policy must be 'position' or 'priority', got {policy!r}")
     tokens = valid.sum(-1) if valid is not None else torch.full((B,), T, device=s3.device)
     if capacity is None:
-        _check_capacity_factor(capacity_factor)
+        capacity_factor = _check_capacity_factor(capacity_factor)
         caps = [_capacity(capacity_factor, int(t), k, N) for t in tokens.tolist()]
     else:
         caps = [check_int(capacity, "capacity", low=0)] * B

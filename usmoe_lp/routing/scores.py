@@ -8,22 +8,31 @@ USMoE (arXiv 2503.22996, Def. 3.2; papers/routing-as-lp.md §1) mixes a token-si
 The 2/N factor is the reference code's: it sets f_e = 1/N at logit 0, the softmax's mean. The
 reference code hard-codes alpha = 0.5 (``rate``). Scores are computed in float32 (float64 input
 stays float64): the reference runs its softmax in float32.
+Logits must be finite (a NaN or Inf raises :class:`~usmoe_lp.errors.InvalidScores` naming the
+count and the first index); complex and bool logits are refused.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from usmoe_lp.errors import InvalidParameter, InvalidScores
+from usmoe_lp._validate import as_score_tensor, check_finite_torch, check_real
+from usmoe_lp.errors import InvalidScores
 
 
-def _float(logits: torch.Tensor) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor):
-        logits = torch.as_tensor(logits)
+def _float(logits) -> torch.Tensor:
+    """Validated logits: real (complex/bool refused), a non-empty expert dimension, every entry
+    finite; float32 unless the input is float64."""
+    integer = not (torch.is_floating_point(logits) if isinstance(logits, torch.Tensor)
+                   else np.asarray(logits).dtype.kind == "f")
+    logits = as_score_tensor(logits, "logits")
+    if integer:  # validated exactly above; the score itself is float32 like the reference's
+        logits = logits.float()
     if logits.ndim < 1 or logits.shape[-1] == 0:
         raise InvalidScores(f"logits must have a non-empty expert dimension, got shape {tuple(logits.shape)}")
-    if not torch.is_floating_point(logits):
-        logits = logits.float()
+    if logits.numel():
+        check_finite_torch(logits, "logits")
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
@@ -54,7 +63,6 @@ def unified_score(logits: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     >>> unified_score(torch.zeros(1, 4), alpha=0.5)
     tensor([[0.2500, 0.2500, 0.2500, 0.2500]])
     """
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise InvalidParameter(f"alpha must lie in [0, 1], got {alpha}")
+    alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
     z = _float(logits)
     return alpha * sigmoid_score(z) + (1.0 - alpha) * softmax_score(z)
