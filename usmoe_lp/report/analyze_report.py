@@ -39,7 +39,7 @@ DEFINITIONS: dict[str, tuple[str, str, str]] = {
                           "Megatron-LM routing_diagnostics"),
     "maxvio": ("max_e c_e / mean_e c_e - 1", "ratio (0 = balanced)", "DeepSeek arXiv 2408.15664"),
     "max_over_mean": ("max_e c_e / mean_e c_e, zero-load experts counted in the mean", "ratio (1 = balanced)",
-                      "moewatch, plumb-moe (which omits zero-load experts)"),
+                      "moewatch and plumb-moe imbalance; plumb-moe leaves zero-load experts out"),
     "cv": ("population std_e(c_e) / mean_e(c_e)", "ratio (0 = balanced)", "Megatron-LM routing_diagnostics"),
     "gini": ("1 + 1/N - 2 sum_i (sum_{j<=i} c_(j)) / (N sum c), c ascending", "0 = balanced, (N-1)/N = collapse",
              "Megatron-LM routing_diagnostics, with the +1/N term it omits"),
