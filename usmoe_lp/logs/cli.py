@@ -21,11 +21,10 @@ from rich.table import Table
 
 from usmoe_lp.cli_errors import DTYPE_METAVAR, fail, parse_dtype
 from usmoe_lp.errors import UsmoeLpError
-from usmoe_lp.logs.errors import LogError, LogExists
+from usmoe_lp.logs.errors import LogError
 from usmoe_lp.logs.format import SCORE_FUNCTIONS, Manifest
-from usmoe_lp.logs.importers import LAYOUTS, import_file
+from usmoe_lp.logs.importers import LAYOUTS, check_log_destination, import_file
 from usmoe_lp.logs.reader import RouterLog
-from usmoe_lp.staging import check_destination
 
 # rich_markup_mode=None: click's plain help, where flags show no "<bool>" value they would refuse
 log_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect router logs.",
@@ -49,13 +48,6 @@ def _choice(allowed, what: str):
             raise typer.BadParameter(f"{value!r} is not a {what}; use one of {', '.join(allowed)}")
         return value
     return parse
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """--out can take a router log: not a file, not under a file, empty unless --overwrite (the writer
-    checks what an overwrite may replace). Checked before any slow work."""
-    check_destination(out, what="router log", overwrite=overwrite, foreign=lambda d: [],
-                      overwrite_flag="--overwrite", error=LogExists)
 
 
 def _summary_table(log: RouterLog) -> Table:
@@ -379,7 +371,7 @@ def capture_command(
             raise _CaptureError(f"--text {text}: text file not found" if not text.exists() else
                                 f"--text {text} is not a file")
         content = text.read_text(encoding="utf-8", errors="replace")
-        _check_out(out, overwrite)
+        check_log_destination(out, overwrite=overwrite)  # before the slow model load
         loaded, tokenizer, seq2seq = _load_model_and_tokenizer(model, dtype, device)
         ids = tokenizer(content, add_special_tokens=False)["input_ids"][:max_tokens]
         if not ids:

@@ -47,7 +47,7 @@ from usmoe_lp._validate import check_int
 from usmoe_lp.logs.errors import ImportFailed, LogError, LogExists
 from usmoe_lp.logs.format import LOGITS, METADATA_TENSORS, LayerInfo, ModelInfo
 from usmoe_lp.logs.reader import RouterLog
-from usmoe_lp.logs.writer import RouterLogWriter, _check_finite
+from usmoe_lp.logs.writer import RouterLogWriter, _check_finite, _foreign_entries, _refuse_incomplete_log
 from usmoe_lp.staging import check_destination
 
 RowReader = Callable[[str, int, int], torch.Tensor]
@@ -103,7 +103,8 @@ def import_hf_router_logits(
     where = source or "router_logits"
     if isinstance(obj, torch.Tensor):
         raise ImportFailed(f"{where} holds one tensor of shape {tuple(obj.shape)}; expected the tuple of per-layer "
-                           "tensors transformers returns (for an (L, T, N) array use import_array / .npy)")
+                           "tensors transformers returns (an (L, T, N) array: save it as .npy and import that with "
+                           "layout='ltn')")
     if not isinstance(obj, tuple | list) or not obj:
         raise ImportFailed(f"{where} holds {type(obj).__name__}; expected a non-empty tuple of per-layer tensors")
 
@@ -652,13 +653,23 @@ def _check_input(infos: list[LayerInfo], T: int, read: RowReader, shard_tokens: 
                                                       f"(rows {a}..{min(a + shard_tokens, T) - 1} of the input)")
 
 
+def check_log_destination(out: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise :class:`LogExists` unless ``out`` can take a new router log: the checks
+    :class:`RouterLogWriter` makes (a file, a path under a file, a non-empty directory without
+    ``overwrite``, an incomplete log, files no router log holds), made before any slow work."""
+    out = Path(out)
+    if not overwrite:
+        _refuse_incomplete_log(out, "overwrite=True")
+    check_destination(out, what="router log", overwrite=overwrite, foreign=_foreign_entries, error=LogExists)
+
+
 def _write(out, infos: list[LayerInfo], T: int, read: RowReader, meta: dict[str, torch.Tensor], model: ModelInfo,
            capture: dict, shard_tokens: int, dtype: torch.dtype | None, overwrite: bool) -> RouterLog:
     """Check the destination and the whole input, then write. Deletes nothing itself: replacing an
     earlier log (``overwrite``) is the writer's job, and a write that fails midway leaves what the
     writer leaves (a log marked incomplete)."""
     out = Path(out)
-    check_destination(out, what="router log", overwrite=overwrite, foreign=lambda d: [], error=LogExists)
+    check_log_destination(out, overwrite=overwrite)
     _check_input(infos, T, read, shard_tokens, dtype)
     try:
         with RouterLogWriter(out, infos, model=model, capture=capture, shard_tokens=shard_tokens, dtype=dtype,

@@ -48,6 +48,7 @@ def train_tiny_command(
     a model card (README.md) with the hyperparameters, results, router statistics and the command to reproduce.
     The defaults are those of the model shipped in usmoe_lp/tiny/model.
     """
+    from usmoe_lp.cli_errors import fail
     from usmoe_lp.errors import UsmoeLpError
     from usmoe_lp.tiny.train import train_tiny
 
@@ -56,6 +57,10 @@ def train_tiny_command(
                    hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=layers, num_heads=heads,
                    num_experts=experts, top_k=top_k, router_aux_loss_coef=aux_loss_coef, warmup_steps=warmup_steps,
                    threads=threads, log=lambda line: print(line, flush=True))
-    except UsmoeLpError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except (UsmoeLpError, OSError) as exc:
+        raise fail(exc, aliases=_KEYWORD_FLAGS) from None
+
+
+# train_tiny's keywords that the options spell differently
+_KEYWORD_FLAGS = {"num_layers": "--layers", "num_heads": "--heads", "num_experts": "--experts",
+                  "router_aux_loss_coef": "--aux-loss-coef"}
