@@ -90,13 +90,19 @@ def test_attention_mask_as_padding_mask_is_refused_with_the_conversion():
     assert r.num_tokens == 3 and int(r.mask.sum()) == 3
 
 
-def test_all_padding_is_an_error():
-    for route in ROUTERS.values():
-        with pytest.raises(InvalidParameter, match="every token"):
-            route(torch.rand(2, 3, 4), padding_mask=torch.ones(2, 3, dtype=torch.bool))
-    # one sequence all padding in a batch is fine: it routes nothing
+def test_all_padding_is_explicit():
+    """Not silent: a warning and params['all_padding'], and nothing routed."""
+    routers = {**ROUTERS, "global_topc": lambda s, **kw: global_topc(s, kbar=1, **kw)}
+    for route in routers.values():
+        with pytest.warns(UserWarning, match="every token as padding"):
+            r = route(torch.rand(2, 3, 4), padding_mask=torch.ones(2, 3, dtype=torch.bool))
+        assert r.params["all_padding"] is True and int(r.mask.sum()) == 0
+    with pytest.raises(InvalidParameter, match="exceeds"):  # a fixed budget has no room at all
+        global_topc(torch.rand(1, 2, 3), budget=1, padding_mask=torch.ones(1, 2, dtype=torch.bool))
+    # one sequence all padding in a batch is ordinary: it routes nothing, no flag
     pm = torch.tensor([[True, True, True], [False, False, True]])
-    assert int(token_choice(torch.rand(2, 3, 4), 1, padding_mask=pm).mask[0].sum()) == 0
+    r = token_choice(torch.rand(2, 3, 4), 1, padding_mask=pm)
+    assert int(r.mask[0].sum()) == 0 and "all_padding" not in r.params
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -9,8 +9,10 @@ Each router is the greedy solution of one routing program (papers/routing-as-lp.
 * :func:`capacity_token_choice` — top-k with per-expert capacity and dropping, GShard/Switch
   style (Lepikhin et al. 2020; Fedus et al. 2021; flaxformer ``TokensChooseMaskedRouter``).
 
-Shapes: ``scores`` is (T, N) or (B, T, N); ``padding_mask`` is (T,) or (B, T) bool, **True
-where the token is padding** (the complement of a Hugging Face ``attention_mask``).
+Shapes: ``scores`` is (T, N) or (B, T, N); ``padding_mask`` is (T,) or (B, T) **bool, True
+where the token is padding** (the complement of a Hugging Face ``attention_mask``: pass
+``attention_mask == 0``). Any other mask dtype raises ``InvalidParameter``; a mask that marks
+every token as padding routes nothing, with a ``UserWarning`` and ``params['all_padding']``.
 
 Tie-breaking is deterministic and documented: among entries tied at a selection threshold the
 lowest flat index of the (B, T, N) tensor (row-major) is taken first. ``torch.topk`` leaves
@@ -21,6 +23,7 @@ in index order".
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -66,10 +69,9 @@ def _prepare(scores, padding_mask):
                 f"padding_mask has shape {tuple(torch.as_tensor(padding_mask).shape)}; "
                 f"expected {tuple(scores.shape[:-1])} (True marks padding)"
             )
-        if bool(pm.all()):
-            raise InvalidParameter(
-                "padding_mask marks every token as padding, so there is nothing to route; "
-                + PADDING_CONVENTION)
+        if bool(pm.all()):  # legitimate in a stream of batches, but never silent
+            warnings.warn("padding_mask marks every token as padding: nothing is routed "
+                          "(params['all_padding'] is True); " + PADDING_CONVENTION, stacklevel=3)
         valid = ~pm
     return s3, valid, squeeze
 
@@ -114,6 +116,8 @@ def _select(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(s3, mask3, router, params, valid, squeeze) -> Routing:
+    if valid is not None and not bool(valid.any()):
+        params = {**params, "all_padding": True}
     weights = torch.where(mask3, s3, torch.zeros((), dtype=s3.dtype, device=s3.device))
     if squeeze:
         mask3, weights = mask3[0], weights[0]
