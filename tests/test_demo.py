@@ -7,7 +7,9 @@ import json
 from typer.testing import CliRunner
 
 from usmoe_lp.cli import app
+from usmoe_lp.demo import DEMO_OWNED
 from usmoe_lp.logs import RouterLog
+from usmoe_lp.report.outputs import foreign_entries
 from usmoe_lp.report.verify_report import FIGURES
 from usmoe_lp.verify import CLAIMS
 
@@ -45,3 +47,7 @@ def test_demo_end_to_end(tmp_path):
     page = (out / "report.html").read_text()
     assert "analysis/report.html" in page and "verify/report.md" in page
     assert page.count("data:image/png;base64,") >= 3
+    # a second run may replace all of it (make demo twice in a row), and nothing else is there
+    assert foreign_entries(out, DEMO_OWNED) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert str(tmp_path) not in (out / "analysis" / "metrics.json").read_text()  # no staging path leaked

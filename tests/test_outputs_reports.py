@@ -8,6 +8,7 @@ the same inputs give the same bytes in every file whatever the output directory.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,13 +65,34 @@ def tiny_result():
     return run_verify(TINY, progress=False)
 
 
+@pytest.fixture(scope="module")
+def verify_dir(tmp_path_factory) -> Path:
+    """``usmoe-lp verify VERIFY_ARGS`` run once; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("verify") / "v"
+    res, _ = invoke(*VERIFY_ARGS, "--out", out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def analyze_dir(log, tmp_path_factory) -> Path:
+    """``usmoe-lp analyze LOG`` run once; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("analyze") / "a"
+    res, _ = invoke("analyze", log, "--out", out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
 # ----------------------------------------------------------------------------- verify: no lost file
 @pytest.mark.parametrize("user_file", ["notes.txt", "counterexamples/notes.json",
                                        "counterexamples/my__notes__v2.json", "counterexamples/all/x.json"])
-def test_verify_never_deletes_a_user_file(tmp_path, user_file):
-    out = tmp_path / "v"
-    res, _ = invoke(*VERIFY_ARGS, "--out", out)
-    assert res.exit_code == 0, res.output
+def test_verify_never_deletes_a_user_file(tmp_path, verify_dir, user_file):
+    out = copy_of(verify_dir, tmp_path / "v")
     (out / user_file).parent.mkdir(parents=True, exist_ok=True)
     (out / user_file).write_text("mine")
     before = snapshot(out)
@@ -83,9 +105,8 @@ def test_verify_never_deletes_a_user_file(tmp_path, user_file):
     assert siblings(out) == ["v"]  # no staging directory left behind
 
 
-def test_verify_overwrite_replaces_only_an_earlier_report(tmp_path):
-    out = tmp_path / "v"
-    assert invoke(*VERIFY_ARGS, "--out", out)[0].exit_code == 0
+def test_verify_overwrite_replaces_only_an_earlier_report(tmp_path, verify_dir):
+    out = copy_of(verify_dir, tmp_path / "v")
     res, text = invoke(*VERIFY_ARGS, "--out", out)
     assert res.exit_code == 2 and "--overwrite" in text
     res, _ = invoke(*VERIFY_ARGS, "--out", out, "--overwrite", "--claims", "usmoe_ge_tc")
@@ -118,10 +139,8 @@ def test_verify_refuses_out_inside_a_router_log(log, tmp_path):
 
 
 # ----------------------------------------------------------------------------- analyze: no lost file
-def test_analyze_refuses_to_replace_silently_and_keeps_user_files(log, tmp_path):
-    out = tmp_path / "a"
-    res, _ = invoke("analyze", log, "--out", out)
-    assert res.exit_code == 0, res.output
+def test_analyze_refuses_to_replace_silently_and_keeps_user_files(log, tmp_path, analyze_dir):
+    out = copy_of(analyze_dir, tmp_path / "a")
     before = snapshot(out)
     res, text = invoke("analyze", log, "--out", out)  # was: silently overwritten
     assert res.exit_code == 2 and "--overwrite" in text
@@ -132,9 +151,8 @@ def test_analyze_refuses_to_replace_silently_and_keeps_user_files(log, tmp_path)
     assert (out / "my-notes.md").read_text() == "mine" and snapshot(out) == {**before, "my-notes.md": b"mine"}
 
 
-def test_analyze_rerun_leaves_no_stale_figure(log, tmp_path):
-    out = tmp_path / "a"
-    assert invoke("analyze", log, "--out", out)[0].exit_code == 0
+def test_analyze_rerun_leaves_no_stale_figure(log, tmp_path, analyze_dir):
+    out = copy_of(analyze_dir, tmp_path / "a")
     assert (out / "leakage_per_offset.png").is_file()
     res, _ = invoke("analyze", log, "--out", out, "--no-leakage", "--overwrite")
     assert res.exit_code == 0, res.output
@@ -248,11 +266,10 @@ def test_verify_parameters_that_cannot_run_are_errors(tmp_path, args, message):
 
 
 # ----------------------------------------------------------------------------- determinism
-def test_verify_is_byte_identical_across_output_directories(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
-    for out in (a, b):
-        res, _ = invoke(*VERIFY_ARGS, "--out", out)
-        assert res.exit_code == 0, res.output
+def test_verify_is_byte_identical_across_output_directories(tmp_path, verify_dir):
+    a, b = verify_dir, tmp_path / "elsewhere" / "b"
+    res, _ = invoke(*VERIFY_ARGS, "--out", b)
+    assert res.exit_code == 0, res.output
     files_a, files_b = snapshot(a), snapshot(b)
     assert {"gap_distributions.png", "report.json", "report.md"} <= set(files_a)
     assert files_a.keys() == files_b.keys()
@@ -270,11 +287,10 @@ def test_verify_command_reproduces_the_config(tmp_path, tiny_result):
     assert snapshot(tmp_path / "again") == snapshot(tmp_path / "r")
 
 
-def test_analyze_is_byte_identical_across_output_directories(log, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "deeper" / "b"
-    for out in (a, b):
-        res, _ = invoke("analyze", log, "--out", out)
-        assert res.exit_code == 0, res.output
+def test_analyze_is_byte_identical_across_output_directories(log, tmp_path, analyze_dir):
+    a, b = analyze_dir, tmp_path / "deeper" / "b"
+    res, _ = invoke("analyze", log, "--out", b)
+    assert res.exit_code == 0, res.output
     files_a, files_b = snapshot(a), snapshot(b)
     assert {"metrics.json", "report.md", "report.html", "leakage_per_offset.png"} <= set(files_a)
     assert files_a.keys() == files_b.keys()

@@ -272,7 +272,8 @@ def test_k_above_n_is_skipped_where_another_size_runs_it():
     # a claim that is applicable to no instance
     ({"claims": ("ilp_eq_lp",), "backends": FAST}, r"ilp_eq_lp cannot run.*cbc or milp"),
     ({"claims": ("ilp_eq_lp",), "sizes": ((3, 2), (2, 3)), "ks": (1,),
-      "backends": ("closed_form", "highs", "milp"), "ilp_max_vars": 4}, r"ilp_eq_lp cannot run.*T\*N <= ilp_max_vars=4"),
+      "backends": ("closed_form", "highs", "milp"), "ilp_max_vars": 4},
+     r"ilp_eq_lp cannot run.*T\*N <= ilp_max_vars=4"),
 ])
 def test_config_that_would_run_nothing_is_refused(kwargs, match):
     with pytest.raises(UsmoeLpError, match=match):
