@@ -63,7 +63,7 @@ BAD_SCORES = [
 def test_non_real_scores_are_refused_everywhere(scores, match):
     with pytest.raises(InvalidScores, match=match):
         RoutingProblem.token_choice(scores, 1)
-    for name, route in ROUTERS.items():
+    for route in ROUTERS.values():
         with pytest.raises(InvalidScores, match=match):
             route(scores)
     with pytest.raises(InvalidScores, match=match):

@@ -22,7 +22,6 @@ in index order".
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Literal
 
