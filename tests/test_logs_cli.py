@@ -109,9 +109,34 @@ def test_import_command(tmp_path):
         (["import", str(tmp_path / "x.npy"), "--out", str(tmp_path / "e1"), "--attention-mask",
           str(tmp_path / "mask.pt")], "apply to transformers"),
         (["import", str(tmp_path / "x.csv"), "--out", str(tmp_path / "e2")], "unknown file type"),
-        (["import", str(tmp_path / "router_logits.pt"), "--out", str(tmp_path / "e3"), "--top-k", "9"], "--top-k must be"),
-        (["import", str(tmp_path / "x.npy"), "--out", str(tmp_path / "e4"), "--dtype", "int8"], "Invalid value for '--dtype'"),
+        (["import", str(tmp_path / "router_logits.pt"), "--out", str(tmp_path / "e3"), "--top-k", "9"],
+         "--top-k must be"),
+        (["import", str(tmp_path / "x.npy"), "--out", str(tmp_path / "e4"), "--dtype", "int8"],
+         "Invalid value for '--dtype'"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, args
         assert message in result.stderr, result.stderr
+
+
+def test_import_layout_boundaries_score_function_and_the_one_sequence_warning(tmp_path):
+    cube = np.random.default_rng(1).standard_normal((2, 6, 4)).astype(np.float32)
+    np.save(tmp_path / "cube.npy", cube)
+    result = runner.invoke(app, ["import", str(tmp_path / "cube.npy"), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "--layout 'ltn' or 'btn'" in result.stderr
+    assert "ltn = (L, T, N)" in result.stderr and not (tmp_path / "a").exists()
+    result = runner.invoke(app, ["import", str(tmp_path / "cube.npy"), "--out", str(tmp_path / "btn"), "--layout",
+                                 "btn", "--score-function", "sigmoid", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "(layout btn): 1 layers x 4 experts, 12 tokens in 2 sequences" in result.output
+    assert "warning" not in result.output
+    log = RouterLog.open(tmp_path / "btn")
+    assert log.manifest.layers[0].score_function == "sigmoid" and log.top_k == {"layer0": 2}
+    np.save(tmp_path / "flat.npy", cube[0])
+    result = runner.invoke(app, ["import", str(tmp_path / "flat.npy"), "--out", str(tmp_path / "flat")])
+    assert result.exit_code == 0 and "(layout tn)" in result.output
+    assert "warning: all 6 tokens are one sequence" in " ".join(result.stderr.split())
+    result = runner.invoke(app, ["import", str(tmp_path / "flat.npy"), "--out", str(tmp_path / "l3"),
+                                 "--sequence-length", "3"])
+    assert result.exit_code == 0 and "6 tokens in 2 sequences" in result.output and "warning" not in result.output
+    assert RouterLog.open(tmp_path / "l3").read("layer0", 0, 6).positions.tolist() == [0, 1, 2, 0, 1, 2]

@@ -238,3 +238,142 @@ def test_import_file_dispatch_and_load_tensor(tmp_path):
     np.savez(tmp_path / "m.npz", a=MASK.numpy(), b=MASK.numpy())
     with pytest.raises(ImportFailed, match="expected a single tensor or one named 'attention_mask'"):
         load_tensor(tmp_path / "m.npz")
+
+
+# ----------------------------------------------------------------------------- layouts and sequence boundaries
+def test_3d_npy_needs_a_layout_and_ltn_btn_read_the_axes_they_name(tmp_path):
+    rng = np.random.default_rng(3)
+    cube = rng.standard_normal((3, 5, 4)).astype(np.float32)     # read as (L, T, N) or as (B, T, N)
+    np.save(tmp_path / "cube.npy", cube)
+    with pytest.raises(ImportFailed, match="3-D array \\(3, 5, 4\\) is ambiguous: pass layout='ltn' or 'btn'"):
+        import_array(tmp_path / "cube.npy", tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    ltn = import_array(tmp_path / "cube.npy", tmp_path / "ltn", layout="ltn", shard_tokens=2)
+    assert ltn.layers == ("layer0", "layer1", "layer2") and ltn.num_tokens == 5 and len(ltn.sequences) == 1
+    btn = import_array(tmp_path / "cube.npy", tmp_path / "btn", layout="btn", shard_tokens=4)
+    assert btn.layers == ("layer0",) and btn.num_tokens == 15 and btn.manifest.capture["sequences"] == "layout btn"
+    chunk = read_all(btn, "layer0")
+    for b in range(3):                                          # oracle: row b of the cube is sequence b
+        rows = chunk.sequence_ids == b
+        assert np.array_equal(chunk.logits[rows].numpy(), cube[b])
+        assert chunk.positions[rows].tolist() == list(range(5))
+    # the same cube stored Fortran-ordered (not C-contiguous on disk) reads the same
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(cube))
+    f = import_array(tmp_path / "fortran.npy", tmp_path / "f", layout="btn", shard_tokens=4)
+    assert torch.equal(read_all(f, "layer0").logits, chunk.logits)
+    with pytest.raises(ImportFailed, match="layout='tn' is \\(T, N\\) but the array is 3-D"):
+        import_array(tmp_path / "cube.npy", tmp_path / "tn", layout="tn")
+    with pytest.raises(ImportFailed, match="is not one of"):
+        import_array(tmp_path / "cube.npy", tmp_path / "bad", layout="tbn")
+    np.save(tmp_path / "flat.npy", cube[0])
+    assert import_array(tmp_path / "flat.npy", tmp_path / "flat", layout="tn").manifest.capture["layout"] == "tn"
+    with pytest.raises(ImportFailed, match="2-D \\(5, 4\\), which is \\(T, N\\), one layer"):
+        import_array(tmp_path / "flat.npy", tmp_path / "flat-ltn", layout="ltn")
+
+
+def test_sequence_length_and_npz_sequence_ids(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((12, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    log = import_array(tmp_path / "x.npy", tmp_path / "l4", sequence_length=4)
+    chunk = read_all(log, "layer0")
+    assert chunk.sequence_ids.tolist() == [i // 4 for i in range(12)]
+    assert chunk.positions.tolist() == [i % 4 for i in range(12)] and log.manifest.capture["sequences"] == \
+        "sequence_length"
+    with pytest.raises(ImportFailed, match="12 tokens are not a whole number of sequences of sequence_length=5"):
+        import_array(tmp_path / "x.npy", tmp_path / "l5", sequence_length=5)
+    assert import_array(tmp_path / "x.npy", tmp_path / "one").manifest.capture["sequences"] == "none"
+    # .npz: sequence_ids (and positions) from the file; btn layers
+    seq, pos = np.repeat([0, 1, 2], 4), np.tile([0, 1, 2, 3], 3)
+    np.savez(tmp_path / "m.npz", a=x, sequence_ids=seq, positions=pos)
+    log = import_array(tmp_path / "m.npz", tmp_path / "m")
+    assert read_all(log, "a").sequence_ids.tolist() == seq.tolist() and log.manifest.capture["sequences"] == \
+        "sequence_ids"
+    with pytest.raises(ImportFailed, match="given twice"):
+        import_array(tmp_path / "m.npz", tmp_path / "m2", sequence_length=4)
+    np.savez(tmp_path / "p.npz", a=x, positions=pos)
+    with pytest.raises(ImportFailed, match="'positions' without 'sequence_ids'"):
+        import_array(tmp_path / "p.npz", tmp_path / "p")
+    np.savez(tmp_path / "b.npz", a=x.reshape(3, 4, 3), b=x.reshape(3, 4, 3) * 2)
+    log = import_array(tmp_path / "b.npz", tmp_path / "b", layout="btn")
+    assert log.layers == ("a", "b") and read_all(log, "b").sequence_ids.tolist() == seq.tolist()
+    assert torch.equal(read_all(log, "b").logits, torch.from_numpy(x * 2))
+    with pytest.raises(ImportFailed, match="each layer of an .npz is \\(T, N\\) \\(for \\(B, T, N\\) layers pass "
+                                           "layout 'btn'"):
+        import_array(tmp_path / "b.npz", tmp_path / "b2")
+
+
+def test_sequence_length_for_hf_tuples_and_safetensors(tmp_path):
+    logits = hf_tuple()                                        # (B*T, N) rows, B=3, T=5
+    log = import_hf_router_logits(logits, tmp_path / "hf", sequence_length=T)
+    assert read_all(log, "layer0").sequence_ids.tolist() == [i // T for i in range(B * T)]
+    with pytest.raises(ImportFailed, match="15 rows are not a whole number of sequences of sequence_length=4"):
+        import_hf_router_logits(logits, tmp_path / "hf4", sequence_length=4)
+    with pytest.raises(ImportFailed, match="sequence_length=4 but the attention mask give sequences of 5"):
+        import_hf_router_logits(logits, tmp_path / "hfm", attention_mask=MASK, sequence_length=4)
+    save_file({"l0": torch.randn(10, 4)}, tmp_path / "s.safetensors")
+    log = import_safetensors(tmp_path / "s.safetensors", tmp_path / "st", sequence_length=5)
+    assert read_all(log, "l0").positions.tolist() == [0, 1, 2, 3, 4] * 2
+
+
+# ----------------------------------------------------------------------------- what is not router logits
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])
+def test_expert_id_dumps_are_named_as_such_in_every_format(tmp_path, dtype):
+    ids = np.random.default_rng(5).integers(0, 8, (6, 2)).astype(dtype)
+    np.save(tmp_path / "ids.npy", ids)
+    np.savez(tmp_path / "ids.npz", layer0=ids)
+    save_file({"layer0": torch.from_numpy(ids.astype(np.int64))}, tmp_path / "ids.safetensors")
+    torch.save((torch.from_numpy(ids.astype(np.int64)),), tmp_path / "ids.pt")
+    for name in ("ids.npy", "ids.npz", "ids.safetensors", "ids.pt"):
+        with pytest.raises(ImportFailed, match="expert ids .* \\(vLLM and SGLang .*`usmoe-lp capture`.*not supported"):
+            import_file(tmp_path / name, tmp_path / f"out-{name}")
+        assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_big_endian_is_converted_exactly_and_other_dtypes_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((7, 3))
+    for dt in (">f4", ">f8", ">f2"):
+        np.save(tmp_path / "be.npy", x.astype(dt))
+        log = import_array(tmp_path / "be.npy", tmp_path / f"be{dt[-1]}", shard_tokens=3)
+        got = read_all(log, "layer0").logits.numpy()
+        assert got.dtype == np.dtype(dt).newbyteorder("=") and np.array_equal(got, x.astype(dt))
+    for arr, message in [(np.ones((3, 2), dtype=np.complex128), "complex numbers"),
+                         (np.array([["a", "b"]]), "strings"), (np.ones((3, 2), dtype=bool), "booleans"),
+                         (np.zeros((3, 2), dtype=[("a", "<f4")]), "structured records")]:
+        np.save(tmp_path / "bad.npy", arr)
+        with pytest.raises(ImportFailed, match=message):
+            import_array(tmp_path / "bad.npy", tmp_path / "bad")
+
+
+# ----------------------------------------------------------------------------- refused input keeps the old log
+def _snapshot(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf-after-cast", "ids"])
+def test_refused_input_with_overwrite_leaves_the_old_log_byte_identical(tmp_path, bad):
+    from typer.testing import CliRunner
+
+    from usmoe_lp.cli import app
+
+    old = np.random.default_rng(7).standard_normal((9, 4)).astype(np.float32)
+    np.save(tmp_path / "old.npy", old)
+    runner = CliRunner()
+    assert runner.invoke(app, ["import", str(tmp_path / "old.npy"), "--out", str(tmp_path / "old.log")]).exit_code == 0
+    before = _snapshot(tmp_path / "old.log")
+    new = old.copy()
+    extra = []
+    if bad == "nan":
+        new[8, 3] = np.nan                                      # in the last shard: the writer would have begun
+    elif bad == "inf-after-cast":
+        new[5, 0], extra = 1e6, ["--dtype", "float16"]
+    else:
+        new = new.astype(np.int64)
+    np.save(tmp_path / "new.npy", new)
+    result = runner.invoke(app, ["import", str(tmp_path / "new.npy"), "--out", str(tmp_path / "old.log"),
+                                 "--overwrite", "--shard-tokens", "4", *extra])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert _snapshot(tmp_path / "old.log") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.npy", "old.log", "old.npy"]   # no leftovers
+    assert RouterLog.open(tmp_path / "old.log", verify="full").num_tokens == 9
