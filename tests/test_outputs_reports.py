@@ -8,6 +8,7 @@ the same inputs give the same bytes in every file whatever the output directory.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -209,6 +210,21 @@ def test_analyze_top_k_is_checked_against_the_log(log, tmp_path, top_k, message)
     res, text = invoke("analyze", log, "--out", out, "--top-k", top_k)
     assert res.exit_code == 2 and message in text, res.output
     assert not out.exists()
+
+
+def test_analyze_kbar_above_n_is_an_error(log, tmp_path):
+    # was: dropped from the grid without a word
+    res, text = invoke("analyze", log, "--out", tmp_path / "a", "--kbar", "1,5")
+    assert res.exit_code == 2 and "--kbar 5 exceed the number of experts N = 4" in text, res.output
+    with pytest.raises(InvalidParameter, match="kbars 5 exceed"):
+        analyze(log, config=AnalyzeConfig(kbars=(1.0, 5.0)))
+    assert not (tmp_path / "a").exists()
+
+
+def test_verify_shrink_all_without_shrink_is_an_error(tmp_path):
+    # was: --shrink-all silently dropped by --no-shrink
+    res, text = invoke(*VERIFY_ARGS, "--no-shrink", "--shrink-all", "--out", tmp_path / "v")
+    assert res.exit_code == 2 and re.search(r"shrink[_-]all needs", text), res.output
 
 
 def test_analyze_top_k_equal_to_the_log_is_accepted(log, tmp_path):

@@ -128,7 +128,7 @@ def verify(
             families=tuple(_names(families)) if families != "all" else VerifyConfig.families,
             sizes=_sizes(sizes), ks=_ints(ks), trials=trials, seed=seed,
             backends=_names(backends), claims=_names(claims) if claims != "all" else VerifyConfig.claims,
-            ilp_max_vars=ilp_max_vars, shrink=shrink, shrink_all=shrink_all and shrink)
+            ilp_max_vars=ilp_max_vars, shrink=shrink, shrink_all=shrink_all)
         result, seconds = _run_verify(config, out, overwrite, progress)
     except UsmoeLpError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")

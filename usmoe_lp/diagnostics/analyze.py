@@ -168,6 +168,17 @@ def resolve_top_k(infos: Sequence[LayerInfo], top_k: int | None = None, *, name:
     return out
 
 
+def check_kbars(config: AnalyzeConfig, infos: Sequence[LayerInfo], *, name: str = "kbars") -> None:
+    """Refuse USMoE k-bars above a layer's number of experts N (they would be dropped without a word)."""
+    if config.kbars is None or not config.counterfactual or "usmoe" not in config.routers:
+        return
+    for info in infos:
+        above = [kb for kb in config.kbars if kb > info.num_experts]
+        if above:
+            raise InvalidParameter(f"{name} {','.join(f'{kb:g}' for kb in above)} exceed the number of experts "
+                                   f"N = {info.num_experts} of layer {info.name!r}; USMoE k-bar must be <= N")
+
+
 @dataclass(frozen=True)
 class LayerAnalysis:
     """Everything measured on one layer (None where an analysis was off or impossible)."""
@@ -405,7 +416,7 @@ def _log_source(log: RouterLog) -> _Source:
     m = log.manifest.model
 
     def chunks(layer: str, chunk_tokens: int, hidden: bool) -> Iterator[Chunk]:
-        return log.iter_chunks(layer, chunk_tokens, with_hidden=hidden)
+        return log.iter_chunks(layer, chunk_tokens, with_hidden=hidden, check_finite=True)
 
     return _Source(name=str(log.path), infos=tuple(log.layer_info(n) for n in log.layers),
                    num_tokens=log.num_tokens, chunks=chunks, has_hidden=lambda layer: log.has(layer, "hidden"),
@@ -638,6 +649,7 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress) -> Analy
     if src.num_tokens == 0:
         raise InvalidScores(f"{src.name}: the log holds no tokens")
     ks = resolve_top_k([infos[n] for n in names], top_k)  # every layer checked before any work
+    check_kbars(cfg, [infos[n] for n in names])
     weights = src.router_weights() if cfg.hidden else None
     results, load_parts, cf_parts, leak_parts = [], [], [], {}
     read_seconds = 0.0

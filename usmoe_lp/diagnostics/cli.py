@@ -51,7 +51,7 @@ def analyze_command(
     Writes metrics.json, report.md, report.html and PNG figures into --out. The report is built
     aside and replaces --out only when complete; an existing report needs --overwrite.
     """
-    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze, resolve_top_k
+    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze, check_kbars, resolve_top_k
     from usmoe_lp.logs.reader import RouterLog
     from usmoe_lp.report.analyze_report import check_analyze_destination, summary_lines, write_analyze_report
 
@@ -71,7 +71,9 @@ def analyze_command(
         unknown = [n for n in names if n not in rlog.layers]
         if unknown:
             raise InvalidParameter(f"--layers {','.join(unknown)}: not in the log; it has {','.join(rlog.layers)}")
-        resolve_top_k([rlog.layer_info(n) for n in names], top_k or None, name="--top-k")
+        infos = [rlog.layer_info(n) for n in names]
+        resolve_top_k(infos, top_k or None, name="--top-k")
+        check_kbars(cfg, infos, name="--kbar")
         t0 = time.perf_counter()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("tokens"), TimeElapsedColumn(), console=err, transient=True) as bar:
