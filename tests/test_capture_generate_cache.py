@@ -80,6 +80,24 @@ def test_generate_continues_each_row_with_and_without_padding(mt, pads, tmp_path
     _check_one_sequence_per_row(log, out, full_mask, expected, fed=out.shape[1] - 1)
 
 
+def test_generate_from_inputs_embeds_continues_each_row(tmp_path):
+    """A prompt given as embeddings (logged with token id -1), then decode steps with token ids."""
+    mt = "olmoe"
+    model = tiny_model(mt)
+    batch = _batch([0, 3])
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+    with capture(model, tmp_path / "log", fsync=False) as cap:
+        out = _generate(model, {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]})
+    assert out.shape == (2, NEW) and cap.sequences == 2  # generate() returns only the new tokens here
+    ids = torch.cat([torch.full_like(batch["input_ids"], -1), out], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(out)], dim=1)
+    with torch.no_grad():
+        full = torch.cat([embeds, model.get_input_embeddings()(out)], dim=1)
+    expected = reference_logits(model, {"inputs_embeds": full, "attention_mask": mask}, mt)
+    _check_one_sequence_per_row(RouterLog.open(tmp_path / "log", verify="full"), ids, mask, expected,
+                                fed=ids.shape[1] - 1)
+
+
 def test_seq2seq_generate_without_padding_continues_each_decoder_row(tmp_path):
     model = tiny_model("switch_transformers")
     batch = _batch([0, 0, 0])
@@ -212,6 +230,14 @@ def test_beam_search_fails_instead_of_mixing_rows(tmp_path):
     def body(m):
         _generate(m, batch, num_beams=2)
     _fails(model, tmp_path / "log", "beam search", body)
+
+
+def test_static_cache_fails_clearly(tmp_path):
+    """generate() with a static cache hands the model a 4-D mask, which does not say which tokens are padding."""
+    model = tiny_model("mixtral")
+    with pytest.raises(CaptureFailed, match="4-D mask .* static cache"):
+        with capture(model, tmp_path / "log", fsync=False):
+            _generate(model, _batch([0, 3]), cache_implementation="static")
 
 
 def test_two_caches_in_one_forward_fail(tmp_path):

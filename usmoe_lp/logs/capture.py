@@ -29,12 +29,18 @@ so left padding still starts at 0). Logits keep the dtype the router produced (b
 Hooks only read; the model's outputs are unchanged. Encoder-decoder models (Switch, NLLB-MoE)
 have two token streams, so one log holds one stack: ``layers="auto"`` takes the encoder,
 ``layers="decoder"`` the decoder (tokens from ``decoder_input_ids`` / ``decoder_attention_mask``).
-``generate()`` with a KV cache works: a forward whose ``past_key_values`` cache is the one the
-previous logged forward filled (same cache object, its length = that forward's attention-mask
-width, same batch size) continues those rows: its tokens (the new columns of the attention mask)
-get the rows' sequence ids and the positions after their real tokens so far, so a prompt and its
-generated tokens form one sequence of the log. Any other forward starts new sequences. The last
-token ``generate()`` returns never goes through the model, so it has no router logits. The same holds
+``generate()`` with a KV cache works. The cache is found among the forward's arguments by what it is
+(a ``transformers.cache_utils.Cache``, or any object with ``get_seq_length()``), whatever carries it
+(``cache=`` as transformers >= 5.24 passes it, ``past_key_values=``, a positional argument), with or
+without ``cache_position``. A forward whose cache is empty (or that has none) starts new sequences. A
+forward whose cache already holds tokens is a decode step: the cache must be the one the previous
+logged forward filled, untouched since (same object, same length, same tensors, same batch size);
+then its tokens (the new columns of the attention mask, all of them when there is no mask) get the
+rows' sequence ids and the positions after their real tokens so far, so a prompt and its generated
+tokens form one sequence of the log. Any other decode step (a cache filled outside the capture, a
+changed batch size, a cache cropped by assisted decoding or reordered by beam search) raises
+:class:`CaptureFailed` saying why. The last token ``generate()`` returns never goes through the
+model, so it has no router logits. The same holds
 for the decoder of an encoder-decoder model (``layers="decoder"``): each decode step continues its
 row's decoder sequence (the decoder start token at position 0). ``generate()`` runs the encoder
 outside the model's forward, so an encoder log (``layers="auto"``) gets nothing from it.
@@ -438,11 +444,14 @@ def _cache_type() -> type | None:
     return getattr(module, "Cache", None)
 
 
-def _is_cache(value: Any) -> bool:
-    """A KV cache: a transformers ``Cache``, or any object with a callable ``get_seq_length`` (other libraries)."""
-    if value is None or isinstance(value, torch.Tensor | str | int | float | bool):
+_NOT_CACHES = (torch.Tensor, bool, int, float, str, type(None))
+
+
+def _is_cache(value: Any, cache_type: type | None) -> bool:
+    """A KV cache: a transformers ``Cache`` (``cache_type``, see :func:`_cache_type`), or any object with a callable
+    ``get_seq_length`` (the caches of other libraries)."""
+    if isinstance(value, _NOT_CACHES):
         return False
-    cache_type = _cache_type()
     return (cache_type is not None and isinstance(value, cache_type)) or callable(getattr(value, "get_seq_length",
                                                                                          None))
 
@@ -450,9 +459,10 @@ def _is_cache(value: Any) -> bool:
 def _find_cache(args: tuple, kwargs: Mapping[str, Any]) -> Any:
     """The KV cache among a forward's arguments, whatever carries it (``cache=``, ``past_key_values=``, a positional
     argument); None when there is none. Two different caches raise :class:`CaptureFailed`."""
+    cache_type = _cache_type()
     found = None
     for value in (*kwargs.values(), *args):
-        if value is not found and _is_cache(value):
+        if value is not found and _is_cache(value, cache_type):
             if found is not None:
                 names = [k for k, v in kwargs.items() if v is found or v is value] or ["positional arguments"]
                 raise CaptureFailed(f"the forward got two KV caches ({', '.join(names)}); the capture cannot tell "
@@ -761,7 +771,9 @@ class Capture:
                                 "pass cap.set_batch(input_ids, attention_mask) describing the router's tokens")
         mask = torch.ones(b, t, dtype=torch.bool) if batch.attention_mask is None else batch.attention_mask.cpu() != 0
         if tuple(mask.shape) != (b, t):
-            raise CaptureFailed(f"attention_mask {tuple(mask.shape)} does not match the batch {b}x{t}")
+            hint = ("; a 4-D mask (generate() builds one for a static cache) does not say which tokens are padding: "
+                    "use the default dynamic cache" if mask.ndim == 4 else "")
+            raise CaptureFailed(f"attention_mask {tuple(mask.shape)} does not match the batch {b}x{t}{hint}")
         keep = mask.reshape(-1)
         ids = torch.full((b, t), -1, dtype=torch.int64) if batch.input_ids is None else batch.input_ids.cpu().long()
         if batch.sequence_ids is None:
