@@ -646,11 +646,20 @@ def _check_input(infos: list[LayerInfo], T: int, read: RowReader, shard_tokens: 
     shard_tokens = check_int(shard_tokens, "shard_tokens", low=1)
     for info in infos:
         for a in range(0, T, shard_tokens):
-            t = read(info.name, a, min(a + shard_tokens, T))
-            _check_finite(t, info.name, f" (rows {a}..{min(a + shard_tokens, T) - 1} of the input)")
-            if dtype is not None and dtype != t.dtype and dtype.is_floating_point:
-                _check_finite(t.to(dtype), info.name, f" after casting to {str(dtype).removeprefix('torch.')} "
-                                                      f"(rows {a}..{min(a + shard_tokens, T) - 1} of the input)")
+            b = min(a + shard_tokens, T)
+            t = read(info.name, a, b)
+            cast = t.to(dtype) if dtype is not None and dtype != t.dtype else None
+            for value, after in ((t, ""), (cast, f" after casting to {str(dtype).removeprefix('torch.')}")):
+                if value is not None and not _sum_is_finite(value):
+                    _check_finite(value, info.name, f"{after} (rows {a}..{b - 1} of the input)")
+
+
+def _sum_is_finite(t: torch.Tensor) -> bool:
+    """Whether a float64 sum of ``t`` is finite (true iff every entry is, barring overflow, which the
+    caller's exact check then settles). numpy's sum: ~20x faster than torch's float64 sum on this CPU."""
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return bool(np.isfinite(np.sum(t.numpy(), dtype=np.float64)))
 
 
 def check_log_destination(out: str | os.PathLike, *, overwrite: bool = False) -> None:
