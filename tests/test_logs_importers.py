@@ -377,3 +377,20 @@ def test_refused_input_with_overwrite_leaves_the_old_log_byte_identical(tmp_path
     assert _snapshot(tmp_path / "old.log") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.npy", "old.log", "old.npy"]   # no leftovers
     assert RouterLog.open(tmp_path / "old.log", verify="full").num_tokens == 9
+
+
+def test_live_numpy_layers_with_negative_strides_and_big_endian_masks(tmp_path):
+    logits = [x.numpy() for x in hf_tuple(torch.float64)]
+    flipped = [np.ascontiguousarray(x[::-1])[::-1] for x in logits]          # negative row strides, same values
+    assert all(x.strides[0] < 0 for x in flipped)
+    be = [x.astype(">f8") for x in logits]
+    mask = MASK.numpy().astype(">i4")[:, ::-1][:, ::-1]
+    for variant in (flipped, be):
+        log = import_hf_router_logits(variant, tmp_path / f"v{id(variant)}", attention_mask=mask)
+        rows = MASK.reshape(-1).bool().numpy()
+        for i, layer in enumerate(log.layers):
+            assert np.array_equal(read_all(log, layer).logits.numpy(), logits[i][rows])
+    with pytest.raises(ImportFailed, match="layer 0 holds integers"):
+        import_hf_router_logits([np.zeros((4, 2), dtype=np.int64)], tmp_path / "ids")
+    with pytest.raises(ImportFailed, match="attention_mask has dtype <U1; expected integers or booleans"):
+        import_hf_router_logits(logits, tmp_path / "m", attention_mask=np.full((B, T), "1"))

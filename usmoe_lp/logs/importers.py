@@ -79,7 +79,8 @@ def import_hf_router_logits(
     ``src``: a path to a ``torch.save``d tuple/list (or a dict with key ``router_logits`` and
     optionally ``attention_mask``, ``input_ids``), or the live tuple, list or model output.
     Per layer (None entries, dense layers, are skipped; a ``(logits, expert_index)`` pair counts
-    as its logits): (B*T, N) rows in batch-major order (row b*T + t), or (B, T, N).
+    as its logits): (B*T, N) rows in batch-major order (row b*T + t), or (B, T, N); torch tensors
+    or numpy arrays (any strides or byte order).
     ``attention_mask``: (B, T), 1 = real token, or a path to it; padding rows are dropped (the
     rows may also be the real tokens only, already dropped). ``input_ids``: (B, T) token ids.
     Sequence ids are the batch row b; positions count the real tokens before each one in its row
@@ -113,8 +114,11 @@ def import_hf_router_logits(
     for i, entry in enumerate(obj):
         if entry is None:
             continue
-        if isinstance(entry, tuple | list) and entry and isinstance(entry[0], torch.Tensor):
+        if isinstance(entry, tuple | list) and entry and isinstance(entry[0], torch.Tensor | np.ndarray):
             entry = entry[0]
+        if isinstance(entry, np.ndarray):  # any strides and byte order: copied to native, C order
+            _check_logits_dtype(entry.dtype, f"{where}: layer {i}")
+            entry = torch.from_numpy(_native_rows(entry, 0, len(entry)))
         if not isinstance(entry, torch.Tensor):
             raise ImportFailed(f"{where}: entry {i} is {type(entry).__name__}, not a tensor")
         if entry.ndim == 3:
@@ -511,8 +515,9 @@ def _load_aux(value: Any, what: str, source: str | None = None) -> torch.Tensor:
         return load_tensor(value)
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
-            raise ImportFailed(f"{source or what}: {what} has dtype {value.dtype}")
-        value = torch.from_numpy(np.ascontiguousarray(value))
+            raise ImportFailed(f"{source or what}: {what} has dtype {value.dtype}; expected integers or booleans")
+        value = torch.from_numpy(_native_rows(value, 0, len(value)) if value.ndim else value.astype(
+            value.dtype.newbyteorder("=")))
     if not isinstance(value, torch.Tensor):
         try:
             value = torch.as_tensor(value)
