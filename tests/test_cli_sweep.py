@@ -59,6 +59,13 @@ def files(tmp_path_factory):
     with RouterLogWriter(d / "log", [LayerInfo("l0", num_experts=4)]) as w:
         w.append({"l0": torch.randn(3, 4)}, torch.arange(3), torch.zeros(3, dtype=torch.long), torch.arange(3))
     (d / "emptydir").mkdir()
+    shards_file = d / "shards-file"
+    with RouterLogWriter(shards_file, [LayerInfo("l0", num_experts=4)]) as w:
+        w.append({"l0": torch.randn(3, 4)}, torch.arange(3), torch.zeros(3, dtype=torch.long), torch.arange(3))
+    for shard in (shards_file / "shards").iterdir():
+        shard.unlink()
+    (shards_file / "shards").rmdir()
+    (shards_file / "shards").write_text("a file where the shards directory belongs")
     return d
 
 
@@ -126,6 +133,8 @@ ROWS = [
     ("import-out-not-empty", ["import", "{d}/good.npy", "--out", "{d}/log"], ["not empty", "--overwrite"]),
     ("import-out-foreign-files", ["import", "{d}/good.npy", "--out", "{d}/full", "--overwrite"],
      ["mine.txt", "refusing to delete them even with --overwrite"]),
+    ("import-out-shards-is-file", ["import", "{d}/good.npy", "--out", "{d}/shards-file", "--overwrite"],
+     ["shards", "refusing to delete"]),
     ("import-out-unwritable", ["import", "{d}/good.npy", "--out", "/proc/usmoe-lp-sweep/log"], ["/proc"]),
     # ------------------------------------------------------------------ capture
     ("capture-missing-text", cap(text="{d}/nope.txt"), ["--text", "not found"]),
@@ -148,6 +157,8 @@ ROWS = [
     ("log-info-missing", ["log", "info", "{d}/nope"], ["no such router log"]),
     ("log-info-file", ["log", "info", "{d}/afile"], ["no such router log"]),
     ("log-info-empty-dir", ["log", "info", "{d}/emptydir"], ["no manifest.json"]),
+    ("log-info-shards-is-file", ["log", "info", "{d}/shards-file"], ["invalid router log", "shards",
+                                                                     "not a directory"]),
     ("log-info-negative-shards", ["log", "info", "{d}/log", "--shards", "-2"], [USAGE, "--shards"]),
     # ------------------------------------------------------------------ train-tiny
     ("train-tiny-zero-steps", ["train-tiny", "--out", "{d}/tiny", "--steps", "0"], [USAGE, "--steps"]),
