@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from usmoe_lp.cli_errors import fail
 from usmoe_lp.diagnostics.cli import analyze_command
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.logs.cli import capture_command, import_command, log_app
@@ -131,8 +131,7 @@ def verify(
             ilp_max_vars=ilp_max_vars, shrink=shrink, shrink_all=shrink_all)
         result, seconds = _run_verify(config, out, overwrite, progress)
     except UsmoeLpError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+        raise fail(exc, aliases={"ilp_max_vars": "--ilp-max-vars"}) from None
     _print_summary(result, out, seconds)
     idle = _not_run(result)
     if idle:  # the config checks make this unreachable; never report a silent "not run" as success
@@ -162,8 +161,7 @@ def demo(out: Path = typer.Option(Path("out/demo"), help="output directory"),
         result = run_demo(out, max_tokens=tokens, overwrite=overwrite, overwrite_flag="--overwrite",
                           out_flag="--out")
     except UsmoeLpError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+        raise fail(exc, aliases={"max_tokens": "--tokens"}) from None
     _print_summary(result.verify, out / "verify", result.seconds["verify"])
     sec = result.seconds
     console.print(f"\n[bold]usmoe-lp demo[/] in {time.perf_counter() - t0:.0f} s (verify {sec['verify']:.0f} s, "

@@ -134,7 +134,8 @@ def staged_directory(final: str | os.PathLike, *, what: str, overwrite: bool = F
     again implicitly by the swap. Parents of ``final`` are created as needed.
     """
     final = Path(final)
-    check_destination(final, what=what, overwrite=overwrite, foreign=foreign, overwrite_flag=overwrite_flag, error=error)
+    check_destination(final, what=what, overwrite=overwrite, foreign=foreign, overwrite_flag=overwrite_flag,
+                      error=error)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = staging_path(final)
@@ -146,5 +147,6 @@ def staged_directory(final: str | os.PathLike, *, what: str, overwrite: bool = F
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    check_destination(final, what=what, overwrite=overwrite, foreign=foreign, overwrite_flag=overwrite_flag, error=error)
+    check_destination(final, what=what, overwrite=overwrite, foreign=foreign, overwrite_flag=overwrite_flag,
+                      error=error)
     swap_in(tmp, final)

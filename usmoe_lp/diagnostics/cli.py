@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from usmoe_lp.cli_errors import fail
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.logs.errors import LogError
 
@@ -87,8 +88,7 @@ def analyze_command(
             result = analyze(rlog, config=cfg, layers=names, top_k=top_k or None, progress=progress)
         written = write_analyze_report(result, out, overwrite=overwrite, overwrite_flag="--overwrite")
     except (UsmoeLpError, LogError) as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     console.print(f"[bold]usmoe-lp analyze[/]: {escape(str(log))} in {time.perf_counter() - t0:.1f} s")
     for line in summary_lines(result):
         console.print(f"  {escape(line)}")
