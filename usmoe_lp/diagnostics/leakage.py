@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -621,21 +622,23 @@ def cross_sequence_dependence(scores, *, kbar: float | None = None, scope: str =
     s = torch.from_numpy(arr)
     pmt = None if pm is None else torch.from_numpy(pm)
     real = np.ones((B, T), dtype=bool) if pm is None else ~pm
-    if router == "usmoe":
-        kb = params["kbar"]
-        with_batch = global_topc(s, kbar=kb, scope=scope, padding_mask=pmt).mask.numpy()
-        if scope == "batch":
-            alone = global_topc(s, kbar=kb, scope="sequence", padding_mask=pmt).mask.numpy()
+    with warnings.catch_warnings():  # a group of padding only (a padded position, one padded token) routes nothing
+        warnings.filterwarnings("ignore", message="padding_mask marks every token as padding")
+        if router == "usmoe":
+            kb = params["kbar"]
+            with_batch = global_topc(s, kbar=kb, scope=scope, padding_mask=pmt).mask.numpy()
+            if scope == "batch":
+                alone = global_topc(s, kbar=kb, scope="sequence", padding_mask=pmt).mask.numpy()
+            else:
+                one = global_topc(s.reshape(B * T, 1, N), kbar=kb, scope="sequence",
+                                  padding_mask=None if pmt is None else pmt.reshape(B * T, 1))
+                alone = one.mask.numpy().reshape(B, T, N)
         else:
-            one = global_topc(s.reshape(B * T, 1, N), kbar=kb, scope="sequence",
-                              padding_mask=None if pmt is None else pmt.reshape(B * T, 1))
-            alone = one.mask.numpy().reshape(B, T, N)
-    else:
-        kk, cf = params["k"], params["capacity_factor"]
-        grouped = expert_choice(s.reshape(1, B * T, N), capacity_factor=cf, k=kk,
-                                padding_mask=None if pmt is None else pmt.reshape(1, B * T))
-        with_batch = grouped.mask.numpy().reshape(B, T, N)
-        alone = expert_choice(s, capacity_factor=cf, k=kk, padding_mask=pmt).mask.numpy()
+            kk, cf = params["k"], params["capacity_factor"]
+            grouped = expert_choice(s.reshape(1, B * T, N), capacity_factor=cf, k=kk,
+                                    padding_mask=None if pmt is None else pmt.reshape(1, B * T))
+            with_batch = grouped.mask.numpy().reshape(B, T, N)
+            alone = expert_choice(s, capacity_factor=cf, k=kk, padding_mask=pmt).mask.numpy()
     flips, tok, jac = _set_stats(with_batch, alone)
     ntok = int(real.sum())
     per_seq = []
