@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from usmoe_lp.errors import InvalidParameter, InvalidScores, UsmoeLpError
+from usmoe_lp.errors import AllPaddingWarning, InvalidParameter, InvalidScores, UsmoeLpError
 from usmoe_lp.lp import RoutingProblem, solve
 from usmoe_lp.routing import (
     capacity_token_choice,
@@ -94,10 +94,10 @@ def test_all_padding_is_explicit():
     """Not silent: a warning and params['all_padding'], and nothing routed."""
     routers = {**ROUTERS, "global_topc": lambda s, **kw: global_topc(s, kbar=1, **kw)}
     for route in routers.values():
-        with pytest.warns(UserWarning, match="every token as padding"):
+        with pytest.warns(AllPaddingWarning, match="every token as padding"):
             r = route(torch.rand(2, 3, 4), padding_mask=torch.ones(2, 3, dtype=torch.bool))
         assert r.params["all_padding"] is True and int(r.mask.sum()) == 0
-    with pytest.raises(InvalidParameter, match="exceeds"):  # a fixed budget has no room at all
+    with pytest.raises(InvalidParameter, match="exceeds"), pytest.warns(AllPaddingWarning):  # no room at all
         global_topc(torch.rand(1, 2, 3), budget=1, padding_mask=torch.ones(1, 2, dtype=torch.bool))
     # one sequence all padding in a batch is ordinary: it routes nothing, no flag
     pm = torch.tensor([[True, True, True], [False, False, True]])

@@ -37,3 +37,10 @@ class SolverError(UsmoeLpError, RuntimeError):
 
 class OutputExists(UsmoeLpError, FileExistsError):
     """An output path cannot take a new result: it is a file, not empty, or holds files of the user's."""
+
+
+class AllPaddingWarning(UserWarning):
+    """A router was given a padding mask that marks every token as padding, so it routed nothing.
+
+    Legitimate in a stream of batches (and in diagnostics that route padded groups one by one),
+    but never silent; filter it with ``warnings.simplefilter("ignore", AllPaddingWarning)``."""

@@ -69,6 +69,7 @@ sample size of a single partial).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -76,7 +77,7 @@ import torch
 
 from usmoe_lp._validate import check_int
 from usmoe_lp.diagnostics.load import BALANCE_KEYS, balance_metrics
-from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
+from usmoe_lp.errors import AllPaddingWarning, InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.lp import RoutingProblem, certify, certify_with_duals, solve
 from usmoe_lp.routing import (
     Routing,
@@ -307,6 +308,12 @@ def config_scores(logits: torch.Tensor, config: RouterConfig, score_function: st
 
 
 def _dispatch(config: RouterConfig, scores: torch.Tensor, pad) -> Routing:
+    with warnings.catch_warnings():  # a padding-only sequence of a batch routes nothing: expected here
+        warnings.simplefilter("ignore", AllPaddingWarning)
+        return _route(config, scores, pad)
+
+
+def _route(config: RouterConfig, scores: torch.Tensor, pad) -> Routing:
     if config.router == "tc":
         return token_choice(scores, config.k, padding_mask=pad)
     if config.router == "ec":

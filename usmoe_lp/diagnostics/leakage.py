@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from usmoe_lp._validate import check_int, round_half_up
-from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
+from usmoe_lp.errors import AllPaddingWarning, InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.routing.routers import _capacity, expert_choice, global_topc
 
 ROUTERS = ("tc", "ec", "usmoe")
@@ -623,7 +623,7 @@ def cross_sequence_dependence(scores, *, kbar: float | None = None, scope: str =
     pmt = None if pm is None else torch.from_numpy(pm)
     real = np.ones((B, T), dtype=bool) if pm is None else ~pm
     with warnings.catch_warnings():  # a group of padding only (a padded position, one padded token) routes nothing
-        warnings.filterwarnings("ignore", message="padding_mask marks every token as padding")
+        warnings.simplefilter("ignore", AllPaddingWarning)
         if router == "usmoe":
             kb = params["kbar"]
             with_batch = global_topc(s, kbar=kb, scope=scope, padding_mask=pmt).mask.numpy()

@@ -37,7 +37,7 @@ from usmoe_lp._validate import (
     check_real,
     round_half_up,
 )
-from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
+from usmoe_lp.errors import AllPaddingWarning, InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.routing.routing import Routing
 
 Scope = Literal["sequence", "batch", "position"]
@@ -70,7 +70,7 @@ def _prepare(scores, padding_mask):
             )
         if bool(pm.all()):  # legitimate in a stream of batches, but never silent
             warnings.warn("padding_mask marks every token as padding: nothing is routed "
-                          "(params['all_padding'] is True); " + PADDING_CONVENTION, stacklevel=3)
+                          "(params['all_padding'] is True); " + PADDING_CONVENTION, AllPaddingWarning, stacklevel=3)
         valid = ~pm
     return s3, valid, squeeze
 
