@@ -105,12 +105,13 @@ def swap_in(tmp: Path, final: Path) -> None:
                                       f"{secrets.token_hex(4)}")
             os.rename(final, retired)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so that a rename inside it survives a power cut (no-op where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

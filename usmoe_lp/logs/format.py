@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from usmoe_lp.logs.errors import CorruptLog, InvalidLogInput, UnsupportedVersion
+from usmoe_lp.staging import fsync_dir
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "usmoe-lp router log"
@@ -450,20 +451,6 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
 
 
 # ----------------------------------------------------------------------------- files
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory so that a rename inside it survives a power cut (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def fsync_file(path: str | os.PathLike) -> None:
     """fsync a file already written and closed."""
     fd = os.open(path, os.O_RDONLY)
