@@ -27,9 +27,10 @@ earlier run of the same kind wrote: the caller says which entries those are.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,3 +152,39 @@ def staged_directory(final: str | os.PathLike, *, what: str, overwrite: bool = F
     check_destination(final, what=what, overwrite=overwrite, foreign=foreign, overwrite_flag=overwrite_flag,
                       error=error)
     swap_in(tmp, final)
+
+
+def prefixed(prefix: str, owned: Sequence[str]) -> tuple[str, ...]:
+    """The owned patterns of a report nested under ``prefix/`` (the directory itself included)."""
+    return (re.escape(prefix) + "/", *(re.escape(prefix) + "/" + p for p in owned))
+
+
+def foreign_entries(root: str | os.PathLike, owned: Sequence[str]) -> list[str]:
+    """Entries under ``root`` (relative POSIX paths, recursively) that match none of ``owned``.
+
+    A directory matches as ``name/``; an unmatched directory is listed once, not its content.
+    Symbolic links are always foreign (a report never writes one).
+    """
+    pattern = re.compile("|".join(f"(?:{p})" for p in owned) or r"(?!)")
+    out: list[str] = []
+
+    def walk(directory: Path, prefix: str) -> None:
+        for p in sorted(directory.iterdir()):
+            rel = prefix + p.name
+            if p.is_symlink():
+                out.append(rel)
+            elif p.is_dir():
+                if pattern.fullmatch(rel + "/"):
+                    walk(p, rel + "/")
+                else:
+                    out.append(rel + "/")
+            elif not pattern.fullmatch(rel):
+                out.append(rel)
+
+    walk(Path(root), "")
+    return out
+
+
+def foreign_check(owned: Sequence[str]) -> Callable[[Path], list[str]]:
+    """The ``foreign`` callback of :func:`staged_directory` for these patterns."""
+    return lambda path: foreign_entries(path, owned)

@@ -450,6 +450,15 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
                     complete=top["complete"], format_version=top["format_version"])
 
 
+ROUTER_LOG_OWNED: tuple[str, ...] = (
+    *(re.escape(name) + f"(?:{re.escape(TMP_SUFFIX)})?" for name in (MANIFEST_NAME, ROUTER_WEIGHTS_NAME)),
+    re.escape(SHARDS_DIR) + "/",
+    SHARD_FILE_RE.pattern.removeprefix("^").removesuffix("$") + f"(?:{re.escape(TMP_SUFFIX)})?",
+)
+"""The entries of a router log directory: patterns over relative POSIX paths, directories with a trailing
+``/`` (:func:`usmoe_lp.staging.foreign_entries`); anything else in a log directory is not the writer's."""
+
+
 # ----------------------------------------------------------------------------- files
 def fsync_file(path: str | os.PathLike) -> None:
     """fsync a file already written and closed."""

@@ -32,9 +32,9 @@ from usmoe_lp.logs.format import (
     LOGITS,
     MANIFEST_NAME,
     METADATA_TENSORS,
+    ROUTER_LOG_OWNED,
     ROUTER_WEIGHTS_NAME,
     SELECTED,
-    SHARD_FILE_RE,
     SHARDS_DIR,
     TMP_SUFFIX,
     WEIGHTS,
@@ -54,10 +54,7 @@ from usmoe_lp.logs.format import (
     sha256_file,
     shard_file,
 )
-from usmoe_lp.staging import check_destination, staging_path, swap_in
-
-_LOG_ENTRIES = {MANIFEST_NAME, MANIFEST_NAME + TMP_SUFFIX, SHARDS_DIR, ROUTER_WEIGHTS_NAME,
-                ROUTER_WEIGHTS_NAME + TMP_SUFFIX}
+from usmoe_lp.staging import check_destination, foreign_entries, staging_path, swap_in
 
 
 class RouterLogWriter:
@@ -469,14 +466,7 @@ class RouterLogWriter:
 # ----------------------------------------------------------------------------- helpers
 def _foreign_entries(path: Path) -> list[str]:
     """Entries of ``path`` that no router-log writer makes (what an overwrite must never delete)."""
-    foreign = [p.name for p in path.iterdir() if p.name not in _LOG_ENTRIES]
-    shards = path / SHARDS_DIR
-    if shards.is_symlink() or (shards.exists() and not shards.is_dir()):
-        foreign.append(SHARDS_DIR)
-    elif shards.is_dir():
-        foreign += [f"{SHARDS_DIR}/{p.name}" for p in shards.iterdir()
-                    if p.is_symlink() or not SHARD_FILE_RE.match(f"{SHARDS_DIR}/{p.name.removesuffix(TMP_SUFFIX)}")]
-    return sorted(foreign)
+    return foreign_entries(path, ROUTER_LOG_OWNED)
 
 
 def _refuse_incomplete_log(path: Path, overwrite_flag: str) -> None:

@@ -3,7 +3,7 @@
 Every report directory (verify, analyze, the demo) is written through
 :func:`usmoe_lp.staging.staged_directory`: built aside, swapped in only on success. To replace an
 earlier report the caller must allow it (``overwrite``) and the directory must hold nothing but what
-that kind of report writes; :func:`foreign_entries` lists the rest against the report's *owned*
+that kind of report writes; :func:`usmoe_lp.staging.foreign_entries` lists the rest against the report's *owned*
 patterns (regular expressions over relative POSIX paths, directories with a trailing ``/``).
 
 >>> import tempfile, pathlib
@@ -17,71 +17,33 @@ patterns (regular expressions over relative POSIX paths, directories with a trai
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from usmoe_lp.errors import OutputExists
 from usmoe_lp.logs.format import (
     FORMAT_NAME,
     MANIFEST_NAME,
-    ROUTER_WEIGHTS_NAME,
+    ROUTER_LOG_OWNED,
     SHARD_FILE_RE,
     SHARDS_DIR,
     TMP_SUFFIX,
 )
+from usmoe_lp.staging import foreign_check, foreign_entries, prefixed
+
+# the owned-pattern helpers live in usmoe_lp.staging, what a router log holds in usmoe_lp.logs.format;
+# the reports read them from here
+__all__ = ["PNG_METADATA", "ROUTER_LOG_OWNED", "check_report_location", "foreign_check", "foreign_entries",
+           "is_router_log", "prefixed", "save_png"]
 
 PNG_METADATA = {"Software": None}
 """savefig metadata of every report PNG: no matplotlib version (nor date) in the file, so equal
 figures give equal bytes."""
 
-ROUTER_LOG_OWNED: tuple[str, ...] = (
-    *(re.escape(name) + f"(?:{re.escape(TMP_SUFFIX)})?" for name in (MANIFEST_NAME, ROUTER_WEIGHTS_NAME)),
-    re.escape(SHARDS_DIR) + "/",
-    SHARD_FILE_RE.pattern.removeprefix("^").removesuffix("$") + f"(?:{re.escape(TMP_SUFFIX)})?",
-)
-"""The entries a router log consists of (what the log writer may replace)."""
-
 
 def save_png(fig, target, *, dpi: int) -> None:
     """``fig.savefig`` as PNG with :data:`PNG_METADATA` (``target``: a path or a binary file object)."""
     fig.savefig(target, format="png", dpi=dpi, metadata=PNG_METADATA)
-
-
-def prefixed(prefix: str, owned: Sequence[str]) -> tuple[str, ...]:
-    """The owned patterns of a report nested under ``prefix/`` (the directory itself included)."""
-    return (re.escape(prefix) + "/", *(re.escape(prefix) + "/" + p for p in owned))
-
-
-def foreign_entries(root: str | os.PathLike, owned: Sequence[str]) -> list[str]:
-    """Entries under ``root`` (relative POSIX paths, recursively) that match none of ``owned``.
-
-    A directory matches as ``name/``; an unmatched directory is listed once, not its content.
-    Symbolic links are always foreign (a report never writes one).
-    """
-    pattern = re.compile("|".join(f"(?:{p})" for p in owned) or r"(?!)")
-    out: list[str] = []
-
-    def walk(directory: Path, prefix: str) -> None:
-        for p in sorted(directory.iterdir()):
-            rel = prefix + p.name
-            if p.is_symlink():
-                out.append(rel)
-            elif p.is_dir():
-                if pattern.fullmatch(rel + "/"):
-                    walk(p, rel + "/")
-                else:
-                    out.append(rel + "/")
-            elif not pattern.fullmatch(rel):
-                out.append(rel)
-
-    walk(Path(root), "")
-    return out
-
-
-def foreign_check(owned: Sequence[str]) -> Callable[[Path], list[str]]:
-    """The ``foreign`` callback of :func:`usmoe_lp.staging.staged_directory` for these patterns."""
-    return lambda path: foreign_entries(path, owned)
 
 
 def is_router_log(path: Path) -> bool:
