@@ -154,3 +154,15 @@ def test_score_functions_refuse_non_finite_logits(fn, bad):
 def test_every_new_error_is_a_usmoe_lp_error():
     with pytest.raises(UsmoeLpError):
         token_choice(torch.tensor([[1 + 1j]]), 1)
+
+
+def test_leakage_reads_scores_by_the_routers_dtype_rule():
+    """The leakage diagnostics take scores through the same rule as the routers: integers exact (2**24 + 1 is
+    not rounded to 2**24, which would tie it with expert 0), bool and complex refused."""
+    from usmoe_lp.diagnostics.leakage import prefix_consistency
+
+    ints = torch.tensor([[16777216, 16777217, 3], [5, 16777217, 16777216]])
+    assert prefix_consistency(ints, "ec", k=1) == prefix_consistency(ints.double(), "ec", k=1)
+    for bad in (torch.ones(2, 3, dtype=torch.bool), np.ones((2, 3), dtype=complex)):
+        with pytest.raises(InvalidScores):
+            prefix_consistency(bad, "tc", k=1)

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from usmoe_lp._validate import check_int, round_half_up
+from usmoe_lp._validate import as_score_tensor, check_int, round_half_up
 from usmoe_lp.errors import AllPaddingWarning, InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.routing.routers import _capacity, expert_choice, global_topc
 
@@ -76,24 +76,10 @@ __all__ = ["ROUTERS", "CrossSequenceStats", "LeakagePartial", "LeakageStats", "c
 
 # ============================================================================ input handling
 def _to_numpy(scores, name: str = "scores") -> np.ndarray:
-    """Scores as a float numpy array (float32, or float64 for float64 input); exact for bf16/f16."""
-    if isinstance(scores, torch.Tensor):
-        x = scores.detach().cpu()
-        x = x.double() if x.dtype == torch.float64 else x.float()
-        arr = x.numpy()
-    else:
-        try:
-            arr = np.asarray(scores)
-        except (TypeError, ValueError) as exc:
-            raise InvalidScores(f"{name} could not be converted to an array: {exc}") from None
-        if arr.dtype == np.float64:
-            pass
-        elif np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
-            # float32 holds integers exactly up to 2**24; wider integers go to float64.
-            small = np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool or arr.dtype.itemsize <= 2
-            arr = arr.astype(np.float32 if small else np.float64)
-        else:
-            raise InvalidScores(f"{name} must be a float array, got dtype {arr.dtype}")
+    """Scores as a float numpy array (float32, or float64 for float64 and integer input); exact for
+    bf16/f16, and for integers up to 2**53 (the routers' dtype rule, :func:`as_score_tensor`)."""
+    x = as_score_tensor(scores, name).detach().cpu()
+    arr = (x if x.dtype == torch.float64 else x.float()).numpy()
     if arr.ndim not in (2, 3):
         raise InvalidScores(f"{name} must be (T, N) or (B, T, N), got shape {tuple(arr.shape)}")
     if arr.size == 0:
