@@ -2,7 +2,7 @@
 
 from usmoe_lp.routing.routers import capacity_token_choice, expert_choice, global_topc, token_choice
 from usmoe_lp.routing.routing import Routing
-from usmoe_lp.routing.scores import sigmoid_score, softmax_score, unified_score
+from usmoe_lp.routing.scores import probabilities, sigmoid_score, softmax_score, unified_score
 
-__all__ = ["Routing", "capacity_token_choice", "expert_choice", "global_topc", "sigmoid_score",
+__all__ = ["Routing", "capacity_token_choice", "expert_choice", "global_topc", "probabilities", "sigmoid_score",
            "softmax_score", "token_choice", "unified_score"]

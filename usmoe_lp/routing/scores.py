@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from usmoe_lp._validate import as_score_tensor, check_finite_torch, check_real
-from usmoe_lp.errors import InvalidScores
+from usmoe_lp.errors import InvalidParameter, InvalidScores
 
 
 def _float(logits) -> torch.Tensor:
@@ -66,3 +66,29 @@ def unified_score(logits: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
     z = _float(logits)
     return alpha * sigmoid_score(z) + (1.0 - alpha) * softmax_score(z)
+
+
+PROBABILITY_FUNCTIONS = ("softmax", "sigmoid", "softmax_topk", "unknown")
+"""Score functions a model's router may use (``LayerInfo.score_function`` of a router log)."""
+
+
+def probabilities(logits: torch.Tensor, score_function: str = "softmax") -> torch.Tensor:
+    """The model's routing distribution P of each token: rows sum to 1. One definition for the package.
+
+    logits: (..., N) real -> (..., N), float64 for float64 input, else float32.
+    ``softmax``, ``softmax_topk`` and ``unknown``: softmax over all experts (for a softmax-after-top-k
+    model such as GPT-OSS the full softmax is the distribution analysed). ``sigmoid``
+    (DeepSeek-V3-style routers): sigmoid(z) / sum_e sigmoid(z), computed stably as
+    softmax(logsigmoid(z)) so that no logit under- or overflows.
+
+    >>> import torch
+    >>> probabilities(torch.zeros(1, 4), "sigmoid")
+    tensor([[0.2500, 0.2500, 0.2500, 0.2500]])
+    """
+    if score_function not in PROBABILITY_FUNCTIONS:
+        raise InvalidParameter(f"score_function must be one of {', '.join(PROBABILITY_FUNCTIONS)}, "
+                            f"got {score_function!r}")
+    z = _float(logits)
+    if score_function == "sigmoid":
+        z = torch.nn.functional.logsigmoid(z)
+    return torch.softmax(z, dim=-1)

@@ -1,0 +1,1 @@
+"""One module per registry router, each defining ``ROUTER`` (see :mod:`usmoe_lp.routers.spec`)."""
