@@ -66,7 +66,7 @@ import torch
 
 from usmoe_lp._validate import as_score_tensor, check_int, round_half_up
 from usmoe_lp.errors import AllPaddingWarning, InvalidParameter, InvalidScores, ShapeMismatch
-from usmoe_lp.routing.routers import _capacity, expert_choice, global_topc
+from usmoe_lp.routing.routers import expert_capacity, expert_choice, global_topc
 
 ROUTERS = ("tc", "ec", "usmoe")
 
@@ -275,7 +275,7 @@ def _ec_prefixes(s: np.ndarray, caps: list[int]) -> tuple[np.ndarray, np.ndarray
 
 
 def _ec_caps(T: int, k: int, cf: float, n: int) -> list[int]:
-    return [min(_capacity(cf, t, k, n), t) for t in range(1, T + 1)]
+    return [min(expert_capacity(cf, t, k, n), t) for t in range(1, T + 1)]
 
 
 def _sequence_decisions(s: np.ndarray, router: str, params: Mapping[str, Any]):

@@ -154,6 +154,7 @@ class Router:
         stateful: True if the routing of one call depends on the calls before it (bias balancing);
             ``route`` then returns the next state in ``Routing.params["state"]``.
         order: position in :func:`usmoe_lp.list_routers` (registry order, then name).
+        in_default_sweep: whether ``analyze`` runs it when no ``--routers`` are named.
     """
 
     name: str
@@ -172,6 +173,7 @@ class Router:
     decode_route: Callable[[torch.Tensor, Mapping[str, Any], RouterContext], torch.Tensor] | None = None
     stateful: bool = False
     order: float = 100.0
+    in_default_sweep: bool = True
 
     def __post_init__(self) -> None:
         if self.prefix not in PREFIX_RULES:

@@ -44,7 +44,7 @@ Scope = Literal["sequence", "batch", "position"]
 
 
 # ----------------------------------------------------------------------------- helpers
-def _prepare(scores, padding_mask):
+def prepare_scores(scores, padding_mask):
     """Validate and lift to (B, T, N); returns (scores3, valid (B, T) bool or None, squeeze).
 
     Scores: any real floating tensor is used as it is; integers become float64 exactly
@@ -75,7 +75,7 @@ def _prepare(scores, padding_mask):
     return s3, valid, squeeze
 
 
-def _select(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def select_top(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """(G, L) bool: the ``counts[g]`` largest entries of each row, ties lowest index first.
 
     values: (G, L) float (-inf marks excluded entries); counts: (G,) long within [0, #finite].
@@ -114,7 +114,7 @@ def _select(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _finish(s3, mask3, router, params, valid, squeeze) -> Routing:
+def finish_routing(s3, mask3, router, params, valid, squeeze) -> Routing:
     if valid is not None and not bool(valid.any()):
         params = {**params, "all_padding": True}
     weights = torch.where(mask3, s3, torch.zeros((), dtype=s3.dtype, device=s3.device))
@@ -142,7 +142,7 @@ def _check_capacity_factor(capacity_factor) -> float:
     return check_real(capacity_factor, "capacity_factor", low=0.0, low_open=True)
 
 
-def _capacity(capacity_factor: float, tokens: int, k: int, n: int) -> int:
+def expert_capacity(capacity_factor: float, tokens: int, k: int, n: int) -> int:
     """ceil(cf * T * k / N), float error in the decimal cf absorbed (1.1 * 10 = 11.000000000000002)."""
     return ceil_decimal(float(capacity_factor) * tokens * k / n)
 
@@ -159,14 +159,14 @@ def token_choice(scores, k: int, padding_mask=None) -> Routing:
     >>> r.mask.int().tolist()   # the tie in row 1 goes to the lower index
     [[0, 1, 0], [1, 0, 0]]
     """
-    s3, valid, squeeze = _prepare(scores, padding_mask)
+    s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
     k = _check_k(k, N)
     counts = torch.full((B * T,), k, dtype=torch.long, device=s3.device)
     if valid is not None:
         counts = counts * valid.reshape(-1)
-    mask = _select(s3.reshape(B * T, N), counts).reshape(B, T, N)
-    return _finish(s3, mask, "token_choice", {"k": k}, valid, squeeze)
+    mask = select_top(s3.reshape(B * T, N), counts).reshape(B, T, N)
+    return finish_routing(s3, mask, "token_choice", {"k": k}, valid, squeeze)
 
 
 def expert_choice(scores, capacity: int | None = None, capacity_factor: float = 1.0, k: int = 1,
@@ -178,13 +178,13 @@ def expert_choice(scores, capacity: int | None = None, capacity_factor: float = 
     reports N * e - T * k: EC matches a TC budget exactly only when T * k / N is an integer
     (papers/routing-as-lp.md §4.4). Capacity is clipped to the sequence's real tokens.
     """
-    s3, valid, squeeze = _prepare(scores, padding_mask)
+    s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
     k = _check_k(k, N)
     tokens = valid.sum(-1) if valid is not None else torch.full((B,), T, device=s3.device)
     if capacity is None:
         capacity_factor = _check_capacity_factor(capacity_factor)
-        caps = [_capacity(capacity_factor, int(t), k, N) for t in tokens.tolist()]
+        caps = [expert_capacity(capacity_factor, int(t), k, N) for t in tokens.tolist()]
     else:
         e = check_int(capacity, "capacity", low=1)
         if e > T:
@@ -192,14 +192,14 @@ def expert_choice(scores, capacity: int | None = None, capacity_factor: float = 
         caps = [e] * B
     caps_t = torch.minimum(torch.tensor(caps, device=s3.device), tokens.long())
     values = _mask_out(s3, valid).transpose(1, 2).reshape(B * N, T)
-    mask = _select(values, caps_t.repeat_interleave(N)).reshape(B, N, T).transpose(1, 2)
+    mask = select_top(values, caps_t.repeat_interleave(N)).reshape(B, N, T).transpose(1, 2)
     budget = [int(c) * N for c in caps_t.tolist()]
     mismatch = [b - int(t) * k for b, t in zip(budget, tokens.tolist(), strict=True)]
     params = {"capacity": caps_t.tolist() if not squeeze else int(caps_t[0]),
               "capacity_factor": capacity_factor if capacity is None else None, "k": k,
               "budget": budget if not squeeze else budget[0],
               "budget_mismatch": mismatch if not squeeze else mismatch[0]}
-    return _finish(s3, mask.contiguous(), "expert_choice", params, valid, squeeze)
+    return finish_routing(s3, mask.contiguous(), "expert_choice", params, valid, squeeze)
 
 
 def global_topc(scores, budget: int | None = None, kbar: float | None = None,
@@ -223,7 +223,7 @@ def global_topc(scores, budget: int | None = None, kbar: float | None = None,
     >>> r.mask.int().tolist(), r.dropped_tokens
     ([[1, 1], [0, 0]], 1)
     """
-    s3, valid, squeeze = _prepare(scores, padding_mask)
+    s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
     if (budget is None) == (kbar is None):
         raise InvalidParameter("give exactly one of budget= (pairs per group) or kbar= (experts per token)")
@@ -250,7 +250,7 @@ def global_topc(scores, budget: int | None = None, kbar: float | None = None,
             if cg > t * N:
                 raise InvalidParameter(f"budget {cg} exceeds the group's T*N = {t * N} token-expert pairs")
     counts = torch.tensor(cs, dtype=torch.long, device=s3.device)
-    sel = _select(flat, counts)
+    sel = select_top(flat, counts)
     if scope == "sequence":
         mask = sel.reshape(B, T, N)
     elif scope == "batch":
@@ -261,7 +261,7 @@ def global_topc(scores, budget: int | None = None, kbar: float | None = None,
               "budget": cs if len(cs) > 1 else cs[0],
               "rounding": None if kbar is None else "c = round_half_up(kbar * tokens in group)",
               "include_padding": include_padding}
-    return _finish(s3, mask, "global_topc", params, valid, squeeze)
+    return finish_routing(s3, mask, "global_topc", params, valid, squeeze)
 
 
 def capacity_token_choice(scores, k: int, capacity_factor: float = 1.0,
@@ -275,7 +275,7 @@ def capacity_token_choice(scores, k: int, capacity_factor: float = 1.0,
     order (``policy="position"``) or by descending top-1 score (``"priority"``: batch-prioritised
     routing, Riquelme et al. 2021). An assignment beyond an expert's capacity is dropped.
     """
-    s3, valid, squeeze = _prepare(scores, padding_mask)
+    s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
     k = _check_k(k, N)
     if policy not in ("position", "priority"):
@@ -283,7 +283,7 @@ def capacity_token_choice(scores, k: int, capacity_factor: float = 1.0,
     tokens = valid.sum(-1) if valid is not None else torch.full((B,), T, device=s3.device)
     if capacity is None:
         capacity_factor = _check_capacity_factor(capacity_factor)
-        caps = [_capacity(capacity_factor, int(t), k, N) for t in tokens.tolist()]
+        caps = [expert_capacity(capacity_factor, int(t), k, N) for t in tokens.tolist()]
     else:
         caps = [check_int(capacity, "capacity", low=0)] * B
     # choices[b, t, r]: the r-th best expert of token t, ties to the lower index.
@@ -309,4 +309,4 @@ def capacity_token_choice(scores, k: int, capacity_factor: float = 1.0,
     dropped_assign = int((live & ~keep).sum())
     params = {"k": k, "capacity": caps if not squeeze else caps[0], "capacity_factor": capacity_factor,
               "policy": policy, "dropped_assignments": dropped_assign}
-    return _finish(s3, mask, "capacity_token_choice", params, valid, squeeze)
+    return finish_routing(s3, mask, "capacity_token_choice", params, valid, squeeze)

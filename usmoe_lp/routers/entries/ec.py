@@ -3,7 +3,7 @@
 from usmoe_lp.lp import RoutingProblem
 from usmoe_lp.routers.entries._common import model_probabilities, per_group
 from usmoe_lp.routers.spec import Param, Router
-from usmoe_lp.routing.routers import _capacity, expert_choice
+from usmoe_lp.routing.routers import expert_capacity, expert_choice
 
 ROUTER = Router(
     name="ec",
@@ -18,7 +18,7 @@ ROUTER = Router(
     exact=True,
     problem=lambda S, p, rp, key, ctx: RoutingProblem.expert_choice(S, per_group(rp["capacity"], key)),
     prefix="expert_capacity",
-    prefix_budget=lambda t, n, p, k: min(_capacity(p["capacity_factor"], t, k, n), t),
+    prefix_budget=lambda t, n, p, k: min(expert_capacity(p["capacity_factor"], t, k, n), t),
     decode=("a decode step is a sequence of one token: e = min(ceil(cf * k / N), 1) = 1, so every expert "
             "takes the token (Expert Choice is not causal; see the leakage analysis)"),
     order=20,
