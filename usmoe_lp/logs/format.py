@@ -52,6 +52,15 @@ WEIGHTS = "weights."
 HIDDEN = "hidden."
 METADATA_TENSORS = ("token_ids", "sequence_ids", "positions")
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "softmax_topk", "unknown")
+SELECTION_SCORES = ("softmax", "sigmoid", "logits")
+"""What a model's top-k ranks (``LayerInfo.selection_score``): the softmax or the sigmoid of the logits, or the
+raw logits."""
+WEIGHT_FUNCTIONS = ("softmax", "sigmoid", "softmax_topk", "sparsemixer")
+"""How a model computes the combine weight of a selected expert (``LayerInfo.weight_function``)."""
+GROUP_SCORES = ("top2_sum", "max")
+"""How a group of experts is scored for group-limited routing (``LayerInfo.group_score``)."""
+SCORE_DTYPES = ("float64", "float32", "bfloat16", "float16")
+"""Floating dtypes a model may rank its selection scores in (``LayerInfo.score_dtype``)."""
 
 SHARD_FILE_RE = re.compile(r"^shards/(\d{5,})\.safetensors$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -97,14 +106,55 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One MoE layer of the log.
+    """One MoE layer of the log, and the routing semantics of the model's router there.
 
     ``name`` keys the layer in the log (tensor ``logits.<name>``, shape (tokens, num_experts));
     ``module_path`` is the module in the model (``"model.layers.3.mlp.gate"``); ``top_k`` the
-    experts per token the model uses (None if unknown); ``score_function`` one of
-    :data:`SCORE_FUNCTIONS`; ``selection_bias`` an optional per-expert bias (length N) the model
-    adds to the scores for selection only (DeepSeek-V3 style). A list given for
-    ``selection_bias`` is stored as a tuple, so the record stays immutable.
+    experts per token the model uses (None if unknown).
+
+    How the model selects its ``top_k`` experts from a token's logits z (N values), step by step
+    (read by the registry's ``native`` router, :mod:`usmoe_lp.routers.entries.native`; ``capture``
+    records every field from the model's config and modules):
+
+    * ``score_function``: the model's routing distribution, one of :data:`SCORE_FUNCTIONS`:
+      ``softmax``, ``sigmoid`` (DeepSeek-V3 style), ``softmax_topk`` (top-k of the logits, then a
+      softmax over the k: GPT-OSS, Granite) or ``unknown``.
+    * ``selection_score``: what the top-k ranks, one of :data:`SELECTION_SCORES`: ``softmax`` or
+      ``sigmoid`` of z, or the raw ``logits`` (GPT-OSS, Granite, Llama-4, PhiMoE). None: unknown,
+      then it follows ``score_function`` (``softmax_topk`` ranks the logits): :attr:`selection`.
+    * ``score_dtype``: the floating dtype the model ranks those scores in, one of
+      :data:`SCORE_DTYPES` (``float32`` where the router computes in float32 whatever the model's
+      dtype, as most do; the model's dtype where it does not, as DBRX and LFM2-MoE). None: unknown
+      (the scores are then ranked in float64, exactly).
+    * ``selection_bias``: a per-expert bias (length N) added to the scores for selection only
+      (DeepSeek-V3's ``e_score_correction_bias``; ERNIE-4.5, LFM2-MoE, LongCat, MiniMax-M2, HY-V3).
+      A list is stored as a tuple, so the record stays immutable.
+    * group-limited routing (DeepSeek-V2/V3, GLM-4-MoE, dots1, EXAONE-MoE): the N experts form
+      ``n_group`` groups of N / n_group consecutive experts; each group is scored by
+      ``group_score`` (:data:`GROUP_SCORES`: ``top2_sum``, the sum of its two best biased scores,
+      DeepSeek-V3 and its followers; ``max``, its best score, DeepSeek-V2's
+      ``group_limited_greedy``), the ``topk_group`` best groups are kept and the top-k is taken
+      over their experts only. ``topk_group`` None or equal to ``n_group``: no group limit.
+    * ``expert_capacity``: Switch Transformers' fixed capacity (tokens per expert in one row of a
+      forward's batch); a token whose expert already took ``expert_capacity`` earlier tokens of the
+      row (position order) is dropped: it gets no expert. None: no capacity.
+
+    What the model then applies (the combine weights; not needed to reproduce the selection):
+
+    * ``weight_function`` (:data:`WEIGHT_FUNCTIONS`): the weight of a selected expert is its
+      ``softmax`` probability or its ``sigmoid``, without the bias; ``softmax_topk``: a softmax over
+      the selected logits; ``sparsemixer``: PhiMoE's (with ``sparsemixer_eps``, its jitter
+      threshold). None: unknown, then it follows ``score_function``: :attr:`weights`.
+    * ``norm_topk_prob``: whether the selected weights are divided by their ``norm_topk_p``-norm
+      (1: their sum; DBRX's ``moe_normalize_expert_weights``); None: unknown.
+    * ``routed_scaling_factor``: the factor the weights are multiplied by last.
+    * ``num_shared_experts``: experts every token gets besides the routed ones; they have no column
+      in the router logits.
+
+    A manifest written before these fields reads with the defaults: selection from
+    ``score_function``, no group limit, no capacity, no shared experts, weights scaled by 1.
+    Jitter noise (training only) and a bias inside the router's Linear (already in the logits) need
+    no field.
     """
 
     name: str
@@ -114,29 +164,92 @@ class LayerInfo:
     module_path: str = ""
     score_function: str = "unknown"
     selection_bias: tuple[float, ...] | None = None
+    selection_score: str | None = None
+    score_dtype: str | None = None
+    n_group: int = 1
+    topk_group: int | None = None
+    group_score: str | None = None
+    expert_capacity: int | None = None
+    weight_function: str | None = None
+    sparsemixer_eps: float | None = None
+    norm_topk_prob: bool | None = None
+    norm_topk_p: float = 1.0
+    routed_scaling_factor: float = 1.0
+    num_shared_experts: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip() or "/" in self.name:
             raise InvalidLogInput(f"layer name must be a non-empty string without '/' or surrounding spaces, "
                                   f"got {self.name!r}")
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise InvalidLogInput(f"layer {self.name!r}: num_experts must be an integer >= 1, got {self.num_experts!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or not 1 <= self.top_k <= self.num_experts):
-            raise InvalidLogInput(f"layer {self.name!r}: top_k must be None or an integer in 1..{self.num_experts}, "
-                                  f"got {self.top_k!r}")
+        where = f"layer {self.name!r}"
+        if not _is_int(self.num_experts) or self.num_experts < 1:
+            raise InvalidLogInput(f"{where}: num_experts must be an integer >= 1, got {self.num_experts!r}")
+        n = self.num_experts
+        if self.top_k is not None and (not _is_int(self.top_k) or not 1 <= self.top_k <= n):
+            raise InvalidLogInput(f"{where}: top_k must be None or an integer in 1..{n}, got {self.top_k!r}")
         if not isinstance(self.module_path, str):
-            raise InvalidLogInput(f"layer {self.name!r}: module_path must be a string, got {self.module_path!r}")
-        if self.score_function not in SCORE_FUNCTIONS:
-            raise InvalidLogInput(f"layer {self.name!r}: score_function must be one of {SCORE_FUNCTIONS}, "
-                                  f"got {self.score_function!r}")
+            raise InvalidLogInput(f"{where}: module_path must be a string, got {self.module_path!r}")
+        for key, allowed, optional in (("score_function", SCORE_FUNCTIONS, False),
+                                       ("selection_score", SELECTION_SCORES, True),
+                                       ("score_dtype", SCORE_DTYPES, True), ("group_score", GROUP_SCORES, True),
+                                       ("weight_function", WEIGHT_FUNCTIONS, True)):
+            value = getattr(self, key)
+            if not ((optional and value is None) or (isinstance(value, str) and value in allowed)):
+                raise InvalidLogInput(f"{where}: {key} must be {'None or ' if optional else ''}one of {allowed}, "
+                                      f"got {value!r}")
         if self.selection_bias is not None:
             bias = _finite_numbers(self.selection_bias)
-            if bias is None or len(bias) != self.num_experts:
+            if bias is None or len(bias) != n:
                 got = f"{len(bias)} numbers" if bias is not None else _shown(self.selection_bias)
-                raise InvalidLogInput(f"layer {self.name!r}: selection_bias must be {self.num_experts} finite "
-                                      f"numbers (one per expert), got {got}")
+                raise InvalidLogInput(f"{where}: selection_bias must be {n} finite numbers (one per expert), got {got}")
             object.__setattr__(self, "selection_bias", bias)
+        if not _is_int(self.n_group) or self.n_group < 1 or n % self.n_group:
+            raise InvalidLogInput(f"{where}: n_group must be an integer >= 1 dividing num_experts = {n}, "
+                                  f"got {self.n_group!r}")
+        if self.topk_group is not None and (not _is_int(self.topk_group) or not 1 <= self.topk_group <= self.n_group):
+            raise InvalidLogInput(f"{where}: topk_group must be None or an integer in 1..n_group = {self.n_group}, "
+                                  f"got {self.topk_group!r}")
+        if self.group_score == "top2_sum" and self.n_group > 1 and n // self.n_group < 2:
+            raise InvalidLogInput(f"{where}: group_score 'top2_sum' needs at least 2 experts per group; "
+                                  f"{n} experts in {self.n_group} groups have {n // self.n_group}")
+        for key in ("expert_capacity", "num_shared_experts"):
+            value = getattr(self, key)
+            if not ((value is None and key == "expert_capacity") or (_is_int(value) and value >= 0)):
+                raise InvalidLogInput(f"{where}: {key} must be {'None or ' if key == 'expert_capacity' else ''}an "
+                                      f"integer >= 0, got {value!r}")
+        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
+            raise InvalidLogInput(f"{where}: norm_topk_prob must be None, True or False, got {self.norm_topk_prob!r}")
+        for key, low, optional in (("sparsemixer_eps", 0.0, True), ("norm_topk_p", None, False),
+                                   ("routed_scaling_factor", None, False)):
+            value = getattr(self, key)
+            if optional and value is None:
+                continue
+            if not _is_number(value) or (low is not None and value < low) or (key == "norm_topk_p" and value <= 0):
+                bound = " >= 0" if low is not None else " > 0" if key == "norm_topk_p" else ""
+                raise InvalidLogInput(f"{where}: {key} must be {'None or ' if optional else ''}a finite number{bound}, "
+                                      f"got {value!r}")
+            object.__setattr__(self, key, float(value))
+
+    @property
+    def group_limited(self) -> bool:
+        """Whether the top-k is limited to the ``topk_group`` best of ``n_group`` groups of experts."""
+        return self.n_group > 1 and self.topk_group is not None and self.topk_group < self.n_group
+
+    @property
+    def selection(self) -> str | None:
+        """What the top-k ranks (:data:`SELECTION_SCORES`): ``selection_score``, or where unrecorded the one
+        ``score_function`` implies (``softmax_topk``: the logits); None when neither is known."""
+        if self.selection_score is not None:
+            return self.selection_score
+        return {"softmax": "softmax", "sigmoid": "sigmoid", "softmax_topk": "logits"}.get(self.score_function)
+
+    @property
+    def weights(self) -> str | None:
+        """How the combine weights are computed (:data:`WEIGHT_FUNCTIONS`): ``weight_function``, or where
+        unrecorded the one ``score_function`` implies; None when neither is known."""
+        if self.weight_function is not None:
+            return self.weight_function
+        return {"softmax": "softmax", "sigmoid": "sigmoid", "softmax_topk": "softmax_topk"}.get(self.score_function)
 
 
 def _finite_numbers(values: Any) -> tuple[float, ...] | None:
@@ -306,7 +419,15 @@ TIMESTAMP = Kind("an ISO 8601 date and time", lambda v: isinstance(v, str) and _
 STRING_MAP = Kind("an object of strings", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))
 SHARD_PATH = Kind("a path of the form shards/NNNNN.safetensors",
                   lambda v: isinstance(v, str) and bool(SHARD_FILE_RE.match(v)))
-SCORE_FUNCTION = Kind(f"one of {', '.join(SCORE_FUNCTIONS)}", lambda v: v in SCORE_FUNCTIONS)
+NUMBER = Kind("a finite number", _is_number)
+
+
+def one_of(values: tuple[str, ...]) -> Kind:
+    """The :class:`Kind` of a string that must be one of ``values``."""
+    return Kind(f"one of {', '.join(values)}", lambda v, values=values: isinstance(v, str) and v in values)
+
+
+SCORE_FUNCTION = one_of(SCORE_FUNCTIONS)
 
 
 @dataclass(frozen=True)
@@ -346,7 +467,21 @@ LAYER_FIELDS = (
     Field("module_path", STRING, required=False, default=""),
     Field("score_function", SCORE_FUNCTION, required=False, default="unknown"),
     Field("selection_bias", NUMBERS.optional(), required=False),
+    Field("selection_score", one_of(SELECTION_SCORES).optional(), required=False),
+    Field("score_dtype", one_of(SCORE_DTYPES).optional(), required=False),
+    Field("n_group", POSITIVE, required=False, default=1),
+    Field("topk_group", POSITIVE.optional(), required=False),
+    Field("group_score", one_of(GROUP_SCORES).optional(), required=False),
+    Field("expert_capacity", COUNT.optional(), required=False),
+    Field("weight_function", one_of(WEIGHT_FUNCTIONS).optional(), required=False),
+    Field("sparsemixer_eps", NUMBER.optional(), required=False),
+    Field("norm_topk_prob", BOOLEAN.optional(), required=False),
+    Field("norm_topk_p", NUMBER, required=False, default=1.0),
+    Field("routed_scaling_factor", NUMBER, required=False, default=1.0),
+    Field("num_shared_experts", COUNT, required=False, default=0),
 )
+"""The fields of one ``layers[i]`` object: :class:`LayerInfo`'s, each optional but ``name`` and ``num_experts``
+(a manifest written before the routing-semantics fields reads with their defaults)."""
 TENSOR_FIELDS = (Field("dtype", DTYPE), Field("row_shape", ROW_SHAPE))
 SHARD_FIELDS = (Field("file", SHARD_PATH), Field("token_start", COUNT), Field("token_stop", COUNT),
                 Field("sha256", SHA256), Field("bytes", POSITIVE))
