@@ -10,7 +10,9 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.logs import LayerInfo, RouterLog, RouterLogWriter
+from usmoe_lp.logs.errors import CorruptLog
 from usmoe_lp.logs.cli import import_command, log_app
 from usmoe_lp.logs.format import MANIFEST_NAME, shard_file
 
@@ -79,6 +81,35 @@ def test_info_reports_unlisted_files_as_warnings(log_path):
     result = runner.invoke(app, ["log", "info", str(log_path)])
     assert result.exit_code == 0
     assert "warning:" in result.output and "00005.safetensors.tmp" in result.output
+
+
+def test_validation_report_ok_is_false_when_collected_problems(log_path):
+    """``ValidationReport.ok``: True for a sound log (warnings are not problems), False when
+    ``validate(collect=True)`` found damaged shards, each named once; the default still raises."""
+    (log_path / (shard_file(5) + ".tmp")).write_bytes(b"half")
+    sound = RouterLog.open(log_path, verify="none").validate(collect=True)
+    assert sound.ok and sound.problems == () and sound.warnings  # the stray .tmp is a warning only
+    for i, damage in ((1, "flip"), (3, "truncate")):
+        shard = log_path / shard_file(i)
+        data = bytearray(shard.read_bytes())
+        if damage == "flip":
+            data[-3] ^= 0x10
+        else:
+            data = data[: len(data) // 2]
+        shard.write_bytes(bytes(data))
+    log = RouterLog.open(log_path, verify="none")
+    with pytest.raises(CorruptLog, match="00001.safetensors"):
+        log.validate()
+    report = log.validate(collect=True)
+    assert not report.ok
+    assert len(report.problems) == 2
+    assert "00001.safetensors" in report.problems[0] and "checksum mismatch" in report.problems[0]
+    assert "00003.safetensors" in report.problems[1]
+    assert report.shards_checked == 5
+    quick = log.validate(checksums=False, collect=True)   # sizes only: the flipped byte goes unseen
+    assert not quick.ok and len(quick.problems) == 1 and "00003.safetensors" in quick.problems[0]
+    with pytest.raises(InvalidParameter, match="collect"):
+        log.validate(collect="yes")
 
 
 def test_import_command(tmp_path):

@@ -281,3 +281,41 @@ def test_defaults_agree_between_api_cli_and_shipped_model():
         assert cli[renamed.get(key, key)].default == DEFAULTS[key], key
     shipped = json.loads((TINY_MODEL_DIR / "training.json").read_text(encoding="utf-8"))["hyperparameters"]
     assert {k: shipped[k] for k in DEFAULTS} == DEFAULTS
+
+
+def test_tiny_modules_import_no_cycle():
+    """The modules of usmoe_lp.tiny import each other without a cycle, counting every import statement
+    (lazy imports inside functions and ``if TYPE_CHECKING:`` imports included), read from the source."""
+    import ast
+    from pathlib import Path
+
+    import usmoe_lp.tiny
+
+    root = Path(usmoe_lp.tiny.__file__).parent
+    modules = {p.stem: p for p in root.glob("*.py") if p.stem != "__init__"}
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for full in names:
+                parts = full.split(".")
+                if parts[:2] == ["usmoe_lp", "tiny"] and len(parts) > 2 and parts[2] in modules:
+                    targets.add(parts[2])
+        edges[name] = targets - {name}
+    assert edges["train"] >= {"card", "result"} and "result" in edges["card"]  # the walk sees real imports
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges[node]:
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in path:
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    cycles = [c for c in map(cycle_from, sorted(edges)) if c]
+    assert not cycles, f"import cycles in usmoe_lp.tiny: {cycles}"

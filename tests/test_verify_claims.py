@@ -1,4 +1,4 @@
-"""Score families and the claim registry of ``usmoe_lp.verify``, checked against brute force.
+"""Matrix families and the claim registry of ``usmoe_lp.verify``, checked against brute force.
 
 Every optimum used as a reference here is computed independently: by enumerating all 0/1 masks
 of tiny matrices (at most 12 entries, 4096 masks), or by hand.
@@ -13,7 +13,7 @@ import pytest
 
 from usmoe_lp import UsmoeLpError
 from usmoe_lp.verify import CLAIMS, FAMILIES, Context, Instance, get_claims, get_families
-from usmoe_lp.verify.claims import greedy_capped
+from usmoe_lp.verify.claims import capped_bounds, ec_capacity, greedy_capped
 
 FAST = Context(backends=("closed_form", "highs"))
 WITH_ILP = Context(backends=("closed_form", "highs", "milp"))
@@ -402,3 +402,16 @@ def test_failed_backend_fails_the_check(monkeypatch):
     chk = CLAIMS["greedy_tc_eq_lp"].check(Instance(S, 1, FAST))
     assert not chk.passed
     assert "failed to solve" in chk.note
+
+
+@pytest.mark.parametrize("T,N,k", [(T, N, k) for T in (1, 2, 3, 7, 8, 13, 64) for N in (1, 2, 3, 4, 8, 16)
+                                   for k in (1, 2, 3) if k <= N])
+def test_capacities_are_the_smallest_integers_that_fit(T, N, k):
+    """EC's e (capacity factor 1) and the capped program's per-expert cap (factor 5/4), by integer search:
+    the smallest e with N e >= T k (resp. 4 N e >= 5 T k), clipped to T."""
+    e = next(e for e in range(T * k + 1) if N * e >= T * k)
+    assert ec_capacity(T, N, k) == min(T, e)
+    cap = next(e for e in range(2 * T * k + 1) if 4 * N * e >= 5 * T * k)
+    assert capped_bounds(T, N, k) == (T * k, min(N, k + 1), min(T, cap))
+    inst = Instance(np.zeros((T, N)), k, FAST)
+    assert inst.e == ec_capacity(T, N, k)

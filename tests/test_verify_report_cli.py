@@ -227,7 +227,7 @@ def test_cli_strict_exit_codes(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--families", "gaussian,nope"], "unknown score families"),
+    (["--families", "gaussian,nope"], "unknown matrix families"),
     (["--claims", "topc_optimal_le,nope"], "unknown claims"),
     (["--backends", "highs"], "two independent backends"),
     (["--backends", "highs,gurobi"], "unknown backends"),

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from usmoe_lp.errors import InvalidParameter
-from usmoe_lp.logs.errors import CorruptLog, LogNotFound, MissingLayer, NonFiniteLog
+from usmoe_lp.logs.errors import CorruptLog, LogError, LogNotFound, MissingLayer, NonFiniteLog
 from usmoe_lp.logs.format import (
     HIDDEN,
     LOGITS,
@@ -164,9 +164,22 @@ class Chunk:
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """What :meth:`RouterLog.validate` checked: shards (existence, size, sha256, tensor names,
-    shapes, dtypes), tokens covered, and warnings that are not errors (files on disk the
-    manifest does not list, a log whose writer did not close). Errors raise instead."""
+    """What :meth:`RouterLog.validate` checked and found.
+
+    Attributes:
+        path: the log directory. shards_checked: shards of the manifest checked (count).
+        num_tokens: tokens in the log's completed shards. checksums: whether sha256 and finiteness
+            were checked (``validate(checksums=True)``). router_weights_checked: whether the log has
+            router weights and they were checked.
+        warnings: what is not an error: files on disk the manifest does not list (a shard in flight
+            at a crash, ``*.tmp``), a log whose writer did not close (its completed shards are valid).
+        problems: the errors found, one message each (naming the file), when validation was asked to
+            collect them (``validate(collect=True)``) instead of raising on the first.
+
+    ``ok`` is True when no problem was found. By default :meth:`RouterLog.validate` raises on the
+    first problem, so a report it returns has ``ok`` True; ``validate(collect=True)`` checks every
+    shard and returns a report whose ``ok`` is False when any was damaged.
+    """
 
     path: Path
     shards_checked: int
@@ -174,10 +187,12 @@ class ValidationReport:
     checksums: bool
     router_weights_checked: bool
     warnings: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return True
+        """True when validation found no problem (warnings are not problems)."""
+        return not self.problems
 
 
 class RouterLog:
@@ -404,7 +419,7 @@ class RouterLog:
         return out
 
     # ------------------------------------------------------------------ validation
-    def validate(self, checksums: bool = True) -> ValidationReport:
+    def validate(self, checksums: bool = True, *, collect: bool = False) -> ValidationReport:
         """Check every shard listed in the manifest (a regular file, not a link; size, sha256, tensor
         names, shapes, dtypes; token metadata: positions and sequence ids >= 0, each sequence's
         positions increasing through the log, no shard a copy of another; finite logits) and the router
@@ -412,24 +427,42 @@ class RouterLog:
         layer and token) / :class:`MissingLayer` naming the file on the first problem. Files on disk
         that the manifest does not list (a shard in flight at a crash, ``*.tmp``) are ignored and
         reported as warnings. ``checksums=False`` skips the sha256 and the finiteness check (which
-        read every byte of the log)."""
+        read every byte of the log).
+
+        ``collect=True``: do not raise; check every shard and the router weights, and return every
+        problem found in :attr:`ValidationReport.problems` (one message per damaged file; ``ok`` is
+        then False). A shard after a damaged one is checked on its own (the token order across the
+        damaged shard is not checked).
+        """
+        if not isinstance(collect, bool):
+            raise InvalidParameter(f"collect must be True or False, got {collect!r}")
         warnings: list[str] = []
+        problems: list[str] = []
+
+        def attempt(check, *args, **kwargs):
+            if not collect:
+                return check(*args, **kwargs)
+            try:
+                return check(*args, **kwargs)
+            except LogError as exc:
+                problems.append(str(exc))
+                return None
+
         self._order, self._order_upto, self._fingerprints = TokenOrder(), 0, {}
         for i in range(len(self._manifest.shards)):
-            warnings += self._verify_shard(i, checksum=checksums, finite=checksums)
+            warnings += attempt(self._verify_shard, i, checksum=checksums, finite=checksums) or []
         rw = self._manifest.router_weights
         if rw is not None:
-            if checksums:
-                self._check_file(rw.file, rw.bytes, rw.sha256)
-            else:
-                self._check_size(rw.file, rw.bytes)
-            self._load_router_weights()
+            attempt(self._check_router_weights, rw, checksums)
         listed = {s.file for s in self._manifest.shards}
         shards_dir = self._path / SHARDS_DIR
-        if os.path.lexists(shards_dir):
-            mode = os.lstat(shards_dir).st_mode
-            if not stat.S_ISDIR(mode):     # a link is not listed: its names are not the log's
-                raise _refuse(shards_dir, mode, "directory")
+        mode = os.lstat(shards_dir).st_mode if os.path.lexists(shards_dir) else None
+        if mode is not None and not stat.S_ISDIR(mode):     # a link is not listed: its names are not the log's
+            refused = _refuse(shards_dir, mode, "directory")
+            if not collect:
+                raise refused
+            problems.append(str(refused))
+        elif mode is not None:
             for p in sorted(shards_dir.iterdir()):
                 rel = f"{SHARDS_DIR}/{p.name}"
                 if rel in listed:
@@ -448,7 +481,14 @@ class RouterLog:
                             f"running); it holds the {self.num_tokens} tokens of its "
                             f"{len(self._manifest.shards)} completed shards")
         return ValidationReport(self._path, len(self._manifest.shards), self.num_tokens, checksums, rw is not None,
-                                tuple(warnings))
+                                tuple(warnings), tuple(problems))
+
+    def _check_router_weights(self, rw, checksums: bool) -> None:
+        if checksums:
+            self._check_file(rw.file, rw.bytes, rw.sha256)
+        else:
+            self._check_size(rw.file, rw.bytes)
+        self._load_router_weights()
 
     # ------------------------------------------------------------------ internals
     def _check_layer(self, layer: str) -> None:

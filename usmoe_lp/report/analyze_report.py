@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from usmoe_lp._json import json_ready
+from usmoe_lp.logs.format import library_versions
 from usmoe_lp.report.analyze_figures import (
     plot_experts_per_token,
     plot_layer_balance,
@@ -22,7 +24,6 @@ from usmoe_lp.report.analyze_figures import (
     plot_sweeps,
 )
 from usmoe_lp.report.outputs import check_report_location, foreign_check, save_png
-from usmoe_lp.report.verify_report import _clean, library_versions
 from usmoe_lp.staging import check_destination, staged_directory
 
 SCHEMA = "usmoe-lp/analyze/1"
@@ -133,7 +134,7 @@ def metrics_dict(result) -> dict[str, Any]:
         "leakage": {label: s.to_dict() for label, s in result.pooled_leakage.items()},
     }
     cfg = result.config
-    return _clean({
+    return json_ready({
         "schema": SCHEMA,
         "source": result.source,
         "model": result.model,

@@ -13,7 +13,7 @@ import seaborn as sns
 def records_frame(result) -> pd.DataFrame:
     """Tidy DataFrame of a :class:`VerifyResult`: one row per claim x instance.
 
-    Columns: claim, family, T, N, size, k, trial, seed, passed, gap, note, plus value_* columns.
+    Columns: claim, family (the matrix family), T, N, size, k, trial, seed, passed, gap, note, plus value_* columns.
     """
     rows = []
     for r in result.records:
@@ -31,7 +31,7 @@ def _size_order(frame: pd.DataFrame) -> list[str]:
 
 
 def plot_gap_distributions(frame: pd.DataFrame) -> plt.Figure | None:
-    """Strip plot of the violation size of every failing instance, per claim and family.
+    """Strip plot of the violation size of every failing instance, per claim and matrix family.
 
     Returns None when no claim failed.
     """
@@ -55,7 +55,7 @@ def plot_gap_distributions(frame: pd.DataFrame) -> plt.Figure | None:
         ax.set_xlim(-0.5, len(families) - 0.5)
         ax.set_yscale("log")
         ax.set_title(f"{claim}\n{len(sub)} failing instances", fontsize=10)
-        ax.set_xlabel("score family")
+        ax.set_xlabel("matrix family")
         ax.set_ylabel("violation (optimum - claimed, score units)")
         ax.tick_params(axis="x", rotation=45)
         ax.legend(title="T x N", fontsize=7, title_fontsize=8)
@@ -65,7 +65,7 @@ def plot_gap_distributions(frame: pd.DataFrame) -> plt.Figure | None:
 
 
 def plot_usmoe_minus_tc(frame: pd.DataFrame) -> plt.Figure | None:
-    """obj(USMoE) - obj(TC) per token vs N, one line per k, one panel per family.
+    """obj(USMoE) - obj(TC) per token vs N, one line per k, one panel per matrix family.
 
     Uses the ``usmoe_ge_tc`` records; returns None when that claim was not run.
     """
@@ -80,7 +80,7 @@ def plot_usmoe_minus_tc(frame: pd.DataFrame) -> plt.Figure | None:
                     dodge=0.25 if sub["k"].nunique() > 1 else False,  # seaborn divides by #k - 1
                     sharey=False)
     g.set_axis_labels("size T x N (sorted by N)", "gain per token (score units)")
-    g.set_titles("{col_name}")
+    g.set_titles("matrix family {col_name}")
     for ax in g.axes.flat:
         ax.axhline(0.0, color="grey", lw=0.8)
     g.figure.suptitle("obj(USMoE global top-c, c = T k) - obj(TC, k), per token, vs N and k "

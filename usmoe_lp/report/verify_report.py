@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
-import numpy as np
-
+from usmoe_lp._json import json_ready
+from usmoe_lp.logs.format import library_versions
 from usmoe_lp.report.figures import (
     plot_capped_gap,
     plot_gap_distributions,
@@ -26,34 +25,8 @@ FIGURES = {
 }
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose numbers the report depends on."""
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("usmoe-lp", "numpy", "scipy", "highspy", "pulp", "torch"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _clean(obj):
-    """Make floats JSON-safe (inf/nan -> None) recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _clean(obj.item())
-    return obj
-
-
 def usmoe_minus_tc_table(result) -> list[dict]:
-    """Mean/min/max of obj(USMoE) - obj(TC) per family x size x k (the relaxation gain)."""
+    """Mean/min/max of obj(USMoE) - obj(TC) per matrix family x size x k (the relaxation gain)."""
     frame = records_frame(result)
     sub = frame[frame["claim"] == "usmoe_ge_tc"] if not frame.empty else frame
     if sub.empty:
@@ -109,18 +82,18 @@ def write_verify_report(result, out: str | Path, command: str | None = None, *, 
 def _write_files(result, out: Path, command: str) -> list[str]:
     cex_dir = out / "counterexamples"
     cex_dir.mkdir()
-    # counterexamples/<claim>__<family>__<TxN>.json: the smallest of each cell;
+    # counterexamples/<claim>__<matrix family>__<TxN>.json: the smallest of each cell;
     # counterexamples/all/...__k<k>__t<trial>.json: every shrunk failure (with shrink_all)
     for cell in result.cells():
         if cell["counterexample"] is not None:
             p = cex_dir / f"{cell['claim']}__{cell['family']}__{cell['size']}.json"
-            p.write_text(json.dumps(_clean(cell["counterexample"]), indent=1) + "\n")
+            p.write_text(json.dumps(json_ready(cell["counterexample"]), indent=1) + "\n")
     if result.config.shrink_all and result.counterexamples:
         all_dir = cex_dir / "all"
         all_dir.mkdir()
         for c in result.counterexamples:
             p = all_dir / f"{c.claim}__{c.family}__{c.T}x{c.N}__k{c.k}__t{c.trial}.json"
-            p.write_text(json.dumps(_clean(c.to_dict()), indent=1) + "\n")
+            p.write_text(json.dumps(json_ready(c.to_dict()), indent=1) + "\n")
     report = {
         "format": "usmoe-lp verify report v1",
         "command": command,
@@ -133,6 +106,8 @@ def _write_files(result, out: Path, command: str) -> list[str]:
             "budget": "c = T*k for the budget programs; EC capacity e = ceil(T*k/N)",
             "capped": "budget c = T*k (<=), at most k+1 experts per token, at most "
                       "ceil(1.25*T*k/N) tokens per expert",
+            "family": "the matrix family: the generator of the random score matrices of an instance "
+                      "(usmoe-lp families; docs/definitions.md#three-kinds-of-family)",
             "seed": "instance generator = numpy default_rng(seed); rebuild with "
                     "usmoe_lp.verify.FAMILIES[family].generate(default_rng(seed), T, N)",
         },
@@ -141,7 +116,7 @@ def _write_files(result, out: Path, command: str) -> list[str]:
         "usmoe_minus_tc": usmoe_minus_tc_table(result),
     }
     names = ["report.json"]
-    (out / "report.json").write_text(json.dumps(_clean(report), indent=1) + "\n")
+    (out / "report.json").write_text(json.dumps(json_ready(report), indent=1) + "\n")
 
     frame = records_frame(result)
     figs = []
@@ -180,12 +155,12 @@ def render_markdown(report: dict, figures: list[str]) -> str:
     if report.get("command"):
         lines += ["Command:", "", f"    {report['command']}", ""]
     lines += [
-        f"Families: {', '.join(cfg['families'])}. Sizes: {', '.join(cfg['sizes'])}. "
-        f"k: {', '.join(map(str, cfg['ks']))}. Trials per family x size x k: {cfg['trials']}. "
+        f"Matrix families: {', '.join(cfg['families'])}. Sizes: {', '.join(cfg['sizes'])}. "
+        f"k: {', '.join(map(str, cfg['ks']))}. Trials per matrix family x size x k: {cfg['trials']}. "
         f"Seed: {cfg['seed']}. Backends: {', '.join(cfg['backends'])} (integer programs up to "
         f"{cfg['ilp_max_vars']} variables).", "",
         "## Claims", "",
-        "| claim | statement | theory expects | verdict | failures / trials | worst gap | fails on |",
+        "| claim | statement | theory expects | verdict | failures / trials | worst gap | fails on (matrix families) |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in report["claims"]:
@@ -212,12 +187,12 @@ def render_markdown(report: dict, figures: list[str]) -> str:
     gains = report.get("usmoe_minus_tc") or []
     if gains:
         lines += ["## obj(USMoE) − obj(TC) at c = T·k", "",
-                  "| family | size | k | mean | min | max | mean per token |", "|---|---|---|---|---|---|---|"]
+                  "| matrix family | size | k | mean | min | max | mean per token |", "|---|---|---|---|---|---|---|"]
         for g in gains:
             lines.append(f"| {g['family']} | {g['size']} | {g['k']} | {_fmt(g['mean'])} | "
                          f"{_fmt(g['min'])} | {_fmt(g['max'])} | {_fmt(g['mean_per_token'])} |")
-    lines += ["", "## Claim x family x size", "",
-              "| claim | family | size | trials | failures | worst gap |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Claim x matrix family x size", "",
+              "| claim | matrix family | size | trials | failures | worst gap |", "|---|---|---|---|---|---|"]
     for cell in report["cells"]:
         lines.append(f"| `{cell['claim']}` | {cell['family']} | {cell['size']} | {cell['trials']} | "
                      f"{cell['failures']} | {_fmt(cell['worst_gap'])} |")

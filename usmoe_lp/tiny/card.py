@@ -1,4 +1,4 @@
-"""The model card (``README.md``) of a tiny model, generated from a :class:`usmoe_lp.tiny.train.TrainResult`.
+"""The model card (``README.md``) of a tiny model, generated from a :class:`usmoe_lp.tiny.result.TrainResult`.
 
 Every number and every observation in the card is computed from the result, so re-running the training
 command regenerates the card exactly for the new weights.
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from usmoe_lp.tiny.evaluate import RoutingStats
-    from usmoe_lp.tiny.train import TrainResult
+    from usmoe_lp.tiny.result import TrainResult
 
 __all__ = ["render_card", "write_card"]
 

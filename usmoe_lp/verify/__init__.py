@@ -1,5 +1,8 @@
 """Verify the USMoE paper's claims about routing as a linear program on random score matrices.
 
+The matrices come from *matrix families* (:data:`FAMILIES`, ``usmoe-lp families``), each a generator of
+(T, N) score matrices that stresses one assumption of the theory (docs/definitions.md#three-kinds-of-family).
+
 >>> from usmoe_lp.verify import VerifyConfig, run_verify
 >>> res = run_verify(VerifyConfig(families=("gaussian",), sizes=((6, 3),), ks=(1,), trials=2,
 ...                               claims=("topc_optimal_eq",)), progress=False)

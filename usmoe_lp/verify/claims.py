@@ -23,6 +23,7 @@ from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.lp import RoutingProblem, certify, solve
 from usmoe_lp.lp.backends import solve_highs
 from usmoe_lp.routing import expert_choice, global_topc, token_choice
+from usmoe_lp.routing.routers import expert_capacity
 
 PROGRAMS = ("tc", "ec", "budget_eq", "budget_le", "capped")
 INTEGRALITY_TOL = 1e-9
@@ -64,14 +65,22 @@ class Check:
             object.__setattr__(self, "gap", 0.0)
 
 
+CAPPED_CAPACITY_FACTOR = 1.25
+"""Capacity factor of the capped program's per-expert cap (Switch Transformers' default, arXiv 2101.03961)."""
+
+
 def ec_capacity(T: int, N: int, k: int) -> int:
-    """EC capacity matched to a TC budget: e = ceil(T*k/N) (capacity factor 1)."""
-    return min(T, -(-T * k // N))
+    """EC capacity matched to a TC budget: e = min(T, ceil(1 * T * k / N)), capacity factor 1, by the
+    routers' one rule :func:`usmoe_lp.routing.routers.expert_capacity` (clipped to T as
+    :func:`usmoe_lp.routing.expert_choice` clips it; with k <= N the clip never binds)."""
+    return min(T, expert_capacity(1.0, T, k, N))
 
 
 def capped_bounds(T: int, N: int, k: int) -> tuple[int, int, int]:
-    """(c, token_max, expert_max) of the capped program: c = T*k, k+1 per token, 1.25x EC capacity."""
-    return T * k, min(N, k + 1), min(T, math.ceil(1.25 * T * k / N))
+    """(c, token_max, expert_max) of the capped program: c = T*k, at most k+1 experts per token, at most
+    min(T, ceil(1.25 * T * k / N)) tokens per expert (:func:`usmoe_lp.routing.routers.expert_capacity`
+    with :data:`CAPPED_CAPACITY_FACTOR`)."""
+    return T * k, min(N, k + 1), min(T, expert_capacity(CAPPED_CAPACITY_FACTOR, T, k, N))
 
 
 class Instance:

@@ -1,6 +1,8 @@
-"""Families of random score matrices for the claims (float64, shape (T, N)).
+"""Matrix families: the random score matrices the claims are checked on (float64, shape (T, N)).
 
-Each family stresses a different assumption of the theory: the sign of the scores (Prop. 3.1's
+"Matrix family" is one of three senses of "family" in this project (docs/definitions.md#three-kinds-of-family):
+the model family of a router log is the transformers ``model_type``, and the constraint blocks of a
+routing program are the LP's own. Each matrix family stresses a different assumption of the theory: the sign of the scores (Prop. 3.1's
 "<= c" statement needs S >= 0 at the c-th entry), calibration across tokens (the unified score),
 heavy tails, the low rank of real routers (Z = h W with d < N), and ties (bf16 quantisation, as
 in the reference code's sigmoid; near-ties; all-equal).
@@ -20,7 +22,7 @@ from usmoe_lp.routing.scores import unified_score
 
 @dataclass(frozen=True)
 class Family:
-    """A generator of (T, N) float64 score matrices.
+    """A matrix family: a generator of (T, N) float64 score matrices.
 
     Attributes:
         name: registry key.
@@ -96,12 +98,12 @@ FAMILIES: dict[str, Family] = {
 
 
 def get_families(names) -> list[Family]:
-    """Resolve family names (or ``"all"``) to :class:`Family` objects, in registry order."""
+    """Resolve matrix-family names (or ``"all"``) to :class:`Family` objects, in registry order."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if names is None or list(names) == ["all"]:
         return list(FAMILIES.values())
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
-        raise InvalidParameter(f"unknown score families {unknown}; choose from {', '.join(FAMILIES)}")
+        raise InvalidParameter(f"unknown matrix families {unknown}; choose from {', '.join(FAMILIES)}")
     return [FAMILIES[n] for n in names]

@@ -1,4 +1,4 @@
-"""Run the claims over families x sizes x k x trials, shrink failures, collect a result.
+"""Run the claims over matrix families x sizes x k x trials, shrink failures, collect a result.
 
 Instances are seeded independently of what else runs: the generator of a trial is
 ``default_rng(SeedSequence([seed, crc32(family), T, N, k, trial]))``, recorded as an integer in
@@ -8,13 +8,13 @@ with ``FAMILIES[family].generate(np.random.default_rng(record.seed), T, N)``.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from usmoe_lp._json import json_ready
 from usmoe_lp._validate import check_int
 from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.verify.claims import CLAIMS, Context, Instance, get_claims
@@ -27,17 +27,17 @@ class VerifyConfig:
     """What to verify.
 
     Attributes:
-        families: score-family names (``usmoe_lp.verify.FAMILIES``).
+        families: matrix-family names (``usmoe_lp.verify.FAMILIES``: the random score matrices).
         sizes: (T, N) pairs.
         ks: experts per token of the matched TC; budgets are c = T*k (k > N is skipped).
-        trials: instances per family x size x k.
+        trials: instances per matrix family x size x k.
         seed: master seed.
         backends: optimum backends (closed_form, highs, cbc, milp).
         claims: claim ids (``usmoe_lp.verify.CLAIMS``).
         ilp_max_vars: integer-program backends only up to this T*N.
         shrink: shrink failures to minimal counterexamples.
         shrink_all: shrink every failing instance (with ``shrink``); otherwise only the first
-            failure of each claim x family x size, which keeps large runs fast.
+            failure of each claim x matrix family x size, which keeps large runs fast.
     """
 
     families: tuple[str, ...] = tuple(FAMILIES)
@@ -181,7 +181,7 @@ class Counterexample:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """Everything a verify run found; ``cells()`` aggregates it claim x family x size."""
+    """Everything a verify run found; ``cells()`` aggregates it claim x matrix family x size."""
 
     config: VerifyConfig
     records: list[TrialRecord] = field(default_factory=list)
@@ -271,7 +271,7 @@ def run_verify(config: VerifyConfig, progress: bool = True) -> VerifyResult:
                 res = claim.check(inst)
                 if res is None:
                     continue
-                values = {key: _jsonable(v) for key, v in res.values.items()}
+                values = {key: json_ready(float(v)) for key, v in res.values.items()}
                 records.append(TrialRecord(claim.id, f.name, T, N, k, t, seed, res.passed,
                                            float(res.gap), values, res.note))
                 cell = (claim.id, f.name, T, N)
@@ -280,7 +280,7 @@ def run_verify(config: VerifyConfig, progress: bool = True) -> VerifyResult:
                     sh = _shrink_fast(claim, S, k, ctx)
                     counterexamples.append(Counterexample(
                         claim.id, f.name, T, N, k, t, seed, sh.scores, sh.k, float(sh.check.gap),
-                        {key: _jsonable(v) for key, v in sh.check.values.items()}, sh.check.note,
+                        {key: json_ready(float(v)) for key, v in sh.check.values.items()}, sh.check.note,
                         sh.evaluations))
             if bar is not None:
                 bar.advance(f"{f.name} {T}x{N} k={k}")
@@ -305,11 +305,6 @@ def _shrink_fast(claim, S, k, ctx: Context):
     if full is not None and not full.passed:
         return replace(sh, check=full)
     return shrink(claim, S, k, ctx)
-
-
-def _jsonable(v):
-    v = float(v)
-    return None if math.isnan(v) else v
 
 
 class _Bar:
