@@ -19,6 +19,7 @@ from usmoe_lp.logs import RouterLog
 from usmoe_lp.report import write_analyze_report
 
 N, K, LAYERS = 8, 2, 2
+CORE = ("tc", "ec", "usmoe", "capacity_tc")  # every registry router: tests/test_registry_consumers.py
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def log_and_result(model_and_batch, tmp_path_factory):
     path = tmp_path_factory.mktemp("analyze") / "log"
     with capture(model, path, fsync=False), torch.inference_mode():
         out = model(input_ids=ids, attention_mask=att, output_router_logits=True)
-    cfg = AnalyzeConfig(scopes=("sequence", "batch", "position"), chunk_tokens=50, batch_size=3)
+    cfg = AnalyzeConfig(routers=CORE, scopes=("sequence", "batch", "position"), chunk_tokens=50, batch_size=3)
     return path, out, analyze(path, config=cfg)
 
 
@@ -52,7 +53,7 @@ def test_pooled_and_per_layer_aux_loss_match_transformers(model_and_batch, log_a
     _, out, result = log_and_result
     hf = load_balancing_loss_func(out.router_logits, N, K, att)
     assert result.aux_loss_pooled == pytest.approx(float(hf), rel=1e-5)
-    per_layer = aux_loss(out.router_logits, K, attention_mask=att, pooled=False)
+    per_layer = aux_loss(out.router_logits, K, padding_mask=att == 0, pooled=False)
     assert result.aux_loss_per_layer_mean == pytest.approx(per_layer, rel=1e-5)
     assert result.aux_loss_pooled != pytest.approx(result.aux_loss_per_layer_mean, rel=1e-9)  # pooled vs OLMoE
 
@@ -90,8 +91,8 @@ def test_counterfactual_tc_reproduces_the_model_and_does_not_leak(log_and_result
 
 def test_chunking_does_not_change_the_numbers(log_and_result):
     path, _, result = log_and_result
-    other = analyze(path, config=AnalyzeConfig(scopes=("sequence", "batch", "position"), chunk_tokens=100000,
-                                               batch_size=3))
+    other = analyze(path, config=AnalyzeConfig(routers=CORE, scopes=("sequence", "batch", "position"),
+                                               chunk_tokens=100000, batch_size=3))
     for a, b in zip(result.layers, other.layers, strict=True):
         np.testing.assert_array_equal(np.asarray(a.load.counts), np.asarray(b.load.counts))
         assert a.load.token_entropy == pytest.approx(b.load.token_entropy, rel=1e-9)
@@ -106,8 +107,8 @@ def test_chunking_does_not_change_the_numbers(log_and_result):
 def test_in_memory_logits_give_the_same_analysis(model_and_batch, log_and_result):
     _, ids, att = model_and_batch
     _, out, result = log_and_result
-    mem = analyze_logits(out.router_logits, top_k=K, attention_mask=att,
-                         config=AnalyzeConfig(scopes=("sequence", "batch", "position"), batch_size=3))
+    mem = analyze_logits(out.router_logits, top_k=K, padding_mask=att == 0,
+                         config=AnalyzeConfig(routers=CORE, scopes=("sequence", "batch", "position"), batch_size=3))
     assert mem.aux_loss_pooled == pytest.approx(result.aux_loss_pooled, rel=1e-6)
     for a, b in zip(result.layers, mem.layers, strict=True):
         np.testing.assert_array_equal(np.asarray(a.load.counts), np.asarray(b.load.counts))
@@ -166,14 +167,53 @@ def test_cli_analyze_errors(tmp_path):
 
 
 def test_bad_requests(log_and_result):
-    path, _, _ = log_and_result
+    path, out, _ = log_and_result
     log = RouterLog.open(path)
     with pytest.raises(InvalidParameter, match="not in the log"):
         analyze(log, layers=["nope"])
-    with pytest.raises(InvalidParameter, match="unknown router"):
-        AnalyzeConfig(routers=("tc", "sinkhorn"))
+    with pytest.raises(InvalidParameter, match="unknown router.*'sinkhron'.*choose among tc"):
+        AnalyzeConfig(routers=("tc", "sinkhron"))
     with pytest.raises(InvalidParameter, match="alphas"):
         AnalyzeConfig(alphas=(1.5,))
+    with pytest.raises(InvalidParameter, match="no router of routers"):
+        AnalyzeConfig(routers=("tc",), sweep={"kbar": (1.0,)})
+    with pytest.raises(InvalidParameter, match="given twice"):
+        AnalyzeConfig(routers=CORE, kbars=(1.0,), sweep={"kbar": (2.0,)})
+    with pytest.raises(InvalidParameter, match="kbar 9 exceed the number of experts"):
+        analyze(log, config=AnalyzeConfig(routers=CORE, sweep={"kbar": (9.0,)}))
+    with pytest.raises(InvalidParameter, match="padding_mask = attention_mask == 0"):
+        analyze_logits(out.router_logits, top_k=K, attention_mask=torch.ones(5, 37))
+
+
+def test_config_defaults_and_generic_sweep():
+    from usmoe_lp.routers import ROUTERS
+
+    assert AnalyzeConfig().routers == tuple(n for n, r in ROUTERS.items() if r.in_default_sweep)
+    cfg = AnalyzeConfig(routers=("capacity_tc", "usmoe"), sweep={"policy": ("position", "priority")},
+                        kbars=(1, 2), alphas=(0.5,))
+    labels = [c.label for c in cfg.configs(K, N)]
+    assert labels == ["captc cf=1.25", "captc cf=1.25 priority", "usmoe a=0.5 kbar=1 seq", "usmoe a=0.5 kbar=2 seq"]
+    assert cfg.sweep == {"policy": ("position", "priority")}
+    cf = AnalyzeConfig(routers=("ec", "capacity_tc"), capacity_factor=2.0).configs(K, N)
+    assert [c.label for c in cf] == ["ec cf=2", "captc cf=1.25"]  # the shorthand is Expert Choice's only
+
+
+def test_recomputed_selection_breaks_ties_to_the_lowest_index():
+    """Where the log has no selection, the model's top-k is recomputed with the documented tie rule
+    (lowest expert index first, as token_choice): [.1, .3, .3, .3], k = 2 -> experts 1 and 2."""
+    from usmoe_lp.diagnostics.analyze import model_mask
+    from usmoe_lp.logs.reader import Chunk
+    from usmoe_lp.routing import token_choice
+
+    scores = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    chunk = Chunk(logits=scores, token_ids=torch.zeros(3, dtype=torch.long), sequence_ids=torch.zeros(3),
+                  positions=torch.arange(3), token_start=0, selected=None, layer="l")
+    want = token_choice(scores, 2).mask
+    assert want[0].int().tolist() == [0, 1, 1, 0]
+    for sorted_rows in (None, np.sort(scores.numpy(), axis=1)):
+        mask, source = model_mask(chunk, scores, 2, sorted_rows)
+        assert source == "recomputed top-k"
+        assert torch.equal(mask, want)
 
 
 def test_hidden_states_and_router_weights_feed_collapse(model_and_batch, tmp_path):
@@ -209,7 +249,7 @@ def test_imported_log_with_unknown_score_function(model_and_batch, log_and_resul
     _, out, result = log_and_result
     log = import_hf_router_logits(out.router_logits, tmp_path / "imp", att, top_k=K)
     assert {log.layer_info(n).score_function for n in log.layers} == {"unknown"}
-    imp = analyze(log, config=AnalyzeConfig(scopes=("sequence",), batch_size=3))
+    imp = analyze(log, config=AnalyzeConfig(routers=CORE, scopes=("sequence",), batch_size=3))
     cf = imp.counterfactual_frame()
     assert (cf[cf["router"] == "tc"]["agreement"] == 1.0).all()
     ours = result.counterfactual_frame()

@@ -30,6 +30,7 @@ from usmoe_lp.diagnostics.counterfactual import (
     reroute,
 )
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
+from usmoe_lp.routing import Routing
 
 PROFILE = settings(max_examples=30, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -504,11 +505,11 @@ def test_certificate_catches_a_non_optimal_selection(monkeypatch, router):
     from usmoe_lp.diagnostics import counterfactual as cf
 
     z = torch.from_numpy(np.random.default_rng(1).normal(size=(3, 6, 4)) * 2)
-    real = cf._dispatch
+    real = cf.route_scores
     swapped = {}
 
-    def spoiled(config, scores, pad):
-        r = real(config, scores, pad)
+    def spoiled(config, scores, ctx, pad, state=None):
+        r = real(config, scores, ctx, pad, state)
         m = r.mask.clone()
         t = 0 if router != "ec" else int(torch.nonzero(m[1, :, 0])[0, 0])
         if router == "ec":  # expert 0 swaps a chosen token for an unchosen one (column count kept)
@@ -519,10 +520,10 @@ def test_certificate_catches_a_non_optimal_selection(monkeypatch, router):
             e_in, e_out = int(torch.nonzero(m[1, t])[0, 0]), int(torch.nonzero(~m[1, t])[0, 0])
             m[1, t, e_in], m[1, t, e_out] = False, True
             swapped["gap"] = float(scores[1, t, e_in] - scores[1, t, e_out])
-        return cf.Routing(mask=m, weights=torch.where(m, scores, 0.0), router=r.router, params=r.params,
-                          token_mask=r.token_mask)
+        return Routing(mask=m, weights=torch.where(m, scores, 0.0), router=r.router, params=r.params,
+                       token_mask=r.token_mask)
 
-    monkeypatch.setattr(cf, "_dispatch", spoiled)
+    monkeypatch.setattr(cf, "route_scores", spoiled)
     cfg = {"tc": RouterConfig("tc", 2), "ec": RouterConfig("ec", 2),
            "usmoe": RouterConfig("usmoe", 2, kbar=2, alpha=0.5)}[router]
     rec = counterfactual(z, [cfg], lp_sample=3).records[0]

@@ -23,9 +23,10 @@ from usmoe_lp.diagnostics.leakage import (
     prefix_consistency,
 )
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
-from usmoe_lp.routing import expert_choice, global_topc, token_choice
+from usmoe_lp.routers import RouterConfig
+from usmoe_lp.routing import capacity_token_choice, expert_choice, global_topc, token_choice
 
-KBARS = [0.0, 0.5, 1.0, 1.5, 2.25, 3.0]
+KBARS = [0.5, 1.0, 1.5, 2.25, 3.0]
 CFS = [0.5, 1.0, 1.25, 2.0]
 
 
@@ -36,6 +37,9 @@ def _route(prefix: np.ndarray, router: str, params: dict) -> np.ndarray:
         return token_choice(t, k=params["k"]).mask.numpy()
     if router == "ec":
         return expert_choice(t, capacity_factor=params["capacity_factor"], k=params["k"]).mask.numpy()
+    if router == "capacity_tc":
+        return capacity_token_choice(t, params["k"], capacity_factor=params["capacity_factor"],
+                                     policy=params["policy"]).mask.numpy()
     return global_topc(t, kbar=params["kbar"], scope="sequence").mask.numpy()
 
 
@@ -78,7 +82,7 @@ def _oracle_stats(seqs: list[np.ndarray], router: str, params: dict) -> dict:
         "num_tokens": tokens,
         "flip_rate": sum(sum(r["flips"]) for r in raws) / (tokens * N),
         "token_flip_rate": sum(sum(r["tok"]) for r in raws) / tokens,
-        "jaccard": sum(sum(r["jac"]) for r in raws) / tokens,
+        "jaccard_distance": sum(sum(r["jac"]) for r in raws) / tokens,
         "per_offset": [f / (c * N) for f, c in zip(off_f, off_c, strict=True)],
         "per_offset_count": off_c,
         "displacement_mean": sum(disp) / len(disp) if disp else float("nan"),
@@ -91,7 +95,7 @@ def _assert_matches(stats, want: dict) -> None:
     assert stats.num_tokens == want["num_tokens"]
     assert stats.flip_rate == want["flip_rate"]
     assert stats.token_flip_rate == want["token_flip_rate"]
-    assert stats.jaccard == pytest.approx(want["jaccard"], rel=1e-12, abs=1e-15)
+    assert stats.jaccard_distance == pytest.approx(want["jaccard_distance"], rel=1e-12, abs=1e-15)
     assert stats.per_offset == want["per_offset"]
     assert stats.per_offset_count == want["per_offset_count"]
     if math.isnan(want["displacement_mean"]):
@@ -114,7 +118,7 @@ def _case(draw):
     N = draw(st.integers(1, 5))
     router = draw(st.sampled_from(["tc", "ec", "usmoe"]))
     if router == "usmoe":
-        params = {"kbar": draw(st.sampled_from([kb for kb in KBARS if kb <= N]))}
+        params = {"k": 1, "kbar": draw(st.sampled_from([kb for kb in KBARS if kb <= N]))}
     else:
         params = {"k": draw(st.integers(1, N))}
         if router == "ec":
@@ -132,11 +136,14 @@ def test_matches_bruteforce_every_prefix(case):
     s = _scores(np.random.default_rng(seed), (T, N), tied)
     stats = prefix_consistency(s, router, **params)
     _assert_matches(stats, _oracle_stats([s], router, params))
-    assert stats.router == router and stats.params == params and stats.num_sequences == 1
+    assert stats.router == router and stats.k == params["k"] and stats.num_sequences == 1
+    assert all(stats.params[name] == v for name, v in params.items() if name != "k")
+    assert stats.prefix_rule == {"tc": "token_local", "ec": "expert_capacity", "usmoe": "global_topc"}[router]
+    assert stats.positions_sampled == 0
 
 
-@pytest.mark.parametrize("router,params", [("ec", {"k": 2, "capacity_factor": 1.25}), ("usmoe", {"kbar": 1.5}),
-                                           ("ec", {"k": 1, "capacity_factor": 0.5}), ("usmoe", {"kbar": 2.25})])
+@pytest.mark.parametrize("router,params", [("ec", {"k": 2, "capacity_factor": 1.25}), ("usmoe", {"k": 1, "kbar": 1.5}),
+                                           ("ec", {"k": 1, "capacity_factor": 0.5}), ("usmoe", {"k": 1, "kbar": 2.25})])
 def test_bruteforce_batch_with_padding(router, params):
     """(B, T, N) with padding anywhere: padded tokens are removed, each sequence analysed alone."""
     rng = np.random.default_rng(7)
@@ -153,8 +160,8 @@ def test_bruteforce_batch_with_padding(router, params):
     assert again.to_dict() == stats.to_dict()
 
 
-@pytest.mark.parametrize("router,params", [("ec", {"k": 3, "capacity_factor": 1.0}), ("usmoe", {"kbar": 2.5}),
-                                           ("ec", {"k": 1, "capacity_factor": 2.0}), ("usmoe", {"kbar": 0.5})])
+@pytest.mark.parametrize("router,params", [("ec", {"k": 3, "capacity_factor": 1.0}), ("usmoe", {"k": 1, "kbar": 2.5}),
+                                           ("ec", {"k": 1, "capacity_factor": 2.0}), ("usmoe", {"k": 1, "kbar": 0.5})])
 @pytest.mark.parametrize("tied", [False, True])
 def test_bruteforce_longer_sequence(router, params, tied):
     """A longer sequence (T = 48, N = 6) exercises many heap moves per step."""
@@ -163,7 +170,7 @@ def test_bruteforce_longer_sequence(router, params, tied):
     _assert_matches(prefix_consistency(s, router, **params), _oracle_stats([s.astype(np.float64)], router, params))
 
 
-@pytest.mark.parametrize("router,params", [("ec", {"k": 2, "capacity_factor": 1.0}), ("usmoe", {"kbar": 1.5})])
+@pytest.mark.parametrize("router,params", [("ec", {"k": 2, "capacity_factor": 1.0}), ("usmoe", {"k": 1, "kbar": 1.5})])
 def test_bfloat16_matches_routers_in_bf16(router, params):
     """bf16 scores (many ties after rounding): same as the routers on every bf16 prefix."""
     rng = np.random.default_rng(3)
@@ -174,6 +181,35 @@ def test_bfloat16_matches_routers_in_bf16(router, params):
     D = [_route_t(s[:t], router, params) for t in range(1, T + 1)]
     flips = sum(int((D[t][t] != D[-1][t]).sum()) for t in range(T))
     assert stats.flip_rate == flips / (T * N)
+
+
+@pytest.mark.parametrize("policy", ["position", "priority"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_recompute_rule_matches_bruteforce(policy, tied):
+    """capacity-TC has the ``recompute`` prefix rule: every prefix re-routed, checked by the oracle."""
+    rng = np.random.default_rng(4)
+    s = _scores(rng, (14, 4), tied)
+    params = {"k": 2, "capacity_factor": 0.75, "policy": policy}
+    stats = prefix_consistency(s, "capacity_tc", **params)
+    _assert_matches(stats, _oracle_stats([s], "capacity_tc", params))
+    assert stats.prefix_rule == "recompute" and stats.positions_sampled == 0 and stats.flip_rate > 0
+
+
+def test_recompute_rule_samples_long_sequences():
+    """Beyond max_recompute_tokens the causal decision is evaluated at evenly spaced positions only."""
+    rng = np.random.default_rng(5)
+    s = rng.standard_normal((14, 4))
+    params = {"k": 2, "capacity_factor": 0.75, "policy": "position"}
+    stats = prefix_consistency(s, "capacity_tc", max_recompute_tokens=5, **params)
+    positions = sorted({int(round(x)) for x in np.linspace(0, 13, 5)})
+    full = _route(s, "capacity_tc", params)
+    flips = [int((_route(s[: t + 1], "capacity_tc", params)[t] != full[t]).sum()) for t in positions]
+    assert stats.num_tokens == stats.positions_sampled == len(positions) and stats.sampled_sequences == 1
+    assert stats.flip_rate == sum(flips) / (len(positions) * 4)
+    assert [stats.per_offset_count[13 - t] for t in positions] == [1] * len(positions)
+    assert math.isnan(stats.displacement_mean) and stats.displacement_steps == 0
+    whole = prefix_consistency(s, "capacity_tc", **params)  # the exact run evaluates every token
+    assert whole.num_tokens == 14 and whole.positions_sampled == 0
 
 
 def _route_t(prefix: torch.Tensor, router: str, params: dict) -> torch.Tensor:
@@ -189,7 +225,7 @@ def test_token_choice_is_leak_free(T, N, seed, tied, data):
     k = data.draw(st.integers(1, N))
     s = _scores(np.random.default_rng(seed), (T, N), tied)
     stats = prefix_consistency(s, "tc", k=k)
-    assert stats.flip_rate == 0.0 and stats.token_flip_rate == 0.0 and stats.jaccard == 0.0
+    assert stats.flip_rate == 0.0 and stats.token_flip_rate == 0.0 and stats.jaccard_distance == 0.0
     assert stats.per_offset == [0.0] * T and stats.per_offset_count == [1] * T
     assert stats.displacement_max == 0
     assert stats.displacement_histogram == ([T - 1] if T > 1 else [])
@@ -200,12 +236,12 @@ def test_hand_case_displacement_usmoe():
     the four pairs, so the prefix of length 4 drops tokens 2 and 3 (token 1 keeps its pair: lowest
     flat index wins the tie at 0.5)."""
     s = np.array([[0.5, 0.1, 0.1]] * 3 + [[0.9, 0.9, 0.9]])
-    st_ = prefix_consistency(s, "usmoe", kbar=1.0)
+    st_ = prefix_consistency(s, "usmoe", k=1, kbar=1.0)
     assert st_.displacement_histogram == [2, 0, 1]
     assert st_.displacement_max == 2 and st_.displacement_mean == pytest.approx(2 / 3)
     # causal: {0},{0},{0},{0,1,2}; full: {0},{},{},{0,1,2}
     assert st_.flip_rate == 2 / 12
-    assert st_.token_flip_rate == 0.5 and st_.jaccard == 0.5
+    assert st_.token_flip_rate == 0.5 and st_.jaccard_distance == 0.5
     assert st_.per_offset == [0.0, 1 / 3, 1 / 3, 0.0]
 
 
@@ -230,7 +266,7 @@ def test_merge_equals_whole(seed, router, nchunks, tied):
     prefix_consistency on the padded batch; the inputs of merge are not changed."""
     rng = np.random.default_rng(seed)
     N = int(rng.integers(2, 5))
-    params = {"kbar": 1.5} if router == "usmoe" else {"k": 2, "capacity_factor": 1.25}
+    params = {"k": 1, "kbar": 1.5} if router == "usmoe" else {"k": 2, "capacity_factor": 1.25}
     lens = rng.integers(1, 14, size=int(rng.integers(2, 7)))
     seqs = [_scores(rng, (int(t), N), tied) for t in lens]
     whole = LeakagePartial.empty(router, **params)
@@ -253,7 +289,7 @@ def test_merge_equals_whole(seed, router, nchunks, tied):
                  "displacement_mean", "displacement_max", "displacement_histogram"):
         # NaN compares equal here: e.g. displacement_mean is NaN when every sequence has one token
         np.testing.assert_equal(getattr(a, name), getattr(b, name), err_msg=name)
-    assert a.jaccard == pytest.approx(b.jaccard, rel=1e-12, abs=1e-15)
+    assert a.jaccard_distance == pytest.approx(b.jaccard_distance, rel=1e-12, abs=1e-15)
     # the non-streaming function on a right-padded batch
     T = int(lens.max())
     batch = np.zeros((len(seqs), T, N))
@@ -263,17 +299,17 @@ def test_merge_equals_whole(seed, router, nchunks, tied):
         pad[i, : len(s)] = False
     c = prefix_consistency(batch, router, padding_mask=pad, **params)
     assert c.per_offset == b.per_offset and c.displacement_histogram == b.displacement_histogram
-    assert c.flip_rate == b.flip_rate and c.jaccard == pytest.approx(b.jaccard, rel=1e-12, abs=1e-15)
+    assert c.flip_rate == b.flip_rate and c.jaccard_distance == pytest.approx(b.jaccard_distance, rel=1e-12, abs=1e-15)
 
 
 def test_merge_incompatible_and_empty():
-    a = LeakagePartial.empty("usmoe", kbar=1.0)
+    a = LeakagePartial.empty("usmoe", k=1, kbar=1.0)
     with pytest.raises(InvalidParameter):
-        a.merge(LeakagePartial.empty("usmoe", kbar=2.0))
+        a.merge(LeakagePartial.empty("usmoe", k=1, kbar=2.0))
     with pytest.raises(InvalidParameter):
         a.merge(LeakagePartial.empty("ec", k=1))
     a.update(np.zeros((3, 4)))
-    b = LeakagePartial.empty("usmoe", kbar=1.0)
+    b = LeakagePartial.empty("usmoe", k=1, kbar=1.0)
     b.update(np.zeros((3, 2)))
     with pytest.raises(InvalidParameter, match="N = 4"):
         a.merge(b)
@@ -289,7 +325,8 @@ def test_to_dict_and_frame():
     stats = prefix_consistency(rng.standard_normal((2, 9, 4)), "ec", k=2, capacity_factor=1.0)
     d = stats.to_dict()
     assert json.loads(json.dumps(d, allow_nan=False)) == d
-    assert d["flip_rate"] == stats.flip_rate and d["params"] == {"k": 2, "capacity_factor": 1.0}
+    assert d["flip_rate"] == stats.flip_rate and d["params"] == {"capacity_factor": 1.0} and d["k"] == 2
+    assert d["jaccard_distance"] == stats.jaccard_distance and "jaccard" not in d
     f = stats.per_offset_frame()
     assert list(f.columns) == ["offset", "flip_rate", "tokens"]
     assert f["offset"].tolist() == list(range(9)) and f["tokens"].tolist() == [2] * 9
@@ -334,7 +371,7 @@ def test_cross_sequence_bruteforce(B, T, N, kbar, scope, tied, seed):
     rng = np.random.default_rng(seed)
     s = _scores(rng, (B, T, N), tied)
     pad = rng.random((B, T)) < 0.25
-    cs = cross_sequence_dependence(s, kbar=kbar, scope=scope, padding_mask=pad)
+    cs = cross_sequence_dependence(s, "usmoe", k=1, kbar=kbar, scope=scope, padding_mask=pad)
     flips, toks = _cross_oracle(s, pad, kbar, scope)
     ntok = int((~pad).sum())
     assert cs.num_tokens == ntok
@@ -350,11 +387,11 @@ def test_cross_sequence_bruteforce(B, T, N, kbar, scope, tied, seed):
 def test_cross_sequence_constructed():
     """Batch scope, kbar = 1: sequence 0 outbids sequence 1 for all four pairs of the batch."""
     s = np.array([[[9.0, 8.0], [7.0, 6.0]], [[1.0, 0.0], [2.0, 3.0]]])
-    cs = cross_sequence_dependence(s, kbar=1.0, scope="batch")
-    assert cs.flip_rate == 0.5 and cs.token_flip_rate == 0.5 and cs.jaccard == 0.5
+    cs = cross_sequence_dependence(s, "usmoe", k=1, kbar=1.0, scope="batch")
+    assert cs.flip_rate == 0.5 and cs.token_flip_rate == 0.5 and cs.jaccard_distance == 0.5
     assert cs.per_sequence_flip_rate == [0.5, 0.5] and cs.pairs_batch == cs.pairs_alone == 4
     # position scope: per position, both sequences compete for c = 2 pairs; seq 0 wins both positions
-    cp = cross_sequence_dependence(s, kbar=1.0, scope="position")
+    cp = cross_sequence_dependence(s, "usmoe", k=1, kbar=1.0, scope="position")
     # alone: each token takes its best expert: s0 {0}, {0}; s1 {0}, {1}; with batch: s0 both, s1 none
     assert cp.flip_rate == 4 / 8 and cp.token_flip_rate == 1.0
     json.dumps(cp.to_dict(), allow_nan=False)
@@ -364,28 +401,7 @@ def test_cross_sequence_single_sequence_is_zero():
     rng = np.random.default_rng(1)
     s = rng.integers(0, 3, size=(1, 7, 4)).astype(np.float32)
     for scope in ("batch", "position"):
-        assert cross_sequence_dependence(s, kbar=1.5, scope=scope).flip_rate == 0.0
-    assert cross_sequence_dependence(s, router="ec", k=2, capacity_factor=1.0).flip_rate == 0.0
-
-
-def test_cross_sequence_grouped_expert_choice():
-    """Grouped EC over the batch vs EC per sequence, against an explicit per-expert sort."""
-    rng = np.random.default_rng(5)
-    B, T, N, k, cf = 3, 6, 4, 2, 1.25
-    s = rng.integers(0, 3, size=(B, T, N)).astype(np.float64)
-    cs = cross_sequence_dependence(s, router="ec", k=k, capacity_factor=cf)
-    with_ = np.zeros((B, T, N), dtype=bool)
-    alone = np.zeros((B, T, N), dtype=bool)
-    cap_b, cap_s = math.ceil(cf * B * T * k / N), math.ceil(cf * T * k / N)
-    for e in range(N):
-        order = sorted(((b, t) for b in range(B) for t in range(T)), key=lambda bt: (-s[bt[0], bt[1], e], bt))
-        for b, t in order[:cap_b]:
-            with_[b, t, e] = True
-        for b in range(B):
-            for t in sorted(range(T), key=lambda t: (-s[b, t, e], t))[:cap_s]:
-                alone[b, t, e] = True
-    assert cs.flip_rate == (with_ != alone).sum() / (B * T * N)
-    assert cs.token_flip_rate == (with_ != alone).any(-1).sum() / (B * T)
+        assert cross_sequence_dependence(s, "usmoe", k=1, kbar=1.5, scope=scope).flip_rate == 0.0
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -394,42 +410,45 @@ def test_bad_input():
     bad = s.copy()
     bad[2, 1] = np.nan
     with pytest.raises(InvalidScores, match="NaN"):
-        prefix_consistency(bad, "usmoe", kbar=1.0)
-    with pytest.raises(InvalidParameter, match="router"):
+        prefix_consistency(bad, "usmoe", k=1, kbar=1.0)
+    with pytest.raises(InvalidParameter, match="unknown router 'topk'; choose one of"):
         prefix_consistency(s, "topk", k=1)
     with pytest.raises(InvalidParameter, match="needs k"):
         prefix_consistency(s, "tc")
     with pytest.raises(InvalidParameter, match="needs k"):
         prefix_consistency(s, "ec", capacity_factor=1.0)
-    with pytest.raises(InvalidParameter, match="needs kbar"):
-        prefix_consistency(s, "usmoe")
     with pytest.raises(InvalidParameter, match="exceeds"):
-        prefix_consistency(s, "usmoe", kbar=3.5)
+        prefix_consistency(s, "usmoe", k=1, kbar=3.5)
     with pytest.raises(InvalidParameter, match="exceeds"):
         prefix_consistency(s, "tc", k=4)
     with pytest.raises(InvalidParameter):
         prefix_consistency(s, "ec", k=1, capacity_factor=0.0)
     with pytest.raises(InvalidParameter):
-        prefix_consistency(s, "usmoe", kbar=-1.0)
+        prefix_consistency(s, "usmoe", k=1, kbar=-1.0)
     with pytest.raises(InvalidParameter, match="capacity_factor"):
-        prefix_consistency(s, "usmoe", kbar=1.0, capacity_factor=2.0)
+        prefix_consistency(s, "usmoe", k=1, kbar=1.0, capacity_factor=2.0)
     with pytest.raises(InvalidParameter):
         prefix_consistency(s, "tc", k=1.5)
+    with pytest.raises(InvalidParameter, match="not both"):
+        prefix_consistency(s, RouterConfig("tc", 1), k=2)
     with pytest.raises(ShapeMismatch):
         prefix_consistency(s, "tc", k=1, padding_mask=np.zeros(4, dtype=bool))
     with pytest.raises(ShapeMismatch):
         prefix_consistency(s[None], "tc", k=1, padding_mask=np.zeros((2, 5), dtype=bool))
+    with pytest.raises(InvalidParameter, match="True where the token is padding"):
+        prefix_consistency(s, "tc", k=1, padding_mask=np.zeros(5, dtype=np.int64))  # one mask check
     with pytest.raises(InvalidScores):
         prefix_consistency(s[0], "tc", k=1)
     with pytest.raises(InvalidScores):
         prefix_consistency(np.zeros((0, 3)), "tc", k=1)
     with pytest.raises(InvalidScores):
-        cross_sequence_dependence(s, kbar=1.0)
+        cross_sequence_dependence(s, "usmoe", k=1, kbar=1.0, scope="batch")
+    with pytest.raises(InvalidParameter, match="couples"):
+        cross_sequence_dependence(s[None], "usmoe", k=1, kbar=1.0, scope="sequence")
+    with pytest.raises(InvalidParameter, match="couples"):
+        cross_sequence_dependence(s[None], "ec", k=1)
     with pytest.raises(InvalidParameter):
-        cross_sequence_dependence(s[None], kbar=1.0, scope="sequence")
-    with pytest.raises(InvalidParameter):
-        cross_sequence_dependence(s[None], kbar=4.0)
-    with pytest.raises(InvalidParameter):
-        cross_sequence_dependence(s[None], router="ec", k=1, scope="position")
+        cross_sequence_dependence(s[None], "usmoe", k=1, kbar=4.0, scope="batch")
     with pytest.raises(ShapeMismatch):
-        cross_sequence_dependence(s[None], kbar=1.0, padding_mask=np.zeros((1, 4), dtype=bool))
+        cross_sequence_dependence(s[None], "usmoe", k=1, kbar=1.0, scope="batch",
+                                  padding_mask=np.zeros((1, 4), dtype=bool))

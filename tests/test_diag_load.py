@@ -52,8 +52,14 @@ def _close(a, b, rtol=1e-12) -> bool:
 def _assert_stats_equal(a: LoadStats, b: LoadStats, rtol=1e-12) -> None:
     da, db = a.__dict__, b.__dict__
     for key in da:
-        if isinstance(da[key], int) or key in ("counts", "experts_per_token"):
-            assert da[key] == db[key], key  # integer counts: exact
+        if key in ("counts", "experts_per_token"):
+            assert da[key].dtype == db[key].dtype == np.int64, key  # one type for per-expert vectors
+            np.testing.assert_array_equal(da[key], db[key], err_msg=key)  # integer counts: exact
+        elif key == "load_share":
+            assert da[key].dtype == np.float64
+            np.testing.assert_allclose(da[key], db[key], rtol=rtol, atol=1e-13, err_msg=key)
+        elif isinstance(da[key], int):
+            assert da[key] == db[key], key
         else:
             assert _close(da[key], db[key], rtol), (key, da[key], db[key])
 
@@ -186,14 +192,14 @@ def test_quirk_topk_not_top1_counting():
     z = rng.normal(size=(40, 6))
     p = _softmax(z)
     s2 = load_stats(_topk_mask(p, 2), p, top_k=2)
-    assert sum(s2.counts) == 80 and s2.experts_per_token == (0, 0, 40, 0, 0, 0, 0)
+    assert sum(s2.counts) == 80 and s2.experts_per_token.tolist() == [0, 0, 40, 0, 0, 0, 0]
     expected = np.zeros(6, dtype=np.int64)
     for t in range(40):  # brute-force top-2 counting
         for e in np.argsort(-p[t])[:2]:
             expected[e] += 1
-    assert s2.counts == tuple(int(v) for v in expected)
+    assert s2.counts.tolist() == [int(v) for v in expected]
     top1 = np.bincount(p.argmax(axis=1), minlength=6)  # moewatch's top-1 count
-    assert s2.counts != tuple(int(v) for v in top1)
+    assert s2.counts.tolist() != [int(v) for v in top1]
     # and the aux loss with k=2 is transformers' k=2 loss, not the k=1 loss
     layers = (torch.tensor(z),)
     assert aux_loss(layers, 2) == pytest.approx(_hf_aux(layers, 6, 2), rel=1e-5)
@@ -248,8 +254,8 @@ def test_load_stats_hand_case_all_fields():
     mask = np.array([[True, False], [True, False]])
     s = load_stats(mask, probs, logits=logits, top_k=1)
     assert (s.num_tokens, s.num_experts, s.top_k) == (2, 2, 1)
-    assert s.counts == (2, 0) and s.load_share == (1.0, 0.0)
-    assert s.experts_per_token == (0, 2, 0) and s.zero_expert_rate == 0.0 and s.mean_experts_per_token == 1.0
+    assert s.counts.tolist() == [2, 0] and s.load_share.tolist() == [1.0, 0.0]
+    assert s.experts_per_token.tolist() == [0, 2, 0] and s.zero_expert_rate == 0.0 and s.mean_experts_per_token == 1.0
     # f = (2/2, 0/2) = (1, 0); P = (0.75, 0.25): L = 2 * (1 * 0.75) = 1.5
     assert s.aux_loss == pytest.approx(1.5, rel=1e-14)
     # Imp = (1.5, 0.5): mean 1, population variance 0.25 -> 0.25
@@ -263,11 +269,11 @@ def test_load_stats_hand_case_all_fields():
 def test_load_stats_zero_expert_tokens_and_batched_input():
     mask = np.array([[1, 1, 1], [0, 0, 0], [1, 0, 0], [0, 0, 0]], dtype=bool)
     s = load_stats(mask)
-    assert s.experts_per_token == (2, 1, 0, 1)
+    assert s.experts_per_token.tolist() == [2, 1, 0, 1]
     assert s.zero_expert_rate == 0.5 and s.mean_experts_per_token == 1.0
     assert s.token_entropy is None and s.aux_loss is None and s.z_loss is None and s.importance_cv2 is None
     s3 = load_stats(mask.reshape(2, 2, 3))
-    assert s3 == s
+    _assert_stats_equal(s3, s, rtol=0.0)
 
 
 def test_load_stats_torch_bf16():
@@ -277,7 +283,7 @@ def test_load_stats_torch_bf16():
     mask = _topk_mask(p.reshape(-1, 4), 2).reshape(p.shape)
     ref = load_stats(mask, p, logits=z)
     got = load_stats(torch.tensor(mask), torch.tensor(p, dtype=torch.bfloat16), logits=torch.tensor(z))
-    assert got.counts == ref.counts
+    np.testing.assert_array_equal(got.counts, ref.counts)
     assert got.token_entropy == pytest.approx(ref.token_entropy, rel=1e-2)
     assert got.z_loss == pytest.approx(ref.z_loss, rel=1e-6)
 
@@ -331,7 +337,7 @@ def test_partial_bad_input_and_mixing():
     assert a.result().token_entropy is not None and a.result().z_loss is not None
     a.update(np.eye(4, dtype=bool))
     r = a.result()
-    assert r.token_entropy is None and r.aux_loss is None and r.z_loss is None and r.counts == (2, 2, 2, 2)
+    assert r.token_entropy is None and r.aux_loss is None and r.z_loss is None and r.counts.tolist() == [2, 2, 2, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,21 +412,22 @@ def test_aux_loss_matches_transformers(k, masked, dtype):
     g = torch.Generator().manual_seed(10 * k + masked)
     b, t, n = 3, 7, 8
     layers = tuple(torch.randn(b * t, n, generator=g, dtype=dtype) * 2 for _ in range(4))
-    am = None
+    am = pm = None
     if masked:
         am = torch.ones(b, t, dtype=torch.long)
         am[0, 4:] = 0
         am[2, :2] = 0  # left padding too
+        pm = am == 0  # the package's padding convention: True = padding
     ref = _hf_aux(layers, n, k, am)
-    assert aux_loss(layers, k, am) == pytest.approx(ref, rel=2e-6)
-    assert aux_loss(list(layers), k, am) == pytest.approx(ref, rel=2e-6)
+    assert aux_loss(layers, k, pm) == pytest.approx(ref, rel=2e-6)
+    assert aux_loss(list(layers), k, padding_mask=pm) == pytest.approx(ref, rel=2e-6)
     if masked:  # padding rows do not matter at all
         changed = tuple(x.clone() for x in layers)
         for x in changed:
             x.view(b, t, n)[0, 4:] = 100.0
-        assert aux_loss(changed, k, am) == pytest.approx(aux_loss(layers, k, am), rel=1e-12)
+        assert aux_loss(changed, k, pm) == pytest.approx(aux_loss(layers, k, pm), rel=1e-12)
     per_layer_ref = np.mean([_hf_aux((x,), n, k, am) for x in layers])
-    assert aux_loss(layers, k, am, pooled=False) == pytest.approx(per_layer_ref, rel=2e-6)
+    assert aux_loss(layers, k, pm, pooled=False) == pytest.approx(per_layer_ref, rel=2e-6)
 
 
 def test_aux_loss_single_tensor_and_3d_layers():
@@ -439,9 +446,13 @@ def test_aux_loss_bad_input():
     with pytest.raises(ShapeMismatch):
         aux_loss((z, torch.zeros(6, 3)), 1)
     with pytest.raises(ShapeMismatch):
-        aux_loss((z,), 1, attention_mask=torch.ones(2, 2))
-    with pytest.raises(InvalidParameter):
-        aux_loss((z,), 1, attention_mask=torch.zeros(2, 3))
+        aux_loss((z,), 1, padding_mask=torch.zeros(2, 2, dtype=torch.bool))
+    with pytest.raises(InvalidParameter, match="every token"):
+        aux_loss((z,), 1, padding_mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(InvalidParameter, match="True where the token is padding"):
+        aux_loss((z,), 1, padding_mask=torch.zeros(2, 3, dtype=torch.long))  # an int mask is ambiguous
+    with pytest.raises(InvalidParameter, match="attention_mask == 0"):
+        aux_loss((z,), 1, attention_mask=torch.ones(2, 3))
     with pytest.raises(InvalidScores):
         aux_loss((), 1)
     with pytest.raises(InvalidScores):

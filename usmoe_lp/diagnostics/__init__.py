@@ -1,7 +1,10 @@
 """Diagnostics on router logits: load, collapse, leakage, margins, counterfactual re-routing.
 
 Each module computes one family of metrics, in one shot on in-memory arrays or streaming with a
-mergeable partial (``XPartial.empty / update / merge / result``); :func:`analyze` drives them all
+mergeable partial (``XPartial.empty / update / merge / result``, the protocol
+:class:`~usmoe_lp.diagnostics.partial.Partial`); every router of the registry
+(:func:`usmoe_lp.routers.list_routers`) is re-routed, checked for leakage and certified from its
+registry entry, with no per-router code here. :func:`analyze` drives them all
 over a router log, and :func:`usmoe_lp.report.write_analyze_report` renders the result.
 (The one-shot ``counterfactual`` function stays in its module, ``usmoe_lp.diagnostics.counterfactual``,
 so that the package attribute remains the module.)
@@ -15,7 +18,6 @@ from usmoe_lp.diagnostics.analyze import (
     LayerAnalysis,
     analyze,
     analyze_logits,
-    routing_probs,
 )
 from usmoe_lp.diagnostics.collapse import (
     CollapsePartial,
@@ -36,9 +38,11 @@ from usmoe_lp.diagnostics.counterfactual import (
 )
 from usmoe_lp.diagnostics.leakage import (
     CrossSequenceStats,
+    DecodeStats,
     LeakagePartial,
     LeakageStats,
     cross_sequence_dependence,
+    decode_mismatch,
     prefix_consistency,
 )
 from usmoe_lp.diagnostics.load import (
@@ -58,13 +62,16 @@ from usmoe_lp.diagnostics.margins import (
     topc_margin,
     topk_margins,
 )
+from usmoe_lp.diagnostics.partial import Partial
 
 __all__ = [
-    "AnalyzeConfig", "AnalyzeResult", "LayerAnalysis", "analyze", "analyze_logits", "routing_probs",
+    "AnalyzeConfig", "AnalyzeResult", "LayerAnalysis", "analyze", "analyze_logits",
     "CollapsePartial", "CollapseStats", "collapse_stats", "cosine_matrix", "effective_rank", "router_row_similarity",
     "singular_spectrum", "span_energy",
     "CounterfactualPartial", "CounterfactualStats", "RouterConfig", "default_configs", "reroute",
-    "CrossSequenceStats", "LeakagePartial", "LeakageStats", "cross_sequence_dependence", "prefix_consistency",
+    "CrossSequenceStats", "DecodeStats", "LeakagePartial", "LeakageStats", "cross_sequence_dependence",
+    "decode_mismatch", "prefix_consistency",
     "LoadPartial", "LoadStats", "aux_loss", "balance_metrics", "load_stats", "router_z_loss",
     "GlobalMargin", "MarginPartial", "MarginStats", "fragile_counts", "margin_stats", "topc_margin", "topk_margins",
+    "Partial",
 ]

@@ -1,7 +1,7 @@
 """The analysis driver: one streaming pass per layer over a router log (or in-memory logits).
 
-For each MoE layer it feeds every chunk of tokens to the mergeable accumulators of the other
-modules of :mod:`usmoe_lp.diagnostics` —
+For each MoE layer it feeds every chunk of tokens to the mergeable partials
+(:class:`usmoe_lp.diagnostics.partial.Partial`) of the other modules of :mod:`usmoe_lp.diagnostics` —
 
 * load (:class:`~usmoe_lp.diagnostics.load.LoadPartial`) on the model's own selection;
 * collapse (:class:`~usmoe_lp.diagnostics.collapse.CollapsePartial`) on logits, probabilities and,
@@ -9,80 +9,104 @@ modules of :mod:`usmoe_lp.diagnostics` —
 * margins (:class:`~usmoe_lp.diagnostics.margins.MarginPartial`) of the model's top-k decisions;
 
 — and gathers a bounded *sample* of whole sequences (the first sequences of the log, at most
-``sequence_tokens`` tokens per layer) for the per-sequence analyses:
+``sequence_tokens`` tokens per layer) for the per-sequence analyses of every router setting of the
+grid (any router of the registry, :func:`usmoe_lp.routers.list_routers`; the grid is
+:func:`usmoe_lp.routers.default_configs` over the swept parameters):
 
-* counterfactual re-routing under TC, EC, USMoE and capacity-limited TC at matched budget, with
-  certificates (:class:`~usmoe_lp.diagnostics.counterfactual.CounterfactualPartial`);
-* prefix consistency (information leakage) of every re-routing
-  (:class:`~usmoe_lp.diagnostics.leakage.LeakagePartial`), and the cross-sequence dependence of
-  batch- and position-scoped top-c.
+* counterfactual re-routing at matched budget, with certificates
+  (:class:`~usmoe_lp.diagnostics.counterfactual.CounterfactualPartial`);
+* prefix consistency (information leakage) of every setting, by the entry's prefix rule
+  (:class:`~usmoe_lp.diagnostics.leakage.LeakagePartial`);
+* the cross-sequence dependence of settings whose program couples the sequences of a batch
+  (``entry.group(params)`` is ``batch`` or ``position``);
+* the KV-cache decode mismatch of every setting (:func:`~usmoe_lp.diagnostics.leakage.decode_mismatch`);
+* the global-threshold margins of settings whose prefix rule is ``global_topc`` with one group per
+  sequence.
 
 Memory is bounded by the chunk size plus the sequence sample, whatever the size of the log. Merging
 the per-layer partials gives the pooled statistics over all layers (for the aux loss this is what
 transformers' ``load_balancing_loss_func`` computes, since it concatenates the layers' tokens).
 
-Scores. The routing probabilities are the softmax of the logits for ``softmax``, ``softmax_topk``
-and ``unknown`` score functions, and the per-token normalised sigmoid for ``sigmoid`` layers
-(DeepSeek-V3 style). When the log records no selection, the model's selection is re-computed as the
-top-k of the selection scores (probabilities, plus the layer's ``selection_bias`` if any).
+Scores. The routing probabilities are :func:`usmoe_lp.routing.probabilities` with the layer's score
+function (softmax for ``softmax``, ``softmax_topk`` and ``unknown``; the per-token normalised
+sigmoid for ``sigmoid`` layers, DeepSeek-V3 style). Each router re-routes on its own scores
+(``entry.scores``), computed in float64. When the log records no selection, the model's selection
+is re-computed as the top-k of the selection scores (probabilities, plus the layer's
+``selection_bias`` if any), ties to the lowest expert index (:func:`recompute_model_selection`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from usmoe_lp._validate import check_int, round_half_up
+from usmoe_lp._validate import check_int, check_padding_mask
 from usmoe_lp.diagnostics.collapse import CollapsePartial, CollapseStats
-from usmoe_lp.diagnostics.counterfactual import (
-    CounterfactualPartial,
-    CounterfactualStats,
-    RouterConfig,
-    config_scores,
-    default_configs,
+from usmoe_lp.diagnostics.counterfactual import CounterfactualPartial, CounterfactualStats, config_scores
+from usmoe_lp.diagnostics.leakage import (
+    DEFAULT_MAX_RECOMPUTE_TOKENS,
+    DecodeStats,
+    LeakagePartial,
+    LeakageStats,
+    cross_sequence_dependence,
+    decode_mismatch,
 )
-from usmoe_lp.diagnostics.leakage import LeakagePartial, LeakageStats, cross_sequence_dependence
 from usmoe_lp.diagnostics.load import BALANCE_KEYS, LoadPartial, LoadStats
 from usmoe_lp.diagnostics.margins import MarginPartial, MarginStats, topc_margin
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk, RouterLog
-from usmoe_lp.routing.routers import global_topc, token_choice
+from usmoe_lp.routers import ROUTERS, RouterConfig, default_configs, get_router, list_routers
+from usmoe_lp.routing import probabilities
+from usmoe_lp.routing.routers import select_top
 
 Progress = Callable[[str, int, int], None]
 """``progress(layer, tokens_done, tokens_total)``, called after every chunk."""
+
+SHORTHANDS: Mapping[str, str] = {"alphas": "alpha", "kbars": "kbar", "scopes": "scope",
+                                 "capacity_factor": "capacity_factor"}
+"""AnalyzeConfig field -> the router parameter it sweeps (``capacity_factor``: Expert Choice's only)."""
+
+
+def default_routers() -> tuple[str, ...]:
+    """The routers ``analyze`` runs when none are named: the registry's ``in_default_sweep`` ones."""
+    return tuple(name for name, r in ROUTERS.items() if r.in_default_sweep)
 
 
 @dataclass(frozen=True)
 class AnalyzeConfig:
     """What :func:`analyze` computes and how much of the log it samples.
 
-    routers: counterfactual routers among ``tc``, ``ec``, ``usmoe``, ``capacity_tc``.
-    alphas, kbars, scopes: the USMoE grid (unified-score alpha; experts per token k-bar, None = a
-    default grid around the model's k; group scopes ``sequence``/``batch``/``position``).
-    capacity_factor: EC capacity factor (e = ceil(cf * T * k / N)); capacity-TC uses 1.25 (Switch).
+    routers: registry router names (:func:`usmoe_lp.routers.list_routers`); default the routers with
+    ``in_default_sweep``. sweep: parameter name -> values, swept for every router that has the
+    parameter (e.g. ``{"kbar": (1, 1.5), "policy": ("position", "priority")}``); parameters not swept
+    take the router's default (``kbar`` a grid around the model's k, ``alpha`` 0.3/0.5/0.7).
+    alphas, kbars, scopes: shorthands for the ``alpha``, ``kbar``, ``scope`` entries of ``sweep``
+    (None: the default). capacity_factor: Expert Choice's capacity factor (e = ceil(cf * T * k / N);
+    None: its default 1); capacity-TC keeps the Switch default 1.25 unless swept.
     chunk_tokens: tokens per streamed chunk. sequence_tokens: at most this many tokens per layer
     (whole sequences, first in the log) enter the per-sequence analyses. batch_size: sequences
-    grouped for the batch/position scopes. lp_sample: groups per config cross-checked by HiGHS, in
+    grouped for the batch/position groups. lp_sample: groups per config cross-checked by HiGHS, in
     the first ``lp_layers`` layers (the closed-form certificate covers every group of every layer;
     the LP solve is the expensive independent cross-check, a few seconds per config at 4096 x 64).
     eps: fragility thresholds (score units). leakage / counterfactual: switch those analyses off.
+    max_recompute_tokens: the leakage ``recompute`` rule's bound (longer sequences are sampled).
     hidden: use captured hidden states and router weights for the collapse metrics. threads: run the
     collapse Grams in a worker thread, overlapping the rest of each chunk (results are identical).
     """
 
-    routers: tuple[str, ...] = ("tc", "ec", "usmoe", "capacity_tc")
-    alphas: tuple[float, ...] = (0.3, 0.5, 0.7)
+    routers: tuple[str, ...] = field(default_factory=default_routers)
+    alphas: tuple[float, ...] | None = None
     kbars: tuple[float, ...] | None = None
-    scopes: tuple[str, ...] = ("sequence",)
-    capacity_factor: float = 1.0
+    scopes: tuple[str, ...] | None = ("sequence",)
+    capacity_factor: float | None = None
+    sweep: Mapping[str, tuple] = field(default_factory=dict)
     chunk_tokens: int = 65536
     sequence_tokens: int = 16384
     batch_size: int = 8
@@ -93,49 +117,86 @@ class AnalyzeConfig:
     counterfactual: bool = True
     hidden: bool = True
     threads: bool = True
+    max_recompute_tokens: int = DEFAULT_MAX_RECOMPUTE_TOKENS
 
     def __post_init__(self) -> None:
-        bad = [r for r in self.routers if r not in ("tc", "ec", "usmoe", "capacity_tc")]
-        if bad:
-            raise InvalidParameter(f"unknown router(s) {bad}; choose among tc, ec, usmoe, capacity_tc")
-        bad = [s for s in self.scopes if s not in ("sequence", "batch", "position")]
-        if bad:
-            raise InvalidParameter(f"unknown scope(s) {bad}; choose among sequence, batch, position")
+        set_ = object.__setattr__
+        names = (self.routers,) if isinstance(self.routers, str) else tuple(self.routers)
+        unknown = [r for r in names if not isinstance(r, str) or r not in ROUTERS]
+        if unknown:
+            raise InvalidParameter(f"unknown router(s) {', '.join(map(repr, unknown))}; choose among "
+                                   f"{', '.join(list_routers())}")
+        set_(self, "routers", tuple(dict.fromkeys(get_router(r).name for r in names)))
         for name in ("lp_sample", "lp_layers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise InvalidParameter(f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("chunk_tokens", "sequence_tokens", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InvalidParameter(f"{name} must be an integer >= 1, got {v!r}")
-        if not all(_is_real(a) and 0.0 <= a <= 1.0 for a in self.alphas):
-            raise InvalidParameter(f"alphas must lie in [0, 1], got {self.alphas}")
-        if self.kbars is not None and not all(_is_real(k) and math.isfinite(k) and k > 0 for k in self.kbars):
-            raise InvalidParameter(f"kbars must be finite and > 0, got {self.kbars}")
-        if not (_is_real(self.capacity_factor) and math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
-            raise InvalidParameter(f"capacity_factor must be finite and > 0, got {self.capacity_factor!r}")
-        if not self.eps or not all(_is_real(e) and math.isfinite(e) and e > 0 for e in self.eps):
+            set_(self, name, check_int(getattr(self, name), name, low=0))
+        for name in ("chunk_tokens", "sequence_tokens", "batch_size", "max_recompute_tokens"):
+            set_(self, name, check_int(getattr(self, name), name, low=1))
+        eps = tuple(self.eps) if isinstance(self.eps, Sequence) else ()
+        if not eps or not all(_is_real(e) and np.isfinite(e) and e > 0 for e in eps):
             raise InvalidParameter(f"eps must be finite thresholds > 0, got {self.eps}")
+        set_(self, "eps", eps)
         for name in ("leakage", "counterfactual", "hidden", "threads"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(f"{name} must be True or False, got {getattr(self, name)!r}")
         # a grid that is asked for but empty would silently drop its routers
         if self.counterfactual and not self.routers:
             raise InvalidParameter("routers is empty; name at least one router or set counterfactual=False")
-        if "usmoe" in self.routers:
-            empty = [name for name in ("alphas", "scopes") if not getattr(self, name)]
-            if self.kbars is not None and not self.kbars:
-                empty.append("kbars (None: the default grid)")
-            if empty:
-                raise InvalidParameter(f"{', '.join(empty)} must not be empty when routers includes usmoe")
+        if not isinstance(self.sweep, Mapping):
+            raise InvalidParameter(f"sweep must map parameter names to values, got {type(self.sweep).__name__}")
+        sweep = {}
+        for key, values in self.sweep.items():
+            short = _SHORTHAND_OF.get(key)
+            if short is not None and getattr(self, short) not in (None, _SHORTHAND_DEFAULTS.get(short)):
+                raise InvalidParameter(f"{key} is given twice: in sweep and as {short}")
+            sweep[str(key)] = self._check_values(f"sweep[{key!r}]", str(key), values, require_taker=True)
+        set_(self, "sweep", sweep)
+        for short, param in SHORTHANDS.items():
+            value = getattr(self, short)
+            if value is None:
+                continue
+            values = (value,) if short == "capacity_factor" else value
+            checked = self._check_values(short, param, values, require_taker=False, only=("ec",) if
+                                         short == "capacity_factor" else None)
+            set_(self, short, checked[0] if short == "capacity_factor" else checked)
+
+    def _check_values(self, where: str, param: str, values, *, require_taker: bool,
+                      only: tuple[str, ...] | None = None) -> tuple:
+        """``values`` as a tuple, each checked by every selected router that has ``param``."""
+        if isinstance(values, str) or not isinstance(values, Sequence | np.ndarray):
+            values = (values,)
+        values = tuple(v.item() if isinstance(v, np.generic) else v for v in values)
+        takers = [ROUTERS[r] for r in self.routers if param in ROUTERS[r].param_names and (only is None or r in only)]
+        if require_taker and not takers:
+            owners = [r.name for r in ROUTERS.values() if param in r.param_names]
+            raise InvalidParameter(f"{where}: no router of routers ({', '.join(self.routers) or 'none'}) takes "
+                                   f"{param}; it is a parameter of {', '.join(owners) or 'no registered router'}")
+        if takers and not values:
+            raise InvalidParameter(f"{where} must not be empty when routers includes {takers[0].name}")
+        for r in takers:
+            p = r.param(param)
+            try:
+                values = tuple(p.check(v, r.name) for v in values)
+            except InvalidParameter as exc:
+                raise InvalidParameter(f"{where}: {exc}") from None
+        return values
 
     def configs(self, k: int, num_experts: int) -> tuple[RouterConfig, ...]:
-        """The counterfactual router configurations for a layer with top-k ``k`` and N experts."""
-        kbars = None if self.kbars is None else tuple(kb for kb in self.kbars if kb <= num_experts)
-        all_configs = default_configs(k, alphas=self.alphas, kbars=kbars, scopes=self.scopes,
-                                      capacity_factor=self.capacity_factor, num_experts=num_experts)
-        return tuple(c for c in all_configs if c.router in self.routers)
+        """The counterfactual router settings for a layer with top-k ``k`` and N experts."""
+        short = {name: None if param in self.sweep else getattr(self, name) for name, param in SHORTHANDS.items()}
+        return default_configs(k, routers=self.routers, num_experts=num_experts, sweep=self.sweep, **short)
+
+    def swept_values(self) -> dict[str, tuple]:
+        """Every explicitly swept parameter -> its values (shorthands included)."""
+        out = dict(self.sweep)
+        for short, param in SHORTHANDS.items():
+            value = getattr(self, short)
+            if value is not None and value != _SHORTHAND_DEFAULTS.get(short):
+                out[param] = (value,) if short == "capacity_factor" else tuple(value)
+        return out
+
+
+_SHORTHAND_DEFAULTS = {"scopes": ("sequence",)}
+_SHORTHAND_OF = {param: name for name, param in SHORTHANDS.items()}
 
 
 def _is_real(v) -> bool:
@@ -168,20 +229,36 @@ def resolve_top_k(infos: Sequence[LayerInfo], top_k: int | None = None, *, name:
     return out
 
 
-def check_kbars(config: AnalyzeConfig, infos: Sequence[LayerInfo], *, name: str = "kbars") -> None:
-    """Refuse USMoE k-bars above a layer's number of experts N (they would be dropped without a word)."""
-    if config.kbars is None or not config.counterfactual or "usmoe" not in config.routers:
+def check_sweep(config: AnalyzeConfig, infos: Sequence[LayerInfo], *, names: Mapping[str, str] | None = None) -> None:
+    """Refuse swept values above a layer's number of experts N for parameters bounded by N (USMoE's
+    k-bar): they would be dropped from the grid without a word. ``names``: how the caller's
+    interface spells each parameter (``{"kbar": "--kbar"}`` on the command line)."""
+    if not config.counterfactual:
         return
-    for info in infos:
-        above = [kb for kb in config.kbars if kb > info.num_experts]
-        if above:
-            raise InvalidParameter(f"{name} {','.join(f'{kb:g}' for kb in above)} exceed the number of experts "
-                                   f"N = {info.num_experts} of layer {info.name!r}; USMoE k-bar must be <= N")
+    names = names or {}
+    for param, values in config.swept_values().items():
+        bounded = [r for r in config.routers
+                   if param in ROUTERS[r].param_names and ROUTERS[r].param(param).at_most_experts]
+        if not bounded:
+            continue
+        for info in infos:
+            above = [v for v in values if v > info.num_experts]
+            if above:
+                raise InvalidParameter(
+                    f"{names.get(param, param)} {','.join(f'{v:g}' for v in above)} exceed the number of experts "
+                    f"N = {info.num_experts} of layer {info.name!r}; {'/'.join(bounded)}'s {param} must be <= N")
 
 
 @dataclass(frozen=True)
 class LayerAnalysis:
-    """Everything measured on one layer (None where an analysis was off or impossible)."""
+    """Everything measured on one layer (None / empty where an analysis was off or impossible).
+
+    counterfactual: the re-routing of every setting; leakage: label -> prefix consistency;
+    cross_sequence: label -> cross-sequence dependence pooled over the sampled batches (keys
+    ``batches``, ``sequences``, ``tokens``, ``flip_rate``, ``token_flip_rate``, ``jaccard_distance``);
+    decode: label -> :class:`~usmoe_lp.diagnostics.leakage.DecodeStats` (KV-cache decode mismatch);
+    topc_margins: label -> global-threshold margin sums (``global_topc`` settings grouped per sequence).
+    """
 
     layer: str
     num_experts: int
@@ -198,6 +275,7 @@ class LayerAnalysis:
     topc_margins: dict[str, dict[str, Any]]
     sample_sequences: int
     sample_tokens: int
+    decode: dict[str, DecodeStats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -265,8 +343,13 @@ class AnalyzeResult:
         return pd.DataFrame(rows)
 
     def counterfactual_frame(self):
-        """Tidy counterfactual table: one row per layer x router configuration (plus ``pooled``),
-        with the leakage of each configuration joined in."""
+        """Tidy counterfactual table: one row per layer x router setting (plus ``pooled``), with the
+        leakage, cross-sequence, decode and top-c margin columns of each setting joined in
+        (columns: :meth:`CounterfactualRecord.row`, then ``flip_rate``, ``token_flip_rate``,
+        ``leak_jaccard_distance``, ``displacement_mean``, ``leak_positions_sampled``,
+        ``cross_flip_rate``, ``cross_token_flip_rate``, ``cross_jaccard_distance``, ``cross_tokens``,
+        ``kv_decode_token_flip_rate``, ``kv_decode_flip_rate``, ``topc_margin_mean``,
+        ``topc_fragile@eps``; NaN where a column does not apply)."""
         import pandas as pd
 
         frames = []
@@ -277,9 +360,10 @@ class AnalyzeResult:
             f.insert(0, "layer", la.layer)
             f = _join_leakage(f, la.leakage)
             cross = la.cross_sequence
-            f["cross_flip_rate"] = [cross[lb]["flip_rate"] if lb in cross else np.nan for lb in f["label"]]
-            f["cross_token_flip_rate"] = [cross[lb]["token_flip_rate"] if lb in cross else np.nan for lb in f["label"]]
+            for col, key in _CROSS_COLUMNS.items():
+                f[col] = [cross[lb][key] if lb in cross else np.nan for lb in f["label"]]
             f["cross_tokens"] = [cross[lb]["tokens"] if lb in cross else 0 for lb in f["label"]]
+            f = _join_decode(f, la.decode)
             for col, vals in _topc_columns(f["label"], [la.topc_margins]).items():
                 f[col] = vals
             frames.append(f)
@@ -292,10 +376,11 @@ class AnalyzeResult:
             for col in means.columns:  # balance per layer, then averaged (expert ids differ across layers)
                 f[col] = f["label"].map(means[col])
             tokens = per_layer.groupby("label", sort=False)["cross_tokens"].sum()
-            for col in ("cross_flip_rate", "cross_token_flip_rate"):
+            for col in _CROSS_COLUMNS:
                 w = (per_layer[col] * per_layer["cross_tokens"]).groupby(per_layer["label"], sort=False).sum()
                 f[col] = f["label"].map(w / tokens.where(tokens > 0))
             f["cross_tokens"] = f["label"].map(tokens).fillna(0).astype(int)
+            f = _join_decode(f, _merge_decode([la.decode for la in self.layers]))
             for col, vals in _topc_columns(f["label"], [la.topc_margins for la in self.layers]).items():
                 f[col] = vals
             frames.append(f)
@@ -370,6 +455,10 @@ def _load_row(s: LoadStats) -> dict[str, Any]:
             "zero_expert_rate": s.zero_expert_rate, "aux_loss": s.aux_loss, "z_loss": s.z_loss}
 
 
+_CROSS_COLUMNS = {"cross_flip_rate": "flip_rate", "cross_token_flip_rate": "token_flip_rate",
+                  "cross_jaccard_distance": "jaccard_distance"}
+
+
 def _topc_columns(labels, margin_dicts) -> dict[str, list[float]]:
     """Columns topc_margin_mean and topc_fragile@eps for each label, pooling the layers' sums."""
     rows = []
@@ -379,9 +468,7 @@ def _topc_columns(labels, margin_dicts) -> dict[str, list[float]]:
             rows.append({})
             continue
         pooled = {"sequences": sum(p["sequences"] for p in parts), "pairs": sum(p["pairs"] for p in parts),
-                  "margin_sum": sum(p["margin_sum"] for p in parts), "num_experts": parts[0]["num_experts"],
-                  **{key: sum(p[key] for p in parts) for key in ("decode_tokens", "decode_token_flips",
-                                                                 "decode_pair_flips")},
+                  "margin_sum": sum(p["margin_sum"] for p in parts),
                   "fragile_pairs": {e: sum(p["fragile_pairs"][e] for p in parts) for e in parts[0]["fragile_pairs"]}}
         rows.append(_topc_margin_row(pooled))
     cols = sorted({k for r in rows for k in r}, key=lambda k: (not k.startswith("topc_margin"), k))
@@ -390,12 +477,35 @@ def _topc_columns(labels, margin_dicts) -> dict[str, list[float]]:
 
 def _join_leakage(frame, leakage: Mapping[str, LeakageStats]):
     frame = frame.copy()
-    frame["flip_rate"] = [leakage[lb].flip_rate if lb in leakage else np.nan for lb in frame["label"]]
-    frame["token_flip_rate"] = [leakage[lb].token_flip_rate if lb in leakage else np.nan for lb in frame["label"]]
-    frame["leak_jaccard"] = [leakage[lb].jaccard if lb in leakage else np.nan for lb in frame["label"]]
-    frame["displacement_mean"] = [leakage[lb].displacement_mean if lb in leakage else np.nan
-                                  for lb in frame["label"]]
+
+    def col(attr):
+        return [getattr(leakage[lb], attr) if lb in leakage else np.nan for lb in frame["label"]]
+
+    frame["flip_rate"] = col("flip_rate")
+    frame["token_flip_rate"] = col("token_flip_rate")
+    frame["leak_jaccard_distance"] = col("jaccard_distance")
+    frame["displacement_mean"] = col("displacement_mean")
+    frame["leak_positions_sampled"] = col("positions_sampled")
     return frame
+
+
+def _join_decode(frame, decode: Mapping[str, DecodeStats]):
+    frame["kv_decode_token_flip_rate"] = [decode[lb].token_flip_rate if lb in decode else np.nan
+                                          for lb in frame["label"]]
+    frame["kv_decode_flip_rate"] = [decode[lb].flip_rate if lb in decode else np.nan for lb in frame["label"]]
+    return frame
+
+
+def _merge_decode(per_layer: Sequence[Mapping[str, DecodeStats]]) -> dict[str, DecodeStats]:
+    """Decode statistics pooled over the layers that have them (counts add; N must agree)."""
+    out: dict[str, DecodeStats] = {}
+    for d in per_layer:
+        for label, stats in d.items():
+            if label not in out:
+                out[label] = stats
+            elif out[label].num_experts == stats.num_experts:
+                out[label] = out[label].merge(stats)
+    return out
 
 
 # ============================================================================ sources
@@ -424,7 +534,7 @@ def _log_source(log: RouterLog) -> _Source:
                    model={"name": m.name, "family": m.family, "revision": m.revision} if m else {})
 
 
-def _memory_source(logits, *, top_k: int, attention_mask=None, score_function: str = "softmax",
+def _memory_source(logits, *, top_k: int, padding_mask=None, score_function: str = "softmax",
                    selected=None, name: str = "in-memory logits") -> _Source:
     if isinstance(logits, torch.Tensor | np.ndarray):
         logits = (logits,)
@@ -446,19 +556,20 @@ def _memory_source(logits, *, top_k: int, attention_mask=None, score_function: s
     if len(n_rows) != 1:
         raise ShapeMismatch(f"layers have different numbers of rows: { {k: v.shape[0] for k, v in tensors.items()} }")
     rows = n_rows.pop()
-    if attention_mask is not None:
-        am = torch.as_tensor(attention_mask).bool()
-        if am.ndim != 2 or am.numel() != rows:
-            raise ShapeMismatch(f"attention_mask of shape {tuple(am.shape)} does not cover the {rows} logit rows; "
-                                "expected (B, T) with B*T rows, 1 = real token")
-        B, T = am.shape
+    if padding_mask is not None:
+        pm = check_padding_mask(padding_mask).cpu()
+        if pm.ndim != 2 or pm.numel() != rows:
+            raise ShapeMismatch(f"padding_mask of shape {tuple(pm.shape)} does not cover the {rows} logit rows; "
+                                "expected (B, T) with B*T rows, True = padding")
+        B, T = pm.shape
+        real = ~pm
     else:
-        am = None
+        real = None
         B, T = 1, rows
     seq = torch.arange(B).repeat_interleave(T)
-    if am is not None:
-        positions = (am.long().cumsum(-1) - 1).clamp(min=0).reshape(-1)
-        keep = am.reshape(-1)
+    if real is not None:
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0).reshape(-1)
+        keep = real.reshape(-1)
     else:
         positions = torch.arange(T).repeat(B)
         keep = torch.ones(rows, dtype=torch.bool)
@@ -486,20 +597,6 @@ def _memory_source(logits, *, top_k: int, attention_mask=None, score_function: s
 
 
 # ============================================================================ scores and masks
-def routing_probs(logits: torch.Tensor, score_function: str) -> torch.Tensor:
-    """(n, N) float32 routing distribution of each token (rows sum to 1).
-
-    softmax / softmax_topk / unknown: softmax of the logits (for softmax_topk models such as GPT-OSS
-    the *full* softmax is the distribution analysed; the model renormalises over its top-k only).
-    sigmoid: sigmoid of the logits normalised per token (DeepSeek-V3 style routers).
-    """
-    z = logits.float()
-    if score_function == "sigmoid":
-        s = torch.sigmoid(z)
-        return s / s.sum(-1, keepdim=True).clamp_min(1e-30)
-    return torch.softmax(z, dim=-1)
-
-
 def selection_scores(logits: torch.Tensor, info: LayerInfo) -> torch.Tensor:
     """(n, N) float32 scores the model's top-k is taken over: the probabilities (sigmoid, not
     normalised, for sigmoid routers) plus the layer's selection bias when recorded."""
@@ -510,14 +607,38 @@ def selection_scores(logits: torch.Tensor, info: LayerInfo) -> torch.Tensor:
     return s
 
 
+def recompute_model_selection(scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None) -> torch.Tensor:
+    """(n, N) bool: the model's selection where the log records none — the top-k of its selection
+    scores (:func:`selection_scores`), ties to the lowest expert index (the rule of
+    :func:`usmoe_lp.routing.token_choice` and of ``select_top``).
+
+    sorted_rows: optionally (n, N) numpy, the rows of ``scores`` sorted ascending. Then the top-k of
+    a row whose k-th largest score beats its (k+1)-th is ``scores >= k-th largest`` (one comparison);
+    only rows with a tie at the boundary go through ``select_top`` (same selection as without).
+
+    The one place the model's routing is re-derived here; it becomes the registry's ``native``
+    router (``reroute(logits, "native", layer=info)``) when that entry exists.
+
+    >>> import torch
+    >>> recompute_model_selection(torch.tensor([[0.1, 0.3, 0.3, 0.3]]), 2).int().tolist()
+    [[0, 1, 1, 0]]
+    """
+    n, N = scores.shape
+    if sorted_rows is not None and k < N:
+        kth = sorted_rows[:, N - k]
+        mask = torch.from_numpy(scores.detach().cpu().numpy() >= kth[:, None])
+        tied = np.flatnonzero(~(kth > sorted_rows[:, N - k - 1]))  # ties at the boundary (or NaN)
+        if tied.size:
+            rows = torch.from_numpy(tied)
+            mask[rows] = select_top(scores[rows], torch.full((tied.size,), k, dtype=torch.long))
+        return mask
+    return select_top(scores, torch.full((n,), k, dtype=torch.long))
+
+
 def model_mask(chunk: Chunk, scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None
                ) -> tuple[torch.Tensor, str]:
-    """(n, N) bool selection of the model: the captured one when the log has it, else top-k of ``scores``.
-
-    sorted_rows: optionally (n, N) numpy, the rows of ``scores`` sorted ascending. Then the top-k of a
-    row whose k-th largest score beats its (k+1)-th is ``scores >= k-th largest`` (one comparison);
-    only rows with a tie at the boundary go through ``torch.topk`` (same selection as without).
-    """
+    """(n, N) bool selection of the model and its source: the captured one (``"captured"``) when
+    the log has it, else :func:`recompute_model_selection` of ``scores`` (``"recomputed top-k"``)."""
     n, N = scores.shape
     sel = chunk.selected
     if sel is not None:
@@ -529,21 +650,7 @@ def model_mask(chunk: Chunk, scores: torch.Tensor, k: int, sorted_rows: np.ndarr
         mask = torch.zeros(n, N + 1, dtype=torch.bool)
         mask.scatter_(1, torch.where(idx < 0, N, idx), True)  # -1 (no expert) lands in the spare column
         return mask[:, :N], "captured"
-    if sorted_rows is not None and k < N:
-        kth = sorted_rows[:, N - k]
-        mask_np = scores.detach().cpu().numpy() >= kth[:, None]
-        tied = np.flatnonzero(~(kth > sorted_rows[:, N - k - 1]))  # ties at the boundary (or NaN)
-        mask = torch.from_numpy(mask_np)
-        if tied.size:
-            rows = torch.from_numpy(tied)
-            sub = torch.zeros(len(tied), N, dtype=torch.bool)
-            sub.scatter_(1, torch.topk(scores[rows], k, dim=-1).indices, True)
-            mask[rows] = sub
-        return mask, "recomputed top-k"
-    idx = torch.topk(scores, k, dim=-1).indices
-    mask = torch.zeros(n, N, dtype=torch.bool)
-    mask.scatter_(1, idx, True)
-    return mask, "recomputed top-k"
+    return recompute_model_selection(scores, k, sorted_rows), "recomputed top-k"
 
 
 # ============================================================================ sequence sample
@@ -599,16 +706,6 @@ def _batches(seqs, batch_size: int):
         yield logits, mask, pad
 
 
-def _leakage_params(cfg: RouterConfig) -> dict[str, Any] | None:
-    if cfg.router == "tc":
-        return {"k": cfg.k}
-    if cfg.router == "ec":
-        return {"k": cfg.k, "capacity_factor": cfg.capacity_factor}
-    if cfg.router == "usmoe" and cfg.scope == "sequence":
-        return {"kbar": cfg.kbar}
-    return None  # capacity-TC drops depend on the whole sequence too, but it has no prefix router here
-
-
 # ============================================================================ the driver
 def analyze(log, *, config: AnalyzeConfig | None = None, layers: Sequence[str] | None = None, top_k: int | None = None,
             progress: Progress | None = None) -> AnalyzeResult:
@@ -625,14 +722,20 @@ def analyze(log, *, config: AnalyzeConfig | None = None, layers: Sequence[str] |
     return _analyze(_log_source(log), config or AnalyzeConfig(), layers, top_k, progress)
 
 
-def analyze_logits(router_logits, *, top_k: int, attention_mask=None, score_function: str = "softmax",
-                   selected=None, config: AnalyzeConfig | None = None) -> AnalyzeResult:
+def analyze_logits(router_logits, *, top_k: int, padding_mask=None, score_function: str = "softmax",
+                   selected=None, config: AnalyzeConfig | None = None, attention_mask=None) -> AnalyzeResult:
     """:func:`analyze` on in-memory logits, e.g. the tuple transformers returns with
     ``output_router_logits=True`` (one (B*T, N) tensor per layer), a dict layer -> (B, T, N), or one
-    tensor. attention_mask: (B, T), 1 = real token (transformers' convention); required to split
-    a (B*T, N) tensor into sequences. selected: optional per-layer (n, k) indices the model used.
+    tensor. padding_mask: (B, T) bool, True = padding (the package's one convention); required to
+    split a (B*T, N) tensor into sequences. selected: optional per-layer (n, k) indices the model used.
+
+    ``attention_mask`` is refused with the conversion to use (``padding_mask = attention_mask == 0``).
     """
-    src = _memory_source(router_logits, top_k=top_k, attention_mask=attention_mask,
+    if attention_mask is not None:
+        raise InvalidParameter("analyze_logits takes padding_mask= (bool, True = padding), not attention_mask=; "
+                               "from a Hugging Face attention_mask (1 = real token) pass "
+                               "padding_mask = attention_mask == 0")
+    src = _memory_source(router_logits, top_k=top_k, padding_mask=padding_mask,
                          score_function=score_function, selected=selected)
     return _analyze(src, config or AnalyzeConfig(), None, top_k, None)
 
@@ -649,7 +752,7 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress) -> Analy
     if src.num_tokens == 0:
         raise InvalidScores(f"{src.name}: the log holds no tokens")
     ks = resolve_top_k([infos[n] for n in names], top_k)  # every layer checked before any work
-    check_kbars(cfg, [infos[n] for n in names])
+    check_sweep(cfg, [infos[n] for n in names])
     weights = src.router_weights() if cfg.hidden else None
     results, load_parts, cf_parts, leak_parts = [], [], [], {}
     read_seconds = 0.0
@@ -664,10 +767,12 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress) -> Analy
         for label, part in out.leakage.items():
             leak_parts.setdefault(label, []).append(part)
         read_seconds += out.read_seconds
-    # Layers may differ in N (then pooling is undefined): pool only when every layer agrees.
+    # Layers may differ in N or k (then pooling is undefined): pool only when every layer agrees.
     same_n = len({la.num_experts for la in results}) == 1
+    same_cf = (same_n and len(cf_parts) == len(results) and len({p.configs for p in cf_parts}) == 1
+               and len({p.score_function for p in cf_parts}) == 1)
     pooled_load = _merge_all(load_parts).result() if same_n else None
-    pooled_cf = _merge_all(cf_parts).result() if (cf_parts and same_n and len(cf_parts) == len(results)) else None
+    pooled_cf = _merge_all(cf_parts).result() if cf_parts and same_cf else None
     pooled_leak = {label: _merge_all(parts).result() for label, parts in leak_parts.items()
                    if len(parts) == len(results)} if same_n else {}
     return AnalyzeResult(source=src.name, model=src.model, config=cfg, layers=tuple(results),
@@ -716,7 +821,7 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
         if chunk is None:
             break
         logits = chunk.logits.float()
-        probs = routing_probs(logits, info.score_function)
+        probs = probabilities(logits, info.score_function)
         scores = selection_scores(logits, info) if (info.score_function == "sigmoid" or info.selection_bias) \
             else probs
         srt = None
@@ -748,73 +853,55 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
     w = None if weights is None else weights.get(info.name)
     collapse_stats = collapse.result(router_weights=None if w is None else w.float())
 
-    cf_part, leak_parts, cross = None, {}, {}
+    cf_part, leak_parts, cross, decode, topc = None, {}, {}, {}, {}
     seqs = sample.sequences() if sample is not None else []
     configs = cfg.configs(k, N)
+    sf = info.score_function
     if seqs and cfg.counterfactual:
         cf_part = CounterfactualPartial.empty(N, configs, lp_sample=lp_sample)
         for logits_b, mask_b, pad_b in _batches(seqs, cfg.batch_size):
-            cf_part.update(logits_b, padding_mask=pad_b, model_mask=mask_b, score_function=_cf_score(info))
-    topc: dict[str, dict[str, Any]] = {}
+            cf_part.update(logits_b, padding_mask=pad_b, model_mask=mask_b, layer=info)
     if seqs and (cfg.leakage or cfg.counterfactual):
+        z64 = [z.double() for _, z, _ in seqs]
         for c in configs:
-            if c.router == "usmoe" and c.scope == "sequence":
-                topc[c.label] = _topc_margin_sums(c, seqs, _cf_score(info), cfg.eps)
-    if seqs and cfg.leakage:
-        for c in configs:
-            params = _leakage_params(c)
-            if params is None:
-                continue
-            part = LeakagePartial.empty(c.router, num_experts=N, **params)
-            for _, z, _ in seqs:
-                part.update(config_scores(z, c, _cf_score(info)))
-            leak_parts[c.label] = part
-        for c in configs:
-            if c.router == "usmoe" and c.scope in ("batch", "position"):
-                stats = [cross_sequence_dependence(config_scores(lb, c, _cf_score(info)), kbar=c.kbar,
-                                                   scope=c.scope, padding_mask=pb)
-                         for lb, _, pb in _batches(seqs, cfg.batch_size) if lb.shape[0] > 1]
-                if stats:
-                    cross[c.label] = _mean_cross(stats)
+            entry, params = c.entry, c.param_dict
+            own = [config_scores(z, c, sf, info) for z in z64]  # float64: margins are small differences
+            if cfg.leakage:
+                part = LeakagePartial.empty(c, num_experts=N, layer=info, max_recompute_tokens=cfg.max_recompute_tokens)
+                for u in own:
+                    part.update(u)
+                leak_parts[c.label] = part
+                decode[c.label] = _merge_all([decode_mismatch(u, c, layer=info) for u in own])
+                if entry.group(params) in ("batch", "position"):
+                    stats = [cross_sequence_dependence(config_scores(lb.double(), c, sf, info), c, padding_mask=pb,
+                                                       layer=info)
+                             for lb, _, pb in _batches(seqs, cfg.batch_size) if lb.shape[0] > 1]
+                    if stats:
+                        cross[c.label] = _mean_cross(stats)
+            if entry.prefix == "global_topc" and entry.group(params) == "sequence":
+                topc[c.label] = _topc_margin_sums(c, own, cfg.eps)
     analysis = LayerAnalysis(
         layer=info.name, num_experts=N, top_k=k, score_function=info.score_function, num_tokens=done,
         selection_source=source, load=load.result(), collapse=collapse_stats, margins=margins.result(),
         counterfactual=cf_part.result() if cf_part is not None else None,
         leakage={label: p.result() for label, p in leak_parts.items()}, cross_sequence=cross, topc_margins=topc,
-        sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs))
+        sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs), decode=decode)
     return _LayerOut(analysis, load, cf_part, leak_parts, read_seconds)
 
 
-def _cf_score(info: LayerInfo) -> str:
-    """Score function for re-routing: sigmoid routers re-route on normalised sigmoids, every other
-    (softmax, softmax_topk, unknown) on the softmax — the same convention as :func:`routing_probs`."""
-    return "sigmoid" if info.score_function == "sigmoid" else "softmax"
+def _topc_margin_sums(cfg: RouterConfig, own: Sequence[torch.Tensor], eps) -> dict[str, Any]:
+    """Global-threshold margins of a ``global_topc`` setting grouped per sequence over the sampled
+    sequences (own scores, (T, N) float64 each), as sums (so layers pool by adding).
 
-
-def _topc_margin_sums(cfg: RouterConfig, seqs, score_function: str, eps) -> dict[str, Any]:
-    """Global-threshold margins and the KV-cache decoding mismatch of a sequence-scoped USMoE config
-    over the sampled sequences, as sums (so layers pool by adding).
-
-    Margins: the c-th minus (c+1)-th largest unified score of each sequence, and the pairs within eps
-    of the sequence's boundary (Megatron-LM's boundary margin, at the global cut). Decoding mismatch: with a KV
-    cache every decode step routes a group of ONE token with c = round_half_up(k-bar), i.e. Token
-    Choice with k' = round_half_up(k-bar) on the unified score (for k' = k, the model's own TC, since
-    the unified score is increasing in each logit); counted are the tokens (and token-expert pairs)
-    whose decode-time routing differs from the full-sequence top-c the model would be trained with."""
+    Margins: the c-th minus (c+1)-th largest own score of each sequence, c = the entry's
+    ``prefix_budget`` of the whole sequence, and the pairs within eps of the sequence's boundary
+    (Megatron-LM's boundary margin, at the global cut)."""
     margin_sum, sequences, pairs = 0.0, 0, 0
     fragile = dict.fromkeys(eps, 0)
-    k_step = round_half_up(cfg.kbar)  # the budget of a decode step: a group of one token
-    dec_tokens = dec_token_flips = dec_pair_flips = 0
-    for _, z, _ in seqs:
-        ut = config_scores(z.double(), cfg, score_function)  # float64: margins are small differences
-        u = ut.numpy()
-        full = global_topc(ut, kbar=cfg.kbar).mask
-        step = token_choice(ut, k_step).mask if k_step >= 1 else torch.zeros_like(full)
-        diff = full != step
-        dec_tokens += int(u.shape[0])
-        dec_token_flips += int(diff.any(dim=1).sum())
-        dec_pair_flips += int(diff.sum())
-        c = round_half_up(cfg.kbar * u.shape[0])
+    for ut in own:
+        u = ut.detach().cpu().numpy()
+        T, N = u.shape
+        c = cfg.entry.prefix_budget(T, N, cfg.param_dict, cfg.k)
         if not 1 <= c < u.size:
             continue
         g = topc_margin(u, c, eps=eps)
@@ -823,17 +910,12 @@ def _topc_margin_sums(cfg: RouterConfig, seqs, score_function: str, eps) -> dict
         pairs += u.size
         for e in eps:
             fragile[e] += round(g.fragile_share[e] * u.size)
-    return {"sequences": sequences, "pairs": pairs, "margin_sum": margin_sum, "fragile_pairs": fragile,
-            "decode_tokens": dec_tokens, "decode_token_flips": dec_token_flips, "decode_pair_flips": dec_pair_flips,
-            "decode_k": k_step, "num_experts": int(z.shape[1]) if seqs else 0}
+    return {"sequences": sequences, "pairs": pairs, "margin_sum": margin_sum, "fragile_pairs": fragile}
 
 
 def _topc_margin_row(sums: dict[str, Any]) -> dict[str, float]:
     n, pairs = sums["sequences"], sums["pairs"]
     row = {"topc_margin_mean": sums["margin_sum"] / n if n else float("nan")}
-    t = sums.get("decode_tokens", 0)
-    row["kv_decode_token_flip_rate"] = sums["decode_token_flips"] / t if t else float("nan")
-    row["kv_decode_flip_rate"] = sums["decode_pair_flips"] / (t * sums["num_experts"]) if t else float("nan")
     for e, v in sums["fragile_pairs"].items():
         row[f"topc_fragile@{e:g}"] = v / pairs if pairs else float("nan")
     return row
@@ -846,4 +928,4 @@ def _mean_cross(stats) -> dict[str, Any]:
     return {"batches": len(stats), "sequences": sum(s.num_sequences for s in stats), "tokens": tokens,
             "flip_rate": float(sum(wi * s.flip_rate for wi, s in zip(w, stats, strict=True))),
             "token_flip_rate": float(sum(wi * s.token_flip_rate for wi, s in zip(w, stats, strict=True))),
-            "jaccard": float(sum(wi * s.jaccard for wi, s in zip(w, stats, strict=True)))}
+            "jaccard_distance": float(sum(wi * s.jaccard_distance for wi, s in zip(w, stats, strict=True)))}

@@ -1,7 +1,13 @@
-"""``usmoe-lp analyze LOG --out DIR``: parse arguments, call :func:`analyze`, write the report, print a summary."""
+"""``usmoe-lp analyze LOG --out DIR``: parse arguments, call :func:`analyze`, write the report, print a summary.
+
+Routers are the registry's (:func:`usmoe_lp.routers.list_routers`): ``--routers`` names any of them,
+and ``--param NAME=V1,V2`` sweeps any router parameter (repeatable), so a router added to the registry
+is available here with no edit.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -12,8 +18,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from usmoe_lp.cli_errors import fail
+from usmoe_lp.diagnostics.analyze import default_routers
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.logs.errors import LogError
+from usmoe_lp.routers import ROUTERS, list_routers
+
+_SHORT_FLAGS = {"alphas": "--alpha", "kbars": "--kbar", "scopes": "--scope", "capacity_factor": "--capacity-factor"}
 
 
 def _floats(text: str, name: str) -> tuple[float, ...]:
@@ -27,15 +37,78 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+def _routers(text: str) -> tuple[str, ...]:
+    names = _names(text)
+    if not names:
+        return default_routers()
+    unknown = [n for n in names if n not in ROUTERS]
+    if unknown:
+        raise InvalidParameter(f"--routers {','.join(unknown)}: unknown router; "
+                               f"choose one of {', '.join(list_routers())}")
+    return names
+
+
+def _value(text: str, kind: type, flag: str):
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise InvalidParameter(f"{flag}: {text!r} is not true or false")
+    if kind is str:
+        return text.strip()
+    try:
+        return kind(text)
+    except ValueError:
+        raise InvalidParameter(f"{flag}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def parse_params(items: list[str] | None, routers: tuple[str, ...]) -> dict[str, tuple]:
+    """``--param NAME=V1,V2`` items -> the sweep ``{NAME: (V1, V2)}``, values typed by the parameter's
+    kind in the first of ``routers`` that has it."""
+    sweep: dict[str, tuple] = {}
+    for item in items or ():
+        name, sep, values = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not values.strip():
+            raise InvalidParameter(f"--param {item!r}: expected NAME=V1,V2 (e.g. --param kbar=1,1.5)")
+        owners = [r for r in routers if name in ROUTERS[r].param_names]
+        if not owners:
+            anyone = [r.name for r in ROUTERS.values() if name in r.param_names]
+            where = f"a parameter of {', '.join(anyone)}" if anyone else "a parameter of no registered router"
+            raise InvalidParameter(f"--param {name}: no router of --routers ({','.join(routers)}) takes it; "
+                                   f"it is {where}")
+        if name in sweep:
+            raise InvalidParameter(f"--param {name} is given twice; list its values once: --param {name}=V1,V2")
+        kind = ROUTERS[owners[0]].param(name).kind
+        sweep[name] = tuple(_value(v, kind, f"--param {name}") for v in values.split(",") if v.strip())
+    return sweep
+
+
+def _cli_words(exc: InvalidParameter) -> InvalidParameter:
+    """An AnalyzeConfig error in the command's words (``sweep['kbar']`` -> ``--param kbar``)."""
+    text = re.sub(r"sweep\['([\w]+)'\]", r"--param \1", str(exc))
+    for name, flag in _SHORT_FLAGS.items():
+        text = re.sub(rf"^{name}:", f"{flag}:", text)
+    return InvalidParameter(text)
+
+
 def analyze_command(
     log: Annotated[Path, typer.Argument(help="Router log directory (manifest.json + shards/).")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (created).")] = Path("analysis"),
-    routers: Annotated[str, typer.Option(help="Counterfactual routers: tc, ec, usmoe, capacity_tc.")]
-    = "tc,ec,usmoe,capacity_tc",
-    alpha: Annotated[str, typer.Option(help="USMoE unified-score alphas.")] = "0.3,0.5,0.7",
-    kbar: Annotated[str, typer.Option(help="USMoE experts per token (fractional allowed); default around k.")] = "",
+    routers: Annotated[str, typer.Option(help=f"Routers to re-route, comma-separated, among "
+                                              f"{', '.join(list_routers())} (default: {','.join(default_routers())}).")]
+    = "",
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="Sweep a router parameter: NAME=V1,V2 (repeatable), e.g. --param kbar=1,1.5 "
+                        "--param policy=position,priority; every router that has NAME takes each value.")] = None,
+    alpha: Annotated[str, typer.Option(help="USMoE unified-score alphas (default 0.3,0.5,0.7).")] = "",
+    kbar: Annotated[str, typer.Option(help="Experts per token on average (fractional allowed); default around k.")]
+    = "",
     scope: Annotated[str, typer.Option(help="USMoE scopes: sequence, batch, position.")] = "sequence",
-    capacity_factor: Annotated[float, typer.Option(help="EC capacity factor: e = ceil(cf T k / N).")] = 1.0,
+    capacity_factor: Annotated[float | None, typer.Option(help="EC capacity factor: e = ceil(cf T k / N) "
+                                                                "(default 1).")] = None,
     layers: Annotated[str, typer.Option(help="Comma-separated layer names (default: all).")] = "",
     top_k: Annotated[int, typer.Option(help="Model top-k where the log does not record it (0 = from the log; "
                                             "an error where the log records another k).")] = 0,
@@ -52,40 +125,48 @@ def analyze_command(
     Writes metrics.json, report.md, report.html and PNG figures into --out. The report is built
     aside and replaces --out only when complete; an existing report needs --overwrite.
     """
-    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze, check_kbars, resolve_top_k
+    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze, check_sweep, resolve_top_k
     from usmoe_lp.logs.reader import RouterLog
     from usmoe_lp.report.analyze_report import check_analyze_destination, summary_lines, write_analyze_report
 
     console, err = Console(), Console(stderr=True)
     try:
-        cfg = AnalyzeConfig(routers=_names(routers), alphas=_floats(alpha, "alpha"),
-                            kbars=_floats(kbar, "kbar") or None, scopes=_names(scope),
-                            capacity_factor=capacity_factor, chunk_tokens=chunk_tokens,
-                            sequence_tokens=sequence_tokens, leakage=not no_leakage,
-                            counterfactual=not no_counterfactual)
+        names = _routers(routers)
+        sweep = parse_params(param, names)
+        try:
+            cfg = AnalyzeConfig(routers=names, sweep=sweep, alphas=_floats(alpha, "alpha") or None,
+                                kbars=_floats(kbar, "kbar") or None, scopes=_names(scope) or None,
+                                capacity_factor=capacity_factor, chunk_tokens=chunk_tokens,
+                                sequence_tokens=sequence_tokens, leakage=not no_leakage,
+                                counterfactual=not no_counterfactual)
+        except InvalidParameter as exc:
+            raise _cli_words(exc) from None
         if top_k < 0:
             raise InvalidParameter(f"--top-k must be >= 0 (0: the k the log records), got {top_k}")
         check_analyze_destination(out, log=log, overwrite=overwrite, overwrite_flag="--overwrite",
                                   out_flag="--out")
         rlog = RouterLog.open(log)
-        names = _names(layers) or rlog.layers
-        unknown = [n for n in names if n not in rlog.layers]
+        layer_names = _names(layers) or rlog.layers
+        unknown = [n for n in layer_names if n not in rlog.layers]
         if unknown:
             raise InvalidParameter(f"--layers {','.join(unknown)}: not in the log; it has {','.join(rlog.layers)}")
-        infos = [rlog.layer_info(n) for n in names]
+        infos = [rlog.layer_info(n) for n in layer_names]
         resolve_top_k(infos, top_k or None, name="--top-k")
-        check_kbars(cfg, infos, name="--kbar")
+        flags = {p: f"--param {p}" for p in sweep}
+        flags.update({p: _SHORT_FLAGS[s] for s, p in (("alphas", "alpha"), ("kbars", "kbar"), ("scopes", "scope"),
+                                                      ("capacity_factor", "capacity_factor")) if p not in sweep})
+        check_sweep(cfg, infos, names=flags)
         t0 = time.perf_counter()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("tokens"), TimeElapsedColumn(), console=err, transient=True) as bar:
-            task = bar.add_task("analyse", total=len(names) * rlog.num_tokens)
+            task = bar.add_task("analyse", total=len(layer_names) * rlog.num_tokens)
             finished: dict[str, int] = {}
 
             def progress(layer: str, done: int, total: int) -> None:
                 finished[layer] = done
                 bar.update(task, completed=sum(finished.values()), description=f"layer {layer}")
 
-            result = analyze(rlog, config=cfg, layers=names, top_k=top_k or None, progress=progress)
+            result = analyze(rlog, config=cfg, layers=layer_names, top_k=top_k or None, progress=progress)
         written = write_analyze_report(result, out, overwrite=overwrite, overwrite_flag="--overwrite")
     except (UsmoeLpError, LogError) as exc:
         raise fail(exc) from None

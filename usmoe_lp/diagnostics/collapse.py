@@ -37,12 +37,13 @@ is the smallest singular value reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import scipy.linalg
 import torch
 
+from usmoe_lp._json import json_ready
 from usmoe_lp._validate import check_int
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 
@@ -312,10 +313,6 @@ def _cosine_from_gram(gram: np.ndarray) -> np.ndarray:
     return cos
 
 
-def _as_list(a: np.ndarray | None):
-    return None if a is None else a.tolist()
-
-
 @dataclass(frozen=True, eq=False)
 class CollapseStats:
     """Representation-collapse statistics of one layer (or of several layers pooled).
@@ -363,26 +360,8 @@ class CollapseStats:
     span_energy_isotropic: float | None = None
 
     def to_dict(self) -> dict:
-        """JSON-ready plain Python: ints, floats, None, lists (spectra as lists of floats)."""
-        return {
-            "num_tokens": self.num_tokens,
-            "num_experts": self.num_experts,
-            "max_rank": self.max_rank,
-            "logit_spectrum": _as_list(self.logit_spectrum),
-            "logit_effective_rank": self.logit_effective_rank,
-            "logit_spectrum_centered": _as_list(self.logit_spectrum_centered),
-            "logit_effective_rank_centered": self.logit_effective_rank_centered,
-            "logit_effective_rank_column_centered": self.logit_effective_rank_column_centered,
-            "expert_cosine": _as_list(self.expert_cosine),
-            "mean_expert_cosine": self.mean_expert_cosine,
-            "probs_source": self.probs_source,
-            "hidden_dim": self.hidden_dim,
-            "hidden_spectrum": _as_list(self.hidden_spectrum),
-            "hidden_effective_rank": self.hidden_effective_rank,
-            "router_row_similarity": self.router_row_similarity,
-            "span_energy": self.span_energy,
-            "span_energy_isotropic": self.span_energy_isotropic,
-        }
+        """JSON-ready plain Python: ints, floats, None, lists (spectra as lists of floats; NaN None)."""
+        return json_ready({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 class CollapsePartial:

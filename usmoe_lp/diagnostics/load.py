@@ -17,7 +17,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from usmoe_lp._validate import check_int
+from usmoe_lp._json import json_ready
+from usmoe_lp._validate import PADDING_CONVENTION, check_int, check_padding_mask
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 
 COLD_SHARE = 0.001  # moewatch's dead/cold threshold on the load share
@@ -230,18 +231,12 @@ def _logsumexp_rows(z: np.ndarray) -> np.ndarray:
     return m + np.log(_row_sums(np.exp(z - m[:, None])))
 
 
-def _nan_to_none(v):
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
-
-
 # ---------------------------------------------------------------------------------------------
 # Result and accumulator
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoadStats:
     """Load-balance statistics of one routing (one layer, or several layers pooled).
 
@@ -249,7 +244,8 @@ class LoadStats:
 
     - ``num_tokens``, ``num_experts``: T (tokens analysed, all layers together when pooled) and N.
     - ``top_k``: the router's k if known (None otherwise); informative only.
-    - ``counts``: (N,) ints c_e; ``load_share``: (N,) l_e = c_e / sum c (shares, sum 1).
+    - ``counts``: (N,) int64 array c_e; ``load_share``: (N,) float64 array l_e = c_e / sum c
+      (shares, sum 1).
     - ``entropy``: normalised load entropy H(l)/log N in [0, 1]; ``entropy_nats``: H(l) in nats.
     - ``token_entropy``: mean over tokens of H(q_t) in nats, q_t = p_t / sum_e p_{t,e} (each row of
       probs normalised to sum 1, so sigmoid scores are handled too); ``token_entropy_normalised``:
@@ -259,7 +255,7 @@ class LoadStats:
       The three entropies differ in general (moewatch reports the first two both as "entropy").
     - ``maxvio``, ``max_over_mean``, ``cv`` (population), ``gini``, ``dead_experts``,
       ``cold_experts``, ``utilisation``: as in :func:`balance_metrics`.
-    - ``experts_per_token``: (N+1,) ints, entry j = number of tokens that got exactly j experts.
+    - ``experts_per_token``: (N+1,) int64 array, entry j = number of tokens that got exactly j experts.
     - ``mean_experts_per_token``: pairs / T (k for Top-k; fractional for EC / global top-c).
     - ``zero_expert_rate``: share of tokens with no expert (dropped tokens).
     - ``aux_loss``: Switch/GShard L = N * sum_e f_e P_e, f_e = c_e / T (sums to k under top-k, as in
@@ -277,8 +273,8 @@ class LoadStats:
     num_tokens: int
     num_experts: int
     top_k: int | None
-    counts: tuple[int, ...]
-    load_share: tuple[float, ...]
+    counts: np.ndarray
+    load_share: np.ndarray
     entropy: float
     entropy_nats: float
     token_entropy: float | None
@@ -292,7 +288,7 @@ class LoadStats:
     dead_experts: int
     cold_experts: int
     utilisation: float
-    experts_per_token: tuple[int, ...]
+    experts_per_token: np.ndarray
     mean_experts_per_token: float
     zero_expert_rate: float
     aux_loss: float | None
@@ -300,12 +296,8 @@ class LoadStats:
     importance_cv2: float | None
 
     def to_dict(self) -> dict:
-        """JSON-serialisable plain Python (tuples become lists, NaN becomes None), keyed by field name."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = [_nan_to_none(x) for x in v] if isinstance(v, tuple) else _nan_to_none(v)
-        return out
+        """JSON-serialisable plain Python (arrays become lists, NaN becomes None), keyed by field name."""
+        return json_ready({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 class LoadPartial:
@@ -330,7 +322,7 @@ class LoadPartial:
     >>> b = LoadPartial.empty(4, top_k=1)
     >>> b.update(np.eye(4, dtype=bool)[[2, 3]])
     >>> a.merge(b).result().counts
-    (2, 1, 1, 1)
+    array([2, 1, 1, 1])
     """
 
     def __init__(self, num_experts: int, top_k: int | None = None) -> None:
@@ -414,7 +406,7 @@ class LoadPartial:
         n, t = self.num_experts, self.num_tokens
         bal = balance_metrics(self.counts)
         total = int(self.counts.sum())
-        share = tuple(float(v) for v in (self.counts / total if total else np.full(n, np.nan)))
+        share = self.counts / total if total else np.full(n, np.nan)
         log_n = math.log(n)
         nan = float("nan")
         has_p = self.prob_tokens == t and t > 0
@@ -432,7 +424,7 @@ class LoadPartial:
             num_tokens=t,
             num_experts=n,
             top_k=self.top_k,
-            counts=tuple(int(v) for v in self.counts),
+            counts=self.counts.copy(),
             load_share=share,
             entropy=bal["load_entropy"],
             entropy_nats=bal["load_entropy_nats"],
@@ -447,7 +439,7 @@ class LoadPartial:
             dead_experts=bal["dead_experts"],
             cold_experts=bal["cold_experts"],
             utilisation=bal["utilisation"],
-            experts_per_token=tuple(int(v) for v in self.hist),
+            experts_per_token=self.hist.copy(),
             mean_experts_per_token=total / t if t else nan,
             zero_expert_rate=int(self.hist[0]) / t if t else nan,
             aux_loss=aux,
@@ -474,7 +466,7 @@ def load_stats(mask, probs=None, *, logits=None, top_k: int | None = None) -> Lo
     >>> mask = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0]], dtype=bool)
     >>> s = load_stats(mask)
     >>> s.counts, s.maxvio, s.dead_experts, s.experts_per_token, round(s.zero_expert_rate, 3)
-    ((3, 1, 1, 0), 1.4, 1, (0, 1, 2, 0, 0), 0.0)
+    (array([3, 1, 1, 0]), 1.4, 1, array([0, 1, 2, 0, 0]), 0.0)
     """
     m = _check_mask(mask, None)
     acc = LoadPartial.empty(m.shape[1], top_k)
@@ -522,7 +514,7 @@ def _topk_mask(p: np.ndarray, k: int) -> np.ndarray:
     return m
 
 
-def aux_loss(router_logits, k: int, attention_mask=None, pooled: bool = True) -> float:
+def aux_loss(router_logits, k: int, padding_mask=None, pooled: bool = True, *, attention_mask=None) -> float:
     """Switch/GShard load-balancing loss on transformers' router logits (Fedus et al. 2022, eqs. 4-6).
 
     Args:
@@ -530,8 +522,10 @@ def aux_loss(router_logits, k: int, attention_mask=None, pooled: bool = True) ->
             ``output_router_logits=True``: each layer (B*T, N) float (a (B, T, N) layer is
             flattened); a single tensor is taken as one layer (transformers would return 0).
         k: experts per token (top-k of the softmax, ties to the lowest expert index), 1 <= k <= N.
-        attention_mask: optional (B, T) 0/1, 1 = real token, as in transformers; padding rows are
-            left out of both f and P (identical to transformers' masked formula).
+        padding_mask: optional (B, T) bool, True = padding (the package's one convention; from
+            transformers' ``attention_mask`` pass ``attention_mask == 0``); padding rows are left
+            out of both f and P (identical to transformers' masked formula). ``attention_mask``
+            itself is refused with that conversion.
         pooled: True (default): all layers' tokens pooled into one set, L = N sum_e f_e P_e with
             f_e = c_e / T and P_e = mean_t p_{t,e} over the pooled tokens, exactly transformers'
             ``load_balancing_loss_func`` (Mixtral, Qwen-MoE, OLMoE in transformers...). False: the
@@ -546,20 +540,19 @@ def aux_loss(router_logits, k: int, attention_mask=None, pooled: bool = True) ->
     layers = _layers(router_logits)
     n = layers[0].shape[1]
     k = check_int(k, "k", low=1, high=n)
-    keep = None
     if attention_mask is not None:
-        am = _as_numpy(attention_mask, "attention_mask").reshape(-1)
-        if not np.isin(am, (0, 1)).all():
-            raise InvalidParameter("attention_mask must hold 0/1 (1 = real token), as in transformers")
-        keep = am.astype(bool)
+        raise InvalidParameter(f"aux_loss takes padding_mask=, not attention_mask=; {PADDING_CONVENTION}")
+    keep = None
+    if padding_mask is not None:
+        keep = ~check_padding_mask(padding_mask).detach().cpu().numpy().reshape(-1)
         if not keep.any():
-            raise InvalidParameter("attention_mask has no real token (all zeros); the loss is undefined")
+            raise InvalidParameter("padding_mask marks every token as padding; the loss is undefined")
     partials = []
     for i, z in enumerate(layers):
         if keep is not None:
             if keep.shape[0] != z.shape[0]:
                 raise ShapeMismatch(
-                    f"attention_mask has {keep.shape[0]} entries (B*T) but router_logits[{i}] has {z.shape[0]} rows"
+                    f"padding_mask has {keep.shape[0]} entries (B*T) but router_logits[{i}] has {z.shape[0]} rows"
                 )
             z = z[keep]
         p = _softmax_rows(z.astype(_work_dtype(z), copy=False))

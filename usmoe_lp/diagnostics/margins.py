@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from usmoe_lp._json import json_ready
 from usmoe_lp._validate import check_int
 from usmoe_lp.diagnostics.load import _as_numpy
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
@@ -171,22 +172,18 @@ class GlobalMargin:
 
     def to_dict(self) -> dict:
         """JSON-serialisable plain Python; eps keys become strings (``repr`` of the float), NaN None."""
-
-        def clean(v):
-            return None if isinstance(v, float) and math.isnan(v) else v
-
-        return {
+        return json_ready({
             "c": self.c,
             "num_entries": self.num_entries,
-            "threshold": clean(self.threshold),
-            "next_value": clean(self.next_value),
-            "margin": clean(self.margin),
-            "boundary": clean(self.boundary),
+            "threshold": self.threshold,
+            "next_value": self.next_value,
+            "margin": self.margin,
+            "boundary": self.boundary,
             "ties_at_threshold": self.ties_at_threshold,
             "eps": list(self.eps),
             "within_eps": {repr(k): v for k, v in self.within_eps.items()},
             "fragile_share": {repr(k): v for k, v in self.fragile_share.items()},
-        }
+        })
 
 
 def topc_margin(scores, c: int, eps=DEFAULT_EPS) -> GlobalMargin:
@@ -278,25 +275,21 @@ class MarginStats:
 
     def to_dict(self) -> dict:
         """JSON-serialisable plain Python; eps keys become strings (``repr`` of the float), NaN None."""
-
-        def clean(v):
-            return None if isinstance(v, float) and math.isnan(v) else v
-
-        return {
+        return json_ready({
             "k": self.k,
             "num_experts": self.num_experts,
             "num_tokens": self.num_tokens,
             "boundary_tokens": self.boundary_tokens,
-            "mean_margin": clean(self.mean_margin),
-            "median_margin": clean(self.median_margin),
-            "min_margin": clean(self.min_margin),
-            "max_margin": clean(self.max_margin),
-            "mean_relative_margin": clean(self.mean_relative_margin),
+            "mean_margin": self.mean_margin,
+            "median_margin": self.median_margin,
+            "min_margin": self.min_margin,
+            "max_margin": self.max_margin,
+            "mean_relative_margin": self.mean_relative_margin,
             "relative_tokens": self.relative_tokens,
             "fragile_pairs": {repr(e): v for e, v in self.fragile_pairs.items()},
-            "fragile_share": {repr(e): clean(v) for e, v in self.fragile_share.items()},
+            "fragile_share": {repr(e): v for e, v in self.fragile_share.items()},
             "histogram": {"edges": list(self.histogram[0]), "counts": list(self.histogram[1])},
-        }
+        })
 
 
 class MarginPartial:
