@@ -62,7 +62,7 @@ OTHER_FAMILIES = {
 }
 SEQ2SEQ = {"switch_transformers", "nllb-moe"}
 EXPECTED_SCORE = {"deepseek_v3": "sigmoid", "gpt_oss": "softmax_topk", "granitemoe": "softmax_topk",
-                  "phimoe": "unknown"}
+                  "phimoe": "softmax_topk"}  # PhiMoE: top-2 of the logits in eval, its own sparsemixer weights
 EXPECTED_TOP_K = {"switch_transformers": 1}
 
 

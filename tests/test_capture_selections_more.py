@@ -124,3 +124,59 @@ def test_nllb_moe_selections_stay_out(tmp_path):
     assert all(r.selection is None for r in cap.routers)
     log = RouterLog.open(tmp_path / "log")
     assert log.manifest.capture["selections"] == [] and not log.has(log.layers[0], "selected")
+
+
+NEW_ROUTER_FAMILIES = ["qwen3_next", "deepseek_v32", "granitemoeshared", "granitemoe_swa", "minimax_m2",
+                       "hunyuan_v1_moe", "glm4_moe", "dots1", "ernie4_5_moe", "flex_olmo", "lfm2_moe", "cohere2_moe",
+                       "exaone_moe", "hy_v3", "aria_text", "mellum", "longcat_flash"]
+
+
+@pytest.mark.parametrize("mt", NEW_ROUTER_FAMILIES)
+def test_router_selections_are_what_the_experts_received(mt, tmp_path):
+    """The further families whose router returns (logits, weights, indices): the logged selection is what the MoE
+    block handed its experts module, experts(hidden_states, top_k_index, top_k_weights)."""
+    model = tiny_model(mt)
+    batch = padded_batch(mt)
+    routers = find_routers(model)
+    seen, handles = _hook_inputs(_experts_of(model, routers))
+    try:
+        with capture(model, tmp_path / "log", fsync=False) as cap, torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(r.selection == (1, 2) and r.selection_source == "router" for r in cap.routers)
+    log = RouterLog.open(tmp_path / "log", verify="full")
+    keep = batch["attention_mask"].reshape(-1).bool()
+    for i, name in enumerate(log.layers):
+        [(_, indices, weights)] = seen[i]
+        chunk = log.read(name, 0, log.num_tokens)
+        assert torch.equal(chunk.selected, indices.reshape(-1, K)[keep].long()), name
+        assert torch.equal(chunk.weights, weights.reshape(-1, K)[keep]), name
+
+
+def test_llama4_dense_and_jetmoe_sorted_selections(tmp_path):
+    """Llama-4 (dense (n, N) weights) and JetMoE (pairs sorted by expert): both take the top-k of the logits; the
+    logged weights are the sigmoid of the selected logits (Llama-4) and their softmax (JetMoE)."""
+    for mt, k in (("llama4_text", 1), ("jetmoe", K)):
+        model = tiny_model(mt)
+        batch = padded_batch(mt)
+        with capture(model, tmp_path / mt, fsync=False) as cap, torch.no_grad():
+            model(**batch)
+        assert {r.selection_source for r in cap.routers} == {"dense" if mt == "llama4_text" else "sorted"}
+        log = RouterLog.open(tmp_path / mt, verify="full")
+        assert log.manifest.capture["selections"] == sorted(log.layers)
+        for name in log.layers:
+            chunk = log.read(name, 0, log.num_tokens)
+            top = chunk.logits.topk(k, dim=-1)
+            if mt == "llama4_text":
+                assert chunk.selected.dtype == torch.bool and chunk.selected.shape == chunk.logits.shape
+                want = torch.zeros_like(chunk.selected).scatter_(1, top.indices, True)
+                assert torch.equal(chunk.selected, want)
+                torch.testing.assert_close(chunk.weights, torch.where(want, chunk.logits.sigmoid(), 0.0))
+            else:
+                assert chunk.selected.shape == (log.num_tokens, k)
+                assert torch.equal(chunk.selected.sort(-1).values, top.indices.sort(-1).values)
+                order = chunk.selected.argsort(-1)
+                torch.testing.assert_close(chunk.weights.gather(1, order),
+                                           top.values.softmax(-1).gather(1, top.indices.argsort(-1)))

@@ -21,6 +21,16 @@ Discovery (:func:`find_routers`), in this order:
 
 Nothing found raises :class:`RouterNotFound`, whose message says how to point at the router.
 
+Routing semantics: each layer's :class:`LayerInfo` records how the model's router selects and weights its experts
+(score function, what its top-k ranks and in which dtype, selection bias, group limits, expert capacity, combine
+weights, shared experts), so that the registry's ``native`` router replays the selection from the logits. What a
+family's code fixes is data (:data:`FAMILY_SCORE_FUNCTIONS`, :data:`FAMILY_ROUTING`); what the model holds is read
+from its modules: the router's ``norm_topk_prob``, ``routed_scaling_factor`` / ``router_scaling_factor``,
+``num_group`` / ``topk_group`` (and DeepSeek-V2's ``topk_method``), Switch's ``expert_capacity``, the bias
+(:data:`SELECTION_BIAS_ATTRS`) and its dtype, the shared experts (:data:`SHARED_EXPERT_MODULES`). Not recorded:
+NLLB-MoE's eval capacity ``ceil(moe_eval_capacity_token_fraction * tokens of the forward)``, which drops nothing at
+the default fraction 1, and its random second-expert policies (``second_expert_policy`` other than ``"all"``).
+
 Per forward of the top model, each router's output is copied (to pinned CPU memory with
 ``non_blocking=True`` on CUDA), padding rows are dropped with the attention mask, and the real
 tokens are appended to a :class:`RouterLogWriter` with their token ids, sequence ids (a running
@@ -61,7 +71,7 @@ import torch
 from torch import nn
 
 from usmoe_lp.logs.errors import LogError
-from usmoe_lp.logs.format import SCORE_FUNCTIONS, LayerInfo, ModelInfo
+from usmoe_lp.logs.format import SCORE_FUNCTIONS, LayerInfo, ModelInfo, _is_int, _is_number
 from usmoe_lp.logs.reader import RouterLog
 from usmoe_lp.logs.writer import RouterLogWriter, _device_name
 
@@ -79,9 +89,10 @@ class CaptureFailed(LogError, RuntimeError):
     """A forward pass could not be logged: router outputs that do not match the batch, no batch info, ..."""
 
 
-# model_type -> how the family selects experts from the raw logits (LayerInfo.score_function):
-# "softmax": softmax over all experts, then top-k; "sigmoid": sigmoid (+ selection bias), then top-k;
-# "softmax_topk": top-k on the logits, then softmax over the k selected.
+# model_type -> the family's routing distribution (LayerInfo.score_function): "softmax": softmax over all experts,
+# then top-k; "sigmoid": sigmoid (+ selection bias), then top-k; "softmax_topk": top-k on the logits, then softmax
+# over the k selected (PhiMoE: top-2 of the logits in eval, its sparsemixer weights; Llama-4: top-k of the logits,
+# sigmoid weights, see FAMILY_ROUTING)
 FAMILY_SCORE_FUNCTIONS: dict[str, str] = {
     "mixtral": "softmax", "olmoe": "softmax", "qwen2_moe": "softmax", "qwen3_moe": "softmax",
     "qwen3_next": "softmax", "qwen3_5_moe_text": "softmax", "qwen3_vl_moe_text": "softmax",
@@ -91,12 +102,68 @@ FAMILY_SCORE_FUNCTIONS: dict[str, str] = {
     "jamba": "softmax", "dbrx": "softmax", "switch_transformers": "softmax", "nllb-moe": "softmax",
     "minimax": "softmax", "minimax_m2": "sigmoid", "hunyuan_v1_moe": "softmax", "flex_olmo": "softmax",
     "glm4_moe": "sigmoid", "glm4_moe_lite": "sigmoid", "dots1": "sigmoid", "aria_text": "softmax_topk",
-    # phimoe: sparsemixer (its own top-2 estimator) -> "unknown"
+    "phimoe": "softmax_topk", "llama4_text": "sigmoid", "ernie4_5_moe": "softmax", "lfm2_moe": "sigmoid",
+    "exaone_moe": "sigmoid", "hy_v3": "sigmoid", "mellum": "softmax", "longcat_flash": "softmax",
+    # cohere2_moe: from its router's expert_selection_fn (FAMILY_ROUTING)
+}
+# model_type -> how the family's router selects and weights, as its code fixes it (what the model holds in its modules
+# is read from them: norm_topk_prob, routed/router_scaling_factor, num_group/topk_group, expert_capacity, the bias):
+#   score_dtype: where the dtype its selection scores are ranked in comes from: "float32" (the router computes in
+#     float32 whatever the model's dtype), "logits" (the dtype of the router's weight: it scores in the logits'
+#     dtype) or "model" (the dtype of the model's hidden states, to which Switch and NLLB cast their probabilities);
+#     promoted with the selection bias's dtype where there is one (the model adds the bias in that dtype);
+#   LayerInfo fields the code fixes (selection_score, weight_function, norm_topk_prob, group_score);
+#   "capacity": the router's expert_capacity attribute drops tokens beyond it in position order (Switch);
+#   "attrs": router attribute -> {its value -> LayerInfo fields it implies}; "norm_p_attr": the MoE block's attribute
+#     holding the p of the weights' norm (None: not normalised; DBRX); "eps_attr": the router's sparsemixer threshold.
+# Not modelled (documented in the module docstring): NLLB-MoE's eval capacity when moe_eval_capacity_token_fraction < 1
+# and its random second-expert policies.
+FAMILY_ROUTING: dict[str, dict[str, Any]] = {
+    "mixtral": {"score_dtype": "float32", "norm_topk_prob": True},
+    "olmoe": {"score_dtype": "float32"}, "qwen2_moe": {"score_dtype": "float32"},
+    "qwen3_moe": {"score_dtype": "float32"}, "qwen3_next": {"score_dtype": "float32"},
+    "flex_olmo": {"score_dtype": "float32"}, "mellum": {"score_dtype": "float32"},
+    "deepseek_v2": {"score_dtype": "float32", "norm_topk_prob": False, "group_score": "max",
+                    "attrs": {"topk_method": {"greedy": {"n_group": 1, "topk_group": None},
+                                              "group_limited_greedy": {}}}},
+    "deepseek_v3": {"score_dtype": "float32", "group_score": "top2_sum"},
+    "deepseek_v32": {"score_dtype": "float32", "group_score": "top2_sum"},
+    "glm4_moe": {"score_dtype": "float32", "group_score": "top2_sum"},
+    "dots1": {"score_dtype": "float32", "group_score": "top2_sum"},
+    "exaone_moe": {"score_dtype": "float32", "group_score": "top2_sum"},
+    "gpt_oss": {"score_dtype": "logits"}, "aria_text": {"score_dtype": "logits"},
+    "granitemoe": {"score_dtype": "float32"}, "granitemoeshared": {"score_dtype": "float32"},
+    "granitemoe_swa": {"score_dtype": "float32"}, "jetmoe": {"score_dtype": "float32"},
+    "phimoe": {"score_dtype": "logits", "weight_function": "sparsemixer", "norm_topk_prob": False,
+               "eps_attr": "router_jitter_noise"},
+    "jamba": {"score_dtype": "float32", "norm_topk_prob": False},
+    "dbrx": {"score_dtype": "logits", "norm_p_attr": "moe_normalize_expert_weights"},
+    "switch_transformers": {"score_dtype": "model", "norm_topk_prob": False, "capacity": True},
+    "nllb-moe": {"score_dtype": "model", "norm_topk_prob": True},
+    "llama4_text": {"score_dtype": "logits", "selection_score": "logits", "weight_function": "sigmoid",
+                    "norm_topk_prob": False},
+    "minimax_m2": {"score_dtype": "float32", "norm_topk_prob": True},
+    "hunyuan_v1_moe": {"score_dtype": "float32", "norm_topk_prob": True},
+    "ernie4_5_moe": {"score_dtype": "float32", "norm_topk_prob": True},
+    "lfm2_moe": {"score_dtype": "logits"},
+    "cohere2_moe": {"score_dtype": "logits", "selection_score": "logits",
+                    "attrs": {"expert_selection_fn": {
+                        "softmax": {"score_function": "softmax_topk", "weight_function": "softmax_topk"},
+                        "sigmoid": {"score_function": "sigmoid", "weight_function": "sigmoid"}}}},
+    "hy_v3": {"score_dtype": "float32", "norm_topk_prob": True},
+    "longcat_flash": {"score_dtype": "float32", "norm_topk_prob": False},
 }
 # model_type -> experts per token when neither the router module nor the config says it
 FAMILY_TOP_K: dict[str, int] = {"switch_transformers": 1, "nllb-moe": 2}
-# attributes holding a per-expert bias added to the scores for selection only (on the router or its MoE block)
+# attributes holding a per-expert bias added to the scores for selection only (on the router, its MoE block or a
+# child of the router: ERNIE-4.5's moe_statics)
 SELECTION_BIAS_ATTRS = ("e_score_correction_bias", "expert_bias")
+# router attributes holding the factor the combine weights are multiplied by (HY-V3 names it router_scaling_factor)
+SCALING_ATTRS = ("routed_scaling_factor", "router_scaling_factor")
+# children of the MoE block (or of the layer holding it) that every token goes through besides the routed experts,
+# and the config keys saying how many experts they stand for (1 when none does)
+SHARED_EXPERT_MODULES = ("shared_experts", "shared_expert", "shared_mlp")
+_SHARED_EXPERT_KEYS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
 # model_type -> (index of the weights, index of the expert indices) in the router's output, for the families
 # whose MoE block hands exactly those two tensors to its experts (checked against the experts' inputs in
 # tests/test_capture_generate.py and tests/test_capture_selections_more.py): what the model selected (n, k) and
@@ -104,6 +171,10 @@ SELECTION_BIAS_ATTRS = ("e_score_correction_bias", "expert_bias")
 FAMILY_SELECTIONS: dict[str, tuple[int, int]] = {
     "mixtral": (1, 2), "olmoe": (1, 2), "qwen2_moe": (1, 2), "qwen3_moe": (1, 2), "deepseek_v2": (1, 2),
     "deepseek_v3": (1, 2), "gpt_oss": (1, 2), "granitemoe": (1, 2), "phimoe": (1, 2), "jamba": (1, 2),
+    "qwen3_next": (1, 2), "deepseek_v32": (1, 2), "granitemoeshared": (1, 2), "granitemoe_swa": (1, 2),
+    "minimax_m2": (1, 2), "hunyuan_v1_moe": (1, 2), "glm4_moe": (1, 2), "dots1": (1, 2), "ernie4_5_moe": (1, 2),
+    "flex_olmo": (1, 2), "lfm2_moe": (1, 2), "cohere2_moe": (1, 2), "exaone_moe": (1, 2), "hy_v3": (1, 2),
+    "aria_text": (1, 2), "mellum": (1, 2), "longcat_flash": (1, 2),
 }
 # model_type -> (index of the weights, index of the expert indices) among the positional inputs of the MoE block's
 # ``experts`` module (the router's sibling), read by a forward pre-hook, for the families whose router returns only
@@ -116,6 +187,15 @@ FAMILY_EXPERTS_SELECTIONS: dict[str, tuple[int, int]] = {"dbrx": (2, 1)}
 # NLLB-MoE stays out: its experts module (transformers 5.x) indexes experts by the values of its 0/1 dispatch mask, so
 # the experts that run are not the ones its router selects.
 FAMILY_DISPATCH_SELECTIONS: dict[str, tuple[int, int]] = {"switch_transformers": (1, 0)}
+# model_type -> index in the router's output of (n, N) dense weights, 0 for an expert not selected (Llama-4: the
+# sigmoid of the selected logits, sigmoid(-inf) = 0 elsewhere; every expert runs on every token times its weight):
+# logged as an (n, N) bool mask (weight != 0) and the (n, N) weights
+FAMILY_DENSE_SELECTIONS: dict[str, int] = {"llama4_text": 0}
+# model_type -> (index of the weights, of the slots, of the per-expert counts) in the router's output, for routers
+# that hand their experts the token-expert pairs sorted by expert (JetMoE: batch_gates (n k,), index_sorted_experts
+# (n k,) the flat (token, slot) index of each pair, expert_size the pairs per expert): logged as (n, k) indices and
+# weights in slot order
+FAMILY_SORTED_SELECTIONS: dict[str, tuple[int, int, int]] = {"jetmoe": (2, 0, 3)}
 _TOP_K_CONFIG_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k", "moe_k", "moe_topk")
 _EXAMPLE = 'capture(model, out, module_pattern=r"model\\.layers\\.\\d+\\.mlp\\.gate")'
 
@@ -141,15 +221,19 @@ class RouterSpec:
     stack: str = ""
     source: str = "transformers"
     module: nn.Module | None = field(default=None, repr=False, compare=False)
-    selection: tuple[int, int] | None = None  # (weights index, expert indices index) in the output, if known
+    selection: tuple[int, ...] | None = None  # (weights index, expert indices index, ...) in the output, if known
     # where ``selection`` points: "router" (the router's output, (n, k) indices), "experts" (the positional inputs
-    # of ``experts_module``, (n, k) indices) or "dispatch" (the router's output, a one-hot dispatch mask)
+    # of ``experts_module``, (n, k) indices), "dispatch" (the router's output, a one-hot dispatch mask), "dense"
+    # (the router's output, (n, N) weights, 0 where not selected) or "sorted" (the router's output, pairs sorted by
+    # expert: weights, flat slots, per-expert counts)
     selection_source: str = "router"
     experts_module: nn.Module | None = field(default=None, repr=False, compare=False)
+    # the other routing-semantics fields of LayerInfo (selection_score, score_dtype, group limits, capacity, weights)
+    routing: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def layer_info(self) -> LayerInfo:
         return LayerInfo(self.name, num_experts=self.num_experts, top_k=self.top_k, module_path=self.path,
-                         score_function=self.score_function, selection_bias=self.selection_bias)
+                         score_function=self.score_function, selection_bias=self.selection_bias, **self.routing)
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -294,20 +378,90 @@ def _make_spec(model: nn.Module, path: str, module: nn.Module, index: int | None
     config = _model_config(model)
     family = getattr(config, "model_type", None)
     top_k = _top_k(module, config, family, n)
-    score = getattr(config, "scoring_func", None)
-    if score not in SCORE_FUNCTIONS:
-        score = FAMILY_SCORE_FUNCTIONS.get(family, "unknown")
     parts = path.split(".")
     stack = "encoder" if "encoder" in parts else "decoder" if "decoder" in parts else ""
     bias = _selection_bias(model, path, module, n)
+    routing = _routing(model, path, module, config, family, None if bias is None else bias.dtype)
+    score = routing.pop("score_function", None) or getattr(config, "scoring_func", None)
+    if score not in SCORE_FUNCTIONS:
+        score = FAMILY_SCORE_FUNCTIONS.get(family, "unknown")
     selection, selection_source, experts = _selection(model, path, family, index, top_k)
     return RouterSpec(path=path, name=path, num_experts=n, index=index, top_k=top_k, score_function=score,
-                      selection_bias=bias, stack=stack, source=source, module=module, selection=selection,
-                      selection_source=selection_source, experts_module=experts)
+                      selection_bias=None if bias is None else tuple(float(b) for b in bias.reshape(-1)), stack=stack,
+                      source=source, module=module, selection=selection, selection_source=selection_source,
+                      experts_module=experts, routing=routing)
+
+
+def _parent(model: nn.Module, path: str) -> nn.Module | None:
+    return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
+
+
+def _routing(model: nn.Module, path: str, module: nn.Module, config: Any, family: str | None,
+             bias_dtype: torch.dtype | None) -> dict[str, Any]:
+    """The routing semantics of one router (LayerInfo fields, plus ``score_function`` where a router attribute sets
+    it): what the family's code fixes (FAMILY_ROUTING), then what the router and its MoE block hold."""
+    rule = FAMILY_ROUTING.get(family, {})
+    block = _parent(model, path)
+    out: dict[str, Any] = {key: rule[key] for key in ("selection_score", "weight_function", "norm_topk_prob",
+                                                      "group_score") if key in rule}
+    norm = getattr(module, "norm_topk_prob", None)
+    if isinstance(norm, bool):
+        out["norm_topk_prob"] = norm
+    for attr in SCALING_ATTRS:
+        value = getattr(module, attr, None)
+        if _is_number(value):
+            out["routed_scaling_factor"] = float(value)
+            break
+    groups, topk_group = getattr(module, "num_group", None), getattr(module, "topk_group", None)
+    if _is_int(groups) and groups > 1:
+        out["n_group"] = groups
+        out["topk_group"] = topk_group if _is_int(topk_group) else None
+    for attr, values in rule.get("attrs", {}).items():  # router attribute values the family's code branches on
+        out.update(values.get(getattr(module, attr, None), {}))
+    if out.get("n_group", 1) == 1:
+        out.pop("group_score", None)
+    if rule.get("capacity") and _is_int(getattr(module, "expert_capacity", None)):
+        out["expert_capacity"] = module.expert_capacity
+    if "norm_p_attr" in rule and block is not None:
+        p = getattr(block, rule["norm_p_attr"], None)
+        out["norm_topk_prob"] = p is not None
+        if _is_number(p):
+            out["norm_topk_p"] = float(p)
+    if "eps_attr" in rule and _is_number(getattr(module, rule["eps_attr"], None)):
+        out["sparsemixer_eps"] = float(getattr(module, rule["eps_attr"]))
+    dtype = _score_dtype(model, module, rule.get("score_dtype"))
+    if dtype is not None:
+        dtype = dtype if bias_dtype is None else torch.promote_types(dtype, bias_dtype)
+        out["score_dtype"] = str(dtype).removeprefix("torch.")
+    shared = _num_shared_experts(model, path, config)
+    if shared:
+        out["num_shared_experts"] = shared
+    return out
+
+
+def _score_dtype(model: nn.Module, module: nn.Module, rule: str | None) -> torch.dtype | None:
+    """The dtype a router ranks its selection scores in, by its family's rule (FAMILY_ROUTING's score_dtype)."""
+    if rule == "float32":
+        return torch.float32
+    params = module.parameters() if rule == "logits" else model.parameters() if rule == "model" else ()
+    return next((p.dtype for p in params if p.is_floating_point()), None)
+
+
+def _num_shared_experts(model: nn.Module, path: str, config: Any) -> int:
+    """Experts every token gets besides the routed ones: a shared-expert child of the router's MoE block or of the
+    layer holding it (SHARED_EXPERT_MODULES), standing for the config's n_shared_experts (or alike) experts, else 1."""
+    block = _parent(model, path)
+    owners = [block, _parent(model, path.rsplit(".", 1)[0])] if block is not None else []
+    if not any(isinstance(getattr(o, name, None), nn.Module) for o in owners if o is not None
+               for name in SHARED_EXPERT_MODULES):
+        return 0
+    counts = [getattr(config, key, None) for key in _SHARED_EXPERT_KEYS]
+    return next((c for c in counts if _is_int(c) and c >= 1), 1)
+
 
 
 def _selection(model: nn.Module, path: str, family: str | None, index: int | None,
-               top_k: int | None) -> tuple[tuple[int, int] | None, str, nn.Module | None]:
+               top_k: int | None) -> tuple[tuple[int, ...] | None, str, nn.Module | None]:
     """Where the family's MoE block exposes what it selected and applied (see FAMILY_SELECTIONS and co.)."""
     if top_k is None or family is None:
         return None, "router", None
@@ -315,6 +469,10 @@ def _selection(model: nn.Module, path: str, family: str | None, index: int | Non
         return FAMILY_SELECTIONS[family], "router", None
     if index is not None and family in FAMILY_DISPATCH_SELECTIONS and index not in FAMILY_DISPATCH_SELECTIONS[family]:
         return FAMILY_DISPATCH_SELECTIONS[family], "dispatch", None
+    if index is not None and family in FAMILY_DENSE_SELECTIONS and index != FAMILY_DENSE_SELECTIONS[family]:
+        return (FAMILY_DENSE_SELECTIONS[family],) * 2, "dense", None
+    if index is not None and family in FAMILY_SORTED_SELECTIONS and index not in FAMILY_SORTED_SELECTIONS[family]:
+        return FAMILY_SORTED_SELECTIONS[family], "sorted", None
     if index == 0 and family in FAMILY_EXPERTS_SELECTIONS and "." in path:
         experts = getattr(model.get_submodule(path.rsplit(".", 1)[0]), "experts", None)
         if isinstance(experts, nn.Module):
@@ -335,15 +493,16 @@ def _top_k(module: nn.Module, config: Any, family: str | None, n: int) -> int | 
     return None
 
 
-def _selection_bias(model: nn.Module, path: str, module: nn.Module, n: int) -> tuple[float, ...] | None:
-    owners = [module]
-    if "." in path:
-        owners.append(model.get_submodule(path.rsplit(".", 1)[0]))
+def _selection_bias(model: nn.Module, path: str, module: nn.Module, n: int) -> torch.Tensor | None:
+    """The (N,) bias the model adds to its scores for selection only (SELECTION_BIAS_ATTRS on the router, its MoE
+    block or a child of the router: ERNIE-4.5's moe_statics), a CPU tensor in its own dtype (the dtype the model adds
+    it in: :func:`_routing` reads it)."""
+    owners = [module, *([_parent(model, path)] if "." in path else []), *module.children()]
     for owner in owners:
         for attr in SELECTION_BIAS_ATTRS:
             bias = getattr(owner, attr, None)
-            if isinstance(bias, torch.Tensor) and bias.numel() == n:
-                return tuple(float(b) for b in bias.detach().float().cpu().reshape(-1))
+            if isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.numel() == n:
+                return bias.detach().cpu().reshape(-1)
     return None
 
 
@@ -708,9 +867,14 @@ class Capture:
             self._outputs.setdefault(spec.name, []).append(_to_cpu(logits))
             if spec.selection is not None and self.selections and spec.selection_source != "experts":
                 weights, indices = (output[i] if isinstance(output, tuple | list) and len(output) > i else None
-                                    for i in spec.selection)
+                                    for i in spec.selection[:2])
                 if spec.selection_source == "dispatch":
                     weights, indices = _dispatch_selection(spec, weights, indices)
+                elif spec.selection_source == "dense":
+                    weights, indices = _dense_selection(spec, weights)
+                elif spec.selection_source == "sorted":
+                    weights, indices = _sorted_selection(spec, weights, indices, output[spec.selection[2]]
+                                                         if isinstance(output, tuple | list) else None)
                 self._record_selection(spec, weights, indices, "router", "(logits, weights, indices)")
             if self.hidden:
                 x = args[0] if args else None
@@ -828,6 +992,32 @@ def _dispatch_selection(spec: RouterSpec, weights: Any, mask: Any) -> tuple[Any,
     return torch.where(chosen, weights, torch.zeros((), dtype=weights.dtype, device=weights.device)), chosen
 
 
+def _dense_selection(spec: RouterSpec, weights: Any) -> tuple[Any, Any]:
+    """(n, N) dense weights, 0 for an expert not selected -> (the weights, the (n, N) bool mask weight != 0)."""
+    if not (isinstance(weights, torch.Tensor) and weights.is_floating_point()
+            and weights.shape[-1] == spec.num_experts):
+        raise CaptureFailed(f"router {spec.path!r} did not return its (n, N) dense weights; capture with "
+                            "selections=False")
+    return weights, weights != 0
+
+
+def _sorted_selection(spec: RouterSpec, gates: Any, slots: Any, counts: Any) -> tuple[Any, Any]:
+    """Pairs sorted by expert (gates (n k,), the flat (token, slot) index of each pair (n k,), pairs per expert (N,))
+    -> ((n, k) weights, (n, k) expert indices) in slot order."""
+    k = spec.top_k
+    counts = torch.as_tensor(counts) if isinstance(counts, list | tuple) else counts
+    if not (isinstance(gates, torch.Tensor) and isinstance(slots, torch.Tensor) and isinstance(counts, torch.Tensor)
+            and gates.is_floating_point() and gates.ndim == slots.ndim == counts.ndim == 1
+            and gates.numel() == slots.numel() == int(counts.sum()) and counts.numel() == spec.num_experts
+            and gates.numel() % k == 0):
+        raise CaptureFailed(f"router {spec.path!r} did not return its pairs sorted by expert (slots, ..., gates, "
+                            "pairs per expert); capture with selections=False")
+    experts = torch.repeat_interleave(torch.arange(spec.num_experts, device=slots.device), counts.to(slots.device))
+    indices = torch.empty_like(slots).scatter_(0, slots, experts)
+    weights = torch.empty_like(gates).scatter_(0, slots, gates)
+    return weights.reshape(-1, k), indices.reshape(-1, k)
+
+
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.device.type == "cuda":
@@ -865,7 +1055,9 @@ def capture(model: nn.Module, out: str | os.PathLike, *, layers: str | Sequence[
     (routers returning ``(logits, weights, indices)``; DeepSeek-V3's selection includes its bias) and
     :data:`FAMILY_EXPERTS_SELECTIONS` (DBRX: read from its experts module's inputs); for
     :data:`FAMILY_DISPATCH_SELECTIONS` (Switch Transformers, capacity-limited) an (n, N) bool mask of the experts
-    that processed each token (none for a dropped token) and the (n, N) weights applied (0 elsewhere).
+    that processed each token (none for a dropped token) and the (n, N) weights applied (0 elsewhere); for
+    :data:`FAMILY_DENSE_SELECTIONS` (Llama-4: dense weights, 0 off the selection) the same (n, N) mask and weights;
+    for :data:`FAMILY_SORTED_SELECTIONS` (JetMoE: pairs sorted by expert) (n, k) indices and weights.
 
     Inside the block, every forward of ``model`` is logged (padding excluded with the attention
     mask from its ``attention_mask`` argument or :meth:`Capture.set_batch`); :meth:`Capture.run`
