@@ -16,10 +16,19 @@ from usmoe_lp.errors import (
     UnsupportedProblem,
     UsmoeLpError,
 )
-from usmoe_lp.lp import BACKENDS, RoutingProblem, certify, certify_with_duals, dual_bound, solve
+from usmoe_lp.lp import (
+    BACKENDS,
+    RoutingProblem,
+    certify,
+    certify_with_duals,
+    check_feasible,
+    dual_bound,
+    is_feasible,
+    solve,
+)
 from usmoe_lp.lp.backends import solve_highs
 
-SOLVERS = ("highs", "milp", "cbc")
+SOLVERS = ("flow", "highs", "milp", "cbc")
 
 
 def _mask(rows) -> np.ndarray:
@@ -68,7 +77,7 @@ def test_sense_is_kept():
     le = RoutingProblem.budget(SIGN_S, 2, sense="<=")
     eq = RoutingProblem.budget(SIGN_S, 2, sense="==")
     assert (le.budget_sense, eq.budget_sense) == ("<=", "==")
-    assert le.families == eq.families == ("budget",)
+    assert le.blocks == eq.blocks == ("budget",)
     np.testing.assert_array_equal(le.budget, [2])
     np.testing.assert_array_equal(le.budget_lo, [0])
     np.testing.assert_array_equal(eq.budget_lo, [2])
@@ -103,7 +112,7 @@ CAPPED_CASES = [
 def test_capped_beats_greedy(case, sense):
     S, c, a, b, best, opt, greedy_obj = CAPPED_CASES[case]
     problem = RoutingProblem.capped(S, c, a, b, sense=sense)
-    assert set(problem.families) == {"token", "expert", "budget"}
+    assert set(problem.blocks) == {"token", "expert", "budget"}
     greedy = greedy_with_caps(S, c, a, b, positive_only=(sense == "<="))
     assert problem.objective(greedy) == greedy_obj
     for backend in SOLVERS:
@@ -123,7 +132,7 @@ def test_capped_beats_greedy(case, sense):
 def test_capped_without_binding_caps_is_the_budget_program():
     S = np.array([[0.5, -1.0, 3.0], [-2.0, -0.2, 1.0]])
     capped = RoutingProblem.capped(S, 3, token_max=3, expert_max=2, sense="==")
-    assert capped.families == ("budget",)
+    assert capped.blocks == ("budget",)
     plain = RoutingProblem.budget(S, 3, sense="==")
     np.testing.assert_array_equal(solve(capped).mask, solve(plain).mask)
     assert solve(capped).objective == pytest.approx(3.0 + 1.0 + 0.5)
@@ -250,7 +259,7 @@ def test_highs_returns_integral_vertices_on_tied_programs():
         assert sol.certificate.integral is True and sol.certificate.max_fractionality == 0.0
         assert sol.certificate.optimal, problem.describe()
         assert problem.objective(sol.mask) == pytest.approx(sol.objective)
-        if problem.is_single_family:
+        if problem.is_single_block:
             assert sol.objective == pytest.approx(solve(problem).objective)
 
 
@@ -276,7 +285,7 @@ def test_highs_duals_certify_any_optimal_mask_and_only_those():
         c2 = certify_with_duals(problem, worse, hs.duals)
         assert not c2.optimal and c2.feasible
         assert c2.gap == pytest.approx(opt - problem.objective(worse), abs=1e-9)
-        if problem.is_single_family:  # the closed form refutes it exactly
+        if problem.is_single_block:  # the closed form refutes it exactly
             assert c2.status == "not_optimal" and "not optimal" in c2.message
         else:  # multipliers alone cannot refute a mask: undecided, never optimal
             assert c2.status == "undecided" and "not proven optimal" in c2.message
@@ -350,7 +359,7 @@ def test_margin_semantics():
 def test_unconstrained_program_takes_the_positive_entries(backend):
     S = np.array([[1.0, -2.0, 0.0], [3.0, -4.0, 0.5]])
     problem = RoutingProblem(S)
-    assert problem.families == () and problem.is_single_family
+    assert problem.blocks == () and problem.is_single_block
     sol = solve(problem, backend)
     assert sol.objective == pytest.approx(4.5)
     np.testing.assert_array_equal(sol.mask & (S != 0), S > 0)
@@ -516,7 +525,7 @@ def test_bad_sense_and_bounds():
 def test_capacity_cap_beyond_t_is_clipped_not_an_error():
     problem = RoutingProblem.capped(np.ones((2, 3)), 2, token_max=1, expert_max=5)
     assert problem.expert_max.tolist() == [2, 2, 2]
-    assert problem.families == ("token", "budget")
+    assert problem.blocks == ("token", "budget")
 
 
 @pytest.mark.parametrize("bad", [np.zeros((2, 3)), np.zeros((3, 2)), np.zeros(4), np.zeros((2, 2, 1))])
@@ -572,18 +581,23 @@ def test_infeasible_constructor_combinations():
     assert solve(RoutingProblem.capped(S, 5, 1, 1, sense="<="), "highs").mask.sum() == 2
 
 
-def test_structural_infeasibility_is_detected_at_construction():
-    # token 0 needs both experts but expert 0 takes nobody; every aggregate count balances
-    with pytest.raises(InfeasibleProblem):
-        RoutingProblem(np.ones((2, 2)), token_min=[2, 0], expert_max=[0, 2])
+def test_structural_infeasibility_is_detected_by_check_feasible():
+    # token 0 needs both experts but expert 0 takes nobody; every total balances, so construction
+    # (totals only, no solver) accepts it and the explicit step refuses it
+    problem = RoutingProblem(np.ones((2, 2)), token_min=[2, 0], expert_max=[0, 2])
+    assert not problem.totals_decide_feasibility
+    assert not is_feasible(problem)
+    with pytest.raises(InfeasibleProblem, match="token and expert bounds"):
+        check_feasible(problem)
+    ok = RoutingProblem(np.ones((2, 2)), token_min=[2, 0], expert_max=[1, 2])
+    assert check_feasible(ok) is ok and is_feasible(ok)
+    uniform = RoutingProblem.capped(np.ones((2, 2)), 2, 1, 1)
+    assert uniform.totals_decide_feasibility and check_feasible(uniform) is uniform
 
 
-def test_structurally_infeasible_program_is_raised_or_reported():
-    """Whichever way it is caught, such a program never yields a routing."""
-    try:
-        problem = RoutingProblem(np.ones((2, 2)), token_min=[2, 0], expert_max=[0, 2])
-    except InfeasibleProblem:
-        return
+def test_structurally_infeasible_program_is_reported():
+    """Every solver reports such a program as infeasible and never yields a routing."""
+    problem = RoutingProblem(np.ones((2, 2)), token_min=[2, 0], expert_max=[0, 2])
     for backend in SOLVERS:
         sol = solve(problem, backend)
         assert sol.status == "infeasible" and not sol.success and sol.certificate is None
@@ -607,4 +621,5 @@ def test_closed_form_rejects_combined_programs():
     both = RoutingProblem(np.ones((2, 2)), token_min=1, token_max=1, expert_min=1, expert_max=1)
     with pytest.raises(UnsupportedProblem, match="token . expert"):
         solve(both)
-    assert certify(both, np.eye(2)).backend == "highs"  # auto falls back to LP duals
+    assert certify(both, np.eye(2)).backend == "flow"  # auto: the flow solver's multipliers
+    assert certify(both, np.eye(2), backend="highs").backend == "highs"

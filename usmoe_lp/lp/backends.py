@@ -1,7 +1,7 @@
 """Solver backends for routing programs: HiGHS (highspy, LP relaxation), SciPy MILP, PuLP/CBC.
 
 Every backend sees the same constraint rows, built once from :class:`RoutingProblem`:
-one row per token (if the token family binds), per expert, and per budget group. Variables are
+one row per token (if the token block binds), per expert, and per budget group. Variables are
 the flattened (row-major) entries x_{i*N+j}. The matrix is built directly in CSC form (each
 variable touches at most three rows), which is what keeps HiGHS fast: SciPy's bundled HiGHS
 1.12 spends >20 s in presolve on the single dense budget row at 1024x64 where highspy >= 1.15
@@ -37,7 +37,7 @@ class RawResult:
 class ConstraintRows:
     """CSC pattern of the constraint matrix: ``index`` (nnz,), ``start`` (n+1,), row bounds."""
 
-    families: tuple[str, ...]
+    blocks: tuple[str, ...]
     offsets: dict[str, int]
     index: np.ndarray
     start: np.ndarray
@@ -50,17 +50,17 @@ class ConstraintRows:
 
 
 def constraint_rows(problem: RoutingProblem) -> ConstraintRows:
-    """Build the rows of every binding family and the CSC column pattern of the matrix."""
+    """Build the rows of every binding block and the CSC column pattern of the matrix."""
     T, N = problem.shape
-    fams = problem.families
+    blocks = problem.blocks
     per_var, offsets, lo, hi = [], {}, [], []
     row = 0
-    for fam in fams:
-        a, b = problem.family_bounds(fam)
-        offsets[fam] = row
-        if fam == "token":
+    for block in blocks:
+        a, b = problem.block_bounds(block)
+        offsets[block] = row
+        if block == "token":
             per_var.append(np.repeat(np.arange(T), N) + row)
-        elif fam == "expert":
+        elif block == "expert":
             per_var.append(np.tile(np.arange(N), T) + row)
         else:
             per_var.append(np.repeat(problem.group_ids, N) + row)
@@ -75,15 +75,15 @@ def constraint_rows(problem: RoutingProblem) -> ConstraintRows:
     start = np.arange(0, T * N * k + 1, k, dtype=np.int32) if k else np.zeros(T * N + 1, np.int32)
     lo_arr = np.concatenate(lo).astype(np.float64) if lo else np.zeros(0)
     hi_arr = np.concatenate(hi).astype(np.float64) if hi else np.zeros(0)
-    return ConstraintRows(tuple(fams), offsets, index, start, lo_arr, hi_arr)
+    return ConstraintRows(tuple(blocks), offsets, index, start, lo_arr, hi_arr)
 
 
 def _split_duals(problem: RoutingProblem, rows: ConstraintRows, y: np.ndarray) -> dict[str, np.ndarray]:
     out = {}
-    for fam in rows.families:
-        off = rows.offsets[fam]
-        size = problem.family_bounds(fam)[0].size
-        out[fam] = np.asarray(y[off:off + size], dtype=np.float64)
+    for block in rows.blocks:
+        off = rows.offsets[block]
+        size = problem.block_bounds(block)[0].size
+        out[block] = np.asarray(y[off:off + size], dtype=np.float64)
     return out
 
 
@@ -98,10 +98,10 @@ def highs_strategy(problem: RoutingProblem) -> tuple[str, str]:
     (1.2 s without, IPM), the capped program 14.6 s (1.6 s without, IPM). IPM runs crossover, so
     the solution is still a vertex.
     """
-    fams = problem.families
-    if not fams or fams == ("token",) or (fams == ("budget",) and problem.budget_sense == "<="):
+    blocks = problem.blocks
+    if not blocks or blocks == ("token",) or (blocks == ("budget",) and problem.budget_sense == "<="):
         return "choose", "choose"
-    if fams == ("expert",):
+    if blocks == ("expert",):
         return "choose", "off"
     return "ipm", "off"
 
@@ -163,7 +163,7 @@ def solve_highs(problem: RoutingProblem, time_limit: float | None = None,
     if _status(text) == "error":
         message += (f" (HiGHS could not solve the LP relaxation of {problem.describe()}; scores span "
                     f"[{problem.scores.min():.3g}, {problem.scores.max():.3g}]; try backend='closed_form' "
-                    "for single-family programs or 'cbc')")
+                    "for single-block programs, 'flow' for the capped form, or 'cbc')")
     return RawResult(x, obj, _status(text), message, duals, time.perf_counter() - t0)
 
 
@@ -256,7 +256,7 @@ def solve_cbc(problem: RoutingProblem, time_limit: float | None = None) -> RawRe
     scale = _power_of_two_scale(problem.scores)  # exact; CBC's tolerances are absolute
     prob += pulp.LpAffineExpression(zip(xs, (problem.scores.ravel() * scale).tolist(), strict=True))
     rows = constraint_rows(problem)
-    k = len(rows.families)
+    k = len(rows.blocks)
     members: list[list[int]] = [[] for _ in range(rows.num_rows)]
     for v in range(n):
         for r in rows.index[v * k:(v + 1) * k]:

@@ -52,7 +52,7 @@ class Certificate:
         tolerance: a bound on the float64 rounding error of ``gap`` (relative to the magnitude
             of the scores and multipliers summed); the optimality decision itself is exact and
             does not use it.
-        duals: the multipliers by family: ``token`` (T,), ``expert`` (N,), ``budget`` (G,).
+        duals: the multipliers by block: ``token`` (T,), ``expert`` (N,), ``budget`` (G,).
         message: a one-line human-readable verdict.
         status: ``optimal`` (proven), ``not_optimal`` (proven: a better feasible mask exists),
             ``infeasible`` (the mask breaks a constraint) or ``undecided`` (the multipliers or
@@ -107,7 +107,7 @@ def dual_bound(problem: RoutingProblem, duals: dict[str, np.ndarray]) -> float:
     """Evaluate the Lagrangian bound g (module docstring) at ``duals``; >= OPT for any duals.
 
     duals: mapping with optional keys ``token`` (T,), ``expert`` (N,), ``budget`` (G,) float;
-    a missing family counts as 0.
+    a missing block counts as 0.
     """
     S = problem.scores
     T, N = S.shape
@@ -116,15 +116,15 @@ def dual_bound(problem: RoutingProblem, duals: dict[str, np.ndarray]) -> float:
     if "token" in duals:
         u = np.asarray(duals["token"], dtype=np.float64)
         R -= u[:, None]
-        total += _psi(u, *problem.family_bounds("token"))
+        total += _psi(u, *problem.block_bounds("token"))
     if "expert" in duals:
         v = np.asarray(duals["expert"], dtype=np.float64)
         R -= v[None, :]
-        total += _psi(v, *problem.family_bounds("expert"))
+        total += _psi(v, *problem.block_bounds("expert"))
     if "budget" in duals:
         lam = np.asarray(duals["budget"], dtype=np.float64)
         R -= lam[problem.group_ids][:, None]
-        total += _psi(lam, *problem.family_bounds("budget"))
+        total += _psi(lam, *problem.block_bounds("budget"))
     np.maximum(R, 0.0, out=R)
     return float(R.sum()) + total
 
@@ -151,12 +151,12 @@ def feasibility_violations(problem: RoutingProblem, mask: np.ndarray) -> list[st
         checks.append(("budget", np.bincount(problem.group_ids, weights=rows,
                                              minlength=problem.num_groups).astype(np.int64),
                        "selections in group"))
-    for fam, counts, what in checks:
-        lo, hi = problem.family_bounds(fam)
+    for block, counts, what in checks:
+        lo, hi = problem.block_bounds(block)
         bad = np.flatnonzero((counts < lo) | (counts > hi))
         if bad.size:
             b = int(bad[0])
-            out.append(f"{bad.size} {fam} constraint(s) violated, e.g. {int(counts[b])} {what} {b} "
+            out.append(f"{bad.size} {block} constraint(s) violated, e.g. {int(counts[b])} {what} {b} "
                        f"outside [{int(lo[b])}, {int(hi[b])}]")
     return out
 

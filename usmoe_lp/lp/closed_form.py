@@ -1,11 +1,12 @@
-"""The analytic optimum and dual certificate of single-family routing programs, in O(T*N).
+"""The analytic optimum and dual certificate of single-block routing programs, in O(T*N).
 
-A single-family program (only token bounds, only expert bounds, or only a budget per group;
-papers/routing-as-lp.md §2-3) splits into independent blocks — rows, columns or groups — each of the form
+A single-block program (only token bounds, only expert bounds, or only a budget per group;
+papers/routing-as-lp.md §2-3) splits into independent constraint rows — tokens, experts or groups — each
+of the form
 
     max sum_l s_l x_l   s.t.  lo <= sum_l x_l <= hi,  0 <= x_l <= 1.
 
-With s_(r) the r-th largest entry of the block (s_(0) = +inf, s_(L+1) = -inf), the threshold
+With s_(r) the r-th largest entry of the row (s_(0) = +inf, s_(L+1) = -inf), the threshold
 
     u* = clip(0, s_(hi+1), s_(lo))
 
@@ -37,43 +38,44 @@ from usmoe_lp.lp.problem import RoutingProblem
 _LN10 = math.log(10.0)
 
 
-def single_family(problem: RoutingProblem) -> str:
-    """The one binding family of ``problem`` (``budget`` when none binds).
+def single_block(problem: RoutingProblem) -> str:
+    """The one binding block of ``problem`` (``budget`` when none binds).
 
     Raises:
-        UnsupportedProblem: when two or more families bind (use an LP backend).
+        UnsupportedProblem: when two or more blocks bind (use ``flow`` or an LP backend).
     """
-    fams = problem.families
-    if len(fams) > 1:
+    blocks = problem.blocks
+    if len(blocks) > 1:
         raise UnsupportedProblem(
-            f"the closed form covers single-family programs; this one has {' + '.join(fams)} "
-            "constraints — use backend='highs' (LP duals) or 'cbc'/'milp' (integer program)"
+            f"the closed form covers single-block programs; this one has {' + '.join(blocks)} "
+            "constraints — use backend='flow' (min-cost flow), 'highs' (LP duals) or 'cbc'/'milp' "
+            "(integer program)"
         )
-    return fams[0] if fams else "budget"
+    return blocks[0] if blocks else "budget"
 
 
-# ----------------------------------------------------------------------------- block views
+# ----------------------------------------------------------------------------- row views
 def _group_rows(problem: RoutingProblem) -> list[np.ndarray]:
     order = np.argsort(problem.group_ids, kind="stable")
     return np.split(order, np.cumsum(problem.group_sizes)[:-1])
 
 
-def _blocks(problem: RoutingProblem, family: str, arr: np.ndarray) -> list[np.ndarray]:
-    """Views of ``arr`` (T, N) as block matrices (B, L) whose rows are the family's blocks."""
-    if family == "token":
+def _row_views(problem: RoutingProblem, block: str, arr: np.ndarray) -> list[np.ndarray]:
+    """Views of ``arr`` (T, N) as matrices (B, L) whose rows are the rows of ``block``."""
+    if block == "token":
         return [arr]
-    if family == "expert":
+    if block == "expert":
         return [arr.T]
     if problem.num_groups == 1:
         return [arr.reshape(1, -1)]
     return [arr[idx].reshape(1, -1) for idx in _group_rows(problem)]
 
 
-def _unblock(problem: RoutingProblem, family: str, parts: list[np.ndarray]) -> np.ndarray:
+def _from_row_views(problem: RoutingProblem, block: str, parts: list[np.ndarray]) -> np.ndarray:
     T, N = problem.shape
-    if family == "token":
+    if block == "token":
         return parts[0]
-    if family == "expert":
+    if block == "expert":
         return np.ascontiguousarray(parts[0].T)
     if problem.num_groups == 1:
         return parts[0].reshape(T, N)
@@ -89,7 +91,7 @@ def _split(values: np.ndarray, blocks: list[np.ndarray]) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- order statistics
-def _kth_largest(M: np.ndarray, k: np.ndarray) -> np.ndarray:
+def kth_largest(M: np.ndarray, k: np.ndarray) -> np.ndarray:
     """(B,) the k_b-th largest entry of each row of M (B, L); +inf for k = 0, -inf for k > L."""
     B, L = M.shape
     out = np.empty(B, dtype=np.float64)
@@ -103,15 +105,16 @@ def _kth_largest(M: np.ndarray, k: np.ndarray) -> np.ndarray:
     return out
 
 
-def _thresholds(M: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """(B,) optimal dual u* = clip(0, s_(hi+1), s_(lo)) of each block."""
-    upper = _kth_largest(M, lo)
-    lower = _kth_largest(M, hi + 1)
+def row_thresholds(M: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(B,) optimal dual u* = clip(0, s_(hi+1), s_(lo)) of each row of M (B, L); lo, hi (B,) int."""
+    upper = kth_largest(M, lo)
+    lower = kth_largest(M, hi + 1)
     return np.minimum(np.maximum(0.0, lower), upper)
 
 
-def _fill(M: np.ndarray, u: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """(B, L) bool: the optimal mask for thresholds u, ties filled lowest index first."""
+def fill_rows(M: np.ndarray, u: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(B, L) bool: the optimal mask of each row of M (B, L) for thresholds u (B,), ties filled
+    lowest index first."""
     gt = M > u[:, None]
     a = gt.sum(axis=1)
     need = np.where(u > 0, hi - a, np.where(u < 0, lo - a, np.maximum(lo - a, 0)))
@@ -122,14 +125,14 @@ def _fill(M: np.ndarray, u: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.nd
 
 
 def solve_blocks(problem: RoutingProblem) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The closed-form optimum: ((T, N) bool mask, {family: (B,) optimal duals})."""
-    family = single_family(problem)
-    lo, hi = problem.family_bounds(family)
-    blocks = _blocks(problem, family, problem.scores)
-    los, his = _split(lo, blocks), _split(hi, blocks)
-    us = [_thresholds(M, a, b) for M, a, b in zip(blocks, los, his, strict=True)]
-    masks = [_fill(M, u, a, b) for M, u, a, b in zip(blocks, us, los, his, strict=True)]
-    return _unblock(problem, family, masks), {family: np.concatenate(us)}
+    """The closed-form optimum: ((T, N) bool mask, {block: (B,) optimal duals})."""
+    block = single_block(problem)
+    lo, hi = problem.block_bounds(block)
+    views = _row_views(problem, block, problem.scores)
+    los, his = _split(lo, views), _split(hi, views)
+    us = [row_thresholds(M, a, b) for M, a, b in zip(views, los, his, strict=True)]
+    masks = [fill_rows(M, u, a, b) for M, u, a, b in zip(views, us, los, his, strict=True)]
+    return _from_row_views(problem, block, masks), {block: np.concatenate(us)}
 
 
 # ----------------------------------------------------------------------------- ties and margins
@@ -139,7 +142,7 @@ def _log10_comb(n: int, m: np.ndarray) -> np.ndarray:
 
 
 def _block_multiplicity(M: np.ndarray, u: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-    """Per block: (entries tied at u*, log10 of the number of optimal 0/1 selections)."""
+    """Per row: (entries tied at u*, log10 of the number of optimal 0/1 selections)."""
     a = (M > u[:, None]).sum(axis=1)
     t = (M == u[:, None]).sum(axis=1)
     ties = np.zeros(M.shape[0], dtype=np.int64)
@@ -171,8 +174,8 @@ def _margins(min_sel, max_unsel, count, lo, hi) -> np.ndarray:
 # ----------------------------------------------------------------------------- certificate
 
 
-def _mask_stats(problem: RoutingProblem, family: str, X: np.ndarray):
-    """Per block of ``family``: (count, sum selected, min selected, max unselected).
+def _mask_stats(problem: RoutingProblem, block: str, X: np.ndarray):
+    """Per row of ``block``: (count, sum selected, min selected, max unselected).
 
     Selected-side statistics come from the selected entries alone (a gather and ``bincount``);
     only the max over unselected entries needs a dense pass, done in cache-sized row chunks with
@@ -184,21 +187,21 @@ def _mask_stats(problem: RoutingProblem, family: str, X: np.ndarray):
     idx = np.flatnonzero(X)
     sel = S.ravel()[idx]
     rows = idx // N
-    if family == "token":
-        B, block = T, rows
-    elif family == "expert":
-        B, block = N, idx - rows * N
+    if block == "token":
+        B, row_of = T, rows
+    elif block == "expert":
+        B, row_of = N, idx - rows * N
     else:
         B = problem.num_groups
-        block = np.zeros(idx.size, np.int64) if B == 1 else problem.group_ids[rows]
-    count = np.bincount(block, minlength=B)
-    sum_sel = np.bincount(block, weights=sel, minlength=B).astype(np.float64)
+        row_of = np.zeros(idx.size, np.int64) if B == 1 else problem.group_ids[rows]
+    count = np.bincount(row_of, minlength=B)
+    sum_sel = np.bincount(row_of, weights=sel, minlength=B).astype(np.float64)
     min_sel = np.full(B, np.inf)
     if B == 1:
         if sel.size:
             min_sel[0] = sel.min()
     else:
-        np.minimum.at(min_sel, block, sel)
+        np.minimum.at(min_sel, row_of, sel)
 
     max_unsel = np.full(B, -np.inf)
     chunk = max(1, 2**20 // (8 * N))  # ~1 MiB of float64 per chunk: cache-resident, few iterations
@@ -209,9 +212,9 @@ def _mask_stats(problem: RoutingProblem, family: str, X: np.ndarray):
         b = buf[: r1 - r0]
         np.copyto(b, S[r0:r1])
         b.ravel()[idx[bounds[c]:bounds[c + 1]] - r0 * N] = -np.inf
-        if family == "token":
+        if block == "token":
             b.max(axis=1, out=max_unsel[r0:r1])
-        elif family == "expert":
+        elif block == "expert":
             np.maximum(max_unsel, b.max(axis=0), out=max_unsel)
         elif B == 1:
             max_unsel[0] = max(max_unsel[0], b.max())
@@ -221,7 +224,7 @@ def _mask_stats(problem: RoutingProblem, family: str, X: np.ndarray):
 
 
 def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
-    """Exact O(T*N) certificate that ``mask`` (T, N) bool is optimal for a single-family program.
+    """Exact O(T*N) certificate that ``mask`` (T, N) bool is optimal for a single-block program.
 
     Fast path: statistics of the mask alone (count, sum, min selected, max unselected per block).
     Only when the mask is not optimal, or the optimum is tied, is the closed-form optimum
@@ -237,10 +240,10 @@ def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
     (False, 0.2)
     """
     t0 = time.perf_counter()
-    family = single_family(problem)
+    block = single_block(problem)
     X = as_mask(problem, mask)
-    lo, hi = problem.family_bounds(family)
-    count, sum_sel, min_sel, max_unsel = _mask_stats(problem, family, X)
+    lo, hi = problem.block_bounds(block)
+    count, sum_sel, min_sel, max_unsel = _mask_stats(problem, block, X)
     primal = float(sum_sel.sum())
     feasible = bool(np.all((count >= lo) & (count <= hi)))
     ordered = max_unsel <= min_sel
@@ -251,17 +254,17 @@ def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
     optimal = feasible and bool(np.all(ordered)) and bool(np.all(block_gap == 0))
 
     if optimal:
-        duals = {family: u}
+        duals = {block: u}
         dual = primal + float(block_gap.sum())
         tied = np.flatnonzero(margins == 0)
         ties, logm = 0, 0.0
         if tied.size:
-            ties, logm = _ties(_blocks(problem, family, problem.scores), u, lo, hi, tied)
+            ties, logm = _ties(_row_views(problem, block, problem.scores), u, lo, hi, tied)
         msg = "optimal" + (" (unique)" if logm == 0 else f" (tied: 10^{logm:.3g} optimal masks)")
     else:
         best, duals = solve_blocks(problem)
         dual = dual_bound(problem, duals)
-        ties, logm = _ties(_blocks(problem, family, problem.scores), duals[family], lo, hi,
+        ties, logm = _ties(_row_views(problem, block, problem.scores), duals[block], lo, hi,
                            np.arange(lo.size))
         if not feasible:
             msg = "infeasible: " + "; ".join(feasibility_violations(problem, X))

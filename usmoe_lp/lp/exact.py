@@ -7,11 +7,19 @@ one (then the Lagrangian bound equals the objective: every term of the gap is ze
 
 A solver's multipliers meet these conditions only up to rounding (the reduced cost of a basic
 variable is 1e-17 instead of 0). :func:`proves_optimal` rebuilds exact rational multipliers from
-them: the budget multipliers are kept as given, and the token/expert multipliers are recomputed in
-``fractions.Fraction`` along a spanning forest of the tight entries (|R| <= TIGHT_REL * scale), so
-that those reduced costs are exactly 0. Every condition is then checked exactly: in float64 with
-a rigorous error bound where that decides, in rationals where it does not. The float multipliers
-are only a hint; a wrong hint makes the proof fail (undecided), never succeed wrongly.
+them, in ``fractions.Fraction``, so that the reduced costs of the tight entries
+(|R| <= TIGHT_REL * scale) are exactly 0:
+
+* when the token and the expert blocks both bind, along the connected components of the tight
+  entries: there u_i + lam_g(i) + v_j = S_ij fixes a component's multipliers up to one shift,
+  and the shifts and the budget multipliers are then chosen exactly inside the intervals the
+  sign rules allow (nearest the solver's values), so that a budget multiplier that must equal a
+  sum of scores is that sum, not its float64 rounding;
+* otherwise the budget multipliers are kept as given and each tight entry fixes its row's.
+
+Every condition is then checked exactly: in float64 with a rigorous error bound where that
+decides, in rationals where it does not. The float multipliers are only a hint; a wrong hint
+makes the proof fail (undecided), never succeed wrongly.
 """
 
 from __future__ import annotations
@@ -53,17 +61,15 @@ def proves_optimal(problem: RoutingProblem, X: np.ndarray, duals: dict[str, np.n
     """True iff exact multipliers rebuilt from ``duals`` prove the feasible mask X (T, N) optimal."""
     S = problem.scores
     T, N = S.shape
-    fams = problem.families
+    blocks = problem.blocks
     counts = _counts(problem, X)
     gid = problem.group_ids
     lam = np.zeros(problem.num_groups)
-    if "budget" in fams:
+    if "budget" in blocks:
         lam = np.asarray(duals.get("budget", lam), dtype=np.float64)
         if lam.shape != (problem.num_groups,) or not np.all(np.isfinite(lam)):
             return False
-        if not _sign_ok(lam.tolist(), counts["budget"], *problem.family_bounds("budget")):
-            return False
-    sides = [f for f in ("token", "expert") if f in fams]
+    sides = [f for f in ("token", "expert") if f in blocks]
     floats = {}
     for f, size in (("token", T), ("expert", N)):
         y = np.asarray(duals.get(f, np.zeros(size)), dtype=np.float64) if f in sides else np.zeros(size)
@@ -73,69 +79,256 @@ def proves_optimal(problem: RoutingProblem, X: np.ndarray, duals: dict[str, np.n
     A = S - lam[gid][:, None]
     R = A - floats["token"][:, None] - floats["expert"][None, :]
     scale = float(np.max(np.abs(S)) + np.max(np.abs(lam)) + max(np.max(np.abs(y)) for y in floats.values()))
-    exact = _rebuild(problem, X, A, R, floats, lam, sides, counts, TIGHT_REL * scale) if sides else {}
-    if exact is None:
+    tight_tol = TIGHT_REL * scale
+    if len(sides) == 2:
+        rebuilt = _rebuild_components(problem, R, floats, lam, counts, tight_tol)
+        if rebuilt is None:
+            return False
+        exact, lam_q = rebuilt
+    elif sides and "budget" in blocks:
+        rebuilt = _rebuild_with_budget(problem, R, floats, lam, counts, tight_tol, sides[0])
+        if rebuilt is None:
+            return False
+        exact, lam_q = rebuilt
+    else:
+        exact = _rebuild(problem, X, A, R, floats, lam, sides, counts, tight_tol) if sides else {}
+        if exact is None:
+            return False
+        lam_q = [Fraction(float(x)) for x in lam]
+    if "budget" in blocks and not _sign_ok(lam_q, counts["budget"], *problem.block_bounds("budget")):
         return False
     for f in sides:
-        if not _sign_ok(exact[f], counts[f], *problem.family_bounds(f)):
+        if not _sign_ok(exact[f], counts[f], *problem.block_bounds(f)):
             return False
-    return _reduced_costs_ok(problem, X, lam, exact, floats)
+    return _reduced_costs_ok(problem, X, lam_q, exact)
 
 
 def _rebuild(problem, X, A, R, floats, lam, sides, counts, tight_tol):
-    """Exact Fraction multipliers of the token/expert sides along tight entries (None: give up)."""
+    """One binding side (token or expert) besides the budget: each tight entry fixes its row's
+    multiplier exactly, S_ij - lam_g; rows strictly inside their bounds get 0 (None: give up)."""
     T, N = problem.shape
     ti, tj = np.nonzero(np.abs(R) <= tight_tol)
     if ti.size > MAX_EXACT_ENTRIES:
         return None
     gid = problem.group_ids
     S = problem.scores
+    f = sides[0]
+    size = T if f == "token" else N
+    value: list[Fraction | None] = [None] * size
+    lo, hi = problem.block_bounds(f)
+    for b in np.flatnonzero((counts[f] > lo) & (counts[f] < hi)).tolist():
+        value[b] = Fraction(0)
+    rows = ti if f == "token" else tj
+    for b, i, j in zip(rows.tolist(), ti.tolist(), tj.tolist(), strict=True):
+        if value[b] is None:
+            value[b] = Fraction(float(S[i, j])) - Fraction(float(lam[gid[i]]))
+    return {f: [Fraction(float(floats[f][b])) if y is None else y for b, y in enumerate(value)]}
 
-    def a_exact(i: int, j: int) -> Fraction:
-        return Fraction(float(S[i, j])) - Fraction(float(lam[gid[i]]))
 
-    offset = {"token": 0, "expert": T}
-    size = {"token": T, "expert": N}
+def _rebuild_components(problem, R, floats, lam, counts, tight_tol):
+    """Token and expert blocks both bind: exact (multipliers by side, budget multipliers).
+
+    On a component C of the tight entries, w_i + v_j = S_ij with w_i = u_i + lam_g(i) fixes
+    (w, v) up to one shift delta_C (w + delta_C, v - delta_C); the root's float multipliers give
+    base values. The sign rules are then interval constraints: on delta_C (experts), on
+    delta_C - lam_g (tokens of group g) and on lam_g (groups). The budget multipliers are chosen
+    first, nearest the given ones within the bounds every component implies, then each delta_C
+    nearest 0 (None when no exact choice exists).
+    """
+    T, N = problem.shape
+    S = problem.scores
+    gid = problem.group_ids
+    G = problem.num_groups
+    ti, tj = np.nonzero(np.abs(R) <= tight_tol)
+    if ti.size > MAX_EXACT_ENTRIES:
+        return None
+    adj: list[list[tuple[int, int, int]]] = [[] for _ in range(T + N)]
+    for i, j in zip(ti.tolist(), tj.tolist(), strict=True):
+        adj[i].append((T + j, i, j))
+        adj[T + j].append((i, i, j))
+    u_f, v_f = floats["token"].tolist(), floats["expert"].tolist()
+    lam_f = [Fraction(float(x)) for x in lam]
     value: list[Fraction | None] = [None] * (T + N)
-    queue: deque[int] = deque()
-    for f in sides:  # blocks strictly inside their bounds need a zero multiplier
-        lo, hi = problem.family_bounds(f)
-        for b in np.flatnonzero((counts[f] > lo) & (counts[f] < hi)).tolist():
-            value[offset[f] + b] = Fraction(0)
-            queue.append(offset[f] + b)
-    if len(sides) == 1:  # each tight entry fixes its block's multiplier alone
-        f = sides[0]
-        blocks = ti if f == "token" else tj
-        for b, i, j in zip(blocks.tolist(), ti.tolist(), tj.tolist(), strict=True):
-            if value[offset[f] + b] is None:
-                value[offset[f] + b] = a_exact(i, j)
-    else:
-        adj: list[list[tuple[int, int, int]]] = [[] for _ in range(T + N)]
-        for i, j in zip(ti.tolist(), tj.tolist(), strict=True):
-            adj[i].append((T + j, i, j))
-            adj[T + j].append((i, i, j))
-        roots = iter(range(T + N))
-        while True:
-            while queue:
-                node = queue.popleft()
-                for other, i, j in adj[node]:
-                    if value[other] is None:
-                        value[other] = a_exact(i, j) - value[node]
-                        queue.append(other)
-            root = next((r for r in roots if value[r] is None), None)
-            if root is None:
-                break
-            f = "token" if root < T else "expert"
-            value[root] = Fraction(float(floats[f][root - offset[f]]))
-            queue.append(root)
-    out = {}
-    for f in sides:
-        vals = value[offset[f]:offset[f] + size[f]]
-        out[f] = [Fraction(float(floats[f][b])) if v is None else v for b, v in enumerate(vals)]
-    return out
+    components: list[list[int]] = []
+    for root in range(T + N):
+        if value[root] is not None:
+            continue
+        value[root] = (Fraction(u_f[root]) + lam_f[gid[root]]) if root < T else Fraction(v_f[root - T])
+        members = [root]
+        queue = deque([root])
+        while queue:
+            node = queue.popleft()
+            for other, i, j in adj[node]:
+                if value[other] is None:
+                    value[other] = Fraction(float(S[i, j])) - value[node]
+                    members.append(other)
+                    queue.append(other)
+        components.append(members)
+
+    t_cnt, (t_lo, t_hi) = counts["token"].tolist(), (b.tolist() for b in problem.block_bounds("token"))
+    e_cnt, (e_lo, e_hi) = counts["expert"].tolist(), (b.tolist() for b in problem.block_bounds("expert"))
+    gid_l = gid.tolist()
+    # Per component: delta in [low, high]; per group touched: delta - lam_g in [A_g, B_g].
+    spans = []
+    for members in components:
+        low = high = None
+        touched: dict[int, list] = {}
+        for node in members:
+            y = value[node]
+            if node < T:  # u = y + delta - lam_g
+                box = touched.setdefault(gid_l[node], [None, None])
+                if t_cnt[node] < t_hi[node]:
+                    box[1] = _min(box[1], -y)
+                if t_cnt[node] > t_lo[node]:
+                    box[0] = _max(box[0], -y)
+            else:  # v = y - delta
+                j = node - T
+                if e_cnt[j] < e_hi[j]:
+                    low = _max(low, y)
+                if e_cnt[j] > e_lo[j]:
+                    high = _min(high, y)
+        spans.append((low, high, touched))
+
+    lam_q = _budget_multipliers(problem, counts, lam_f, spans) if "budget" in problem.blocks else [Fraction(0)] * G
+    if lam_q is None:
+        return None
+    u: list[Fraction] = [Fraction(0)] * T
+    v: list[Fraction] = [Fraction(0)] * N
+    for members, (low, high, touched) in zip(components, spans, strict=True):
+        for g, (a, b) in touched.items():
+            if a is not None:
+                low = _max(low, lam_q[g] + a)
+            if b is not None:
+                high = _min(high, lam_q[g] + b)
+        if low is not None and high is not None and low > high:
+            return None
+        delta = low if (low is not None and low > 0) else (high if (high is not None and high < 0) else Fraction(0))
+        for node in members:
+            if node < T:
+                u[node] = value[node] + delta - lam_q[gid_l[node]]
+            else:
+                v[node - T] = value[node] - delta
+    return {"token": u, "expert": v}, lam_q
 
 
-def _reduced_costs_ok(problem, X, lam, exact, floats) -> bool:
+def _rebuild_with_budget(problem, R, floats, lam, counts, tight_tol, side):
+    """One of the token/expert blocks binds, and the budget: exact (multipliers, budget ones).
+
+    With the expert block free (v = 0) a tight entry reads u_i + lam_g(i) = S_ij; with the token
+    block free (u = 0) it reads lam_g(i) + v_j = S_ij. Either way it joins two rows (token-group
+    or group-expert), and a connected component of such joins is fixed up to one shift, chosen
+    exactly within the sign rules of both kinds of rows (:func:`_two_kinds`)."""
+    T, N = problem.shape
+    G = problem.num_groups
+    S = problem.scores
+    gid = problem.group_ids
+    ti, tj = np.nonzero(np.abs(R) <= tight_tol)
+    if ti.size > MAX_EXACT_ENTRIES:
+        return None
+    g_rows = (counts["budget"], *problem.block_bounds("budget"))
+    if side == "token":  # rows: tokens (u) and groups (lam)
+        first, hint_a = np.unique(ti, return_index=True)[1], floats["token"]
+        edges = [(int(i), int(gid[i]), float(S[i, j])) for i, j in zip(ti[first], tj[first], strict=True)]
+        a_rows = (counts["token"], *problem.block_bounds("token"))
+        got = _two_kinds(T, G, edges, hint_a, lam, a_rows, g_rows)
+        return None if got is None else ({"token": got[0]}, got[1])
+    pairs = {}
+    for i, j in zip(ti.tolist(), tj.tolist(), strict=True):
+        pairs.setdefault((int(gid[i]), j), float(S[i, j]))
+    edges = [(g, j, val) for (g, j), val in pairs.items()]
+    e_rows = (counts["expert"], *problem.block_bounds("expert"))
+    got = _two_kinds(G, N, edges, lam, floats["expert"], g_rows, e_rows)
+    return None if got is None else ({"expert": got[1]}, got[0])
+
+
+def _two_kinds(n_a, n_b, edges, hint_a, hint_b, rows_a, rows_b):
+    """Exact y_a (n_a,) and y_b (n_b,) with y_a + y_b = value on a spanning forest of ``edges``
+    (a, b, value), each component shifted (y_a + delta, y_b - delta) into the sign rules of its
+    rows (rows_*: count, lo, hi arrays), delta nearest 0 (None when no exact choice exists)."""
+    adj: list[list[tuple[int, float]]] = [[] for _ in range(n_a + n_b)]
+    for a, b, val in edges:
+        adj[a].append((n_a + b, val))
+        adj[n_a + b].append((a, val))
+    hints = [float(x) for x in hint_a] + [float(x) for x in hint_b]
+    cnt = rows_a[0].tolist() + rows_b[0].tolist()
+    lo = rows_a[1].tolist() + rows_b[1].tolist()
+    hi = rows_a[2].tolist() + rows_b[2].tolist()
+    value: list[Fraction | None] = [None] * (n_a + n_b)
+    for root in range(n_a + n_b):
+        if value[root] is not None:
+            continue
+        value[root] = Fraction(hints[root])
+        members = [root]
+        queue = deque([root])
+        while queue:
+            node = queue.popleft()
+            for other, val in adj[node]:
+                if value[other] is None:
+                    value[other] = Fraction(val) - value[node]
+                    members.append(other)
+                    queue.append(other)
+        low = high = None
+        for node in members:
+            y, sign = value[node], (1 if node < n_a else -1)  # the row's multiplier: y + sign * delta
+            if cnt[node] < hi[node]:  # multiplier <= 0
+                high, low = (_min(high, -y), low) if sign > 0 else (high, _max(low, y))
+            if cnt[node] > lo[node]:  # multiplier >= 0
+                high, low = (high, _max(low, -y)) if sign > 0 else (_min(high, y), low)
+        if low is not None and high is not None and low > high:
+            return None
+        delta = low if (low is not None and low > 0) else (high if (high is not None and high < 0) else Fraction(0))
+        for node in members:
+            value[node] = value[node] + delta if node < n_a else value[node] - delta
+    return value[:n_a], value[n_a:]
+
+
+def _budget_multipliers(problem, counts, lam_f, spans):
+    """Exact budget multipliers within every component's implied bounds, nearest the given
+    ones: unary bounds lam_g in [lo_g, hi_g] and pairwise lam_g - lam_h <= w (two groups in one
+    component), the latter met by lowering (at most G rounds); None if none fits."""
+    G = problem.num_groups
+    b_cnt = counts["budget"].tolist()
+    b_lo, b_hi = (b.tolist() for b in problem.block_bounds("budget"))
+    lo: list[Fraction | None] = [Fraction(0) if b_cnt[g] > b_lo[g] else None for g in range(G)]
+    hi: list[Fraction | None] = [Fraction(0) if b_cnt[g] < b_hi[g] else None for g in range(G)]
+    pairs: list[tuple[int, int, Fraction]] = []  # lam_g - lam_h <= w
+    for low, high, touched in spans:
+        for g, (a, b) in touched.items():
+            if low is not None and b is not None:  # delta >= low and delta <= lam_g + b
+                lo[g] = _max(lo[g], low - b)
+            if high is not None and a is not None:  # delta <= high and delta >= lam_g + a
+                hi[g] = _min(hi[g], high - a)
+            if a is not None and b is not None and a > b:
+                return None
+            for h, (_a2, b2) in touched.items():
+                if h != g and a is not None and b2 is not None:  # lam_g + a <= delta <= lam_h + b2
+                    pairs.append((g, h, b2 - a))
+    lam = []
+    for g in range(G):
+        if lo[g] is not None and hi[g] is not None and lo[g] > hi[g]:
+            return None
+        x = lam_f[g]
+        if lo[g] is not None and x < lo[g]:
+            x = lo[g]
+        if hi[g] is not None and x > hi[g]:
+            x = hi[g]
+        lam.append(x)
+    for _ in range(G + 1):
+        changed = False
+        for g, h, w in pairs:
+            if lam[g] - lam[h] > w:
+                lam[g] = lam[h] + w
+                changed = True
+        if not changed:
+            break
+    if any(lo[g] is not None and lam[g] < lo[g] for g in range(G)):
+        return None
+    if any(lam[g] - lam[h] > w for g, h, w in pairs):
+        return None
+    return lam
+
+
+def _reduced_costs_ok(problem, X, lam_q, exact) -> bool:
     """Every reduced cost has the sign X needs, decided in float64 with an error bound and in
     rationals where the bound does not decide."""
     S = problem.scores
@@ -145,17 +338,27 @@ def _reduced_costs_ok(problem, X, lam, exact, floats) -> bool:
     v_q = exact.get("expert", [Fraction(0)] * N)
     u = np.array([float(x) for x in u_q]) if "token" in exact else np.zeros(T)
     v = np.array([float(x) for x in v_q]) if "expert" in exact else np.zeros(N)
+    lam = np.array([float(x) for x in lam_q])
     lam_t = lam[gid]
     R = ((S - lam_t[:, None]) - u[:, None]) - v[None, :]
     bound = (4 * EPS * (np.abs(S) + np.abs(lam_t)[:, None] + np.abs(u)[:, None] + np.abs(v)[None, :])
-             + np.spacing(np.abs(u))[:, None] + np.spacing(np.abs(v))[None, :] + 8 * _TINY)
+             + np.spacing(np.abs(lam_t))[:, None] + np.spacing(np.abs(u))[:, None]
+             + np.spacing(np.abs(v))[None, :] + 8 * _TINY)
     if np.any(X & (R < -bound)) or np.any(~X & (R > bound)):
         return False
     ui, uj = np.nonzero(np.abs(R) <= bound)
     if ui.size > MAX_EXACT_ENTRIES:
         return False
     for i, j in zip(ui.tolist(), uj.tolist(), strict=True):
-        r = Fraction(float(S[i, j])) - Fraction(float(lam[gid[i]])) - u_q[i] - v_q[j]
+        r = Fraction(float(S[i, j])) - lam_q[gid[i]] - u_q[i] - v_q[j]
         if (X[i, j] and r < 0) or (not X[i, j] and r > 0):
             return False
     return True
+
+
+def _min(a: Fraction | None, b: Fraction) -> Fraction:
+    return b if a is None or b < a else a
+
+
+def _max(a: Fraction | None, b: Fraction) -> Fraction:
+    return b if a is None or b > a else a

@@ -11,9 +11,15 @@ A routing program over a score matrix ``S`` (T tokens x N experts) is
 with ``budget_lo_g = budget_g`` for the sense ``"=="`` and ``0`` for ``"<="``. Token Choice,
 Expert Choice and the USMoE global top-c (papers/routing-as-lp.md §1, arXiv 2503.22996 §3 / Prop. 3.1) are
 constructors of it; ``capped`` is the capacity-aware global router (a b-matching).
-The constraint matrix of any *single* family is an interval matrix and the matrix of token and
-expert families together is a bipartite incidence matrix; with one extra all-ones row (a budget)
-the matrix stays that of a network flow, so every vertex of the relaxation is integral.
+The constraints come in three *blocks* of rows: the token block (one row per token), the expert
+block (one per expert) and the budget block (one per group). The constraint matrix of any *single*
+block is an interval matrix and the matrix of the token and expert blocks together is a bipartite
+incidence matrix; with one extra all-ones row (a budget) the matrix stays that of a network flow,
+so every vertex of the relaxation is integral (``usmoe_lp.lp.flow`` solves it as one).
+
+Construction checks the bounds' totals (O(T + N), exact when at most one block binds or the
+bounds of each block are uniform); :func:`usmoe_lp.lp.check_feasible` is the exact check for
+the rest (a flow computation, kept out of construction).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from usmoe_lp._validate import INT64_MAX, as_float64_scores, check_finite_numpy,
 from usmoe_lp.errors import InfeasibleProblem, InvalidParameter, InvalidScores, ShapeMismatch
 
 Sense = Literal["<=", "=="]
-FAMILIES = ("token", "expert", "budget")
+BLOCKS = ("token", "expert", "budget")
+"""The constraint blocks of a routing program: rows per token, per expert, per budget group."""
 
 
 def _as_bounds(value, length: int, name: str, default: int) -> np.ndarray:
@@ -76,11 +83,14 @@ class RoutingProblem:
         InvalidScores: empty, non-2-D, non-finite, non-real or too large scores.
         ShapeMismatch: a bound or group vector of the wrong length.
         InvalidParameter: negative or non-integer bounds, a budget beyond the group's T_g * N.
-        InfeasibleProblem: bounds that no 0/1 routing can meet; the message names them.
+        InfeasibleProblem: bounds whose totals no 0/1 routing can meet; the message names them.
+            Exact when at most one block binds or each block's bounds are uniform; otherwise
+            :func:`usmoe_lp.lp.check_feasible` decides (e.g. token 0 needing both experts while
+            expert 0 takes nobody balances every total).
 
     >>> import numpy as np
     >>> p = RoutingProblem.budget(np.array([[0.5, -1.0], [-2.0, -0.2]]), 2, sense="<=")
-    >>> p.shape, p.families, p.budget_sense
+    >>> p.shape, p.blocks, p.budget_sense
     ((2, 2), ('budget',), '<=')
     """
 
@@ -145,7 +155,7 @@ class RoutingProblem:
                 where = "T*N" if sizes.size == 1 else f"T_g*N for group {g}"
                 raise InvalidParameter(f"budget {int(b[g])} exceeds {where} = {int(cap[g])} token-expert pairs")
             set_(self, "budget", b)
-        self._check_feasible()
+        self._check_totals()
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
@@ -212,8 +222,8 @@ class RoutingProblem:
         return self.budget.copy() if self.budget_sense == "==" else np.zeros_like(self.budget)
 
     @property
-    def families(self) -> tuple[str, ...]:
-        """The constraint families that restrict anything: a subset of token, expert, budget."""
+    def blocks(self) -> tuple[str, ...]:
+        """The constraint blocks that restrict anything: a subset of token, expert, budget."""
         T, N = self.shape
         out = []
         if np.any(self.token_min > 0) or np.any(self.token_max < N):
@@ -225,21 +235,37 @@ class RoutingProblem:
         return tuple(out)
 
     @property
-    def is_single_family(self) -> bool:
-        """True when at most one family binds: the closed form applies (papers/routing-as-lp.md §2-3)."""
-        return len(self.families) <= 1
+    def is_single_block(self) -> bool:
+        """True when at most one block binds: the closed form applies (papers/routing-as-lp.md §2-3)."""
+        return len(self.blocks) <= 1
 
-    def family_bounds(self, family: str) -> tuple[np.ndarray, np.ndarray]:
-        """(lo, hi) int64 count bounds of each block of ``family`` (rows, columns or groups)."""
-        if family == "token":
+    def block_bounds(self, block: str) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) int64 count bounds of each row of ``block``: (T,) for ``token``, (N,) for
+        ``expert``, (G,) for ``budget``."""
+        if block == "token":
             return self.token_min, self.token_max
-        if family == "expert":
+        if block == "expert":
             return self.expert_min, self.expert_max
-        if family == "budget":
+        if block == "budget":
             if self.budget is None:
                 return np.zeros(self.num_groups, np.int64), self._group_sizes * self.shape[1]
             return self.budget_lo, self.budget
-        raise ValueError(f"unknown constraint family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown constraint block {block!r}; expected one of {BLOCKS}")
+
+    # Former names, kept so that callers outside usmoe_lp.lp keep working; use the block names.
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Alias of :attr:`blocks` (former name)."""
+        return self.blocks
+
+    @property
+    def is_single_family(self) -> bool:
+        """Alias of :attr:`is_single_block` (former name)."""
+        return self.is_single_block
+
+    def family_bounds(self, family: str) -> tuple[np.ndarray, np.ndarray]:
+        """Alias of :meth:`block_bounds` (former name)."""
+        return self.block_bounds(family)
 
     def objective(self, mask) -> float:
         """sum_ij S_ij x_ij of a (T, N) bool mask or 0/1 / fractional float matrix, in float64."""
@@ -251,9 +277,9 @@ class RoutingProblem:
     def describe(self) -> str:
         T, N = self.shape
         parts = [f"{self.name} program on {T}x{N} scores"]
-        if "token" in self.families:
+        if "token" in self.blocks:
             parts.append(_range_text("experts per token", self.token_min, self.token_max))
-        if "expert" in self.families:
+        if "expert" in self.blocks:
             parts.append(_range_text("tokens per expert", self.expert_min, self.expert_max))
         if self.budget is not None:
             b = self.budget
@@ -263,7 +289,8 @@ class RoutingProblem:
         return "; ".join(parts)
 
     # ----------------------------------------------------------------------------- feasibility
-    def _check_feasible(self) -> None:
+    def _check_totals(self) -> None:
+        """The O(T + N) checks of construction: every bound and every total must be consistent."""
         T, N = self.shape
         tmin, tmax, emin, emax = self.token_min, self.token_max, self.expert_min, self.expert_max
         if np.any(tmin > N):
@@ -288,29 +315,14 @@ class RoutingProblem:
             )
         if self.budget is not None:
             self._check_group_totals()
-        self._check_flow()
 
-    def _check_flow(self) -> None:
-        """Exact feasibility when two or more families bind with non-uniform bounds.
-
-        The aggregate checks above are exact for uniform bounds but not in general (token 0
-        needing both experts while expert 0 takes nobody balances every total). The constraint
-        matrix is totally unimodular, so the LP relaxation is feasible iff a 0/1 routing exists:
-        one zero-objective HiGHS solve decides it.
-        """
-        fams = self.families
-        if len(fams) < 2 or all(_uniform(*self.family_bounds(f)) for f in fams):
-            return
-        from usmoe_lp.lp.backends import solve_highs  # the backends import this module
-
-        zero = RoutingProblem.__new__(RoutingProblem)
-        object.__setattr__(zero, "__dict__", {**self.__dict__, "scores": np.zeros(self.shape)})
-        if solve_highs(zero).status == "infeasible":
-            raise InfeasibleProblem(
-                f"no 0/1 routing meets the {' and '.join(fams)} bounds together, although every "
-                "total is consistent (a flow condition: some token or group needs experts whose "
-                "bounds leave no room for it)"
-            )
+    @property
+    def totals_decide_feasibility(self) -> bool:
+        """True when the construction-time totals are an exact feasibility test: at most one block
+        binds, or every binding block has uniform bounds (a complete bipartite graph with uniform
+        capacities). Otherwise :func:`usmoe_lp.lp.check_feasible` decides."""
+        blocks = self.blocks
+        return len(blocks) < 2 or all(_uniform(*self.block_bounds(b)) for b in blocks)
 
     def _check_group_totals(self) -> None:
         T, N = self.shape
