@@ -223,10 +223,9 @@ def causal_topc(scores, kbar: float, slack: float = DEFAULT_SLACK, min_k: int = 
     min_k = check_int(min_k, "min_k", low=0, high=N)
     D = round_half_up(slack * kbar)
     real = valid.sum(-1).tolist() if valid is not None else [T] * B
-    counts = torch.zeros(B, T, dtype=torch.long, device=s3.device)
-    for length in sorted(set(real)):
-        if length == 0:
-            continue
+    mask = torch.zeros(B, T, N, dtype=torch.bool, device=s3.device)
+    realised = [0] * B
+    for length in sorted(set(real) - {0}):
         seqs = [b for b, n_real in enumerate(real) if n_real == length]
         sub = s3[seqs]
         if length < T:  # real rows of each sequence, in order
@@ -234,14 +233,18 @@ def causal_topc(scores, kbar: float, slack: float = DEFAULT_SLACK, min_k: int = 
             sub = sub.gather(1, rows.unsqueeze(-1).expand(-1, -1, N))
         targets = prefix_targets(kbar, length)
         theta = running_thresholds(sub, torch.from_numpy(targets[1:]))
-        q = (sub >= theta.unsqueeze(-1)).sum(-1)
+        sel = sub >= theta.unsqueeze(-1)
+        q = sel.sum(-1)
         a = torch.from_numpy(band_counts(q.cpu().numpy(), targets, D, N, min_k)).to(s3.device)
+        moved = a != q  # rows where the band or the floor changed the count: their top a_t
+        if bool(moved.any()):
+            sel[moved] = select_top(sub[moved], a[moved])
         if length < T:
-            counts[seqs] = torch.zeros(len(seqs), T, dtype=torch.long, device=s3.device).scatter(1, rows, a)
-        else:
-            counts[seqs] = a
-    mask = select_top(s3.reshape(B * T, N), counts.reshape(-1)).reshape(B, T, N)
-    realised = counts.sum(-1).tolist()
+            sel = torch.zeros(len(seqs), T, N, dtype=torch.bool, device=s3.device).scatter(
+                1, rows.unsqueeze(-1).expand(-1, -1, N), sel)
+        mask[seqs] = sel
+        for b, n in zip(seqs, a.sum(-1).tolist(), strict=True):
+            realised[b] = n
     target = [round_half_up(kbar * n_real) for n_real in real]
     params = {"kbar": kbar, "slack": slack, "min_k": min_k, "band": D,
               "target": target if B > 1 else target[0], "budget": realised if B > 1 else realised[0]}
@@ -263,8 +266,8 @@ ROUTER = Router(
     name="causal_topc",
     summary=("causal global top-c: each token's experts from its own row and the past (running threshold "
              "at k-bar, budget band); prefix leakage 0"),
-    reference=("this package (docs in usmoe_lp/routers/entries/causal_topc.py); the non-causal rule is USMoE, "
-               "Nguyen et al. 2025 (arXiv 2503.22996), Alg. 1"),
+    reference=("a causal variant (this package) of USMoE's global top-c, Nguyen et al. 2025 (arXiv 2503.22996), "
+               "Def. 3.2 and Alg. 1"),
     params=(KBAR, ALPHA,
             Param("slack", float, DEFAULT_SLACK, "budget band half-width in tokens: every prefix of t tokens takes "
                   "round_half_up(kbar*t) pairs +/- round_half_up(slack*kbar) (0: Token Choice at k-bar)", low=0.0),
