@@ -20,6 +20,7 @@ from usmoe_lp.report import write_analyze_report
 
 N, K, LAYERS = 8, 2, 2
 CORE = ("tc", "ec", "usmoe", "capacity_tc")  # every registry router: tests/test_registry_consumers.py
+GRID = {"routers": CORE, "alphas": (0.5,), "scopes": ("sequence", "batch", "position")}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def log_and_result(model_and_batch, tmp_path_factory):
     path = tmp_path_factory.mktemp("analyze") / "log"
     with capture(model, path, fsync=False), torch.inference_mode():
         out = model(input_ids=ids, attention_mask=att, output_router_logits=True)
-    cfg = AnalyzeConfig(routers=CORE, scopes=("sequence", "batch", "position"), chunk_tokens=50, batch_size=3)
+    cfg = AnalyzeConfig(**GRID, chunk_tokens=50, batch_size=3)
     return path, out, analyze(path, config=cfg)
 
 
@@ -91,8 +92,7 @@ def test_counterfactual_tc_reproduces_the_model_and_does_not_leak(log_and_result
 
 def test_chunking_does_not_change_the_numbers(log_and_result):
     path, _, result = log_and_result
-    other = analyze(path, config=AnalyzeConfig(routers=CORE, scopes=("sequence", "batch", "position"),
-                                               chunk_tokens=100000, batch_size=3))
+    other = analyze(path, config=AnalyzeConfig(**GRID, chunk_tokens=100000, batch_size=3))
     for a, b in zip(result.layers, other.layers, strict=True):
         np.testing.assert_array_equal(np.asarray(a.load.counts), np.asarray(b.load.counts))
         assert a.load.token_entropy == pytest.approx(b.load.token_entropy, rel=1e-9)
@@ -108,7 +108,7 @@ def test_in_memory_logits_give_the_same_analysis(model_and_batch, log_and_result
     _, ids, att = model_and_batch
     _, out, result = log_and_result
     mem = analyze_logits(out.router_logits, top_k=K, padding_mask=att == 0,
-                         config=AnalyzeConfig(routers=CORE, scopes=("sequence", "batch", "position"), batch_size=3))
+                         config=AnalyzeConfig(**GRID, batch_size=3))
     assert mem.aux_loss_pooled == pytest.approx(result.aux_loss_pooled, rel=1e-6)
     for a, b in zip(result.layers, mem.layers, strict=True):
         np.testing.assert_array_equal(np.asarray(a.load.counts), np.asarray(b.load.counts))
@@ -145,8 +145,8 @@ def test_report_files_match_the_api(log_and_result, tmp_path):
 
 def test_cli_analyze(log_and_result, tmp_path):
     path, _, result = log_and_result
-    res = CliRunner().invoke(app, ["analyze", str(path), "--out", str(tmp_path / "cli"), "--alpha", "0.5",
-                                   "--kbar", "1,1.5,2", "--scope", "sequence"])
+    res = CliRunner().invoke(app, ["analyze", str(path), "--out", str(tmp_path / "cli"), "--routers", ",".join(CORE),
+                                   "--alpha", "0.5", "--kbar", "1,1.5,2", "--scope", "sequence"])
     assert res.exit_code == 0, res.output
     assert "report:" in res.output
     metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
@@ -171,7 +171,7 @@ def test_bad_requests(log_and_result):
     log = RouterLog.open(path)
     with pytest.raises(InvalidParameter, match="not in the log"):
         analyze(log, layers=["nope"])
-    with pytest.raises(InvalidParameter, match="unknown router.*'sinkhron'.*choose among tc"):
+    with pytest.raises(InvalidParameter, match="unknown router.*'sinkhron'.*choose among .*tc"):
         AnalyzeConfig(routers=("tc", "sinkhron"))
     with pytest.raises(InvalidParameter, match="alphas"):
         AnalyzeConfig(alphas=(1.5,))
@@ -249,7 +249,7 @@ def test_imported_log_with_unknown_score_function(model_and_batch, log_and_resul
     _, out, result = log_and_result
     log = import_hf_router_logits(out.router_logits, tmp_path / "imp", att, top_k=K)
     assert {log.layer_info(n).score_function for n in log.layers} == {"unknown"}
-    imp = analyze(log, config=AnalyzeConfig(routers=CORE, scopes=("sequence",), batch_size=3))
+    imp = analyze(log, config=AnalyzeConfig(routers=CORE, alphas=(0.5,), batch_size=3))
     cf = imp.counterfactual_frame()
     assert (cf[cf["router"] == "tc"]["agreement"] == 1.0).all()
     ours = result.counterfactual_frame()

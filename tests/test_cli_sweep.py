@@ -73,6 +73,10 @@ def imp(src, *extra):
     return ["import", "{d}/" + src, "--out", "{d}/new-log", *extra]
 
 
+def an(*extra):
+    return ["analyze", "{d}/log", "--out", "{d}/an-out", *extra]
+
+
 def cap(*extra, model="{d}/models/typo", text="{d}/text.txt", out="{d}/cap-log"):
     return ["capture", "--model", model, "--text", text, "--out", out, *extra]
 
@@ -163,6 +167,20 @@ ROWS = [
     # ------------------------------------------------------------------ train-tiny
     ("train-tiny-zero-steps", ["train-tiny", "--out", "{d}/tiny", "--steps", "0"], [USAGE, "--steps"]),
     ("train-tiny-negative-lr", ["train-tiny", "--out", "{d}/tiny", "--lr", "-1"], [USAGE, "--lr"]),
+    # ------------------------------------------------------------------ analyze: routers and parameters
+    ("analyze-unknown-router", an("--routers", "sinkhron"), ["--routers sinkhron: unknown router", "choose one of",
+                                                            "tc"]),
+    ("analyze-param-no-router", an("--routers", "tc", "--param", "kbar=1"),
+     ["--param kbar: no router of --routers (tc) takes it", "usmoe"]),
+    ("analyze-param-unknown", an("--param", "kbra=1"), ["--param kbra", "no registered router"]),
+    ("analyze-param-malformed", an("--param", "kbar"), ["--param 'kbar': expected NAME=V1,V2"]),
+    ("analyze-param-not-a-number", an("--routers", "usmoe", "--param", "kbar=lots"),
+     ["--param kbar: 'lots' is not a number"]),
+    ("analyze-param-out-of-range", an("--routers", "usmoe", "--param", "kbar=-1"), ["--param kbar", "kbar must be"]),
+    ("analyze-param-twice", an("--routers", "usmoe", "--param", "kbar=1", "--param", "kbar=2"), ["given twice"]),
+    ("analyze-param-and-shorthand", an("--routers", "usmoe", "--param", "kbar=1", "--kbar", "2"),
+     ["kbar is given twice: in --param and as --kbar"]),
+    ("analyze-alpha-out-of-range", an("--alpha", "1.5"), ["--alpha", "alpha must"]),
     # ------------------------------------------------------------------ the app
     ("unknown-command", ["frobnicate"], ["No such command"]),
 ]

@@ -20,6 +20,7 @@ from usmoe_lp._validate import round_half_up
 from usmoe_lp.diagnostics.leakage import (
     LeakagePartial,
     cross_sequence_dependence,
+    decode_mismatch,
     prefix_consistency,
 )
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
@@ -402,6 +403,51 @@ def test_cross_sequence_single_sequence_is_zero():
     s = rng.integers(0, 3, size=(1, 7, 4)).astype(np.float32)
     for scope in ("batch", "position"):
         assert cross_sequence_dependence(s, "usmoe", k=1, kbar=1.5, scope=scope).flip_rate == 0.0
+
+
+def test_a_rule_that_does_not_describe_the_setting_falls_back_to_rerouting():
+    """USMoE's prefix rule is the global top-c; with scope="position" a sequence alone is routed token by
+    token, so the rule's full routing differs from the router's: every prefix is re-routed instead."""
+    rng = np.random.default_rng(9)
+    s = rng.standard_normal((2, 9, 4))
+    st_ = prefix_consistency(s, "usmoe", k=1, kbar=1.5, scope="position")
+    flips = 0
+    for b in range(2):
+        t_ = torch.from_numpy(s[b])[None]
+        full = global_topc(t_, kbar=1.5, scope="position").mask[0]
+        flips += sum(int((global_topc(t_[:, : t + 1], kbar=1.5, scope="position").mask[0][t] != full[t]).sum())
+                     for t in range(9))
+    assert st_.rule_mismatches == 2 and st_.flip_rate == flips / (18 * 4) == 0.0
+    assert prefix_consistency(s, "usmoe", k=1, kbar=1.5, scope="batch").rule_mismatches == 0
+
+
+# ----------------------------------------------------------------------------- decode-time routing
+@pytest.mark.parametrize("scope", ["sequence", "batch", "position"])
+def test_decode_mismatch_is_token_choice_against_the_global_topc(scope):
+    """USMoE decodes each token alone: c = round_half_up(kbar) experts, i.e. Token Choice on its row.
+    The full routing of a sequence alone is its top-c (sequence and batch scope; position scope: each
+    position group of one sequence holds one token, so the full routing is that Token Choice too)."""
+    rng = np.random.default_rng(8)
+    s = rng.standard_normal((2, 10, 4))
+
+    def full(b):
+        t = torch.from_numpy(s[b])
+        return token_choice(t, 2).mask if scope == "position" else global_topc(t, kbar=2.0).mask
+
+    want_tok = want_pairs = 0
+    for b in range(2):
+        diff = full(b) != token_choice(torch.from_numpy(s[b]), 2).mask
+        want_tok, want_pairs = want_tok + int(diff.any(-1).sum()), want_pairs + int(diff.sum())
+    d = decode_mismatch(s, "usmoe", k=1, kbar=2.0, scope=scope)
+    assert (d.num_tokens, d.token_flips, d.pair_flips, d.positions_sampled) == (20, want_tok, want_pairs, 0)
+    assert (want_tok > 0) == (scope != "position")
+    if scope != "sequence":  # one router call per token, bounded: 4 evenly spaced positions per sequence
+        few = decode_mismatch(s, "usmoe", k=1, kbar=2.0, scope=scope, max_recompute_tokens=4)
+        pos = [0, 3, 6, 9]
+        tok = sum(int((full(b)[pos] != token_choice(torch.from_numpy(s[b]), 2).mask[pos]).any(-1).sum())
+                  for b in range(2))
+        assert (few.num_tokens, few.positions_sampled, few.token_flips) == (8, 8, tok)
+    json.dumps(d.to_dict(), allow_nan=False)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -166,3 +166,37 @@ def test_leakage_reads_scores_by_the_routers_dtype_rule():
     for bad in (torch.ones(2, 3, dtype=torch.bool), np.ones((2, 3), dtype=complex)):
         with pytest.raises(InvalidScores):
             prefix_consistency(bad, "tc", k=1)
+
+
+def test_diagnostics_take_the_one_padding_convention():
+    """Every diagnostics entry point reads padding_mask through check_padding_mask (bool, True = padding):
+    a Hugging Face attention_mask (ints, 1 = real token) is refused with the conversion, never inverted."""
+    from usmoe_lp.diagnostics import (
+        AnalyzeConfig,
+        CounterfactualPartial,
+        RouterConfig,
+        analyze_logits,
+        aux_loss,
+        cross_sequence_dependence,
+        decode_mismatch,
+        prefix_consistency,
+    )
+
+    s = torch.rand(1, 3, 4, generator=torch.Generator().manual_seed(0))
+    am = torch.tensor([[1, 1, 0]])
+    calls = {
+        "prefix_consistency": lambda m: prefix_consistency(s, "ec", k=1, padding_mask=m),
+        "decode_mismatch": lambda m: decode_mismatch(s, "tc", k=1, padding_mask=m),
+        "cross_sequence_dependence": lambda m: cross_sequence_dependence(s, "usmoe", k=1, scope="batch",
+                                                                         padding_mask=m),
+        "counterfactual": lambda m: CounterfactualPartial.empty(4, [RouterConfig("tc", 1)]).update(s, padding_mask=m),
+        "analyze_logits": lambda m: analyze_logits(s, top_k=1, padding_mask=m,
+                                                   config=AnalyzeConfig(routers=("tc",), leakage=False)),
+        "aux_loss": lambda m: aux_loss((s.reshape(3, 4),), 1, padding_mask=m),
+    }
+    for call in calls.values():
+        with pytest.raises(InvalidParameter, match="attention_mask == 0"):
+            call(am)
+        call(am == 0)  # the documented conversion is accepted
+    with pytest.raises(InvalidParameter, match="padding_mask = attention_mask == 0"):
+        analyze_logits(s, top_k=1, attention_mask=am)

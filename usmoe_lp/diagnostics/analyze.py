@@ -31,8 +31,9 @@ Scores. The routing probabilities are :func:`usmoe_lp.routing.probabilities` wit
 function (softmax for ``softmax``, ``softmax_topk`` and ``unknown``; the per-token normalised
 sigmoid for ``sigmoid`` layers, DeepSeek-V3 style). Each router re-routes on its own scores
 (``entry.scores``), computed in float64. When the log records no selection, the model's selection
-is re-computed as the top-k of the selection scores (probabilities, plus the layer's
-``selection_bias`` if any), ties to the lowest expert index (:func:`recompute_model_selection`).
+is replayed by the registry's ``native`` router where the layer's routing semantics are recorded
+(:func:`model_mask`), else re-computed as the top-k of the probabilities, ties to the lowest expert
+index (:func:`recompute_model_selection`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from usmoe_lp.diagnostics.margins import MarginPartial, MarginStats, topc_margin
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk, RouterLog
-from usmoe_lp.routers import ROUTERS, RouterConfig, default_configs, get_router, list_routers
+from usmoe_lp.routers import ROUTERS, RouterConfig, default_configs, get_router, list_routers, reroute
 from usmoe_lp.routing import probabilities
 from usmoe_lp.routing.routers import select_top
 
@@ -96,7 +97,8 @@ class AnalyzeConfig:
     the first ``lp_layers`` layers (the closed-form certificate covers every group of every layer;
     the LP solve is the expensive independent cross-check, a few seconds per config at 4096 x 64).
     eps: fragility thresholds (score units). leakage / counterfactual: switch those analyses off.
-    max_recompute_tokens: the leakage ``recompute`` rule's bound (longer sequences are sampled).
+    max_recompute_tokens: the bound on router calls per sequence of the leakage ``recompute`` rule
+    and of the per-token decode routing (longer sequences are sampled at that many positions).
     hidden: use captured hidden states and router weights for the collapse metrics. threads: run the
     collapse Grams in a worker thread, overlapping the rest of each chunk (results are identical).
     """
@@ -265,7 +267,7 @@ class LayerAnalysis:
     top_k: int
     score_function: str
     num_tokens: int
-    selection_source: str  # "captured" or "recomputed top-k"
+    selection_source: str  # "captured", "recomputed native" or "recomputed top-k"
     load: LoadStats
     collapse: CollapseStats
     margins: MarginStats
@@ -597,14 +599,22 @@ def _memory_source(logits, *, top_k: int, padding_mask=None, score_function: str
 
 
 # ============================================================================ scores and masks
+def native_semantics(info: LayerInfo | None) -> bool:
+    """Whether the registry's ``native`` router can replay the layer's selection (its score function and
+    selection are recorded)."""
+    return info is not None and info.score_function != "unknown" and getattr(info, "selection", None) is not None
+
+
 def selection_scores(logits: torch.Tensor, info: LayerInfo) -> torch.Tensor:
-    """(n, N) float32 scores the model's top-k is taken over: the probabilities (sigmoid, not
-    normalised, for sigmoid routers) plus the layer's selection bias when recorded."""
-    z = logits.float()
-    s = torch.sigmoid(z) if info.score_function == "sigmoid" else torch.softmax(z, dim=-1)
-    if info.selection_bias is not None:
-        s = s + torch.tensor(info.selection_bias, dtype=s.dtype)
-    return s
+    """(n, N) float32 scores the model's top-k is taken over: the ``native`` router's selection scores
+    (:func:`usmoe_lp.routers.entries.native.selection_scores`: softmax, sigmoid or the logits, in the
+    layer's score dtype, plus its selection bias) where the layer's semantics are recorded, else the
+    routing probabilities (:func:`usmoe_lp.routing.probabilities`; the softmax for ``unknown``)."""
+    if native_semantics(info):
+        from usmoe_lp.routers.entries.native import selection_scores as native_scores
+
+        return native_scores(logits, info).float()
+    return probabilities(logits.float(), info.score_function)
 
 
 def recompute_model_selection(scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None) -> torch.Tensor:
@@ -616,9 +626,9 @@ def recompute_model_selection(scores: torch.Tensor, k: int, sorted_rows: np.ndar
     a row whose k-th largest score beats its (k+1)-th is ``scores >= k-th largest`` (one comparison);
     only rows with a tie at the boundary go through ``select_top`` (same selection as without).
 
-    The one place the model's routing is re-derived here; it becomes the registry's ``native``
-    router (``reroute(logits, "native", layer=info)``) when that entry exists.
-
+    Used where the layer's routing semantics are unknown, or where they include an expert capacity
+    (a chunk of the log does not hold the rows of the model's forward that the capacity counts);
+    elsewhere :func:`model_mask` replays the registry's ``native`` router.
     >>> import torch
     >>> recompute_model_selection(torch.tensor([[0.1, 0.3, 0.3, 0.3]]), 2).int().tolist()
     [[0, 1, 1, 0]]
@@ -635,10 +645,13 @@ def recompute_model_selection(scores: torch.Tensor, k: int, sorted_rows: np.ndar
     return select_top(scores, torch.full((n,), k, dtype=torch.long))
 
 
-def model_mask(chunk: Chunk, scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None
-               ) -> tuple[torch.Tensor, str]:
-    """(n, N) bool selection of the model and its source: the captured one (``"captured"``) when
-    the log has it, else :func:`recompute_model_selection` of ``scores`` (``"recomputed top-k"``)."""
+def model_mask(chunk: Chunk, scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None,
+               info: LayerInfo | None = None) -> tuple[torch.Tensor, str]:
+    """(n, N) bool selection of the model and its source: the captured one (``"captured"``) when the
+    log has it; else the registry's ``native`` router replayed on the chunk's logits (``"recomputed
+    native"``: selection scores, bias, group limits and top-k of the layer, ``reroute(logits,
+    "native", layer=info)``) where ``info`` records the semantics and no expert capacity; else
+    :func:`recompute_model_selection` of ``scores`` (``"recomputed top-k"``)."""
     n, N = scores.shape
     sel = chunk.selected
     if sel is not None:
@@ -650,6 +663,8 @@ def model_mask(chunk: Chunk, scores: torch.Tensor, k: int, sorted_rows: np.ndarr
         mask = torch.zeros(n, N + 1, dtype=torch.bool)
         mask.scatter_(1, torch.where(idx < 0, N, idx), True)  # -1 (no expert) lands in the spare column
         return mask[:, :N], "captured"
+    if native_semantics(info) and getattr(info, "expert_capacity", None) is None:
+        return reroute(chunk.logits, "native", k=k, layer=info).mask.cpu(), "recomputed native"
     return recompute_model_selection(scores, k, sorted_rows), "recomputed top-k"
 
 
@@ -822,12 +837,11 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
             break
         logits = chunk.logits.float()
         probs = probabilities(logits, info.score_function)
-        scores = selection_scores(logits, info) if (info.score_function == "sigmoid" or info.selection_bias) \
-            else probs
+        scores = selection_scores(logits, info) if native_semantics(info) else probs
         srt = None
         if k < N and scores.dtype == torch.float32 and scores.device.type == "cpu":
             srt = np.sort(scores.detach().numpy(), axis=1)  # one row sort: the model's top-k and the margins
-        mask, source = model_mask(chunk, scores, k, srt)
+        mask, source = model_mask(chunk, scores, k, srt, info)
         hidden = chunk.hidden.float() if (with_hidden and chunk.hidden is not None) else None
         if collapse is None:
             collapse = CollapsePartial.empty(N, hidden_dim=None if hidden is None else int(hidden.shape[1]))
@@ -871,7 +885,9 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
                 for u in own:
                     part.update(u)
                 leak_parts[c.label] = part
-                decode[c.label] = _merge_all([decode_mismatch(u, c, layer=info) for u in own])
+                decode[c.label] = _merge_all([decode_mismatch(u, c, layer=info,
+                                                              max_recompute_tokens=cfg.max_recompute_tokens)
+                                              for u in own])
                 if entry.group(params) in ("batch", "position"):
                     stats = [cross_sequence_dependence(config_scores(lb.double(), c, sf, info), c, padding_mask=pb,
                                                        layer=info)

@@ -88,9 +88,9 @@ def parse_params(items: list[str] | None, routers: tuple[str, ...]) -> dict[str,
 
 def _cli_words(exc: InvalidParameter) -> InvalidParameter:
     """An AnalyzeConfig error in the command's words (``sweep['kbar']`` -> ``--param kbar``)."""
-    text = re.sub(r"sweep\['([\w]+)'\]", r"--param \1", str(exc))
-    for name, flag in _SHORT_FLAGS.items():
-        text = re.sub(rf"^{name}:", f"{flag}:", text)
+    text = re.sub(r"sweep\['([\w]+)'\]", r"--param \1", str(exc)).replace("in sweep", "in --param")
+    for name in ("alphas", "kbars", "scopes"):
+        text = re.sub(rf"\b{name}\b", _SHORT_FLAGS[name], text)
     return InvalidParameter(text)
 
 

@@ -23,7 +23,10 @@ How D_{<=t} is computed is read from the entry's prefix rule (:data:`usmoe_lp.ro
   over every prefix is in the tests.) Displacement is not measured by ``decode_route`` (NaN);
 * ``global_topc`` (USMoE): the top ``prefix_budget(t)`` pairs of the prefix, incrementally (below);
 * ``expert_capacity`` (Expert Choice): each expert takes its top ``prefix_budget(t)`` tokens of
-  the prefix, incrementally, per expert column;
+  the prefix, incrementally, per expert column. For both, the full routing the rule gives is
+  checked against the router's own (one call per sequence); where they differ (a setting the rule
+  does not describe, e.g. USMoE's ``position`` scope, under which a sequence alone is routed token
+  by token) the sequence goes to the ``recompute`` engine and ``rule_mismatches`` counts it;
 * ``recompute`` (capacity-TC and any router without a faster rule): ``route_scores`` runs on each
   prefix (exact, O(T) runs of the router). Its cost is bounded: on a sequence longer than
   ``max_recompute_tokens`` the causal decision is evaluated at that many evenly spaced positions
@@ -94,9 +97,10 @@ from usmoe_lp.routers import RouterConfig, RouterContext, get_router, route_scor
 __all__ = ["DEFAULT_MAX_RECOMPUTE_TOKENS", "CrossSequenceStats", "DecodeStats", "LeakagePartial", "LeakageStats",
            "cross_sequence_dependence", "decode_mismatch", "prefix_consistency", "resolve_config"]
 
-DEFAULT_MAX_RECOMPUTE_TOKENS = 256
+DEFAULT_MAX_RECOMPUTE_TOKENS = 64
 """Sequences up to this length are recomputed at every prefix (``recompute`` rule); longer ones at
-this many evenly spaced positions."""
+this many evenly spaced positions. The same bound caps the one-call-per-token decode routing of
+``batch``/``position``-grouped routers (:func:`decode_mismatch`)."""
 
 
 # ============================================================================ input handling
@@ -172,16 +176,26 @@ def _route_mask(config: RouterConfig, s3: np.ndarray | torch.Tensor, ctx: Router
     return route_scores(config, t, ctx, pad).mask.cpu().numpy()
 
 
-def _decode_mask(config: RouterConfig, s: np.ndarray, ctx: RouterContext) -> np.ndarray:
-    """(T, N) bool: the routing a KV-cache decoder computes for one sequence's (T, N) scores."""
+def _sample_positions(T: int, m: int) -> np.ndarray | None:
+    """None when T <= m (every position), else m evenly spaced positions of 0..T-1 (the last included)."""
+    if T <= m:
+        return None
+    return np.unique(np.linspace(0, T - 1, m).round().astype(np.int64))
+
+
+def _decode_mask(config: RouterConfig, s: np.ndarray, ctx: RouterContext, positions: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """(T, N) bool (rows ``positions`` only when given): the routing a KV-cache decoder computes for
+    one sequence's (T, N) scores."""
     entry = config.entry
     if entry.decode_route is not None:
-        out = entry.decode_route(torch.from_numpy(s[None]), config.param_dict, ctx)
-        return out.detach().cpu().numpy()[0].astype(bool)
+        out = entry.decode_route(torch.from_numpy(s[None]), config.param_dict, ctx).detach().cpu().numpy()[0]
+        return out.astype(bool) if positions is None else out[positions].astype(bool)
+    rows = s if positions is None else s[positions]
     if entry.group(config.param_dict) in ("token", "sequence"):  # a (T, 1, N) batch: T one-token sequences
-        return _route_mask(config, s[:, None, :], ctx)[:, 0, :]
-    # batch / position groups would couple the T one-token sequences of one call: one call per token
-    return np.concatenate([_route_mask(config, s[t:t + 1, None, :], ctx)[0] for t in range(s.shape[0])])
+        return _route_mask(config, rows[:, None, :], ctx)[:, 0, :]
+    # batch / position groups would couple the one-token sequences of one call: one call per token
+    return np.concatenate([_route_mask(config, rows[t:t + 1, None, :], ctx)[0] for t in range(rows.shape[0])])
 
 
 # ============================================================================ the incremental routers
@@ -346,6 +360,10 @@ class LeakageStats:
         positions_sampled: evaluated tokens that come from sequences longer than
             ``max_recompute_tokens`` (``recompute`` rule), 0 when every position was evaluated;
             sampled_sequences: such sequences.
+        rule_mismatches: sequences whose full routing under the entry's incremental rule
+            (``global_topc`` / ``expert_capacity``) differed from the router's own, so that every
+            prefix was re-routed instead (e.g. USMoE's ``position`` scope, which routes the tokens of
+            one sequence alone; 0 when the rule describes the router).
     """
 
     router: str
@@ -368,6 +386,7 @@ class LeakageStats:
     per_offset_token_flip_rate: list[float] = field(default_factory=list)
     positions_sampled: int = 0
     sampled_sequences: int = 0
+    rule_mismatches: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python dict (JSON-serialisable; NaN becomes None)."""
@@ -381,6 +400,7 @@ class LeakageStats:
             "displacement_mean": self.displacement_mean, "displacement_max": self.displacement_max,
             "displacement_histogram": self.displacement_histogram, "displacement_steps": self.displacement_steps,
             "positions_sampled": self.positions_sampled, "sampled_sequences": self.sampled_sequences,
+            "rule_mismatches": self.rule_mismatches,
         })
 
     def per_offset_frame(self):
@@ -443,6 +463,7 @@ class LeakagePartial:
         self.disp_hist = np.zeros(0, dtype=np.int64)
         self.positions_sampled = 0
         self.sampled_sequences = 0
+        self.rule_mismatches = 0
 
     @classmethod
     def empty(cls, router, *, k: int | None = None, num_experts: int | None = None, layer: Any = None,
@@ -483,13 +504,17 @@ class LeakagePartial:
         if rule == "causal" and entry.decode_route is not None:
             return _decode_mask(config, s, ctx), _route_mask(config, s[None], ctx)[0], None, None
         p, k = config.param_dict, config.k
-        if rule == "global_topc":
-            return (*_topc_prefixes(s, [entry.prefix_budget(t, N, p, k) for t in range(1, T + 1)]), None)
-        if rule == "expert_capacity":
-            return (*_ec_prefixes(s, [entry.prefix_budget(t, N, p, k) for t in range(1, T + 1)]), None)
+        if rule in ("global_topc", "expert_capacity"):
+            engine = _topc_prefixes if rule == "global_topc" else _ec_prefixes
+            causal, full, disp = engine(s, [entry.prefix_budget(t, N, p, k) for t in range(1, T + 1)])
+            # The rule must describe the router: its full routing is checked against the router's own
+            # (one call). Where they differ (a setting the rule does not cover) every prefix is re-routed.
+            if np.array_equal(full, _route_mask(config, s[None], ctx)[0]):
+                return causal, full, disp, None
+            self.rule_mismatches += 1
         if T <= self.max_recompute_tokens:
             return (*_recompute(config, s, ctx, None), None)
-        positions = np.unique(np.linspace(0, T - 1, self.max_recompute_tokens).round().astype(np.int64))
+        positions = _sample_positions(T, self.max_recompute_tokens)
         return (*_recompute(config, s, ctx, positions), positions)
 
     def _add_sequence(self, s: np.ndarray) -> None:
@@ -527,7 +552,7 @@ class LeakagePartial:
         out = LeakagePartial(self.config, self.num_experts if self.num_experts is not None else other.num_experts,
                              self.layer, self.max_recompute_tokens)
         for name in ("num_sequences", "num_tokens", "flips", "token_flips", "jaccard_sum", "disp_sum",
-                     "disp_steps", "positions_sampled", "sampled_sequences"):
+                     "disp_steps", "positions_sampled", "sampled_sequences", "rule_mismatches"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.disp_max = max(self.disp_max, other.disp_max)
         for name in ("offset_flips", "offset_token_flips", "offset_count", "disp_hist"):
@@ -556,6 +581,7 @@ class LeakagePartial:
             displacement_steps=int(self.disp_steps),
             per_offset_token_flip_rate=[float(v) for v in per_off_tok],
             positions_sampled=self.positions_sampled, sampled_sequences=self.sampled_sequences,
+            rule_mismatches=self.rule_mismatches,
         )
 
 
@@ -600,10 +626,13 @@ class DecodeStats:
     """Full-sequence routing versus the routing of a KV-cache decoder (one token per step).
 
     Attributes:
-        label: the router setting; num_experts: N; num_sequences, num_tokens: real ones compared.
+        label: the router setting; num_experts: N; num_sequences: sequences compared;
+            num_tokens: tokens compared (all real tokens, except where sampled).
         token_flips: tokens whose expert set differs; pair_flips: (token, expert) decisions that
             differ. token_flip_rate = token_flips / num_tokens, flip_rate = pair_flips /
             (num_tokens * N) (NaN without tokens).
+        positions_sampled: compared tokens that come from sampled sequences (one router call per
+            token, ``batch``/``position`` groups, sequences longer than ``max_recompute_tokens``).
     """
 
     label: str
@@ -612,6 +641,7 @@ class DecodeStats:
     num_tokens: int
     token_flips: int
     pair_flips: int
+    positions_sampled: int = 0
 
     @property
     def token_flip_rate(self) -> float:
@@ -628,23 +658,25 @@ class DecodeStats:
                                    f"and {other.label!r} (N = {other.num_experts})")
         return DecodeStats(self.label, self.num_experts, self.num_sequences + other.num_sequences,
                            self.num_tokens + other.num_tokens, self.token_flips + other.token_flips,
-                           self.pair_flips + other.pair_flips)
+                           self.pair_flips + other.pair_flips, self.positions_sampled + other.positions_sampled)
 
     def to_dict(self) -> dict[str, Any]:
         return json_ready({"label": self.label, "num_experts": self.num_experts, "num_sequences": self.num_sequences,
                            "num_tokens": self.num_tokens, "token_flips": self.token_flips,
                            "pair_flips": self.pair_flips, "token_flip_rate": self.token_flip_rate,
-                           "flip_rate": self.flip_rate})
+                           "flip_rate": self.flip_rate, "positions_sampled": self.positions_sampled})
 
 
 def decode_mismatch(scores, router, *, k: int | None = None, padding_mask=None, layer: Any = None,
-                    **params: Any) -> DecodeStats:
+                    max_recompute_tokens: int = DEFAULT_MAX_RECOMPUTE_TOKENS, **params: Any) -> DecodeStats:
     """How a router's decode-time routing differs from its full-sequence routing.
 
     Each sequence (real rows of (T, N) or (B, T, N) own scores, ``padding_mask`` True = padding)
     is routed whole (the routing a model trained with the router sees in a full forward) and as a
     KV-cache decoder routes it: ``entry.decode_route`` where the entry has one, else each token as
-    a sequence of one token (a (T, 1, N) batch through the router). Router arguments as in
+    a sequence of one token (a (T, 1, N) batch through the router; for routers grouped per
+    ``batch`` or ``position``, which would couple that batch, one call per token, at most
+    ``max_recompute_tokens`` evenly spaced tokens per sequence). Router arguments as in
     :func:`prefix_consistency`.
 
     >>> import numpy as np
@@ -654,17 +686,23 @@ def decode_mismatch(scores, router, *, k: int | None = None, padding_mask=None, 
     (2, 2, 1.0)
     """
     config = resolve_config(router, k, layer, params)
+    mrt = check_int(max_recompute_tokens, "max_recompute_tokens", low=1)
     seqs, n = _sequences(scores, padding_mask)
     config.check_experts(n)
     ctx = _context(config, n, layer)
-    tokens = token_flips = pair_flips = 0
+    per_call = config.entry.decode_route is None and config.entry.group(config.param_dict) in ("batch", "position")
+    tokens = token_flips = pair_flips = sampled = 0
     for s in seqs:
+        positions = _sample_positions(s.shape[0], mrt) if per_call else None
         full = _route_mask(config, s[None], ctx)[0]
-        diff = full != _decode_mask(config, s, ctx)
-        tokens += s.shape[0]
+        if positions is not None:
+            full = full[positions]
+            sampled += int(positions.size)
+        diff = full != _decode_mask(config, s, ctx, positions)
+        tokens += diff.shape[0]
         token_flips += int(diff.any(-1).sum())
         pair_flips += int(diff.sum())
-    return DecodeStats(config.label, n, len(seqs), tokens, token_flips, pair_flips)
+    return DecodeStats(config.label, n, len(seqs), tokens, token_flips, pair_flips, sampled)
 
 
 # ============================================================================ cross-sequence dependence
