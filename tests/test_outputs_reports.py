@@ -216,7 +216,7 @@ def test_analyze_kbar_above_n_is_an_error(log, tmp_path):
     # was: dropped from the grid without a word
     res, text = invoke("analyze", log, "--out", tmp_path / "a", "--kbar", "1,5")
     assert res.exit_code == 2 and "--kbar 5 exceed the number of experts N = 4" in text, res.output
-    with pytest.raises(InvalidParameter, match="kbars 5 exceed"):
+    with pytest.raises(InvalidParameter, match="kbars? 5 exceed"):
         analyze(log, config=AnalyzeConfig(kbars=(1.0, 5.0)))
     assert not (tmp_path / "a").exists()
 
@@ -324,3 +324,76 @@ def test_foreign_entries_oracle(tmp_path):
     (tmp_path / "link.png").symlink_to(tmp_path / "report.json")
     assert foreign_entries(tmp_path, verify_report.VERIFY_OWNED) == [
         "counterexamples/x.json", "link.png", "report.json.bak", "stuff/"]
+
+
+def _sweep_frame():
+    """A pooled counterfactual frame: one single setting (tc), a router swept over kbar x alpha (usmoe),
+    one swept over p only (topp), and a single setting whose leakage is undefined (causal_topc)."""
+    import numpy as np
+    import pandas as pd
+
+    rows = [{"router": "tc", "label": "tc k=2", "realised_kbar": 2.0, "coverage": 0.7, "flip_rate": 0.0}]
+    for alpha in (0.3, 0.5):
+        for kbar in (1.0, 2.0, 3.0):
+            rows.append({"router": "usmoe", "label": f"usmoe a={alpha:g} kbar={kbar:g} seq", "scope": "sequence",
+                         "alpha": alpha, "kbar": kbar, "realised_kbar": kbar,
+                         "coverage": 0.3 + 0.15 * kbar + alpha / 10, "flip_rate": 0.01 * kbar})
+    for p, kbar in ((0.3, 1.4), (0.5, 1.8)):
+        rows.append({"router": "topp", "label": f"topp p={p:g}", "p": p, "max_k": 0, "realised_kbar": kbar,
+                     "coverage": p + 0.2, "flip_rate": 0.0})
+    rows.append({"router": "causal_topc", "label": "causal_topc a=0.5 kbar=2", "alpha": 0.5, "kbar": 2.0,
+                 "slack": 8.0, "min_k": 0, "realised_kbar": 1.97, "coverage": 0.69, "flip_rate": np.nan})
+    frame = pd.DataFrame(rows).assign(layer="pooled", k=2, drop_rate=0.0, gini=0.1, tokens=96)
+    return pd.concat([frame.assign(layer="l0"), frame], ignore_index=True)
+
+
+def test_sweep_figure_draws_every_setting_from_the_registry_not_by_router_name():
+    import matplotlib.pyplot as plt
+
+    from usmoe_lp.report.analyze_figures import plot_sweeps, representative_labels, sweep_layout, sweep_omissions
+
+    cf = _sweep_frame()
+    layout = sweep_layout(cf[cf["layer"] == "pooled"]).set_index("label")
+    assert layout.loc["tc k=2", "role"] == "reference" and layout.loc["causal_topc a=0.5 kbar=2", "role"] == "reference"
+    usm = layout[layout["router"] == "usmoe"]
+    assert set(usm["role"]) == {"curve"} and set(usm["curve_param"]) == {"kbar"}
+    assert sorted(set(usm["series"])) == ["usmoe alpha=0.3", "usmoe alpha=0.5"]
+    assert set(layout.loc[["topp p=0.3", "topp p=0.5"], "curve_param"]) == {"p"}
+    fig = plot_sweeps(cf)
+    try:
+        counts = {}
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            points = sum(len(line.get_xdata()) for line in ax.lines if line.get_marker() not in (None, "None", ""))
+            counts[ax.get_ylabel()] = (points, ax.get_title())
+        pooled = cf[cf["layer"] == "pooled"]
+        for ylabel, (points, title) in counts.items():
+            column = {"share": "coverage", "dropped": "drop_rate", "leakage": "flip_rate",
+                      "load": "gini"}[ylabel.split()[0]]
+            shown = int(pooled[column].notna().sum())
+            assert points == shown, (ylabel, points, shown)
+            assert f"{shown} of {len(pooled)} settings" in title
+        assert len(counts) == 4 and counts["leakage flip rate (share of decisions)"][0] == len(pooled) - 1
+        legend = " ".join(t.get_text() for leg in fig.legends for t in leg.get_texts())
+        for name in ("tc k=2", "usmoe alpha=0.3", "usmoe alpha=0.5", "topp", "causal_topc a=0.5 kbar=2"):
+            assert name in legend
+    finally:
+        plt.close(fig)
+    omitted = sweep_omissions(cf)
+    assert len(omitted) == 1 and "causal_topc a=0.5 kbar=2" in omitted[0] and "flip_rate" in omitted[0]
+    shown = representative_labels(cf)
+    assert "usmoe a=0.5 kbar=2 seq" in shown and "usmoe a=0.3 kbar=2 seq" not in shown   # alpha's default is 0.5
+    assert {"tc k=2", "topp p=0.3", "topp p=0.5", "causal_topc a=0.5 kbar=2"} <= set(shown) and len(shown) == 7
+
+
+def test_sweep_figure_of_single_settings_only():
+    import matplotlib.pyplot as plt
+
+    from usmoe_lp.report.analyze_figures import plot_sweeps
+
+    cf = _sweep_frame()
+    cf = cf[cf["router"].isin(["tc", "causal_topc"])]
+    fig = plot_sweeps(cf)   # no swept router: still drawn (was None without USMoE rows)
+    assert fig is not None
+    plt.close(fig)

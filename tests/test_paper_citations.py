@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from usmoe_lp.report.analyze_report import DEFINITIONS
+from usmoe_lp.report.analyze_report import all_definitions
 from usmoe_lp.verify.claims import CLAIMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_claims_table_parser_sees_a_changed_source():
     assert _claims_rows(line)[claim.id][2] != claim.source
 
 
-REPORT_SOURCES = {**{f"definition:{k}": s for k, (*_, s) in DEFINITIONS.items()},
+REPORT_SOURCES = {**{f"definition:{k}": f"{d.source} | {d.see}" for k, d in all_definitions().items()},
                   **{f"claim:{k}": c.source for k, c in CLAIMS.items()}}
 
 
@@ -79,3 +79,10 @@ def test_no_file_cites_the_private_notes():
 
 def test_private_pattern_matches_a_citation():
     assert PRIVATE.search("see " + "ANCH" + "ORS.md §9 item 5") and not PRIVATE.search("papers/routing-as-lp.md §2")
+
+
+def test_definitions_cite_the_repository_docs():
+    """metrics.json and the report cite docs/definitions.md or docs/routers.md, never a file outside the repo."""
+    for key, d in all_definitions().items():
+        assert d.see.startswith(("docs/definitions.md#", "docs/routers.md#")), (key, d.see)
+        assert (ROOT / d.see.split("#")[0]).is_file(), (key, d.see)

@@ -16,7 +16,8 @@ __all__ = ["TrainResult"]
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What :func:`usmoe_lp.tiny.train.train_tiny` did. Losses in nats per token (see :class:`usmoe_lp.tiny.evaluate.HeldoutLoss`);
+    """What :func:`usmoe_lp.tiny.train.train_tiny` did. Losses in nats per token (see
+    :class:`usmoe_lp.tiny.evaluate.HeldoutLoss`);
     ``train_loss``: mean language-model cross-entropy (without the auxiliary loss) over the last 10% of steps;
     ``routing`` / ``routing_init``: held-out router statistics of the trained model and of the same weights at
     initialisation; ``seconds``: training wall time (evaluation excluded); ``loss_curve``: (step, train loss)."""

@@ -2,10 +2,10 @@
 
 "Matrix family" is one of three senses of "family" in this project (docs/definitions.md#three-kinds-of-family):
 the model family of a router log is the transformers ``model_type``, and the constraint blocks of a
-routing program are the LP's own. Each matrix family stresses a different assumption of the theory: the sign of the scores (Prop. 3.1's
-"<= c" statement needs S >= 0 at the c-th entry), calibration across tokens (the unified score),
-heavy tails, the low rank of real routers (Z = h W with d < N), and ties (bf16 quantisation, as
-in the reference code's sigmoid; near-ties; all-equal).
+routing program are the LP's own. Each matrix family stresses a different assumption of the theory: the
+sign of the scores (Prop. 3.1's "<= c" statement needs S >= 0 at the c-th entry), calibration across
+tokens (the unified score), heavy tails, the low rank of real routers (Z = h W with d < N), and ties
+(bf16 quantisation, as in the reference code's sigmoid; near-ties; all-equal).
 """
 
 from __future__ import annotations

@@ -1,0 +1,167 @@
+"""Every key of a real metrics.json has a definition under its own name, and every definition points to a
+section of the repository's docs that exists.
+
+The metrics come from a tiny analysis with every registry router (so routers added later are covered), every
+scope and leakage on; the walk below is generic: it recurses the JSON and treats as data only the keys that
+are data (layer names, router labels, eps thresholds, library names), each checked to be what it claims.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from usmoe_lp.diagnostics import AnalyzeConfig, analyze_logits
+from usmoe_lp.report import analyze_report
+from usmoe_lp.report.analyze_report import DEFINITIONS, all_definitions, metrics_dict
+from usmoe_lp.routers import list_routers
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+DATA_PARENTS = ("layers", "leakage", "cross_sequence", "fragile_pairs", "fragile_share", "library_versions")
+"""Objects whose keys are data: layer names, router labels (twice), eps thresholds (twice), distribution names."""
+
+
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    logits = tuple(torch.randn(2 * 6, 4, generator=g) for _ in range(2))
+    cfg = AnalyzeConfig(routers=list_routers(), scopes=("sequence", "batch", "position"), batch_size=2,
+                        kbars=(1.0, 2.0), alphas=(0.5,), threads=False)
+    result = analyze_logits(logits, top_k=2, padding_mask=torch.zeros(2, 6, dtype=torch.bool), config=cfg)
+    # what write_analyze_report writes, without rendering the figures (tests/test_analyze.py writes them)
+    metrics = json.loads(json.dumps(metrics_dict(result), allow_nan=False))
+    return result, metrics, analyze_report._markdown(result, analyze_report.report_tables(result), {}, "test")
+
+
+def undefined_keys(metrics: dict) -> list[str]:
+    """Paths of the keys of ``metrics`` that are neither defined in its ``definitions`` nor data."""
+    defs = metrics["definitions"]
+    labels = {r["label"] for r in metrics["pooled"]["counterfactual"]}
+    eps = {float(e) for e in metrics["config"]["eps"]}
+    missing: list[str] = []
+
+    def defined(key: str) -> bool:
+        base, at, _ = key.partition("@")
+        return key in defs or (bool(at) and f"{base}@<eps>" in defs)
+
+    def check_data(parent: str, key: str, value, where: str) -> None:
+        ok = {"layers": key in metrics["layers"] and isinstance(value, dict),
+              "leakage": key in labels, "cross_sequence": key in labels,
+              "fragile_pairs": _float(key) in eps, "fragile_share": _float(key) in eps,
+              "library_versions": isinstance(value, str)}[parent]
+        if not ok:
+            missing.append(f"{where}/{key} (not a valid data key of {parent})")
+
+    def walk(obj, path: tuple[str, ...], parent: str | None) -> None:
+        if isinstance(obj, list):
+            for item in obj:
+                walk(item, path, parent)
+            return
+        if not isinstance(obj, dict):
+            return
+        for key, value in obj.items():
+            where = "/".join(path)
+            if parent in DATA_PARENTS:
+                check_data(parent, key, value, where)
+                walk(value, (*path, key), None)
+                continue
+            if not defined(key):
+                missing.append(f"{where}/{key}")
+            if path == () and key == "definitions":
+                continue
+            walk(value, (*path, key), key)
+
+    walk(metrics, (), None)
+    return missing
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def test_every_key_of_a_real_metrics_json_is_defined(analysis):
+    result, metrics, _ = analysis
+    assert list(metrics["layers"]) == list(result.layer_names)
+    assert {r["router"] for r in metrics["pooled"]["counterfactual"]} == set(list_routers())  # every router ran
+    assert any(metrics["layers"][la]["cross_sequence"] for la in metrics["layers"])          # coupled groups ran
+    missing = undefined_keys(metrics)
+    assert not missing, ("keys of metrics.json without a definition: add them to usmoe_lp/report/"
+                         "analyze_report.py DEFINITIONS (and docs/definitions.md): " + ", ".join(missing))
+
+
+def test_the_walk_finds_an_undefined_key_and_a_bad_data_key(analysis):
+    _, metrics, _ = analysis
+    bad = json.loads(json.dumps(metrics))
+    layer = next(iter(bad["layers"]))
+    bad["layers"][layer]["load"]["mystery_metric"] = 1.0
+    bad["layers"][layer]["leakage"]["no such label"] = {"flip_rate": 0.0}
+    bad["pooled"]["counterfactual"][0]["another_column"] = None
+    found = undefined_keys(bad)
+    assert f"layers/{layer}/load/mystery_metric" in found
+    assert "pooled/counterfactual/another_column" in found
+    assert any("no such label" in f for f in found)
+    assert len(found) == 3
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown file: lower case, punctuation but - and _ dropped, spaces to -."""
+    heads = re.findall(r"^#{1,6} (.+?)\s*$", path.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def _check_target(target: str, base: Path) -> str | None:
+    """None if ``file#anchor`` (relative to ``base``) names an existing heading, else what is wrong."""
+    file, _, anchor = target.partition("#")
+    path = (base / file).resolve() if file else base
+    if ROOT not in path.parents and path != ROOT:
+        return f"{target}: outside the repository"
+    if not path.is_file():
+        return f"{target}: no such file"
+    if anchor and anchor not in _anchors(path):
+        return f"{target}: no heading #{anchor} in {path.relative_to(ROOT)}"
+    return None
+
+
+def test_every_definition_cites_an_existing_section_of_the_docs(analysis):
+    _, metrics, report = analysis
+    problems = [p for key, d in metrics["definitions"].items()
+                if (p := _check_target(d["see"], ROOT)) is not None or not d["see"].startswith("docs/")]
+    assert not problems, problems
+    cited = re.findall(r"(docs/[\w./-]+#[\w-]+)", report)
+    assert cited and all(_check_target(c, ROOT) is None for c in cited)
+    section = report.split("## Definitions", 1)[1]
+    assert "docs/definitions.md" in section and "../" not in section
+
+
+def test_the_definitions_page_documents_every_key_and_its_links_resolve():
+    text = (DOCS / "definitions.md").read_text(encoding="utf-8")
+    undocumented = [k for k in DEFINITIONS if f"`{k}`" not in text]
+    assert not undocumented, f"keys in analyze_report.DEFINITIONS but not in docs/definitions.md: {undocumented}"
+    for page in ("definitions.md", "routers.md"):
+        links = re.findall(r"\]\(([^)\s]+)\)", (DOCS / page).read_text(encoding="utf-8"))
+        local = [lk for lk in links if not lk.startswith(("http://", "https://"))]
+        broken = [p for lk in local if (p := _check_target(lk if not lk.startswith("#") else page + lk, DOCS))]
+        assert not broken, broken
+
+
+def test_router_parameters_are_defined_from_the_registry():
+    from usmoe_lp.routers import ROUTERS
+
+    defs = all_definitions()
+    for entry in ROUTERS.values():
+        for p in entry.params:
+            assert p.name in defs, (entry.name, p.name)
+            if p.name in DEFINITIONS:   # a name that is also a metric keeps the metric's definition
+                continue
+            owners = [r for r, e in ROUTERS.items() if p.name in e.param_names]
+            assert f"{entry.name}: {p.help}" in defs[p.name].definition, (entry.name, p.name)
+            assert defs[p.name].see in {f"docs/routers.md#{r}" for r in owners}, (entry.name, p.name)
