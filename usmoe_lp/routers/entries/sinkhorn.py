@@ -138,7 +138,8 @@ def _balance(z: torch.Tensor, valid: torch.Tensor, tol: float, max_iter: int):
 
 def _balance_log(z: torch.Tensor, valid: torch.Tensor, tol: float, max_iter: int):
     """The same iteration in log space (u = log d0 + log T, v = log d1): slower (two logsumexps an
-    iteration), but no scaling over- or underflows."""
+    iteration), but no scaling over- or underflows. Where d1 itself leaves the float64 range,
+    Megatron's error is undefined and the change of log d1, mean_j |v_new - v_old|, is used."""
     B, T, N = z.shape
     neg_inf = torch.tensor(float("-inf"), dtype=z.dtype, device=z.device)
     log_k = torch.where(valid.unsqueeze(-1), z, neg_inf)
@@ -157,6 +158,7 @@ def _balance_log(z: torch.Tensor, valid: torch.Tensor, tol: float, max_iter: int
         u_new = torch.where(ok, -torch.logsumexp(lk + v[idx].unsqueeze(1), dim=-1), neg_inf)
         v_new = target - torch.logsumexp(lk + u_new.unsqueeze(-1), dim=1)
         err = (v_new.exp() - v[idx].exp()).abs().mean(-1)
+        err = torch.where(torch.isfinite(err), err, (v_new - v[idx]).abs().mean(-1))
         u[idx], v[idx], error[idx] = u_new, v_new, err
         iterations[idx] += 1
         active[idx] = ~(err <= tol)
