@@ -77,12 +77,12 @@ def selection_mask(selected, num_experts: int, rows: int | None = None) -> torch
 
 
 def tie_consistent(logits: torch.Tensor, selected: torch.Tensor, layer, k: int) -> torch.Tensor:
-    """(n,) bool: whether each token's ``selected`` (n, N) bool set is the model's top-k under some tie-break of its
-    selection scores: k experts, in groups the group limit keeps or ties with (when group-limited), taking every
-    expert of those groups that scores above the k-th selected score and none below it."""
+    """(n,) bool: whether each token's ``selected`` (n, N) bool set is the model's top-k under another break of a tie
+    of its selection scores: there is a tie at the boundary (two groups at the ``topk_group``-th group score, or an
+    expert left out at the k-th selected score), and ``selected`` is k experts, in groups the group limit keeps or
+    ties with, taking every expert of those groups that scores above its lowest selected score."""
     s = selection_scores(logits, layer)
     n, N = s.shape
-    neg = torch.tensor(float("-inf"), dtype=s.dtype)
     if layer.group_limited:
         per = N // layer.n_group
         group = group_scores(s, layer)
@@ -90,14 +90,15 @@ def tie_consistent(logits: torch.Tensor, selected: torch.Tensor, layer, k: int) 
         used = selected.view(n, layer.n_group, per).any(-1)
         allowed_g = (group > bound) | (used & (group == bound))
         ok = ~(used & (group < bound)).any(-1) & (allowed_g.sum(-1) <= layer.topk_group)
+        group_tie = (group >= bound).sum(-1) > layer.topk_group
         s = s.masked_fill(~allowed_g.repeat_interleave(per, dim=1), GROUP_FILL[layer.group_score])
     else:
         ok = torch.ones(n, dtype=torch.bool)
-    chosen = torch.where(selected, s, neg)
-    kth = torch.where(selected, s, torch.tensor(float("inf"), dtype=s.dtype)).min(dim=-1, keepdim=True).values
-    above_missing = ((s > kth) & ~selected).any(-1)
-    below_taken = ((chosen < kth) & selected).any(-1)
-    return ok & (selected.sum(-1) == k) & ~above_missing & ~below_taken
+        group_tie = torch.zeros(n, dtype=torch.bool)
+    lowest = torch.where(selected, s, torch.tensor(float("inf"), dtype=s.dtype)).min(dim=-1, keepdim=True).values
+    above_missing = ((s > lowest) & ~selected).any(-1)
+    expert_tie = ((s == lowest) & ~selected).any(-1)
+    return ok & (selected.sum(-1) == k) & ~above_missing & (group_tie | expert_tie)
 
 
 def _rows(sequence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:

@@ -265,7 +265,7 @@ def _route(scores, params: Mapping[str, Any], ctx: RouterContext, padding_mask=N
 def _problem(S, params: Mapping[str, Any], routing_params: Mapping[str, Any], key: int, ctx: RouterContext):
     layer = layer_semantics(ctx)
     if layer.expert_capacity is not None:
-        return RoutingProblem(S, token_max=ctx.k, expert_max=layer.expert_capacity, name="capped")
+        return RoutingProblem(S, token_max=ctx.k, expert_max=layer.expert_capacity)
     return RoutingProblem.token_choice(program_scores(S, layer), ctx.k)
 
 
