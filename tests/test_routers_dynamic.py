@@ -276,7 +276,7 @@ def test_running_thresholds_match_sorting():
             torch.randint(0, 4, (B, T, N), generator=g).double()  # ties
         kbar = float(torch.rand(1, generator=g)) * N + 1e-3
         ranks = prefix_targets(min(kbar, N), T)[1:]
-        got = running_thresholds(v, torch.from_numpy(ranks)).numpy()
+        got = running_thresholds(v, torch.tensor(ranks)).numpy()
         assert np.array_equal(got, thresholds_oracle(v.numpy(), ranks)), trial
 
 

@@ -53,11 +53,13 @@ score with c = the pairs this router realised (``RoutingProblem.budget(S, c, "==
 
 Cost: one sort of each sequence's T*N scores, then the running thresholds by a sqrt decomposition
 of the sorted order (O(T sqrt(T N)) integer work in a loop over sqrt(T N) buckets, none over
-positions), and one pass over T for the band from the first position where it binds.
+positions), and one pass over T for the band from the first position where it binds: about 4-5
+times a ``torch.sort`` of the same T*N scores on one CPU thread (measured at T = 2048-16384, N = 64).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -80,14 +82,17 @@ CHUNK_ENTRIES = 1 << 22
 """Largest intermediate (sequences x positions x bucket) integer tensor built at once (32 MiB)."""
 
 
+@functools.lru_cache(maxsize=64)
 def prefix_targets(kbar: float, tokens: int) -> np.ndarray:
-    """(tokens + 1,) int64: c_t = round_half_up(kbar * t) for t = 0..tokens, the pairs a prefix of t
-    tokens may take (USMoE's budget rule, :func:`usmoe_lp._validate.round_half_up`).
+    """(tokens + 1,) int64, read-only: c_t = round_half_up(kbar * t) for t = 0..tokens, the pairs a
+    prefix of t tokens may take (USMoE's budget rule, :func:`usmoe_lp._validate.round_half_up`).
 
     >>> prefix_targets(0.5, 4).tolist()
     [0, 1, 1, 2, 2]
     """
-    return np.array([round_half_up(kbar * t) for t in range(tokens + 1)], dtype=np.int64)
+    out = np.array([round_half_up(kbar * t) for t in range(tokens + 1)], dtype=np.int64)
+    out.setflags(write=False)
+    return out
 
 
 def running_thresholds(values: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -129,28 +134,35 @@ def _thresholds_chunk(values: torch.Tensor, ranks: torch.Tensor, S: int, K: int)
     # the pairs of rows <= t in the buckets so far; j[b, t] counts the buckets that end before the
     # ranks[t]-th such pair, before[b, t] the pairs of rows <= t in those buckets. O(B T) memory.
     offsets = (torch.arange(B, device=dev) * (T + 1)).unsqueeze(-1)
-    want = ranks.clamp(min=1).to(torch.int64).view(1, T)
-    acc = torch.zeros(B, T, dtype=torch.int64, device=dev)
+    want = ranks.clamp(min=1).to(torch.int32).view(1, T)  # ranks <= T N < 2**31 (a sort of >2**31 pairs aside)
+    acc = torch.zeros(B, T, dtype=torch.int32, device=dev)
     before = torch.zeros_like(acc)
     j = torch.zeros_like(acc)
+    small = _narrow(S)  # a bucket's counts fit it: its cumulative sums run several times faster
     for jj in range(K):
         block = (rows[:, jj * S:(jj + 1) * S] + offsets).reshape(-1)
-        acc += torch.bincount(block, minlength=B * (T + 1)).view(B, T + 1)[:, :T].cumsum(-1)
+        acc += torch.bincount(block, minlength=B * (T + 1)).view(B, T + 1)[:, :T].cumsum(-1, dtype=small)
         short = acc < want
         j += short
         torch.where(short, acc, before, out=before)
     j = j.clamp(max=K - 1).unsqueeze(-1)  # (B, T, 1): the bucket holding the ranks[t]-th pair
     need = (want - before).unsqueeze(-1)  # its position among that bucket's pairs of rows <= t
-    in_bucket = rows.reshape(B, K, S).to(torch.int32)
+    in_bucket = rows.reshape(B, K, S).to(_narrow(T))
     pos = torch.empty(B, T, 1, dtype=torch.long, device=dev)
     tstep = max(1, CHUNK_ENTRIES // max(1, B * S))
     for t0 in range(0, T, tstep):
         t1 = min(T, t0 + tstep)
         R = in_bucket.gather(1, j[:, t0:t1].expand(-1, -1, S))
-        t_idx = torch.arange(t0, t1, dtype=torch.int32, device=dev).view(1, -1, 1)
-        pos[:, t0:t1] = torch.searchsorted((R <= t_idx).cumsum(-1, dtype=torch.int32), need[:, t0:t1].int())
+        t_idx = torch.arange(t0, t1, dtype=R.dtype, device=dev).view(1, -1, 1)
+        pos[:, t0:t1] = torch.searchsorted((R <= t_idx).cumsum(-1, dtype=small), need[:, t0:t1].to(small))
     flat_pos = (j.long() * S + pos).squeeze(-1).clamp(max=M - 1)
     return sv.gather(1, flat_pos)
+
+
+def _narrow(largest: int) -> torch.dtype:
+    """The narrowest signed integer dtype holding 0..largest (int16 where it can: cumulative sums
+    in int16 run ~5x faster than in int32 on the CPU)."""
+    return torch.int16 if largest <= torch.iinfo(torch.int16).max else torch.int32
 
 
 def band_counts(q: np.ndarray, targets: np.ndarray, slack_pairs: int, n: int, min_k: int = 0) -> np.ndarray:
@@ -180,11 +192,15 @@ def band_counts(q: np.ndarray, targets: np.ndarray, slack_pairs: int, n: int, mi
         for b, t_first in zip(bound.tolist(), first.tolist(), strict=True):
             qb, ab = q[b].tolist(), a[b].tolist()
             P = int(P0[b, t_first - 1]) if t_first else 0
-            for t in range(t_first, T):
-                lo = min(n, max(min_k, tg[t + 1] - slack_pairs - P))
-                hi = max(lo, min(n, tg[t + 1] + slack_pairs - P))
-                ab[t] = min(max(qb[t], lo), hi)
-                P += ab[t]
+            for t in range(t_first, T):  # the rule of the numpy branch below, in plain comparisons
+                lo = tg[t + 1] - slack_pairs - P
+                lo = n if lo > n else (min_k if lo < min_k else lo)
+                hi = tg[t + 1] + slack_pairs - P
+                hi = lo if hi < lo else (n if hi > n else hi)
+                x = qb[t]
+                x = lo if x < lo else (hi if x > hi else x)
+                ab[t] = x
+                P += x
             a[b] = ab
         return a
     start = int(first.min())
@@ -232,7 +248,7 @@ def causal_topc(scores, kbar: float, slack: float = DEFAULT_SLACK, min_k: int = 
             rows = torch.stack([torch.nonzero(valid[b]).flatten() for b in seqs])
             sub = sub.gather(1, rows.unsqueeze(-1).expand(-1, -1, N))
         targets = prefix_targets(kbar, length)
-        theta = running_thresholds(sub, torch.from_numpy(targets[1:]))
+        theta = running_thresholds(sub, torch.tensor(targets[1:]))
         sel = sub >= theta.unsqueeze(-1)
         q = sel.sum(-1)
         a = torch.from_numpy(band_counts(q.cpu().numpy(), targets, D, N, min_k)).to(s3.device)
