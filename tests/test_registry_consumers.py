@@ -117,6 +117,26 @@ def test_counterfactual_certificates(name):
     json.dumps(p.result().to_dict(), allow_nan=False)
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if ROUTERS[n].stateful])
+def test_stateful_routers_keep_one_state_across_updates(name):
+    """The partial chains the router's state through its updates in stream order, as the model would."""
+    c = config(name)
+    ctx = RouterContext(K, N, "softmax", INFO)
+    chunks = [_logits((2, 5, N), 10 + i) for i in range(3)]
+    p = CounterfactualPartial.empty(N, [c], lp_sample=0)
+    state, counts = None, np.zeros(N, dtype=np.int64)
+    for z in chunks:
+        p.update(z, layer=INFO)
+        r = route_scores(c, c.entry.scores(z, c.param_dict, ctx), ctx, None, state)
+        state = r.params["state"]
+        counts += r.mask.sum((0, 1)).numpy().astype(np.int64)
+    np.testing.assert_array_equal(p.result().records[0].expert_counts, counts)
+    fresh = CounterfactualPartial.empty(N, [c], lp_sample=0)
+    fresh.update(chunks[2], layer=INFO)
+    assert p.states[0] is not None and fresh.states[0] is not None
+    assert fresh.merge(p).states[0] is p.states[0]  # a merge keeps the later partial's state
+
+
 def _brute_leakage(c: RouterConfig, s: np.ndarray):
     """Flip counts per token and displacement per step by routing every prefix with route_scores."""
     ctx = RouterContext(K, s.shape[1], "softmax", INFO)

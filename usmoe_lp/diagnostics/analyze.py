@@ -879,6 +879,9 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
         z64 = [z.double() for _, z, _ in seqs]
         for c in configs:
             entry, params = c.entry, c.param_dict
+            margins_apply = entry.prefix == "global_topc" and entry.group(params) == "sequence"
+            if not (cfg.leakage or margins_apply):
+                continue
             own = [config_scores(z, c, sf, info) for z in z64]  # float64: margins are small differences
             if cfg.leakage:
                 part = LeakagePartial.empty(c, num_experts=N, layer=info, max_recompute_tokens=cfg.max_recompute_tokens)
@@ -894,7 +897,7 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
                              for lb, _, pb in _batches(seqs, cfg.batch_size) if lb.shape[0] > 1]
                     if stats:
                         cross[c.label] = _mean_cross(stats)
-            if entry.prefix == "global_topc" and entry.group(params) == "sequence":
+            if margins_apply:
                 topc[c.label] = _topc_margin_sums(c, own, cfg.eps)
     analysis = LayerAnalysis(
         layer=info.name, num_experts=N, top_k=k, score_function=info.score_function, num_tokens=done,
