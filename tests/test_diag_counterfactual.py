@@ -531,3 +531,37 @@ def test_certificate_catches_a_non_optimal_selection(monkeypatch, router):
     assert swapped["gap"] > 0
     assert rec.max_certificate_gap == pytest.approx(swapped["gap"], abs=1e-12)
     assert rec.max_lp_gap == pytest.approx(swapped["gap"], abs=1e-9)
+
+
+def test_a_router_without_a_program_reports_no_certificate(monkeypatch):
+    """problem=None: the record says so (certificate None, no counts, no LP) instead of faking one."""
+    import dataclasses
+
+    from usmoe_lp.routers import config as router_config
+
+    table = dict(router_config.ROUTERS)
+    table["tc"] = dataclasses.replace(table["tc"], problem=None)
+    monkeypatch.setattr(router_config, "ROUTERS", table)
+    s = counterfactual(torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(3)), [RouterConfig("tc", 1)],
+                       lp_sample=3)
+    rec = s.records[0]
+    assert rec.certificate is None and rec.certified_total is None and rec.certified_optimal is None
+    assert rec.lp_checked == 0 and rec.max_lp_gap is None and rec.max_certificate_gap is None
+    assert rec.pairs == 10 and rec.groups == 2
+    d = s.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["configs"][0]["certificate"] is None and d["configs"][0]["certified_total"] is None
+
+
+def test_parameter_columns_are_the_union_over_routers():
+    s = counterfactual(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)),
+                       [RouterConfig("tc", 1), RouterConfig("capacity_tc", 1, policy="priority"),
+                        RouterConfig("usmoe", 1, kbar=1.5)], lp_sample=0)
+    df = s.to_frame()
+    assert s.param_names == ("capacity_factor", "policy", "scope", "kbar", "alpha")
+    tc, captc, usm = (df.iloc[i] for i in range(3))
+    assert tc[["capacity_factor", "policy", "scope", "kbar", "alpha"]].isna().all()
+    assert (captc["capacity_factor"], captc["policy"]) == (1.25, "priority") and captc[["scope", "kbar"]].isna().all()
+    assert (usm["scope"], usm["kbar"], usm["alpha"]) == ("sequence", 1.5, 0.5) and usm[["policy"]].isna().all()
+    assert list(df["group"]) == ["token", "sequence", "sequence"] and list(df["exact"]) == [True, False, True]
+    assert all(set(c) >= {"capacity_factor", "policy", "scope", "kbar", "alpha"} for c in s.to_dict()["configs"])
