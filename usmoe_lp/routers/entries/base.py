@@ -19,7 +19,8 @@ solved by an auction algorithm); :func:`balanced_assignment` takes any k <= N, t
 of a top-k model. Exact paths (``method="auto"`` picks the first that applies):
 
 * the ``flow`` backend of :func:`usmoe_lp.lp.solve` (min-cost flow) where ``usmoe_lp.lp`` has it:
-  0.13 s at T = 2048, N = 64, k = 1; 0.28 s at k = 2; 3.1 s at T = 4096, k = 8 (one core);
+  0.13 s at T = 2048, N = 64, k = 1; 0.28 s at k = 2; 3.1 s at T = 4096, k = 8 (times measured on
+  two shared CPU cores, standard normal scores);
 * k = 1: ``scipy.optimize.linear_sum_assignment`` on the T x (N C) matrix whose columns are the
   experts' columns repeated C times (one column per slot), while T N C <= :data:`LSA_MAX_ENTRIES`
   (0.65 s at T = 2048, N = 64; 2.5 s at T = 4096);
