@@ -118,9 +118,11 @@ def fill_rows(M: np.ndarray, u: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> n
     gt = M > u[:, None]
     a = gt.sum(axis=1)
     need = np.where(u > 0, hi - a, np.where(u < 0, lo - a, np.maximum(lo - a, 0)))
-    if np.any(need > 0):
-        eq = M == u[:, None]
-        gt |= eq & (np.cumsum(eq, axis=1) <= need[:, None])
+    rows = np.flatnonzero(need > 0)  # rows with ties at u to fill (few, unless scores tie a lot)
+    if rows.size:
+        sub = M if rows.size == M.shape[0] else M[rows]
+        eq = sub == u[rows, None]
+        gt[rows] |= eq & (np.cumsum(eq, axis=1) <= need[rows, None])
     return gt
 
 

@@ -49,12 +49,41 @@ def _counts(problem: RoutingProblem, X: np.ndarray):
     return {"token": rows, "expert": X.sum(axis=0), "budget": groups}
 
 
-def _sign_ok(values, count, lo, hi) -> bool:
-    """Complementary slackness of block multipliers (Fractions or floats), exactly."""
-    for y, c, a, b in zip(values, count.tolist(), lo.tolist(), hi.tolist(), strict=True):
-        if (y > 0 and c != b) or (y < 0 and c != a):
-            return False
-    return True
+class _Exact:
+    """A vector of exact multipliers: float64 values, each exact as it stands, with rational
+    overrides where the exact value is not a float (``base`` then holds its rounding)."""
+
+    __slots__ = ("base", "over")
+
+    def __init__(self, base) -> None:
+        self.base = np.array(base, dtype=np.float64)
+        self.over: dict[int, Fraction] = {}
+
+    def __getitem__(self, b: int) -> Fraction:
+        q = self.over.get(b)
+        return Fraction(float(self.base[b])) if q is None else q
+
+    def __setitem__(self, b: int, q: Fraction) -> None:
+        f = float(q)
+        self.base[b] = f
+        if Fraction(f) == q:
+            self.over.pop(b, None)
+        else:
+            self.over[b] = q
+
+
+def _sign_ok(vec: _Exact, count, lo, hi) -> bool:
+    """Complementary slackness of a block's multipliers, exactly."""
+    y = vec.base
+    bad = ((y > 0) & (count != hi)) | ((y < 0) & (count != lo))
+    for b, q in vec.over.items():
+        bad[b] = (q > 0 and count[b] != hi[b]) or (q < 0 and count[b] != lo[b])
+    return not bad.any()
+
+
+def _sign_range(count, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) float bounds the sign rules put on each row's multiplier (0 or +-inf)."""
+    return np.where(count > lo, 0.0, -np.inf), np.where(count < hi, 0.0, np.inf)
 
 
 def proves_optimal(problem: RoutingProblem, X: np.ndarray, duals: dict[str, np.ndarray]) -> bool:
@@ -76,25 +105,20 @@ def proves_optimal(problem: RoutingProblem, X: np.ndarray, duals: dict[str, np.n
         if y.shape != (size,) or not np.all(np.isfinite(y)):
             return False
         floats[f] = y
-    A = S - lam[gid][:, None]
-    R = A - floats["token"][:, None] - floats["expert"][None, :]
+    R = S - lam[gid][:, None] - floats["token"][:, None] - floats["expert"][None, :]
     scale = float(np.max(np.abs(S)) + np.max(np.abs(lam)) + max(np.max(np.abs(y)) for y in floats.values()))
-    tight_tol = TIGHT_REL * scale
+    tight = np.nonzero(np.abs(R) <= TIGHT_REL * scale)
+    if tight[0].size > MAX_EXACT_ENTRIES:
+        return False
     if len(sides) == 2:
-        rebuilt = _rebuild_components(problem, R, floats, lam, counts, tight_tol)
-        if rebuilt is None:
-            return False
-        exact, lam_q = rebuilt
+        rebuilt = _rebuild_components(problem, tight, floats, lam, counts)
     elif sides and "budget" in blocks:
-        rebuilt = _rebuild_with_budget(problem, R, floats, lam, counts, tight_tol, sides[0])
-        if rebuilt is None:
-            return False
-        exact, lam_q = rebuilt
+        rebuilt = _rebuild_with_budget(problem, tight, floats, lam, counts, sides[0])
     else:
-        exact = _rebuild(problem, X, A, R, floats, lam, sides, counts, tight_tol) if sides else {}
-        if exact is None:
-            return False
-        lam_q = [Fraction(float(x)) for x in lam]
+        rebuilt = (_rebuild(problem, tight, floats, lam, counts, sides[0]) if sides else {}), _Exact(lam)
+    if rebuilt is None:
+        return False
+    exact, lam_q = rebuilt
     if "budget" in blocks and not _sign_ok(lam_q, counts["budget"], *problem.block_bounds("budget")):
         return False
     for f in sides:
@@ -103,29 +127,102 @@ def proves_optimal(problem: RoutingProblem, X: np.ndarray, duals: dict[str, np.n
     return _reduced_costs_ok(problem, X, lam_q, exact)
 
 
-def _rebuild(problem, X, A, R, floats, lam, sides, counts, tight_tol):
-    """One binding side (token or expert) besides the budget: each tight entry fixes its row's
-    multiplier exactly, S_ij - lam_g; rows strictly inside their bounds get 0 (None: give up)."""
-    T, N = problem.shape
-    ti, tj = np.nonzero(np.abs(R) <= tight_tol)
-    if ti.size > MAX_EXACT_ENTRIES:
-        return None
-    gid = problem.group_ids
+def _rebuild(problem, tight, floats, lam, counts, side):
+    """One binding block, no budget: each tight entry fixes its row's multiplier exactly,
+    S_ij - lam_g; rows strictly inside their bounds get 0."""
     S = problem.scores
-    f = sides[0]
-    size = T if f == "token" else N
-    value: list[Fraction | None] = [None] * size
-    lo, hi = problem.block_bounds(f)
-    for b in np.flatnonzero((counts[f] > lo) & (counts[f] < hi)).tolist():
-        value[b] = Fraction(0)
-    rows = ti if f == "token" else tj
-    for b, i, j in zip(rows.tolist(), ti.tolist(), tj.tolist(), strict=True):
-        if value[b] is None:
-            value[b] = Fraction(float(S[i, j])) - Fraction(float(lam[gid[i]]))
-    return {f: [Fraction(float(floats[f][b])) if y is None else y for b, y in enumerate(value)]}
+    gid = problem.group_ids
+    ti, tj = tight
+    vec = _Exact(floats[side])
+    lo, hi = problem.block_bounds(side)
+    inside = (counts[side] > lo) & (counts[side] < hi)
+    vec.base[inside] = 0.0
+    rows = ti if side == "token" else tj
+    rows_u, first = np.unique(rows, return_index=True)
+    keep = ~inside[rows_u]
+    for b, i, j in zip(rows_u[keep].tolist(), ti[first][keep].tolist(), tj[first][keep].tolist(), strict=True):
+        vec[b] = Fraction(float(S[i, j])) - Fraction(float(lam[gid[i]]))
+    return {side: vec}
 
 
-def _rebuild_components(problem, R, floats, lam, counts, tight_tol):
+def _rebuild_with_budget(problem, tight, floats, lam, counts, side):
+    """One of the token/expert blocks binds, and the budget: exact (multipliers, budget ones).
+
+    With the expert block free (v = 0) a tight entry reads u_i + lam_g(i) = S_ij; with the token
+    block free (u = 0) it reads lam_g(i) + v_j = S_ij. Either way it joins two rows (token-group
+    or group-expert), and a connected component of such joins is fixed up to one shift, chosen
+    exactly within the sign rules of both kinds of rows (:func:`_two_kinds`)."""
+    T, N = problem.shape
+    G = problem.num_groups
+    S = problem.scores
+    gid = problem.group_ids
+    ti, tj = tight
+    g_rows = (counts["budget"], *problem.block_bounds("budget"))
+    if side == "token":  # rows: tokens (u) and groups (lam)
+        first = np.unique(ti, return_index=True)[1]
+        edges = [(i, int(gid[i]), float(S[i, j])) for i, j in zip(ti[first].tolist(), tj[first].tolist(), strict=True)]
+        a_rows = (counts["token"], *problem.block_bounds("token"))
+        got = _two_kinds(T, G, edges, floats["token"], lam, a_rows, g_rows)
+        return None if got is None else ({"token": got[0]}, got[1])
+    pairs: dict[tuple[int, int], float] = {}
+    for i, j in zip(ti.tolist(), tj.tolist(), strict=True):
+        pairs.setdefault((int(gid[i]), j), float(S[i, j]))
+    edges = [(g, j, val) for (g, j), val in pairs.items()]
+    e_rows = (counts["expert"], *problem.block_bounds("expert"))
+    got = _two_kinds(G, N, edges, lam, floats["expert"], g_rows, e_rows)
+    return None if got is None else ({"expert": got[1]}, got[0])
+
+
+def _two_kinds(n_a, n_b, edges, hint_a, hint_b, rows_a, rows_b):
+    """Exact multipliers y_a (n_a,) and y_b (n_b,) with y_a + y_b = value on a spanning forest of
+    ``edges`` (a, b, value), each component shifted (y_a + delta, y_b - delta) into the sign
+    rules of its rows (rows_*: count, lo, hi arrays), delta nearest 0 (None when no exact choice
+    exists). A row on no edge keeps its hint, clipped into its sign range."""
+    out = []
+    for hint, rows in ((hint_a, rows_a), (hint_b, rows_b)):
+        low, high = _sign_range(*rows)
+        out.append(_Exact(np.clip(hint, low, high)))
+    adj: dict[int, list[tuple[int, float]]] = {}
+    for a, b, val in edges:
+        adj.setdefault(a, []).append((n_a + b, val))
+        adj.setdefault(n_a + b, []).append((a, val))
+    hints = np.concatenate([np.asarray(hint_a, dtype=np.float64), np.asarray(hint_b, dtype=np.float64)])
+    cnt = np.concatenate([rows_a[0], rows_b[0]]).tolist()
+    lo = np.concatenate([rows_a[1], rows_b[1]]).tolist()
+    hi = np.concatenate([rows_a[2], rows_b[2]]).tolist()
+    value: dict[int, Fraction] = {}
+    for root in sorted(adj):
+        if root in value:
+            continue
+        value[root] = Fraction(float(hints[root]))
+        members = [root]
+        queue = deque([root])
+        while queue:
+            node = queue.popleft()
+            for other, val in adj[node]:
+                if other not in value:
+                    value[other] = Fraction(val) - value[node]
+                    members.append(other)
+                    queue.append(other)
+        low = high = None
+        for node in members:
+            y, plus = value[node], node < n_a  # the row's multiplier: y + delta (a) or y - delta (b)
+            if cnt[node] < hi[node]:  # multiplier <= 0
+                high, low = (_min(high, -y), low) if plus else (high, _max(low, y))
+            if cnt[node] > lo[node]:  # multiplier >= 0
+                high, low = (high, _max(low, -y)) if plus else (_min(high, y), low)
+        if low is not None and high is not None and low > high:
+            return None
+        delta = low if (low is not None and low > 0) else (high if (high is not None and high < 0) else Fraction(0))
+        for node in members:
+            if node < n_a:
+                out[0][node] = value[node] + delta
+            else:
+                out[1][node - n_a] = value[node] - delta
+    return out[0], out[1]
+
+
+def _rebuild_components(problem, tight, floats, lam, counts):
     """Token and expert blocks both bind: exact (multipliers by side, budget multipliers).
 
     On a component C of the tight entries, w_i + v_j = S_ij with w_i = u_i + lam_g(i) fixes
@@ -133,41 +230,40 @@ def _rebuild_components(problem, R, floats, lam, counts, tight_tol):
     base values. The sign rules are then interval constraints: on delta_C (experts), on
     delta_C - lam_g (tokens of group g) and on lam_g (groups). The budget multipliers are chosen
     first, nearest the given ones within the bounds every component implies, then each delta_C
-    nearest 0 (None when no exact choice exists).
+    nearest 0 (None when no exact choice exists). A token or expert on no tight entry keeps its
+    float multiplier, clipped into its sign range.
     """
     T, N = problem.shape
     S = problem.scores
     gid = problem.group_ids
     G = problem.num_groups
-    ti, tj = np.nonzero(np.abs(R) <= tight_tol)
-    if ti.size > MAX_EXACT_ENTRIES:
-        return None
-    adj: list[list[tuple[int, int, int]]] = [[] for _ in range(T + N)]
+    ti, tj = tight
+    adj: dict[int, list[tuple[int, int, int]]] = {}
     for i, j in zip(ti.tolist(), tj.tolist(), strict=True):
-        adj[i].append((T + j, i, j))
-        adj[T + j].append((i, i, j))
-    u_f, v_f = floats["token"].tolist(), floats["expert"].tolist()
+        adj.setdefault(i, []).append((T + j, i, j))
+        adj.setdefault(T + j, []).append((i, i, j))
+    u_f, v_f = floats["token"], floats["expert"]
     lam_f = [Fraction(float(x)) for x in lam]
-    value: list[Fraction | None] = [None] * (T + N)
+    gid_l = gid.tolist()
+    value: dict[int, Fraction] = {}
     components: list[list[int]] = []
-    for root in range(T + N):
-        if value[root] is not None:
+    for root in sorted(adj):
+        if root in value:
             continue
-        value[root] = (Fraction(u_f[root]) + lam_f[gid[root]]) if root < T else Fraction(v_f[root - T])
+        value[root] = (Fraction(float(u_f[root])) + lam_f[gid_l[root]]) if root < T else Fraction(float(v_f[root - T]))
         members = [root]
         queue = deque([root])
         while queue:
             node = queue.popleft()
             for other, i, j in adj[node]:
-                if value[other] is None:
+                if other not in value:
                     value[other] = Fraction(float(S[i, j])) - value[node]
                     members.append(other)
                     queue.append(other)
         components.append(members)
 
-    t_cnt, (t_lo, t_hi) = counts["token"].tolist(), (b.tolist() for b in problem.block_bounds("token"))
-    e_cnt, (e_lo, e_hi) = counts["expert"].tolist(), (b.tolist() for b in problem.block_bounds("expert"))
-    gid_l = gid.tolist()
+    t_cnt, t_lo, t_hi = counts["token"], *problem.block_bounds("token")
+    e_cnt, e_lo, e_hi = counts["expert"], *problem.block_bounds("expert")
     # Per component: delta in [low, high]; per group touched: delta - lam_g in [A_g, B_g].
     spans = []
     for members in components:
@@ -189,11 +285,23 @@ def _rebuild_components(problem, R, floats, lam, counts, tight_tol):
                     high = _min(high, y)
         spans.append((low, high, touched))
 
-    lam_q = _budget_multipliers(problem, counts, lam_f, spans) if "budget" in problem.blocks else [Fraction(0)] * G
-    if lam_q is None:
-        return None
-    u: list[Fraction] = [Fraction(0)] * T
-    v: list[Fraction] = [Fraction(0)] * N
+    if "budget" in problem.blocks:
+        lam_q = _budget_multipliers(problem, counts, lam_f, spans)
+        if lam_q is None:
+            return None
+    else:
+        lam_q = [Fraction(0)] * G
+    t_low, t_high = _sign_range(t_cnt, t_lo, t_hi)
+    e_low, e_high = _sign_range(e_cnt, e_lo, e_hi)
+    u = _Exact(np.clip(u_f, t_low, t_high))
+    v = _Exact(np.clip(v_f, e_low, e_high))
+    for g in [g for g in range(G) if lam_q[g] != lam_f[g]]:  # tokens on no tight entry follow lam_g
+        for i in np.flatnonzero(gid == g).tolist():
+            if i not in value:
+                q = Fraction(float(u_f[i])) + lam_f[g] - lam_q[g]
+                if (t_low[i] == 0 and q < 0) or (t_high[i] == 0 and q > 0):
+                    q = Fraction(0)  # clipped into the sign range
+                u[i] = q
     for members, (low, high, touched) in zip(components, spans, strict=True):
         for g, (a, b) in touched.items():
             if a is not None:
@@ -208,78 +316,10 @@ def _rebuild_components(problem, R, floats, lam, counts, tight_tol):
                 u[node] = value[node] + delta - lam_q[gid_l[node]]
             else:
                 v[node - T] = value[node] - delta
-    return {"token": u, "expert": v}, lam_q
-
-
-def _rebuild_with_budget(problem, R, floats, lam, counts, tight_tol, side):
-    """One of the token/expert blocks binds, and the budget: exact (multipliers, budget ones).
-
-    With the expert block free (v = 0) a tight entry reads u_i + lam_g(i) = S_ij; with the token
-    block free (u = 0) it reads lam_g(i) + v_j = S_ij. Either way it joins two rows (token-group
-    or group-expert), and a connected component of such joins is fixed up to one shift, chosen
-    exactly within the sign rules of both kinds of rows (:func:`_two_kinds`)."""
-    T, N = problem.shape
-    G = problem.num_groups
-    S = problem.scores
-    gid = problem.group_ids
-    ti, tj = np.nonzero(np.abs(R) <= tight_tol)
-    if ti.size > MAX_EXACT_ENTRIES:
-        return None
-    g_rows = (counts["budget"], *problem.block_bounds("budget"))
-    if side == "token":  # rows: tokens (u) and groups (lam)
-        first, hint_a = np.unique(ti, return_index=True)[1], floats["token"]
-        edges = [(int(i), int(gid[i]), float(S[i, j])) for i, j in zip(ti[first], tj[first], strict=True)]
-        a_rows = (counts["token"], *problem.block_bounds("token"))
-        got = _two_kinds(T, G, edges, hint_a, lam, a_rows, g_rows)
-        return None if got is None else ({"token": got[0]}, got[1])
-    pairs = {}
-    for i, j in zip(ti.tolist(), tj.tolist(), strict=True):
-        pairs.setdefault((int(gid[i]), j), float(S[i, j]))
-    edges = [(g, j, val) for (g, j), val in pairs.items()]
-    e_rows = (counts["expert"], *problem.block_bounds("expert"))
-    got = _two_kinds(G, N, edges, lam, floats["expert"], g_rows, e_rows)
-    return None if got is None else ({"expert": got[1]}, got[0])
-
-
-def _two_kinds(n_a, n_b, edges, hint_a, hint_b, rows_a, rows_b):
-    """Exact y_a (n_a,) and y_b (n_b,) with y_a + y_b = value on a spanning forest of ``edges``
-    (a, b, value), each component shifted (y_a + delta, y_b - delta) into the sign rules of its
-    rows (rows_*: count, lo, hi arrays), delta nearest 0 (None when no exact choice exists)."""
-    adj: list[list[tuple[int, float]]] = [[] for _ in range(n_a + n_b)]
-    for a, b, val in edges:
-        adj[a].append((n_a + b, val))
-        adj[n_a + b].append((a, val))
-    hints = [float(x) for x in hint_a] + [float(x) for x in hint_b]
-    cnt = rows_a[0].tolist() + rows_b[0].tolist()
-    lo = rows_a[1].tolist() + rows_b[1].tolist()
-    hi = rows_a[2].tolist() + rows_b[2].tolist()
-    value: list[Fraction | None] = [None] * (n_a + n_b)
-    for root in range(n_a + n_b):
-        if value[root] is not None:
-            continue
-        value[root] = Fraction(hints[root])
-        members = [root]
-        queue = deque([root])
-        while queue:
-            node = queue.popleft()
-            for other, val in adj[node]:
-                if value[other] is None:
-                    value[other] = Fraction(val) - value[node]
-                    members.append(other)
-                    queue.append(other)
-        low = high = None
-        for node in members:
-            y, sign = value[node], (1 if node < n_a else -1)  # the row's multiplier: y + sign * delta
-            if cnt[node] < hi[node]:  # multiplier <= 0
-                high, low = (_min(high, -y), low) if sign > 0 else (high, _max(low, y))
-            if cnt[node] > lo[node]:  # multiplier >= 0
-                high, low = (high, _max(low, -y)) if sign > 0 else (_min(high, y), low)
-        if low is not None and high is not None and low > high:
-            return None
-        delta = low if (low is not None and low > 0) else (high if (high is not None and high < 0) else Fraction(0))
-        for node in members:
-            value[node] = value[node] + delta if node < n_a else value[node] - delta
-    return value[:n_a], value[n_a:]
+    lam_vec = _Exact(lam)
+    for g in range(G):
+        lam_vec[g] = lam_q[g]
+    return {"token": u, "expert": v}, lam_vec
 
 
 def _budget_multipliers(problem, counts, lam_f, spans):
@@ -328,17 +368,15 @@ def _budget_multipliers(problem, counts, lam_f, spans):
     return lam
 
 
-def _reduced_costs_ok(problem, X, lam_q, exact) -> bool:
+def _reduced_costs_ok(problem, X, lam_q: _Exact, exact: dict[str, _Exact]) -> bool:
     """Every reduced cost has the sign X needs, decided in float64 with an error bound and in
     rationals where the bound does not decide."""
     S = problem.scores
     T, N = S.shape
     gid = problem.group_ids
-    u_q = exact.get("token", [Fraction(0)] * T)
-    v_q = exact.get("expert", [Fraction(0)] * N)
-    u = np.array([float(x) for x in u_q]) if "token" in exact else np.zeros(T)
-    v = np.array([float(x) for x in v_q]) if "expert" in exact else np.zeros(N)
-    lam = np.array([float(x) for x in lam_q])
+    u_q = exact.get("token", _Exact(np.zeros(T)))
+    v_q = exact.get("expert", _Exact(np.zeros(N)))
+    u, v, lam = u_q.base, v_q.base, lam_q.base
     lam_t = lam[gid]
     R = ((S - lam_t[:, None]) - u[:, None]) - v[None, :]
     bound = (4 * EPS * (np.abs(S) + np.abs(lam_t)[:, None] + np.abs(u)[:, None] + np.abs(v)[None, :])
@@ -350,7 +388,7 @@ def _reduced_costs_ok(problem, X, lam_q, exact) -> bool:
     if ui.size > MAX_EXACT_ENTRIES:
         return False
     for i, j in zip(ui.tolist(), uj.tolist(), strict=True):
-        r = Fraction(float(S[i, j])) - lam_q[gid[i]] - u_q[i] - v_q[j]
+        r = Fraction(float(S[i, j])) - lam_q[int(gid[i])] - u_q[i] - v_q[j]
         if (X[i, j] and r < 0) or (not X[i, j] and r > 0):
             return False
     return True

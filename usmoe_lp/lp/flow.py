@@ -151,7 +151,7 @@ def flow_optimum(problem: RoutingProblem, *, time_limit: float | None = None) ->
     blo, bhi = problem.block_bounds("budget")
     gstart = np.concatenate([[0], np.cumsum(problem.group_sizes)]).astype(np.int64)
     gid = np.repeat(np.arange(problem.num_groups), problem.group_sizes)
-    data = _Data(S, gid, gstart, tmin, tmax, emin, emax, blo, bhi, blocks)
+    data = _Data(S, np.ascontiguousarray(S.T), gid, gstart, tmin, tmax, emin, emax, blo, bhi, blocks)
 
     X, v, lam, rounds = _warm_start(data)
     net = _Residual(data, X, v, lam)
@@ -189,6 +189,7 @@ class _Data:
     """The program with token rows ordered by group (groups are contiguous ranges)."""
 
     S: np.ndarray          # (T, N) float64
+    ST: np.ndarray         # (N, T) float64, S transposed and contiguous
     gid: np.ndarray        # (T,) group of each row, non-decreasing
     gstart: np.ndarray     # (G + 1,) row range of each group
     tmin: np.ndarray
@@ -216,8 +217,11 @@ class _Data:
 
 
 def _imbalance(data: _Data, X: np.ndarray, v: np.ndarray, lam: np.ndarray) -> int:
-    load = X.sum(axis=0)
-    gcount = data.group_sum(X.sum(axis=1))
+    return _imbalance_counts(data, X.sum(axis=0), data.group_sum(X.sum(axis=1)), v, lam)
+
+
+def _imbalance_counts(data: _Data, load: np.ndarray, gcount: np.ndarray, v: np.ndarray, lam: np.ndarray) -> int:
+    """Units the repair must move: half the total |excess| of the nodes (module docstring)."""
     f_e, f_g = data.arc_flows(load, gcount, v, lam)
     total = np.abs(load - f_e).sum() + np.abs(f_g - gcount).sum() + abs(int(f_e.sum() - f_g.sum()))
     return int(total) // 2
@@ -323,6 +327,76 @@ def _imbalance_target(T: int, N: int) -> int:
 
 def _warm_start(data: _Data):
     """(X, v, lam, rounds): a pseudo-flow optimal for its imbalances, from Jacobi price rounds."""
+    K = _fast_rank(data)
+    if K is not None and "expert" in data.blocks:
+        v, lam, rounds = _prices_top_k(data, K)
+        R = data.S - v[None, :] - lam[data.gid][:, None]
+        return _token_response(data, R), v, lam, rounds
+    return _prices_general(data)
+
+
+def _fast_rank(data: _Data) -> int | None:
+    """K when every token takes at most K experts (token_min 0, K < N small): the prices then
+    need only each token's top K + 1 reduced scores."""
+    N = data.S.shape[1]
+    if not (_uniform(data.tmin) and _uniform(data.tmax)) or int(data.tmin[0]) != 0:
+        return None
+    K = int(data.tmax[0])
+    return K if 1 <= K <= _BAND_PARTITION and K < N else None
+
+
+PRICE_OVERRELAX = 1.5
+"""Price rounds move each expert price 1.5x the way to its clearing price: from below, Jacobi
+rounds approach the prices monotonically and slowly; the overshoot is left to the exact repair
+(measured at 16384x128: ~40% fewer rounds for the same imbalance)."""
+
+
+def _prices_top_k(data: _Data, K: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Price rounds for token_min = 0, token_max = K: one partition of S - v per round gives each
+    token's K + 1 best reduced scores r_1 >= ... >= r_K+1, from which the budget prices, the
+    demands and the bids follow. Token i takes expert j iff its bid theta_ij = S_ij - max(q_ij,
+    lam_g) beats v_j, q_ij = r_K+1 if S_ij - v_j >= r_K else r_K (its K-th best elsewhere), and
+    each expert's clearing price is the closed-form threshold of its column of bids."""
+    S, ST = data.S, data.ST
+    T, N = S.shape
+    budget = "budget" in data.blocks
+    kth = list(range(N - K - 1, N))
+    v = np.zeros(N)
+    lam = np.zeros(data.G)
+    target = _imbalance_target(T, N)
+    best = (np.inf, v, lam)
+    rounds = 0
+    while True:
+        Rv = S - v[None, :]
+        Rv.partition(kth, axis=1)
+        top = Rv[:, N - K - 1:]  # ascending: r_K+1, r_K, ..., r_1
+        if budget:
+            lam = np.array([_group_threshold(top[a:b, 1:].ravel(), data.blo[g], data.bhi[g])
+                            for g, (a, b) in enumerate(zip(data.gstart[:-1], data.gstart[1:], strict=True))])
+        lam_t = lam[data.gid]
+        r_k, r_k1 = top[:, 1], top[:, 0]
+        q = ST - v[:, None]
+        q = np.where(q >= r_k[None, :], r_k1[None, :], r_k[None, :])
+        np.maximum(q, lam_t[None, :], out=q)
+        theta = np.subtract(ST, q, out=q)  # (N, T) bids
+        load = np.count_nonzero(theta > v[:, None], axis=1)
+        gcount = data.group_sum(np.count_nonzero(top[:, 1:] > lam_t[:, None], axis=1))
+        imb = _imbalance_counts(data, load, gcount, v, lam)
+        if imb >= best[0]:  # no progress: keep the better prices
+            break
+        stalled = imb > 0.9 * best[0]
+        best = (imb, v, lam)
+        if imb <= target or stalled or rounds >= MAX_PRICE_ROUNDS:
+            break
+        clearing = row_thresholds(theta, data.emin, data.emax)
+        v = clearing + (PRICE_OVERRELAX - 1.0) * (clearing - v)
+        v = np.where(clearing >= 0, np.maximum(v, 0.0), np.minimum(v, 0.0))
+        rounds += 1
+    return best[1], best[2], rounds
+
+
+def _prices_general(data: _Data):
+    """Price rounds for any bounds (full passes over the (T, N) scores per round)."""
     T, N = data.S.shape
     v = np.zeros(N)
     budget = "budget" in data.blocks
@@ -372,9 +446,12 @@ class _Residual:
         self.augmentations = 0
         self.W = np.full((self.M, self.M), -np.inf)
         self.arg = np.full((self.M, self.M), -1, dtype=np.int64)
+        # scores of the experts each token does not have (-inf where it has them): the
+        # candidates of the j -> j' arcs
+        self.SX = np.where(self.X, -np.inf, S)
         # eligible entries for the s_g -> j arcs: spare tokens, experts they do not have
         spare = self.cnt < data.tmax
-        self.STe = np.where(self.XT | ~spare[None, :], -np.inf, S.T)
+        self.STe = np.where(self.XT | ~spare[None, :], -np.inf, data.ST)
         for g in range(G):
             a, b = data.gstart[g], data.gstart[g + 1]
             seg = self.STe[:, a:b]
@@ -382,25 +459,32 @@ class _Residual:
             self.W[N + g, :N] = seg[np.arange(N), k]
             self.arg[N + g, :N] = a + k
         for j in range(N):
-            self._expert_row(j)
+            self._expert_entries(j, None)
+            self._expert_to_groups(j)
         self._direct_arcs()
 
     # ------------------------------------------------------------------ arcs
-    def _expert_row(self, j: int) -> None:
-        """Arcs out of expert j: to every other expert and to the groups (through its tokens)."""
-        N, G, d = self.N, self.G, self.d
+    def _expert_entries(self, j: int, cols: np.ndarray | None) -> None:
+        """Arcs j -> j' for j' in ``cols`` (all experts when None): the best token of j to move."""
         W, arg = self.W, self.arg
         members = np.flatnonzero(self.XT[j])
-        W[j, :N + G] = -np.inf
-        arg[j, :N + G] = -1
+        cols = slice(0, self.N) if cols is None else cols
         if members.size == 0:
+            W[j, cols] = -np.inf
+            arg[j, cols] = -1
             return
-        sub = d.S[members]
-        diff = sub - sub[:, j:j + 1]
-        diff[self.X[members]] = -np.inf
-        k = diff.argmax(axis=0)
-        W[j, :N] = diff[k, np.arange(N)]
-        arg[j, :N] = members[k]
+        sub = self.SX[members][:, cols] - self.d.S[members, j][:, None]
+        k = sub.argmax(axis=0)
+        W[j, cols] = sub[k, np.arange(sub.shape[1])]
+        arg[j, cols] = members[k]
+
+    def _expert_to_groups(self, j: int) -> None:
+        """Arcs j -> s_g: the token of group g in j that gives it up at the least loss."""
+        N, G, d = self.N, self.G, self.d
+        W, arg = self.W, self.arg
+        W[j, N:N + G] = -np.inf
+        arg[j, N:N + G] = -1
+        members = np.flatnonzero(self.XT[j])
         ok = members[self.cnt[members] > d.tmin[members]]
         if ok.size == 0:
             return
@@ -414,6 +498,41 @@ class _Residual:
         groups, first = np.unique(g[order], return_index=True)
         W[j, N + groups] = vals[order[first]]
         arg[j, N + groups] = ok[order[first]]
+
+    def _token_moved(self, i: int, before: np.ndarray, cnt_before: int) -> None:
+        """Update the arcs out of the experts token i had or has (it went from ``before``, (N,)
+        bool, to its current row): incremental where only i's own candidate changed, and a
+        recomputation of the entries i realised where it no longer can."""
+        d, W, arg = self.d, self.W, self.arg
+        after = self.X[i]
+        S_i = d.S[i]
+        left = np.flatnonzero(before & ~after)
+        joined = np.flatnonzero(after & ~before)
+        stayed = np.flatnonzero(before & after)
+        elig_changed = (cnt_before > d.tmin[i]) != (self.cnt[i] > d.tmin[i])
+        for j in stayed.tolist():
+            if left.size:  # experts i gave up: new candidates S_ij' - S_ij
+                cand = S_i[left] - S_i[j]
+                up = cand > W[j, left]
+                W[j, left[up]] = cand[up]
+                arg[j, left[up]] = i
+            if joined.size:  # experts i took: i no longer realises j -> j'
+                stale = joined[arg[j, joined] == i]
+                if stale.size:
+                    self._expert_entries(j, stale)
+            if elig_changed:
+                self._expert_to_groups(j)
+        for j in left.tolist():
+            stale = np.flatnonzero(arg[j, :self.N] == i)
+            if stale.size:
+                self._expert_entries(j, stale)
+            self._expert_to_groups(j)
+        for j in joined.tolist():
+            cand = self.SX[i] - S_i[j]
+            up = cand > W[j, :self.N]
+            W[j, :self.N][up] = cand[up]
+            arg[j, :self.N][up] = i
+            self._expert_to_groups(j)
 
     def _direct_arcs(self) -> None:
         N, G, t, d = self.N, self.G, self.t, self.d
@@ -503,12 +622,12 @@ class _Residual:
     def _augment(self, path: list[int]) -> None:
         N, t, d = self.N, self.t, self.d
         X, XT = self.X, self.XT
-        moved: dict[int, np.ndarray] = {}
+        moved: dict[int, tuple[np.ndarray, int]] = {}
         for a, b in zip(path[:-1], path[1:], strict=True):
             if a < t and b < t and (a < N or b < N):
                 i = int(self.arg[a, b])
                 if i not in moved:
-                    moved[i] = X[i].copy()
+                    moved[i] = (X[i].copy(), int(self.cnt[i]))
                 if a < N and b < N:  # token i moves from expert a to expert b
                     if not X[i, a] or X[i, b]:
                         raise _Numerics(f"stale arc {a}->{b}")
@@ -540,12 +659,11 @@ class _Residual:
                 self.f_g[a - N] -= 1
             else:
                 raise _Numerics(f"no arc {a}->{b}")
-        experts: set[int] = set()
-        for i, before in moved.items():
-            experts.update(np.flatnonzero(before | X[i]).tolist())
+        for i in moved:
+            self.SX[i] = np.where(X[i], -np.inf, d.S[i])
+        for i, (before, cnt_before) in moved.items():
             self._refresh_token(i)
-        for j in sorted(experts):
-            self._expert_row(j)
+            self._token_moved(i, before, cnt_before)
         self._direct_arcs()
 
     # ------------------------------------------------------------------ duals
