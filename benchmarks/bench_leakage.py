@@ -31,7 +31,7 @@ from usmoe_lp.diagnostics.leakage import prefix_consistency  # noqa: E402
 from usmoe_lp.routing import expert_choice, global_topc  # noqa: E402
 
 CONFIGS = [("ec", {"k": 8, "capacity_factor": 1.0}), ("ec", {"k": 2, "capacity_factor": 1.25}),
-           ("usmoe", {"kbar": 8.0}), ("usmoe", {"kbar": 1.5})]
+           ("usmoe", {"k": 1, "kbar": 8.0}), ("usmoe", {"k": 1, "kbar": 1.5})]
 
 
 def _median_s(fn, repeats: int) -> float:
