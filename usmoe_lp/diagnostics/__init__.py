@@ -62,6 +62,7 @@ from usmoe_lp.diagnostics.margins import (
     topc_margin,
     topk_margins,
 )
+from usmoe_lp.diagnostics.native import NativeAgreement, NativeAgreementPartial
 from usmoe_lp.diagnostics.partial import Partial
 
 __all__ = [
@@ -73,5 +74,5 @@ __all__ = [
     "decode_mismatch", "prefix_consistency",
     "LoadPartial", "LoadStats", "aux_loss", "balance_metrics", "load_stats", "router_z_loss",
     "GlobalMargin", "MarginPartial", "MarginStats", "fragile_counts", "margin_stats", "topc_margin", "topk_margins",
-    "Partial",
+    "NativeAgreement", "NativeAgreementPartial", "Partial",
 ]

@@ -38,6 +38,7 @@ index (:func:`recompute_model_selection`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,7 @@ from usmoe_lp.diagnostics.leakage import (
 )
 from usmoe_lp.diagnostics.load import BALANCE_KEYS, LoadPartial, LoadStats
 from usmoe_lp.diagnostics.margins import MarginPartial, MarginStats, topc_margin
+from usmoe_lp.diagnostics.native import NativeAgreement, NativeAgreementPartial
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk, RouterLog
@@ -260,6 +262,10 @@ class LayerAnalysis:
     ``batches``, ``sequences``, ``tokens``, ``flip_rate``, ``token_flip_rate``, ``jaccard_distance``);
     decode: label -> :class:`~usmoe_lp.diagnostics.leakage.DecodeStats` (KV-cache decode mismatch);
     topc_margins: label -> global-threshold margin sums (``global_topc`` settings grouped per sequence).
+    native_agreement: how often the registry's ``native`` router, replayed on the captured logits with
+    the layer's recorded routing semantics, selects exactly the experts the log records
+    (:class:`~usmoe_lp.diagnostics.native.NativeAgreement`); None where the log records no selection
+    or the layer's semantics are unknown.
     """
 
     layer: str
@@ -278,6 +284,7 @@ class LayerAnalysis:
     sample_sequences: int
     sample_tokens: int
     decode: dict[str, DecodeStats] = field(default_factory=dict)
+    native_agreement: NativeAgreement | None = None
 
 
 @dataclass(frozen=True)
@@ -822,6 +829,8 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
     margins = MarginPartial.empty(k, eps=cfg.eps)
     sample = _SequenceSample(cfg.sequence_tokens) if (cfg.counterfactual or cfg.leakage) else None
     source = "recomputed top-k"
+    native = NativeAgreementPartial.empty(N) if native_semantics(info) else None
+    native_info = info if info.top_k is not None else dataclasses.replace(info, top_k=k)
     done = 0
     read_seconds = 0.0
     it = src.chunks(info.name, cfg.chunk_tokens, with_hidden)
@@ -842,6 +851,8 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
         if k < N and scores.dtype == torch.float32 and scores.device.type == "cpu":
             srt = np.sort(scores.detach().numpy(), axis=1)  # one row sort: the model's top-k and the margins
         mask, source = model_mask(chunk, scores, k, srt, info)
+        if native is not None and chunk.selected is not None:
+            native.update(chunk.logits, chunk.selected, native_info, sequence_ids=chunk.sequence_ids)
         hidden = chunk.hidden.float() if (with_hidden and chunk.hidden is not None) else None
         if collapse is None:
             collapse = CollapsePartial.empty(N, hidden_dim=None if hidden is None else int(hidden.shape[1]))
@@ -904,7 +915,8 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
         selection_source=source, load=load.result(), collapse=collapse_stats, margins=margins.result(),
         counterfactual=cf_part.result() if cf_part is not None else None,
         leakage={label: p.result() for label, p in leak_parts.items()}, cross_sequence=cross, topc_margins=topc,
-        sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs), decode=decode)
+        sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs), decode=decode,
+        native_agreement=native.result() if (native is not None and native.tokens) else None)
     return _LayerOut(analysis, load, cf_part, leak_parts, read_seconds)
 
 

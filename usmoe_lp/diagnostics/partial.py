@@ -10,8 +10,9 @@ by merging them; a Map-Reduce over shards would do the same.
 Implemented by :class:`~usmoe_lp.diagnostics.load.LoadPartial`,
 :class:`~usmoe_lp.diagnostics.collapse.CollapsePartial`,
 :class:`~usmoe_lp.diagnostics.margins.MarginPartial`,
-:class:`~usmoe_lp.diagnostics.counterfactual.CounterfactualPartial` and
-:class:`~usmoe_lp.diagnostics.leakage.LeakagePartial` (checked in ``tests/test_registry_consumers.py``).
+:class:`~usmoe_lp.diagnostics.counterfactual.CounterfactualPartial`,
+:class:`~usmoe_lp.diagnostics.leakage.LeakagePartial` and
+:class:`~usmoe_lp.diagnostics.native.NativeAgreementPartial` (checked in ``tests/test_registry_consumers.py``).
 """
 
 from __future__ import annotations
