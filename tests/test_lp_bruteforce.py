@@ -96,7 +96,7 @@ def random_program(name: str, S: np.ndarray, rng: np.random.Generator) -> Progra
         hi = np.array([rng.integers(a, T + 1) for a in lo])
         return Program(name, S, lambda: RoutingProblem(S, expert_min=lo, expert_max=hi),
                        expert=(lo, hi))
-    if name == "transport":  # uniform ranges on both families (TC + EC when lo == hi)
+    if name == "transport":  # uniform ranges on both blocks (TC + EC when lo == hi)
         a1 = int(rng.integers(0, N + 1))
         a2 = int(rng.integers(a1, N + 1))
         b1 = int(rng.integers(0, T + 1))
@@ -238,7 +238,7 @@ def test_every_backend_reaches_the_optimum(name, kind):
     for trial in range(5):
         prog, problem, oracle = draw(name, kind, rng)
         backends = ["highs", "milp"] + (["cbc"] if trial < 2 else [])
-        if name in SINGLE or len(problem.families) <= 1:
+        if name in SINGLE or len(problem.blocks) <= 1:
             backends.insert(0, "closed_form")
         else:
             with pytest.raises(UnsupportedProblem):
@@ -359,7 +359,7 @@ def test_certify_every_mask(name, kind, shape):
 # ----------------------------------------------------------------------------- weak duality
 @pytest.mark.parametrize("name", PROGRAMS)
 def test_weak_duality_at_random_multipliers(name):
-    """g(u, v, lam) >= OPT for any multipliers, every family present or not (a constraint that
+    """g(u, v, lam) >= OPT for any multipliers, every block present or not (a constraint that
     does not bind is still valid), at several scales."""
     rng = np.random.default_rng(_seed("weak", name))
     for trial in range(12):

@@ -39,7 +39,7 @@ def groups_for(draw, T: int):
 
 
 @st.composite
-def single_family_programs(draw, nonnegative: bool = False):
+def single_block_programs(draw, nonnegative: bool = False):
     S = draw(scores(nonnegative=nonnegative))
     T, N = S.shape
     kind = draw(st.sampled_from(["tc", "ec", "budget", "token_range"]))
@@ -64,7 +64,7 @@ def _tol(S: np.ndarray) -> float:
 
 
 @PROFILE
-@given(single_family_programs())
+@given(single_block_programs())
 def test_closed_form_matches_highs(problem):
     cf = solve(problem, "closed_form")
     hs = solve(problem, "highs")
@@ -77,7 +77,7 @@ def test_closed_form_matches_highs(problem):
 
 
 @PROFILE
-@given(single_family_programs())
+@given(single_block_programs())
 def test_closed_form_mask_is_certified_optimal(problem):
     sol = solve(problem, "closed_form")
     cert = certify(problem, sol.mask)
@@ -107,7 +107,7 @@ def test_global_budget_dominates_tc_and_ec_at_equal_budget(data):
 
 
 @PROFILE
-@given(single_family_programs(), st.integers(-10, 10))
+@given(single_block_programs(), st.integers(-10, 10))
 def test_scaling_by_a_power_of_two_keeps_the_mask(problem, m):
     scaled = _rebuild(problem, problem.scores * 2.0**m)
     np.testing.assert_array_equal(solve(problem).mask, solve(scaled).mask)
@@ -154,7 +154,7 @@ def test_nonnegative_scores_make_le_and_eq_coincide(data):
 
 
 @PROFILE
-@given(single_family_programs(), st.data())
+@given(single_block_programs(), st.data())
 def test_weak_duality_holds_at_any_multipliers(problem, data):
     T, N = problem.shape
     opt = solve(problem).objective

@@ -98,7 +98,7 @@ def test_scale_invariance(scale, backend):
     rng = np.random.default_rng(7)
     base = rng.random((3, 4))
     for problem in programs(base * scale):
-        if backend == "closed_form" and not problem.is_single_family:
+        if backend == "closed_form" and not problem.is_single_block:
             continue
         sol = solve(problem, backend=backend)
         assert sol.success, sol.message
@@ -111,7 +111,7 @@ def test_near_tie_every_backend_every_program():
     S = near_tie()[:3, :4]
     for problem in programs(S):
         for backend in ("closed_form", "highs", "milp"):
-            if backend == "closed_form" and not problem.is_single_family:
+            if backend == "closed_form" and not problem.is_single_block:
                 continue
             sol = solve(problem, backend=backend)
             assert_honest(problem, sol.mask, sol.certificate)
@@ -169,7 +169,7 @@ def instances(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances(), st.sampled_from(["closed_form", "highs", "milp"]))
 def test_optimal_only_if_brute_force_agrees(problem, backend):
-    if backend == "closed_form" and not problem.is_single_family:
+    if backend == "closed_form" and not problem.is_single_block:
         backend = "highs"
     sol = solve(problem, backend=backend)
     if sol.certificate is not None:
