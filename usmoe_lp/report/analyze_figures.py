@@ -67,16 +67,22 @@ def plot_layer_balance(load: pd.DataFrame) -> plt.Figure | None:
 
 def shaded_palette(items, group_of: dict | None = None) -> dict[str, tuple[float, float, float]]:
     """A colour per item: one hue per group (``group_of[item]``, e.g. the router of a setting; an item
-    without a group is its own), in order of first appearance, and the items of one group in shades
-    of its hue, from darker to lighter. Deterministic."""
+    without a group is its own), and the items of one group in shades of its hue, from darker to
+    lighter. Hues follow the order of the groups in ``group_of`` (then of the items without one), so
+    figures given the same ``group_of`` colour a router alike whichever of its settings they show.
+    Deterministic."""
     items = list(dict.fromkeys(items))
     group_of = group_of or {}
-    groups = list(dict.fromkeys(group_of.get(i, i) for i in items))
-    palette = "tab10" if len(groups) <= 10 else "tab20" if len(groups) <= 20 else "husl"
-    hues = dict(zip(groups, sns.color_palette(palette, len(groups)), strict=True))
+    groups = list(dict.fromkeys([*group_of.values(), *(group_of.get(i, i) for i in items)]))
+    colors = [*sns.color_palette("tab10", 10), *sns.color_palette("tab20", 20)[1::2]]
+    if len(groups) > len(colors):
+        colors += sns.color_palette("husl", len(groups) - len(colors))
+    hues = dict(zip(groups, colors, strict=False))
     out = {}
     for group in groups:
         members = [i for i in items if group_of.get(i, i) == group]
+        if not members:
+            continue
         base = np.array(hues[group])
         weights = [0.0] if len(members) == 1 else np.linspace(-0.45, 0.45, len(members))
         for item, w in zip(members, weights, strict=True):
@@ -348,6 +354,7 @@ def plot_sweeps(cf: pd.DataFrame) -> plt.Figure | None:
         return None
     series = list(dict.fromkeys(data["series"]))
     palette, styles = _series_styles(data)
+    references = list(dict.fromkeys(data.loc[data["role"] == "reference", "series"]))
     markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
     cols = 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
@@ -371,7 +378,9 @@ def plot_sweeps(cf: pd.DataFrame) -> plt.Figure | None:
                 (h,) = ax.plot(sub["x"], sub["y"], marker=styles[name][1], ms=4, lw=1.4, ls=styles[name][0],
                                color=color)
             else:
-                (h,) = ax.plot(sub["x"], sub["y"], ls="none", marker=markers[i % len(markers)], ms=7, color=color,
+                # earlier references drawn larger, so coinciding points stay visible as rings
+                size = max(4.0, 10.0 - 0.6 * references.index(name))
+                (h,) = ax.plot(sub["x"], sub["y"], ls="none", marker=markers[i % len(markers)], ms=size, color=color,
                                markeredgecolor="black", markeredgewidth=0.5)
                 ax.axhline(float(sub["y"].iloc[0]), ls=":", lw=0.9, color=color, alpha=0.8)
             handles.setdefault(name, h)

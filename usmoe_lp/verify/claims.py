@@ -132,7 +132,7 @@ class Instance:
         p = self.problem(name)
         out = []
         for b in self.ctx.backends:
-            if b == "closed_form" and not p.is_single_family:
+            if b == "closed_form" and not p.is_single_block:
                 continue
             if b in ("cbc", "milp") and (not ilp or self.S.size > self.ctx.ilp_max_vars):
                 continue
