@@ -20,6 +20,7 @@ import numpy as np
 from usmoe_lp._json import json_ready
 from usmoe_lp._validate import PADDING_CONVENTION, check_int, check_padding_mask
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
+from usmoe_lp.routing.routers import max_violation
 
 COLD_SHARE = 0.001  # moewatch's dead/cold threshold on the load share
 
@@ -122,7 +123,7 @@ def balance_metrics(counts) -> dict[str, float | int]:
         out["load_entropy_nats"] = h
     mean = float(total) / n
     mom = float(c.max()) / mean
-    out["maxvio"] = 0.0 if balanced else mom - 1.0
+    out["maxvio"] = max_violation(c)
     out["max_over_mean"] = 1.0 if balanced else mom
     out["cv"] = 0.0 if balanced else float(np.sqrt(((c - mean) ** 2).mean()) / mean)
     # G = sum_i (2i - N - 1) c_(i) / (N sum c), identical to the formula above (expand the cumsum).

@@ -156,7 +156,8 @@ def default_configs(k: int, *, routers: Sequence[str] = ("tc", "ec", "capacity_t
     (``capacity_factor`` sets Expert Choice's only; capacity-TC keeps the Switch default 1.25).
 
     >>> [c.label for c in default_configs(1, alphas=(0.5,))]
-    ['tc k=1', 'ec cf=1', 'captc cf=1.25', 'usmoe a=0.5 kbar=0.5 seq', 'usmoe a=0.5 kbar=1 seq', 'usmoe a=0.5 kbar=1.5 seq']
+    ['tc k=1', 'ec cf=1', 'captc cf=1.25', 'usmoe a=0.5 kbar=0.5 seq', 'usmoe a=0.5 kbar=1 seq',
+     'usmoe a=0.5 kbar=1.5 seq']
     """
     k = check_int(k, "k", low=1)
     base: dict[str, Sequence] = dict(sweep or {})

@@ -25,6 +25,7 @@ from __future__ import annotations
 import warnings
 from typing import Literal
 
+import numpy as np
 import torch
 
 from usmoe_lp._validate import (
@@ -124,13 +125,14 @@ def finish_routing(s3, mask3, router, params, valid, squeeze) -> Routing:
     return Routing(mask=mask3, weights=weights, router=router, params=params, token_mask=valid)
 
 
-def _mask_out(s3, valid):
+def mask_out(s3, valid):
+    """(B, T, N) scores with padding rows (``valid`` False) set to -inf, so no selection takes them."""
     if valid is None:
         return s3
     return s3.masked_fill(~valid.unsqueeze(-1), float("-inf"))
 
 
-def _check_k(k, n: int) -> int:
+def check_k(k, n: int) -> int:
     """k experts per token, 1 <= k <= N: the one rule of every router that takes a ``k``."""
     k = check_int(k, "k", low=1)
     if k > n:
@@ -147,6 +149,25 @@ def expert_capacity(capacity_factor: float, tokens: int, k: int, n: int) -> int:
     return ceil_decimal(float(capacity_factor) * tokens * k / n)
 
 
+def max_violation(counts) -> float:
+    """MaxVio of a load vector: max_j c_j / mean_j c_j - 1 (Wang et al. 2024, arXiv 2408.15664).
+
+    counts: (N,) non-negative integers (tokens per expert). 0 at perfect balance (exactly), NaN when
+    nothing was routed. The one definition: ``usmoe_lp.diagnostics.load.balance_metrics`` reports it as
+    ``maxvio``, and the bias-balancing router uses it to measure its progress.
+
+    >>> max_violation([2, 2, 4, 0])
+    1.0
+    """
+    c = np.asarray(counts, dtype=np.int64).reshape(-1)
+    total = int(c.sum())
+    if total == 0:
+        return float("nan")
+    if int(c.max()) == int(c.min()):
+        return 0.0
+    return float(c.max()) * c.size / total - 1.0
+
+
 # ----------------------------------------------------------------------------- routers
 def token_choice(scores, k: int, padding_mask=None) -> Routing:
     """Token Choice: each token takes its ``k`` highest-scoring experts.
@@ -161,7 +182,7 @@ def token_choice(scores, k: int, padding_mask=None) -> Routing:
     """
     s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
-    k = _check_k(k, N)
+    k = check_k(k, N)
     counts = torch.full((B * T,), k, dtype=torch.long, device=s3.device)
     if valid is not None:
         counts = counts * valid.reshape(-1)
@@ -180,7 +201,7 @@ def expert_choice(scores, capacity: int | None = None, capacity_factor: float = 
     """
     s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
-    k = _check_k(k, N)
+    k = check_k(k, N)
     tokens = valid.sum(-1) if valid is not None else torch.full((B,), T, device=s3.device)
     if capacity is None:
         capacity_factor = _check_capacity_factor(capacity_factor)
@@ -191,7 +212,7 @@ def expert_choice(scores, capacity: int | None = None, capacity_factor: float = 
             raise InvalidParameter(f"capacity = {e} exceeds the number of tokens T = {T}")
         caps = [e] * B
     caps_t = torch.minimum(torch.tensor(caps, device=s3.device), tokens.long())
-    values = _mask_out(s3, valid).transpose(1, 2).reshape(B * N, T)
+    values = mask_out(s3, valid).transpose(1, 2).reshape(B * N, T)
     mask = select_top(values, caps_t.repeat_interleave(N)).reshape(B, N, T).transpose(1, 2)
     budget = [int(c) * N for c in caps_t.tolist()]
     mismatch = [b - int(t) * k for b, t in zip(budget, tokens.tolist(), strict=True)]
@@ -230,7 +251,7 @@ def global_topc(scores, budget: int | None = None, kbar: float | None = None,
     if scope not in ("sequence", "batch", "position"):
         raise InvalidParameter(f"scope must be 'sequence', 'batch' or 'position', got {scope!r}")
     use = valid if (valid is not None and not include_padding) else None
-    values = _mask_out(s3, use)
+    values = mask_out(s3, use)
     real = use if use is not None else torch.ones(B, T, dtype=torch.bool, device=s3.device)
     if scope == "sequence":
         flat, tokens = values.reshape(B, T * N), real.sum(-1)
@@ -277,7 +298,7 @@ def capacity_token_choice(scores, k: int, capacity_factor: float = 1.0,
     """
     s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
-    k = _check_k(k, N)
+    k = check_k(k, N)
     if policy not in ("position", "priority"):
         raise InvalidParameter(f"policy must be 'position' or 'priority', got {policy!r}")
     tokens = valid.sum(-1) if valid is not None else torch.full((B,), T, device=s3.device)

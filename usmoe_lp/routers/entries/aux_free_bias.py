@@ -55,7 +55,7 @@ from usmoe_lp._validate import check_int, check_real
 from usmoe_lp.errors import InvalidParameter, ShapeMismatch
 from usmoe_lp.routers.entries.base import CAPACITY_RULE, balanced_capacity, group_program
 from usmoe_lp.routers.spec import Param, Router, RouterContext
-from usmoe_lp.routing.routers import _check_k, finish_routing, prepare_scores, select_top
+from usmoe_lp.routing.routers import check_k, finish_routing, max_violation, prepare_scores, select_top
 from usmoe_lp.routing.routing import Routing
 from usmoe_lp.routing.scores import probabilities, sigmoid_score
 
@@ -102,19 +102,6 @@ def update_bias(bias, load, gamma: float) -> np.ndarray:
     return b + gamma * direction.astype(np.float64)
 
 
-def max_violation(load) -> float:
-    """MaxVio = max_j load_j / mean load - 1 (Wang et al. 2024); 0 at perfect balance, NaN for
-    an empty batch. The definition of ``balance_metrics(counts)["maxvio"]`` in
-    :mod:`usmoe_lp.diagnostics.load`."""
-    load = np.asarray(load, dtype=np.int64)
-    total = int(load.sum())
-    if total == 0:
-        return float("nan")
-    if int(load.max()) == int(load.min()):
-        return 0.0
-    return float(load.max()) * load.size / total - 1.0
-
-
 def aux_free_routing(scores, k: int, bias=None, gamma: float = DEFAULT_GAMMA, padding_mask=None) -> Routing:
     """Route one batch by the top-k of scores + bias and compute the next bias.
 
@@ -139,7 +126,7 @@ def aux_free_routing(scores, k: int, bias=None, gamma: float = DEFAULT_GAMMA, pa
     """
     s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
-    k = _check_k(k, N)
+    k = check_k(k, N)
     gamma = check_real(gamma, "gamma", low=0.0)
     b = np.zeros(N) if bias is None else as_bias(bias, N, "bias")
     biased = s3.to(torch.float64) + torch.as_tensor(b, dtype=torch.float64, device=s3.device)
@@ -191,7 +178,7 @@ class BiasTrajectory:
         bias: (C + 1, N) float64: row c is the bias chunk c was routed with, row C the final one.
         load: (C, N) int64 tokens per expert of each chunk.
         tokens: (C,) int64 tokens of each chunk.
-        max_vio: (C,) float64 MaxVio of each chunk's routing (:func:`max_violation`).
+        max_vio: (C,) float64 MaxVio of each chunk's routing (:func:`usmoe_lp.routing.routers.max_violation`).
     """
 
     layer: str

@@ -52,7 +52,7 @@ from usmoe_lp.errors import InvalidParameter, InvalidScores, SolverError, Unsupp
 from usmoe_lp.lp import BACKENDS, RoutingProblem, solve
 from usmoe_lp.routers.entries._common import model_probabilities, per_group
 from usmoe_lp.routers.spec import Param, Router, RouterContext
-from usmoe_lp.routing.routers import _check_k, expert_capacity, finish_routing, prepare_scores
+from usmoe_lp.routing.routers import check_k, expert_capacity, finish_routing, prepare_scores
 from usmoe_lp.routing.routing import Routing
 
 LSA_MAX_ENTRIES = 2**25
@@ -90,7 +90,7 @@ def balanced_program(scores, k: int, capacity: int | None = None) -> RoutingProb
     if s.ndim != 2 or s.size == 0:
         raise InvalidScores(f"scores must be a non-empty (T, N) matrix, got shape {s.shape}")
     T, N = s.shape
-    k = _check_k(k, N)
+    k = check_k(k, N)
     cap = balanced_capacity(T, k, N) if capacity is None else capacity
     return RoutingProblem(s, token_min=k, token_max=k, expert_max=cap, name="balanced")
 
@@ -160,7 +160,7 @@ def balanced_assignment(scores, k: int = 1, padding_mask=None, *, method: str = 
         raise InvalidParameter(f"method must be 'auto', 'assignment' or 'lp', got {method!r}")
     s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
-    k = _check_k(k, N)
+    k = check_k(k, N)
     mask = torch.zeros(B, T, N, dtype=torch.bool, device=s3.device)
     s_np = s3.detach().to(torch.float64).cpu().numpy()
     valid_np = np.ones((B, T), dtype=bool) if valid is None else valid.cpu().numpy()

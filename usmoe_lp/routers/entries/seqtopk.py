@@ -38,7 +38,7 @@ from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.lp import RoutingProblem
 from usmoe_lp.routers.entries._common import model_probabilities
 from usmoe_lp.routers.spec import Param, Router
-from usmoe_lp.routing.routers import _check_k, _mask_out, finish_routing, prepare_scores, select_top
+from usmoe_lp.routing.routers import check_k, finish_routing, mask_out, prepare_scores, select_top
 from usmoe_lp.routing.routing import Routing
 
 
@@ -48,7 +48,7 @@ def seqtopk_cap(k: int, max_k: int, n: int) -> int:
     >>> seqtopk_cap(2, 0, 64), seqtopk_cap(2, 0, 3), seqtopk_cap(2, 5, 64)
     (4, 3, 5)
     """
-    k = _check_k(k, n)
+    k = check_k(k, n)
     max_k = check_int(max_k, "max_k", low=0)
     cap = min(2 * k, n) if max_k == 0 else max_k
     if cap > n:
@@ -80,7 +80,7 @@ def seq_topk(scores, k: int, max_k: int = 0, padding_mask=None) -> Routing:
     if valid is not None:
         row_counts = row_counts * valid.reshape(-1)
     eligible = select_top(s3.reshape(B * T, N), row_counts).reshape(B, T, N)
-    values = _mask_out(s3, valid).masked_fill(~eligible, float("-inf"))
+    values = mask_out(s3, valid).masked_fill(~eligible, float("-inf"))
     budget = tokens.long() * k
     mask = select_top(values.reshape(B, T * N), budget).reshape(B, T, N)
     cs = budget.tolist()

@@ -51,7 +51,7 @@ from usmoe_lp._validate import check_int, check_real
 from usmoe_lp.errors import InvalidScores
 from usmoe_lp.routers.entries.base import CAPACITY_RULE, balanced_capacity, group_program
 from usmoe_lp.routers.spec import Param, Router, RouterContext
-from usmoe_lp.routing.routers import _check_k, finish_routing, prepare_scores, select_top, token_choice
+from usmoe_lp.routing.routers import check_k, finish_routing, prepare_scores, select_top, token_choice
 from usmoe_lp.routing.routing import Routing
 
 DEFAULT_TOL = 1e-4
@@ -215,7 +215,7 @@ def sinkhorn_routing(scores, k: int = 1, padding_mask=None, *, tol: float = DEFA
     max_iter = check_int(max_iter, "max_iter", low=1)
     s3, valid, squeeze = prepare_scores(scores, padding_mask)
     B, T, N = s3.shape
-    k = _check_k(k, N)
+    k = check_k(k, N)
     real = torch.ones(B, T, dtype=torch.bool, device=s3.device) if valid is None else valid
     log_r, _, iterations, error = _balance(s3.to(torch.float64), real, tol, max_iter)
     counts = (real.reshape(-1) * k).long()
