@@ -41,3 +41,17 @@ def test_run_all_quick_writes_tables(tmp_path):
     # The committed full-size results are never overwritten by the smoke run.
     after = committed.stat().st_mtime_ns if committed.exists() else None
     assert after == before
+
+
+def test_bench_capped_flow_quick_writes_its_table(tmp_path):
+    """``benchmarks/bench_capped_flow.py --quick``: flow and HiGHS on tiny capped programs, both certified."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_capped_flow.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"bench_capped_flow --quick exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    md = (tmp_path / "capped_flow_results.md").read_text()
+    assert "## Machine" in md and "flow vs HiGHS" in md and "capacity-TC" in md
+    rows = [line for line in md.splitlines() if line.startswith("| 256x16 |") or line.startswith("| 512x32 |")]
+    assert len(rows) == 6  # three cases, in the main table and in the capacity-TC table
+    assert all("optimal / optimal" in line for line in rows[:3])

@@ -202,7 +202,7 @@ TIE_CASES = [
     # zeros under <=: taking none is optimal, as is any set of up to 4 (1+6+15+20+15)
     (lambda: RoutingProblem.budget(np.zeros((2, 3)), 4, sense="<="), [[0, 0, 0], [0, 0, 0]], 57),
     (lambda: RoutingProblem.budget(np.zeros((2, 3)), 2, sense="=="), [[1, 1, 0], [0, 0, 0]], 15),
-    # a token family with per-row bounds and a tie at zero: rows need 1..2, 0..1, 2 experts
+    # a token block with per-row bounds and a tie at zero: rows need 1..2, 0..1, 2 experts
     (lambda: RoutingProblem(np.array([[0.0, 0, -1], [0, -3, -3], [1, -1, -1]]),
                             token_min=[1, 0, 2], token_max=[2, 1, 2]),
      [[1, 0, 0], [0, 0, 0], [1, 1, 0]], 3 * 2 * 2),
@@ -343,7 +343,7 @@ def test_margin_semantics():
     assert not not_greedy.optimal and not_greedy.margin < 0
     assert not_greedy.gap == pytest.approx(0.5)
 
-    # expert family: margins per column
+    # expert block: margins per column
     ec = RoutingProblem.expert_choice(np.array([[4.0, 0.0], [1.0, 2.0], [3.0, 2.0]]), 1)
     cert = certify(ec, _mask([[1, 0], [0, 1], [0, 0]]))
     assert cert.optimal and cert.margin == 0.0  # column 1 ties 2 = 2
