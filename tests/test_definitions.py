@@ -94,8 +94,12 @@ def test_every_key_of_a_real_metrics_json_is_defined(analysis):
     assert {r["router"] for r in metrics["pooled"]["counterfactual"]} == set(list_routers())  # every router ran
     assert any(metrics["layers"][la]["cross_sequence"] for la in metrics["layers"])          # coupled groups ran
     missing = undefined_keys(metrics)
-    assert not missing, ("keys of metrics.json without a definition: add them to usmoe_lp/report/"
-                         "analyze_report.py DEFINITIONS (and docs/definitions.md): " + ", ".join(missing))
+    example = {}
+    for path in missing:
+        example.setdefault(path.rsplit("/", 1)[-1], path)
+    listed = "; ".join(f"{k} (e.g. {p})" for k, p in example.items())
+    assert not missing, ("keys of metrics.json without a definition (add them to usmoe_lp/report/analyze_report.py "
+                         f"DEFINITIONS and docs/definitions.md): {listed}")
 
 
 def test_the_walk_finds_an_undefined_key_and_a_bad_data_key(analysis):

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.logs import LayerInfo, RouterLog, RouterLogWriter
-from usmoe_lp.logs.errors import CorruptLog
 from usmoe_lp.logs.cli import import_command, log_app
+from usmoe_lp.logs.errors import CorruptLog
 from usmoe_lp.logs.format import MANIFEST_NAME, shard_file
 
 # mounted exactly as usmoe_lp/cli.py mounts them

@@ -45,6 +45,8 @@ def _default_text(param) -> str:
         return "required"
     if param.default == MODEL_K:
         return "the model's k"
+    if isinstance(param.default, str) and param.kind is not str:   # a rule resolved per model, said in words
+        return param.default
     return f"`{param.default!r}`"
 
 

@@ -287,12 +287,16 @@ DEFINITIONS: dict[str, Definition] = {
     "displacement_max": _d("largest displacement of one step", "tokens", THIS, "displacement"),
     "displacement_histogram": _d("steps with 0, 1, 2, ... displaced tokens", "count of steps", THIS, "displacement"),
     "displacement_steps": _d("appending steps counted (T - 1 per sequence)", "count of steps", THIS, "displacement"),
-    "positions_sampled": _d("for the recompute rule on long sequences: prefix positions evaluated per sequence "
-                            "(None: every position)", "count of positions", THIS, "leakage"),
+    "positions_sampled": _d("for the recompute rule on sequences longer than max_recompute_tokens: prefix "
+                            "positions evaluated per sequence (0: every position)", "count of positions", THIS,
+                            "prefix-rules"),
+    "rule_mismatches": _d("sequences whose full routing under the entry's incremental prefix rule differed from "
+                          "the router's own, so every prefix was re-routed instead (0 when the rule describes the "
+                          "router)", "count of sequences", THIS, "prefix-rules"),
     "leak_positions_sampled": _d("positions_sampled of the setting's leakage (counterfactual column)",
-                                 "count of positions", THIS, "leakage"),
+                                 "count of positions", THIS, "prefix-rules"),
     "sampled_sequences": _d("sequences whose positions were sampled (recompute rule, longer than "
-                            "max_recompute_tokens)", "count of sequences", THIS, "leakage"),
+                            "max_recompute_tokens)", "count of sequences", THIS, "prefix-rules"),
     "cross_flip_rate": _d("flip_rate between routing a sequence with its batch (batch/position groups) and alone",
                           "share of decisions", THIS, "cross-sequence-dependence"),
     "cross_token_flip_rate": _d("token_flip_rate of the same comparison", "share of tokens", THIS,
