@@ -33,7 +33,9 @@ def analysis(tmp_path_factory):
     logits = tuple(torch.randn(2 * 6, 4, generator=g) for _ in range(2))
     cfg = AnalyzeConfig(routers=list_routers(), scopes=("sequence", "batch", "position"), batch_size=2,
                         kbars=(1.0, 2.0), alphas=(0.5,), threads=False)
-    result = analyze_logits(logits, top_k=2, padding_mask=torch.zeros(2, 6, dtype=torch.bool), config=cfg)
+    selected = tuple(torch.topk(z, 2, dim=-1).indices for z in logits)   # the model's own: native agreement runs
+    result = analyze_logits(logits, top_k=2, padding_mask=torch.zeros(2, 6, dtype=torch.bool), selected=selected,
+                            config=cfg)
     # what write_analyze_report writes, without rendering the figures (tests/test_analyze.py writes them)
     metrics = json.loads(json.dumps(metrics_dict(result), allow_nan=False))
     return result, metrics, analyze_report._markdown(result, analyze_report.report_tables(result), {}, "test")
@@ -93,6 +95,7 @@ def test_every_key_of_a_real_metrics_json_is_defined(analysis):
     assert list(metrics["layers"]) == list(result.layer_names)
     assert {r["router"] for r in metrics["pooled"]["counterfactual"]} == set(list_routers())  # every router ran
     assert any(metrics["layers"][la]["cross_sequence"] for la in metrics["layers"])          # coupled groups ran
+    assert all(m["native_agreement"]["tokens"] == 12 for m in metrics["layers"].values())  # native replay ran
     missing = undefined_keys(metrics)
     example = {}
     for path in missing:
