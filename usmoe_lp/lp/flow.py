@@ -468,12 +468,16 @@ class _Residual:
         """Arcs j -> j' for j' in ``cols`` (all experts when None): the best token of j to move."""
         W, arg = self.W, self.arg
         members = np.flatnonzero(self.XT[j])
-        cols = slice(0, self.N) if cols is None else cols
         if members.size == 0:
-            W[j, cols] = -np.inf
-            arg[j, cols] = -1
+            W[j, slice(0, self.N) if cols is None else cols] = -np.inf
+            arg[j, slice(0, self.N) if cols is None else cols] = -1
             return
-        sub = self.SX[members][:, cols] - self.d.S[members, j][:, None]
+        if cols is None:
+            cols = slice(0, self.N)
+            sub = self.SX[members]
+        else:
+            sub = self.SX[members[:, None], cols[None, :]]
+        sub = sub - self.d.S[members, j][:, None]
         k = sub.argmax(axis=0)
         W[j, cols] = sub[k, np.arange(sub.shape[1])]
         arg[j, cols] = members[k]
@@ -503,13 +507,14 @@ class _Residual:
         """Update the arcs out of the experts token i had or has (it went from ``before``, (N,)
         bool, to its current row): incremental where only i's own candidate changed, and a
         recomputation of the entries i realised where it no longer can."""
-        d, W, arg = self.d, self.W, self.arg
+        d, W, arg, N = self.d, self.W, self.arg, self.N
         after = self.X[i]
         S_i = d.S[i]
         left = np.flatnonzero(before & ~after)
         joined = np.flatnonzero(after & ~before)
         stayed = np.flatnonzero(before & after)
-        elig_changed = (cnt_before > d.tmin[i]) != (self.cnt[i] > d.tmin[i])
+        gcol = N + int(d.gid[i])
+        drop_before, drop_after = cnt_before > d.tmin[i], self.cnt[i] > d.tmin[i]  # i may give one up
         for j in stayed.tolist():
             if left.size:  # experts i gave up: new candidates S_ij' - S_ij
                 cand = S_i[left] - S_i[j]
@@ -520,18 +525,24 @@ class _Residual:
                 stale = joined[arg[j, joined] == i]
                 if stale.size:
                     self._expert_entries(j, stale)
-            if elig_changed:
-                self._expert_to_groups(j)
+            self._group_candidate(j, i, gcol, drop_after, drop_before and not drop_after)
         for j in left.tolist():
-            stale = np.flatnonzero(arg[j, :self.N] == i)
+            stale = np.flatnonzero(arg[j, :N] == i)
             if stale.size:
                 self._expert_entries(j, stale)
-            self._expert_to_groups(j)
+            self._group_candidate(j, i, gcol, False, True)
         for j in joined.tolist():
             cand = self.SX[i] - S_i[j]
-            up = cand > W[j, :self.N]
-            W[j, :self.N][up] = cand[up]
-            arg[j, :self.N][up] = i
+            up = cand > W[j, :N]
+            W[j, :N][up] = cand[up]
+            arg[j, :N][up] = i
+            self._group_candidate(j, i, gcol, drop_after, False)
+
+    def _group_candidate(self, j: int, i: int, gcol: int, offer: bool, withdraw: bool) -> None:
+        """Arc j -> s_g(i): token i (in j) offers to give j up, or withdraws that offer."""
+        if offer and -self.d.S[i, j] > self.W[j, gcol]:
+            self.W[j, gcol], self.arg[j, gcol] = -self.d.S[i, j], i
+        elif withdraw and self.arg[j, gcol] == i:
             self._expert_to_groups(j)
 
     def _direct_arcs(self) -> None:
