@@ -212,7 +212,7 @@ def test_base_matches_milp_and_is_certified(T, N, k):
 
 def test_base_probs_objective_and_capacity_reporting():
     z = torch.randn(2, 7, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    cfg = RouterConfig("base", 2, objective="probs")
+    cfg = RouterConfig("base", 2, maximise="probs")
     assert cfg.label == "base" + " probs" and RouterConfig("base", 2).label == "base"
     r = reroute(z, cfg)
     P = torch.softmax(z, -1).numpy()

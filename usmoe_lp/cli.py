@@ -99,10 +99,12 @@ def _not_run(result) -> list[str]:
 
 @app.command()
 def verify(
-    families: str = typer.Option("all", help="score families, comma-separated (see `usmoe-lp families`)"),
+    families: str = typer.Option("all", "--families", "--matrix-families",
+                                 help="matrix families (random score-matrix generators), comma-separated "
+                                      "(see `usmoe-lp families`)"),
     sizes: str = typer.Option("8x4,16x8,64x8", help="T x N sizes, comma-separated"),
     ks: str = typer.Option("1,2", help="experts per token of the matched TC (budget c = T*k)"),
-    trials: int = typer.Option(10, help="instances per family x size x k"),
+    trials: int = typer.Option(10, help="instances per matrix family x size x k"),
     seed: int = typer.Option(0, help="master seed (same seed, same report)"),
     backends: str = typer.Option("closed_form,highs,cbc", help="closed_form, highs, cbc, milp"),
     claims: str = typer.Option("all", help="claim ids, comma-separated (see `usmoe-lp claims`)"),
@@ -172,7 +174,7 @@ def demo(out: Path = typer.Option(Path("out/demo"), help="output directory"),
 
 @app.command("families")
 def list_families() -> None:
-    """List the score-matrix families."""
+    """List the matrix families: generators of the random score matrices verify checks the claims on."""
     from usmoe_lp.verify import FAMILIES
 
     for f in FAMILIES.values():

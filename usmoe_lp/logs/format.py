@@ -713,9 +713,10 @@ def _out_of_order(sequence: int, position: int, before: int) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries that matter to a capture (installed ones only)."""
+    """Versions of Python and the libraries a result depends on (installed ones only): capture, the
+    solvers of verify and the certificates (scipy, highspy, pulp). The one definition, read by every report."""
     out = {"python": sys.version.split()[0]}
-    for dist in ("usmoe-lp", "torch", "safetensors", "numpy", "transformers"):
+    for dist in ("usmoe-lp", "torch", "safetensors", "numpy", "transformers", "scipy", "highspy", "pulp"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -29,9 +29,9 @@ of a top-k model. Exact paths (``method="auto"`` picks the first that applies):
   3.4 s at k = 2; 15 s at T = 4096, k = 1).
 
 Scores: BASE maximises the sum of the router's raw scores h_t . w_e, the **logits**
-(``objective="logits"``, the default); for a softmax router that is the sum of log-probabilities
+(``maximise="logits"``, the default); for a softmax router that is the sum of log-probabilities
 (the per-token log-partition is a constant when every token takes k experts).
-``objective="probs"`` maximises the model's probabilities instead
+``maximise="probs"`` maximises the model's probabilities instead
 (:func:`usmoe_lp.routing.probabilities`, the scores TC and EC route on).
 
 Groups: each sequence alone (its real tokens), so the routing does not depend on how sequences
@@ -182,7 +182,7 @@ def balanced_assignment(scores, k: int = 1, padding_mask=None, *, method: str = 
 
 
 def _scores(logits: torch.Tensor, params: Mapping[str, Any], ctx: RouterContext) -> torch.Tensor:
-    return logits if params["objective"] == "logits" else model_probabilities(logits, params, ctx)
+    return logits if params["maximise"] == "logits" else model_probabilities(logits, params, ctx)
 
 
 def group_program(S: np.ndarray, params: Mapping[str, Any], routing_params: Mapping[str, Any], key: int,
@@ -197,12 +197,12 @@ ROUTER = Router(
     summary="BASE: the exact balanced assignment, each token k experts and each expert at most ceil(T k / N) "
             "tokens of its sequence, maximising the total score",
     reference="Lewis et al. 2021, BASE Layers (arXiv 2103.16716)",
-    params=(Param("objective", str, "logits", "what the assignment maximises: logits (BASE's h.w scores; "
+    params=(Param("maximise", str, "logits", "what the assignment maximises: logits (BASE's h.w scores; "
                   "for softmax routers the sum of log-probabilities) or probs (the model's probabilities)",
                   choices=("logits", "probs")),),
     scores=_scores,
     route=lambda s, p, ctx, pad, state: balanced_assignment(s, ctx.k, padding_mask=pad),
-    label=lambda p, k: "base" + (" probs" if p["objective"] == "probs" else ""),
+    label=lambda p, k: "base" + (" probs" if p["maximise"] == "probs" else ""),
     exact=True,
     problem=group_program,
     group=lambda p: "sequence",
