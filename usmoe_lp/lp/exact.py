@@ -162,7 +162,7 @@ def _rebuild_with_budget(problem, tight, floats, lam, counts, side):
         first = np.unique(ti, return_index=True)[1]
         edges = [(i, int(gid[i]), float(S[i, j])) for i, j in zip(ti[first].tolist(), tj[first].tolist(), strict=True)]
         a_rows = (counts["token"], *problem.block_bounds("token"))
-        got = _two_kinds(T, G, edges, floats["token"], lam, a_rows, g_rows)
+        got = _two_kinds(T, G, edges, floats["token"], lam, a_rows, g_rows, roots_b_first=True)
         return None if got is None else ({"token": got[0]}, got[1])
     pairs: dict[tuple[int, int], float] = {}
     for i, j in zip(ti.tolist(), tj.tolist(), strict=True):
@@ -173,11 +173,13 @@ def _rebuild_with_budget(problem, tight, floats, lam, counts, side):
     return None if got is None else ({"expert": got[1]}, got[0])
 
 
-def _two_kinds(n_a, n_b, edges, hint_a, hint_b, rows_a, rows_b):
+def _two_kinds(n_a, n_b, edges, hint_a, hint_b, rows_a, rows_b, roots_b_first: bool = False):
     """Exact multipliers y_a (n_a,) and y_b (n_b,) with y_a + y_b = value on a spanning forest of
     ``edges`` (a, b, value), each component shifted (y_a + delta, y_b - delta) into the sign
     rules of its rows (rows_*: count, lo, hi arrays), delta nearest 0 (None when no exact choice
-    exists). A row on no edge keeps its hint, clipped into its sign range."""
+    exists). A row on no edge keeps its hint, clipped into its sign range. Components are rooted
+    at a budget group where they have one (its given multiplier is then kept unless a sign rule
+    moves it): groups are the a rows, or the b rows with ``roots_b_first``."""
     out = []
     for hint, rows in ((hint_a, rows_a), (hint_b, rows_b)):
         low, high = _sign_range(*rows)
@@ -191,7 +193,7 @@ def _two_kinds(n_a, n_b, edges, hint_a, hint_b, rows_a, rows_b):
     lo = np.concatenate([rows_a[1], rows_b[1]]).tolist()
     hi = np.concatenate([rows_a[2], rows_b[2]]).tolist()
     value: dict[int, Fraction] = {}
-    for root in sorted(adj):
+    for root in sorted(adj, key=lambda node: ((node < n_a) == roots_b_first, node)):
         if root in value:
             continue
         value[root] = Fraction(float(hints[root]))
