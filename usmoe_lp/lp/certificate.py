@@ -47,7 +47,7 @@ class Certificate:
             programs it is measured on the reduced costs S_ij - u_i - v_j - lam_g at the LP
             duals (min over selected minus max over unselected); degenerate duals can make it
             0 without a tie. None for an infeasible mask under LP duals.
-        backend: where the dual multipliers came from (``closed_form``, ``highs``).
+        backend: where the dual multipliers came from (``closed_form``, ``flow``, ``highs``).
         seconds: wall time of the certification.
         tolerance: a bound on the float64 rounding error of ``gap`` (relative to the magnitude
             of the scores and multipliers summed); the optimality decision itself is exact and
