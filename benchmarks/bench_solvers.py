@@ -97,7 +97,7 @@ def worker(case: dict) -> dict:
     problem_s = time.perf_counter() - t0
 
     ref = None
-    if problem.is_single_family:
+    if problem.is_single_block:
         ref = solve(problem, "closed_form", certify_solution=False).objective
 
     t0 = time.perf_counter()

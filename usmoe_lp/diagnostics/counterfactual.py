@@ -555,7 +555,7 @@ class CounterfactualPartial:
         if entry.exact:
             every = [problem(g) for g in range(G)]
             combined = _direct_sum(every)
-            if combined is not None and combined.is_single_family:
+            if combined is not None and combined.is_single_block:
                 cert = certify(combined, X, backend="closed_form")
                 acc.backends |= {"closed_form"}
                 if cert.optimal:
@@ -564,7 +564,7 @@ class CounterfactualPartial:
                     acc.cert_max_gap = max(acc.cert_max_gap, 0.0)
                     every = []
             for g, p in enumerate(every):
-                backend = "closed_form" if p.is_single_family else "highs"
+                backend = "closed_form" if p.is_single_block else "highs"
                 acc.backends |= {"closed_form" if backend == "closed_form" else "lp_duals"}
                 try:
                     c = certify(p, X[rows[g]], backend=backend)

@@ -269,5 +269,5 @@ ROUTER = Router(
             "uniform and erase its preferences)"),
     decode_route=_decode,
     order=55,
-    in_default_sweep=False,  # its leakage re-balances every prefix (~2x the rest of the default sweep): --routers sinkhorn
+    in_default_sweep=False,  # its leakage re-balances every prefix: --routers sinkhorn
 )
