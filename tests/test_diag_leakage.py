@@ -496,3 +496,26 @@ def test_bad_input():
     with pytest.raises(ShapeMismatch):
         cross_sequence_dependence(s[None], "usmoe", k=1, kbar=1.0, scope="batch",
                                   padding_mask=np.zeros((1, 4), dtype=bool))
+
+
+def test_decode_mismatch_samples_positions_where_a_batch_router_has_no_decode_function(monkeypatch):
+    """A router grouped per batch without a decode function is decoded one router call per token, at
+    most ``max_recompute_tokens`` evenly spaced positions per sequence (usmoe with its function removed:
+    the sampled positions must give exactly the full computation's flips at those positions)."""
+    import dataclasses
+
+    from usmoe_lp.routers import config as config_module
+    from usmoe_lp.routers import registry
+
+    plain = dataclasses.replace(registry.ROUTERS["usmoe"], decode_route=None)
+    table = {**registry.ROUTERS, "usmoe": plain}
+    monkeypatch.setattr(registry, "ROUTERS", table)
+    monkeypatch.setattr(config_module, "ROUTERS", table)
+    s = np.random.default_rng(8).standard_normal((2, 10, 4))
+    few = decode_mismatch(s, "usmoe", k=1, kbar=2.0, scope="batch", max_recompute_tokens=4)
+    pos = [0, 3, 6, 9]
+    tok = 0
+    for b in range(2):
+        t = torch.from_numpy(s[b])
+        tok += int((global_topc(t, kbar=2.0).mask[pos] != token_choice(t, 2).mask[pos]).any(-1).sum())
+    assert (few.num_tokens, few.positions_sampled, few.token_flips) == (8, 8, tok)
