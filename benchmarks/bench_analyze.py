@@ -329,12 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = QUICK_SEQ_LEN if args.quick else SEQ_LEN
     sample_tokens = args.sample_tokens or (QUICK_SAMPLE_TOKENS if args.quick else None)
 
+    from common import results_dir
+
     out = Path(args.out) if args.out else None
     json_path = None
     if out is not None and out.suffix == ".json":
         json_path, out_dir = out, out.parent
     else:
-        out_dir = out or (Path(tempfile.mkdtemp(prefix="usmoe-bench-")) if args.quick else HERE)
+        out_dir = results_dir(out, args.quick)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from common import machine_info, machine_markdown

@@ -31,7 +31,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ sys.path.insert(1, str(HERE.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import fmt_s, machine_info, machine_markdown, markdown_table  # noqa: E402
+from common import fmt_s, machine_info, machine_markdown, markdown_table, results_dir  # noqa: E402
 
 from usmoe_lp.lp import RoutingProblem, solve  # noqa: E402
 from usmoe_lp.routing import capacity_token_choice  # noqa: E402
@@ -176,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
-    out_dir = args.out
-    if out_dir is None:
-        out_dir = Path(tempfile.mkdtemp(prefix="usmoe-bench-")) if args.quick else HERE
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out, args.quick)
 
     t_start = time.perf_counter()
     info = machine_info()

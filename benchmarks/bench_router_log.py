@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
 import torch  # noqa: E402
-from common import fmt_s, machine_info, machine_markdown, markdown_table  # noqa: E402
+from common import fmt_s, machine_info, machine_markdown, markdown_table, results_dir  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from usmoe_lp.logs import LayerInfo, RouterLog, RouterLogWriter  # noqa: E402
@@ -293,10 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
 
-    out_dir = args.out
-    if out_dir is None:
-        out_dir = Path(tempfile.mkdtemp(prefix="usmoe-bench-")) if args.quick else HERE
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out, args.quick)
 
     t_start = time.perf_counter()
     info = machine_info()

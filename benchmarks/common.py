@@ -7,6 +7,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -176,3 +177,18 @@ def fmt_ms(ms: float | None) -> str:
 
 def fmt_s(s: float | None) -> str:
     return "—" if s is None else fmt_ms(s * 1e3)
+
+
+def results_dir(out, quick: bool) -> Path:
+    """Where a benchmark writes its results: ``out`` when given; else a new temporary directory for a
+    ``--quick`` smoke run (so it never overwrites the committed tables); else ``benchmarks/`` itself.
+    The directory is created."""
+    if out is not None:
+        path = Path(out)
+    elif quick:
+        path = Path(tempfile.mkdtemp(prefix="usmoe-bench-"))
+    else:
+        path = Path(__file__).resolve().parent
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+

@@ -26,7 +26,7 @@ sys.path.insert(1, str(HERE.parent))
 import bench_analyze  # noqa: E402
 import bench_certificate  # noqa: E402
 import bench_solvers  # noqa: E402
-from common import machine_info, machine_markdown  # noqa: E402
+from common import machine_info, machine_markdown, results_dir  # noqa: E402
 
 QUICK_SIZE = (512, 16)
 FULL_SIZE = (16384, 128)
@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the streaming-analysis benchmark (full size: writes a 1 GB log to the temp dir)")
     args = ap.parse_args(argv)
 
-    out_dir = args.out
-    if out_dir is None:
-        out_dir = Path(tempfile.mkdtemp(prefix="usmoe-bench-")) if args.quick else HERE
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out, args.quick)
     T, N = QUICK_SIZE if args.quick else FULL_SIZE
     repeats = args.repeats or (3 if args.quick else 9)
 
