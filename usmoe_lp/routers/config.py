@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from usmoe_lp._validate import as_score_tensor, check_int, check_padding_mask
@@ -275,7 +274,3 @@ def reroute(logits, config: RouterConfig | str, *, k: int | None = None, padding
                     token_mask=None if r.token_mask is None else r.token_mask[0])
     return r
 
-
-def as_numpy_mask(routing: Routing) -> np.ndarray:
-    """A routing's mask as a numpy bool array on the CPU."""
-    return routing.mask.detach().cpu().numpy()
