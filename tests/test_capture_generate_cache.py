@@ -198,12 +198,12 @@ def test_another_cache_than_the_logged_one_fails(tmp_path):
         _decode_loop(m, batch, "keyword", False, steps=0)  # logged prefill into a fresh cache
         with torch.no_grad():
             _call(m, "keyword", ids, mask, outside, None)  # then a decode step on another cache
-    _fails(model, tmp_path / "log", "not the cache the last logged forward filled", body)
+    _fails(model, tmp_path / "log", "not the cache the last forward filled", body)
 
 
 @pytest.mark.parametrize(("change", "why"), [
     (lambda cache: cache.batch_select_indices(torch.tensor([0])), "the batch has 1 rows"),
-    (lambda cache: cache.crop(-1), "the last logged forward left"),
+    (lambda cache: cache.crop(-1), "the last forward left"),
     (lambda cache: cache.reorder_cache(torch.tensor([1, 0])), "contents were replaced"),
 ])
 def test_cache_changed_between_logged_forwards_fails(change, why, tmp_path):

@@ -61,8 +61,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +71,7 @@ from torch import nn
 from usmoe_lp.logs.errors import LogError
 from usmoe_lp.logs.format import SCORE_FUNCTIONS, LayerInfo, ModelInfo, _is_int, _is_number
 from usmoe_lp.logs.reader import RouterLog
+from usmoe_lp.logs.stream import Batch, TokenStream
 from usmoe_lp.logs.writer import RouterLogWriter, _device_name
 
 __all__ = ["Capture", "CaptureFailed", "RouterNotFound", "RouterSpec", "capture", "find_routers"]
@@ -555,134 +554,6 @@ def _name_layers(specs: list[RouterSpec]) -> list[RouterSpec]:
 
 
 # ----------------------------------------------------------------------------- capture
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor | None
-    attention_mask: torch.Tensor | None
-    shape: tuple[int, int] | None
-    sequence_ids: torch.Tensor | None = None  # (B,) of a continued stream; None: new sequences
-    start: torch.Tensor | None = None  # (B,) positions of each row's first token in this forward
-    cache: Any = None  # the KV cache this forward fills (a weakref or the object), None: no stream
-    width: int = 0  # tokens in the cache after this forward
-
-
-_FILLED_OUTSIDE = ("it was filled outside the capture (before `with capture(...)`, or by forwards of another model "
-                   "or stack)")
-
-
-@dataclass
-class _Stream:
-    """Rows of the last logged forward that filled a KV cache, for the decode steps that follow it."""
-
-    cache: Any  # a weakref to the cache (or the cache itself when it cannot be weakly referenced)
-    sequence_ids: torch.Tensor  # (B,) int64
-    next_position: torch.Tensor  # (B,) int64: each row's next position (its real tokens so far)
-    width: int  # tokens in the cache after that forward
-    snapshot: tuple[tuple[Any, int], ...] = ()  # _snapshot of the cache right after that forward
-
-    def mismatch(self, cache: Any, past: int, rows: int) -> str | None:
-        """Why a forward over ``rows`` rows whose ``cache`` holds ``past`` tokens does not continue this stream;
-        None when it does."""
-        if _deref(self.cache) is not cache:
-            return f"it is not the cache the last logged forward filled: {_FILLED_OUTSIDE}"
-        if rows != self.sequence_ids.numel():
-            return (f"the batch has {rows} rows but the logged forward that filled the cache had "
-                    f"{self.sequence_ids.numel()} (the batch size changed between the forwards)")
-        if past != self.width:
-            return (f"the last logged forward left {self.width} tokens in it (it was cropped, e.g. by assisted "
-                    "decoding, or extended by forwards outside the capture)")
-        if not _unchanged(self.snapshot, cache):
-            return ("its contents were replaced between the forwards (beam search reorders its rows; cropping or "
-                    "selecting rows rewrites it), so its rows are no longer the logged sequences")
-        return None
-
-
-def _cache_type() -> type | None:
-    """``transformers.cache_utils.Cache`` when transformers is loaded (no transformers cache exists otherwise)."""
-    module = sys.modules.get("transformers.cache_utils")
-    return getattr(module, "Cache", None)
-
-
-_NOT_CACHES = (torch.Tensor, bool, int, float, str, type(None))
-
-
-def _is_cache(value: Any, cache_type: type | None) -> bool:
-    """A KV cache: a transformers ``Cache`` (``cache_type``, see :func:`_cache_type`), or any object with a callable
-    ``get_seq_length`` (the caches of other libraries)."""
-    if isinstance(value, _NOT_CACHES):
-        return False
-    return (cache_type is not None and isinstance(value, cache_type)) or callable(getattr(value, "get_seq_length",
-                                                                                         None))
-
-
-def _find_cache(args: tuple, kwargs: Mapping[str, Any]) -> Any:
-    """The KV cache among a forward's arguments, whatever carries it (``cache=``, ``past_key_values=``, a positional
-    argument); None when there is none. Two different caches raise :class:`CaptureFailed`."""
-    cache_type = _cache_type()
-    found = None
-    for value in (*kwargs.values(), *args):
-        if value is not found and _is_cache(value, cache_type):
-            if found is not None:
-                names = [k for k, v in kwargs.items() if v is found or v is value] or ["positional arguments"]
-                raise CaptureFailed(f"the forward got two KV caches ({', '.join(names)}); the capture cannot tell "
-                                    "which one its routers' tokens extend: pass one")
-            found = value
-    return found
-
-
-def _cache_length(cache: Any) -> int | None:
-    """Tokens held by a KV cache object, None when ``cache`` is None or cannot tell its length."""
-    if cache is None:
-        return None
-    try:
-        return int(cache.get_seq_length())
-    except Exception:  # noqa: BLE001 - a cache that cannot tell its length starts a new batch
-        return None
-
-
-def _cache_tensors(cache: Any) -> list[torch.Tensor]:
-    """The tensors of the first layer of a transformers cache (of its self-attention cache for an encoder-decoder
-    one): what a beam-search reorder, a crop or a row selection replaces or rewrites in place between two forwards;
-    [] for a cache without ``layers``."""
-    layers = getattr(getattr(cache, "self_attention_cache", cache), "layers", None)
-    if not isinstance(layers, list | tuple) or not layers:
-        return []
-    try:
-        fields = vars(layers[0]).values()
-    except TypeError:  # a layer with __slots__
-        return []
-    return [v for v in fields if isinstance(v, torch.Tensor)]
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # an inference-mode tensor has no version counter: identity only
-        return -1
-
-
-def _snapshot(cache: Any) -> tuple[tuple[Any, int], ...]:
-    """(weakref, version) of each of :func:`_cache_tensors`: a new tensor or an in-place write changes it."""
-    return tuple((weakref.ref(t), _version(t)) for t in _cache_tensors(cache))
-
-
-def _unchanged(snapshot: tuple[tuple[Any, int], ...], cache: Any) -> bool:
-    now = _cache_tensors(cache)
-    return len(now) == len(snapshot) and all(ref() is t and version == _version(t)
-                                             for (ref, version), t in zip(snapshot, now, strict=True))
-
-
-def _ref(obj: Any) -> Any:
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return obj
-
-
-def _deref(ref: Any) -> Any:
-    return ref() if isinstance(ref, weakref.ref) else ref
-
-
 class Capture:
     """Hooks on every router of ``model`` that stream to a router log at ``out``; see :func:`capture`."""
 
@@ -714,15 +585,15 @@ class Capture:
         self._writer_args = {"shard_tokens": shard_tokens, "dtype": dtype, "overwrite": overwrite, "fsync": fsync}
         self._writer: RouterLogWriter | None = None
         self._handles: list[Any] = []
-        self._pending: _Batch | None = None
-        self._current: _Batch | None = None
-        self._stream: _Stream | None = None
+        self._stream = TokenStream(prefix="decoder_" if self.stack == "decoder" else "",
+                                   track_cache=self.stack != "encoder", error=CaptureFailed,
+                                   who="the capture", context="with capture(...)")
+        self._current: Batch | None = None
         self._outputs: dict[str, list[torch.Tensor]] = {}
         self._hidden: dict[str, list[torch.Tensor]] = {}
         self._chosen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._active = False
         self._sync = False
-        self.sequences = 0
         self.tokens = 0
 
     # ------------------------------------------------------------------ context
@@ -759,6 +630,11 @@ class Capture:
             self._handles.pop().remove()
 
     @property
+    def sequences(self) -> int:
+        """Sequences logged so far (batch rows that started a sequence)."""
+        return self._stream.sequences
+
+    @property
     def log(self) -> RouterLog:
         """The router log written so far (complete once the context has exited)."""
         return RouterLog.open(self.path)
@@ -767,16 +643,7 @@ class Capture:
     def set_batch(self, input_ids: Any = None, attention_mask: Any = None) -> None:
         """Token ids (B, T) and attention mask (B, T), 1 = real token, for the next forward of the model
         (instead of reading ``input_ids`` / ``attention_mask`` from its arguments). Either may be None."""
-        ids = None if input_ids is None else torch.as_tensor(input_ids)
-        mask = None if attention_mask is None else torch.as_tensor(attention_mask)
-        for what, t in (("input_ids", ids), ("attention_mask", mask)):
-            if t is not None and t.ndim != 2:
-                raise CaptureFailed(f"set_batch: {what} must be (B, T), got {tuple(t.shape)}")
-        if ids is not None and mask is not None and ids.shape != mask.shape:
-            raise CaptureFailed(f"set_batch: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} "
-                                "differ in shape")
-        ref = ids if ids is not None else mask
-        self._pending = _Batch(ids, mask, None if ref is None else (int(ref.shape[0]), int(ref.shape[1])))
+        self._stream.set_batch(input_ids, attention_mask)
 
     def run(self, batches: Iterable[Mapping[str, Any]]) -> int:
         """``model(**batch)`` under ``torch.no_grad()`` for every batch (a dict of keyword arguments, e.g.
@@ -804,59 +671,7 @@ class Capture:
         self._outputs = {}
         self._hidden = {}
         self._chosen = {}
-        if self._pending is not None:
-            batch, self._pending = self._pending, None
-        else:
-            batch = self._batch_from(args, kwargs)
-        if self.stack != "encoder" and batch.shape is not None:  # encoder tokens never continue a (decoder) KV cache
-            self._track_cache(batch, _find_cache(args, kwargs))
-        self._current = batch
-
-    def _batch_from(self, args: tuple, kwargs: Mapping[str, Any]) -> _Batch:
-        """The token ids, attention mask and (B, T) shape of a forward, from its arguments."""
-        prefix = "decoder_" if self.stack == "decoder" else ""
-        ids = kwargs.get(prefix + "input_ids")
-        if ids is None and not prefix and args and isinstance(args[0], torch.Tensor):
-            ids = args[0]
-        mask = kwargs.get(prefix + "attention_mask")
-        if mask is None and not prefix and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            mask = args[1]
-        embeds = kwargs.get(prefix + "inputs_embeds")
-        if isinstance(ids, torch.Tensor) and (ids.is_floating_point() or ids.is_complex()):
-            ids, embeds = None, ids  # a plain torch model called on hidden states
-        ref = ids if isinstance(ids, torch.Tensor) else mask if isinstance(mask, torch.Tensor) else embeds
-        shape = None
-        if isinstance(ref, torch.Tensor) and ref is embeds:
-            shape = (1, int(ref.shape[0])) if ref.ndim == 2 else tuple(ref.shape[:2]) if ref.ndim == 3 else None
-        elif isinstance(ref, torch.Tensor):
-            shape = (int(ref.shape[0]), int(ref.shape[1])) if ref.ndim == 2 else None
-        return _Batch(ids if isinstance(ids, torch.Tensor) else None,
-                      mask if isinstance(mask, torch.Tensor) else None, shape)
-
-    def _track_cache(self, batch: _Batch, cache: Any) -> None:
-        """Mark ``batch`` as a continuation of the last stream (a decode step) or as the start of one.
-
-        A forward whose cache already holds tokens must continue the stream the last logged forward left in that
-        cache (same cache object, untouched since, same rows); any other raises :class:`CaptureFailed` saying why,
-        as its tokens' sequences and positions are unknown."""
-        past = _cache_length(cache)
-        if past is None:
-            self._stream = None
-            return
-        b, t = batch.shape
-        if past > 0:
-            stream = self._stream
-            why = _FILLED_OUTSIDE if stream is None else stream.mismatch(cache, past, b)
-            if why is not None:
-                raise CaptureFailed(
-                    f"a forward with a KV cache already holding {past} tokens does not continue a sequence this "
-                    f"capture logged: {why}. The capture logs generate() (greedy or sampling, num_beams=1) and "
-                    "decode loops whose cache is filled inside `with capture(...)` from empty")
-            mask = batch.attention_mask
-            if mask is not None and mask.ndim == 2 and mask.shape[0] == b and mask.shape[1] == past + t:
-                batch.attention_mask = mask[:, past:]  # the columns of this forward's tokens
-            batch.sequence_ids, batch.start = stream.sequence_ids, stream.next_position
-        batch.cache, batch.width = _ref(cache), past + t
+        self._current = self._stream.begin(args, kwargs)
 
     def _router_hook(self, spec: RouterSpec):
         def hook(module, args, output) -> None:
@@ -898,6 +713,8 @@ class Capture:
                 and weights.is_floating_point() and not indices.is_floating_point()
                 and weights.shape == indices.shape and weights.ndim >= 1):
             raise CaptureFailed(f"{where} {spec.path!r} did not get {wanted}; capture with selections=False")
+        if bool((indices >= spec.num_experts).any()):  # "no expert" slots (usmoe_lp.live.route): an (n, N) mask
+            weights, indices = _padded_selection(spec, weights, indices)
         self._chosen.setdefault(spec.name, []).append((_to_cpu(weights), _to_cpu(indices)))
 
     def _post_hook(self, module, args, output) -> None:
@@ -910,7 +727,7 @@ class Capture:
         self._append(outputs, hidden, batch, chosen)
 
     def _append(self, outputs: dict[str, list[torch.Tensor]], hidden: dict[str, list[torch.Tensor]],
-                batch: _Batch | None, chosen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> None:
+                batch: Batch | None, chosen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> None:
         missing = [r.name for r in self.routers if r.name not in outputs]
         if missing:
             raise CaptureFailed(f"routers {missing} did not run in this forward while "
@@ -926,27 +743,15 @@ class Capture:
                 raise CaptureFailed(f"router {r.path!r} returned {tuple(t.shape)}, not (..., N={r.num_experts})")
             logits[r.name] = t.reshape(-1, r.num_experts)
         n_rows = next(iter(logits.values())).shape[0]
-        if batch is None or batch.shape is None:
-            raise CaptureFailed("the batch shape is unknown: call the model with input_ids= (or inputs_embeds=), or "
-                                "call cap.set_batch(input_ids, attention_mask) before the forward")
+        tokens = self._stream.tokens(batch)
         b, t = batch.shape
         if n_rows != b * t:
             raise CaptureFailed(f"router {self.routers[0].path!r} gave {n_rows} rows for a batch of {b}x{t} tokens; "
                                 "pass cap.set_batch(input_ids, attention_mask) describing the router's tokens")
-        mask = torch.ones(b, t, dtype=torch.bool) if batch.attention_mask is None else batch.attention_mask.cpu() != 0
-        if tuple(mask.shape) != (b, t):
-            hint = ("; a 4-D mask (generate() builds one for a static cache) does not say which tokens are padding: "
-                    "use the default dynamic cache" if mask.ndim == 4 else "")
-            raise CaptureFailed(f"attention_mask {tuple(mask.shape)} does not match the batch {b}x{t}{hint}")
-        keep = mask.reshape(-1)
+        keep = tokens.real.reshape(-1)
         ids = torch.full((b, t), -1, dtype=torch.int64) if batch.input_ids is None else batch.input_ids.cpu().long()
-        if batch.sequence_ids is None:
-            rows = self.sequences + torch.arange(b, dtype=torch.int64)
-            start = torch.zeros(b, dtype=torch.int64)
-        else:
-            rows, start = batch.sequence_ids, batch.start
-        seq = rows.unsqueeze(1).expand(b, t)
-        pos = start.unsqueeze(1) + torch.cumsum(mask.long(), dim=1) - 1
+        seq = tokens.sequence_ids.unsqueeze(1).expand(b, t)
+        pos = tokens.positions
         hid = None
         if self.hidden:
             hid = {name: hidden[name][0].reshape(n_rows, -1)[keep] for name in logits if name in hidden}
@@ -964,10 +769,7 @@ class Capture:
                             sequence_ids=seq.reshape(-1)[keep], positions=pos.reshape(-1)[keep], hidden=hid,
                             selected=selected, weights=weights)
         self.tokens += int(keep.sum())
-        if batch.sequence_ids is None:
-            self.sequences += b
-        self._stream = None if batch.cache is None else _Stream(batch.cache, rows, start + mask.long().sum(1),
-                                                                batch.width, _snapshot(_deref(batch.cache)))
+        self._stream.finish(batch, tokens)
 
 
 def _logits_of(output: Any, spec: RouterSpec) -> torch.Tensor:
@@ -990,6 +792,21 @@ def _dispatch_selection(spec: RouterSpec, weights: Any, mask: Any) -> tuple[Any,
                             "selections=False")
     chosen = mask != 0
     return torch.where(chosen, weights, torch.zeros((), dtype=weights.dtype, device=weights.device)), chosen
+
+
+def _padded_selection(spec: RouterSpec, weights: torch.Tensor, indices: torch.Tensor) -> tuple[Any, Any]:
+    """(n, k) weights and expert indices where the index N means "no expert" (transformers' experts modules skip it;
+    :func:`usmoe_lp.live.route` gives a token fewer than k experts so) -> ((n, N) weights applied, 0 elsewhere;
+    (n, N) bool mask of the experts that process the token)."""
+    n_flat = indices.reshape(-1, indices.shape[-1]).long()
+    w_flat = weights.reshape(-1, weights.shape[-1])
+    real = n_flat < spec.num_experts
+    slot = torch.where(real, n_flat, torch.full_like(n_flat, spec.num_experts))
+    mask = torch.zeros(n_flat.shape[0], spec.num_experts + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(1, slot, True)
+    dense = torch.zeros(n_flat.shape[0], spec.num_experts + 1, dtype=weights.dtype, device=weights.device)
+    dense.scatter_add_(1, slot, torch.where(real, w_flat, torch.zeros((), dtype=weights.dtype, device=weights.device)))
+    return dense[:, :-1], mask[:, :-1]
 
 
 def _dense_selection(spec: RouterSpec, weights: Any) -> tuple[Any, Any]:
