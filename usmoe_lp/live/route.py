@@ -1,0 +1,324 @@
+"""Route a live transformers MoE model with any router: :func:`route`.
+
+>>> with route(model, "usmoe", kbar=1.5, alpha=0.5, scope="sequence") as r:     # doctest: +SKIP
+...     out = model(**batch)
+>>> r.stats["layer0"].kbar                                                        # doctest: +SKIP
+
+Inside the context every routed MoE block of ``model`` runs the experts the router chooses, with the model's own
+experts and the combine weights of the chosen rule (:mod:`usmoe_lp.live.weights`), computing only the selected
+token-expert pairs (:mod:`usmoe_lp.live.dispatch`). The routers are the ones :func:`usmoe_lp.logs.find_routers`
+finds (both stacks of an encoder-decoder model); their logits are the model's, unchanged.
+
+Tokens: each forward of the model (of each stack of an encoder-decoder model) is read as capture reads it
+(:class:`usmoe_lp.logs.stream.TokenStream`): the attention mask marks padding, which never selects an expert and
+never takes budget; a forward that continues a KV cache (``generate()``) is a decode step, routed by the router's
+decode rule (:mod:`usmoe_lp.live.selectors`). The hooks are removed on exit, also on error.
+
+``native`` with ``weights="model"`` runs the model's own selection and weights unchanged (bitwise the unpatched
+model) and checks, token by token, that the registry's replay of the model's router selects the same experts
+(``stats[layer].native_mismatches``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from usmoe_lp.errors import InvalidParameter, ShapeMismatch
+from usmoe_lp.live.adapters import UnsupportedModel, adapter_for
+from usmoe_lp.live.dispatch import pack
+from usmoe_lp.live.selectors import CallableSelector, LiveContext, RegistrySelector, ReplaySelector, Selection
+from usmoe_lp.live.stats import RouteStats, _Counter
+from usmoe_lp.live.weights import get_weight_rule
+from usmoe_lp.logs.capture import RouterSpec, find_routers
+from usmoe_lp.logs.stream import Batch, TokenStream, Tokens
+from usmoe_lp.routers.config import RouterConfig
+
+__all__ = ["LiveLayer", "Route", "RouteFailed", "route"]
+
+
+class RouteFailed(RuntimeError):
+    """A forward inside :func:`route` could not be routed (the message says why)."""
+
+
+@dataclass
+class _Pending:
+    """A layer's selection for the experts call about to run. index/weights: (n, kmax), N = no expert; None: the
+    model's own selection runs. expected: (n, N) bool, native's replay (checked against the model's), or None.
+    real: (n,) bool."""
+
+    index: torch.Tensor | None
+    weights: torch.Tensor | None
+    expected: torch.Tensor | None
+    real: torch.Tensor
+
+
+class LiveLayer:
+    """One routed layer: its router (``spec``), semantics (``info``: a LayerInfo), MoE block, adapter, counts."""
+
+    def __init__(self, model: nn.Module, spec: RouterSpec) -> None:
+        self.spec = spec
+        self.info = spec.layer_info()
+        self.block = model.get_submodule(spec.path.rsplit(".", 1)[0]) if "." in spec.path else None
+        self.adapter = adapter_for(model, self.block, spec)
+        self.counter = _Counter(spec.name, spec.num_experts, spec.top_k)
+        self.pending: _Pending | None = None
+
+    def account_native(self, model_index: torch.Tensor) -> None:
+        """Count the model's own (n, k) selection (native): pairs of real tokens, rows computed, mismatches against
+        native's replay."""
+        pending = self.pending_native
+        self.pending_native = None
+        n = self.info.num_experts
+        idx = model_index.reshape(-1, model_index.shape[-1]).long()
+        valid = idx < n
+        self.counter.rows_computed += int(valid.sum())
+        if pending is None:
+            return
+        model_mask = torch.zeros(idx.shape[0], n + 1, dtype=torch.bool, device=idx.device)
+        model_mask.scatter_(1, torch.where(valid, idx, torch.full_like(idx, n)), True)
+        model_mask = model_mask[:, :n]
+        real = pending.real.to(idx.device)
+        if pending.expected is not None:
+            differ = (model_mask != pending.expected.to(idx.device)).any(dim=-1) & real
+            self.counter.native_mismatches = (self.counter.native_mismatches or 0) + int(differ.sum())
+
+    pending_native: _Pending | None = None
+
+
+class _Stack:
+    """The token stream of one hooked stack module (the model, or an encoder / decoder stack)."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = module
+        self.name = name
+        self.stream = TokenStream(track_cache=name != "encoder", error=RouteFailed, who="the routing",
+                                  context="with route(...)")
+        self.batch: Batch | None = None
+        self.tokens: Tokens | None = None
+
+
+def _selector(router: Any, k: int | None, log: Any, params: dict[str, Any]) -> Any:
+    if isinstance(router, RouterConfig):
+        if params or k is not None:
+            raise InvalidParameter("pass the router's parameters either in the RouterConfig or as keywords, not both")
+        return RegistrySelector(router.router, router.k, **router.param_dict)
+    if isinstance(router, str):
+        if router == "replay":
+            if log is None:
+                raise InvalidParameter('router "replay" needs log= (a RouterLog or its directory) with selections')
+            if params or k is not None:
+                raise InvalidParameter(f'router "replay" takes only log=, got {sorted(params) or ["k"]}')
+            return ReplaySelector(log)
+        if log is not None:
+            raise InvalidParameter('log= is for router "replay" only')
+        return RegistrySelector(router, k, **params)
+    if callable(router):
+        if params or k is not None or log is not None:
+            raise InvalidParameter("a callable router takes no k=, log= or parameters: bind them in the callable")
+        return CallableSelector(router)
+    raise InvalidParameter(f"router must be a registry name (usmoe_lp.list_routers()), 'replay', a RouterConfig or a "
+                           f"callable, got {type(router).__name__}")
+
+
+def _find(model: nn.Module, layers: str | Sequence[str], module_pattern: str | None) -> list[RouterSpec]:
+    specs = find_routers(model, layers=layers, module_pattern=module_pattern)
+    if layers == "auto" and specs and specs[0].stack == "encoder":  # an encoder-decoder model: route both stacks
+        specs = specs + find_routers(model, layers="decoder", module_pattern=module_pattern)
+    return specs
+
+
+def _stack_module(model: nn.Module, stack: str) -> nn.Module:
+    getter = {"encoder": "get_encoder", "decoder": "get_decoder"}.get(stack)
+    if getter is None:
+        return model
+    module = getattr(model, getter, lambda: None)()
+    if not isinstance(module, nn.Module) or module is model:
+        raise UnsupportedModel(f"{type(model).__name__} has {stack} routers but no {getter}() returning its "
+                               f"{stack} stack, whose forwards route() must see")
+    return module
+
+
+class Route:
+    """The context manager :func:`route` returns: hooks, per-layer counts (:attr:`stats`) and the router."""
+
+    def __init__(self, model: nn.Module, router: Any, *, k: int | None = None, weights: str = "model",
+                 log: Any = None, layers: str | Sequence[str] = "auto", module_pattern: str | None = None,
+                 **params: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.weight_rule = get_weight_rule(weights)
+        self.selector = _selector(router, k, log, params)
+        if isinstance(self.selector, ReplaySelector) and weights != "model":
+            raise InvalidParameter('router "replay" applies the weights the log recorded: leave weights="model"')
+        self.layers = [LiveLayer(model, spec) for spec in _find(model, layers, module_pattern)]
+        if isinstance(self.selector, RegistrySelector):
+            for layer in self.layers:
+                self.selector.config(layer.info)  # every layer's parameters checked before any forward
+        self._stacks = {s: _Stack(_stack_module(model, s), s) for s in dict.fromkeys(lay.spec.stack
+                                                                                     for lay in self.layers)}
+        self._undo: list[Callable[[], None]] = []
+        self._entered = False
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> Route:
+        if self._entered:
+            raise RouteFailed("this route(...) context is already in use; make a new one")
+        self._entered = True
+        try:
+            for stack in self._stacks.values():
+                self._undo.append(stack.module.register_forward_pre_hook(self._pre_hook(stack),
+                                                                         with_kwargs=True).remove)
+                self._undo.append(stack.module.register_forward_hook(self._post_hook(stack)).remove)
+            for layer in self.layers:
+                self._undo.append(layer.spec.module.register_forward_hook(self._router_hook(layer)).remove)
+                self._undo.append(layer.adapter.install(layer))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        for layer in self.layers:
+            layer.pending = layer.pending_native = None
+
+    # ------------------------------------------------------------------ results
+    @property
+    def stats(self) -> RouteStats:
+        """Per-layer :class:`~usmoe_lp.live.stats.LayerStats` of every forward so far."""
+        return RouteStats(tuple(layer.counter.freeze() for layer in self.layers))
+
+    @property
+    def label(self) -> str:
+        """The router's label (``usmoe a=0.5 kbar=1.5 seq``, ``native``, ``replay``, a callable's name)."""
+        return self.selector.label
+
+    def set_batch(self, input_ids: Any = None, attention_mask: Any = None, *, stack: str | None = None) -> None:
+        """Token ids and attention mask (B, T) of the next forward (of ``stack`` for an encoder-decoder model),
+        for a model called without them (``inputs_embeds=``)."""
+        names = list(self._stacks)
+        name = stack if stack is not None else names[0]
+        if name not in self._stacks:
+            raise InvalidParameter(f"stack must be one of {names}, got {stack!r}")
+        self._stacks[name].stream.set_batch(input_ids, attention_mask)
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, stack: _Stack):
+        def hook(module, args, kwargs) -> None:
+            for layer in self.layers:
+                layer.pending = layer.pending_native = None
+            stack.batch = stack.stream.begin(args, kwargs)
+            stack.tokens = None if stack.batch.shape is None else stack.stream.tokens(stack.batch)
+        return hook
+
+    def _post_hook(self, stack: _Stack):
+        def hook(module, args, output) -> None:
+            if stack.tokens is not None:
+                stack.stream.finish(stack.batch, stack.tokens)
+            stack.batch = stack.tokens = None
+        return hook
+
+    def _router_hook(self, layer: LiveLayer):
+        spec = layer.spec
+
+        def hook(module, args, output):
+            stack = self._stacks[spec.stack]
+            tokens = stack.tokens
+            if tokens is None:
+                raise RouteFailed(f"router {spec.path!r} ran outside a forward of the model route() was given (or "
+                                  "of its stack), so its tokens' padding and sequences are unknown: call the model "
+                                  "itself, with input_ids= or inputs_embeds= (and route.set_batch(...))")
+            logits = _logits_of(output, spec)
+            B, T = tokens.real.shape
+            if logits.numel() != B * T * spec.num_experts:
+                raise RouteFailed(f"router {spec.path!r} gave {logits.numel() // spec.num_experts} rows for a batch of "
+                                  f"{B}x{T} tokens")
+            z = logits.detach().reshape(B, T, spec.num_experts)
+            ids = stack.batch.input_ids
+            ctx = LiveContext(layer=layer.info, real=tokens.real, sequence_ids=tokens.sequence_ids,
+                              positions=tokens.positions, decode_step=tokens.decode_step,
+                              token_ids=ids if ids is not None and tuple(ids.shape) == (B, T) else None)
+            selection = self.selector.select(z, ctx)
+            return self._apply(layer, logits.reshape(B, T, spec.num_experts), selection, tokens, output)
+        return hook
+
+    def _apply(self, layer: LiveLayer, logits: torch.Tensor, selection: Selection, tokens: Tokens, output: Any):
+        """Turn a selection into the pending experts call (and the router's output, where the block reads its
+        selection from it)."""
+        spec = layer.spec
+        B, T, N = logits.shape
+        real = tokens.real.to(logits.device).reshape(-1)
+        mask = selection.mask.to(logits.device)
+        if tuple(mask.shape) != (B, T, N):
+            raise ShapeMismatch(f"layer {spec.name!r}: the router selected {tuple(mask.shape)}, not {(B, T, N)}")
+        flat = mask.reshape(-1, N)
+        if selection.native and self.weight_rule.name == "model":
+            layer.pending = _Pending(None, None, None, real)
+            layer.pending_native = _Pending(None, None, flat, real)
+            layer.counter.add(flat[real].sum(dim=-1), tokens.decode_step)
+            return None
+        if selection.weights is not None:
+            weights = selection.weights.to(logits.device)
+        else:
+            if selection.scores is None and self.weight_rule.name != "model":
+                raise InvalidParameter(f"weights={self.weight_rule.name!r} needs the router's scores; router "
+                                       f"{self.label!r} returned a mask only")
+            scores = selection.scores if selection.scores is not None else torch.zeros_like(logits, dtype=torch.float64)
+            weights = self.weight_rule.weights(logits.detach(), mask, scores.to(logits.device), layer.info)
+        index, packed = pack(flat, weights.reshape(-1, N), N)
+        layer.pending = _Pending(index, packed, None, real)
+        layer.counter.add(flat[real].sum(dim=-1), tokens.decode_step)
+        if spec.selection is not None and spec.selection_source == "router" and isinstance(output, tuple | list):
+            w_at, i_at = spec.selection[:2]
+            out = list(output)
+            out[w_at] = packed.to(output[w_at].dtype if isinstance(output[w_at], torch.Tensor) else packed.dtype)
+            out[i_at] = index.to(output[i_at].dtype if isinstance(output[i_at], torch.Tensor) else index.dtype)
+            return type(output)(out) if isinstance(output, tuple) else out
+        return None
+
+
+def _logits_of(output: Any, spec: RouterSpec) -> torch.Tensor:
+    value = output
+    if isinstance(output, tuple | list):
+        value = output[spec.index if spec.index is not None else 0] if output else None
+    if not isinstance(value, torch.Tensor):
+        raise RouteFailed(f"router {spec.path!r} returned {type(value).__name__}, not its logits")
+    return value
+
+
+def route(model: nn.Module, router: Any, *, k: int | None = None, weights: str = "model", log: Any = None,
+          layers: str | Sequence[str] = "auto", module_pattern: str | None = None, **params: Any) -> Route:
+    """A context manager that makes every MoE block of ``model`` route with ``router``.
+
+    Args:
+        model: a transformers MoE model (any family :func:`usmoe_lp.logs.find_routers` finds whose block an adapter
+            of :mod:`usmoe_lp.live.adapters` fits), on any device, in any dtype.
+        router: a registry name (:func:`usmoe_lp.list_routers`: ``"native"``, ``"tc"``, ``"usmoe"``, ...) with its
+            parameters as keywords, a :class:`~usmoe_lp.routers.RouterConfig`, ``"replay"`` with ``log=`` (force
+            the experts and weights a router log recorded), or a callable ``fn(logits (B, T, N), ctx:
+            LiveContext)`` returning a Routing, ``(mask, weights)`` or a (B, T, N) bool mask.
+        k: the model's experts per token, the budget unit (default: each layer's top_k).
+        weights: the combine-weight rule, ``"model"``, ``"reference"`` or ``"score"`` (:mod:`usmoe_lp.live.weights`).
+        log: the router log replayed by ``"replay"``.
+        layers, module_pattern: which routers, as for :func:`usmoe_lp.logs.capture` (``"auto"``: every router;
+            both stacks of an encoder-decoder model).
+        **params: the router's parameters (``kbar=1.5, alpha=0.5, scope="sequence"``).
+
+    Returns:
+        A :class:`Route`: enter it with ``with``; :attr:`Route.stats` reports, per layer, the realised pairs, k-bar,
+        experts-per-token histogram, dropped tokens and expert rows computed.
+
+    Errors are raised up front (unknown router or parameter, k-bar above N, a model without routable blocks) or by
+    the forward that cannot be routed (:class:`RouteFailed`).
+    """
+    return Route(model, router, k=k, weights=weights, log=log, layers=layers, module_pattern=module_pattern, **params)
