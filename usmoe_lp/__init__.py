@@ -6,6 +6,8 @@ The exact path (numpy/scipy): :class:`RoutingProblem`, :func:`solve`, :func:`cer
 Router logs: :func:`capture` from a live model, :class:`RouterLog` to read one.
 The router registry: :func:`list_routers`, :func:`get_router`, :class:`RouterConfig`, :func:`reroute`
 (captured logits re-routed by any registered router).
+Live routing: :func:`route` puts any registered router into a transformers MoE model
+(``with route(model, "usmoe", kbar=1.5) as r: model(**batch)``).
 """
 
 from usmoe_lp.errors import (
@@ -17,6 +19,7 @@ from usmoe_lp.errors import (
     UnsupportedProblem,
     UsmoeLpError,
 )
+from usmoe_lp.live import route
 from usmoe_lp.logs import RouterLog, capture
 from usmoe_lp.lp import Certificate, RoutingProblem, Solution, certify, solve
 from usmoe_lp.routers import RouterConfig, get_router, list_routers, reroute
@@ -37,5 +40,5 @@ __all__ = [
     "Certificate", "RouterLog", "capture", "InfeasibleProblem", "InvalidParameter", "InvalidScores", "Routing",
     "RouterConfig", "RoutingProblem", "ShapeMismatch", "Solution", "SolverError", "UnsupportedProblem",
     "UsmoeLpError", "capacity_token_choice", "certify", "expert_choice", "get_router", "global_topc", "list_routers",
-    "reroute", "sigmoid_score", "softmax_score", "solve", "token_choice", "unified_score",
+    "reroute", "route", "sigmoid_score", "softmax_score", "solve", "token_choice", "unified_score",
 ]
