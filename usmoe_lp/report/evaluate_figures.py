@@ -1,0 +1,178 @@
+"""Figures of a live evaluation: quality against cost, and quality against input corruption.
+
+Seaborn-style functions: each takes a tidy frame (the ``quality`` frame of
+:class:`usmoe_lp.live.evaluate.EvaluateResult`, one row per (label, corrupt)) and an optional ``ax``, draws on it
+and returns the Axes (None when there is nothing to draw). Axes are labelled with units; every plot is
+deterministic (the confidence intervals are the result's bootstrap intervals, computed once by the API), so equal
+frames give equal PNG bytes.
+
+Colours: one hue per registry router, the settings of one router in shades of it
+(:func:`usmoe_lp.report.analyze_figures.shaded_palette`, the analyze report's rule); markers: one shape per router.
+"""
+
+from __future__ import annotations
+
+# No matplotlib.use() here: a library must not switch the backend of a notebook that imports it.
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from usmoe_lp.report.analyze_figures import shaded_palette
+
+__all__ = ["FLOP_UNITS", "flop_scale", "plot_corruption", "plot_quality_vs_cost", "quality_at"]
+
+NATIVE = "native"
+"""The label (and router name) of the model's own routing, the reference of every delta."""
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "p", "*")
+"""Marker shapes, one per router in order of appearance (native always gets the star)."""
+
+FLOP_UNITS: tuple[tuple[float, str], ...] = ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"),
+                                             (1.0, "FLOP"))
+
+
+def flop_scale(values) -> tuple[float, str]:
+    """``(divisor, unit)`` that writes the largest of ``values`` (FLOPs) with 1 to 3 digits before the point.
+
+    >>> flop_scale([7.9e5, 3.9e5])
+    (1000.0, 'kFLOP')
+    """
+    finite = [float(v) for v in values if np.isfinite(float(v))]
+    top = max(finite, default=1.0)
+    for divisor, unit in FLOP_UNITS:
+        if top >= divisor:
+            return divisor, unit
+    return 1.0, "FLOP"
+
+
+def quality_at(quality: pd.DataFrame, corrupt: float | None = None) -> pd.DataFrame:
+    """The rows of ``quality`` at corruption rate ``corrupt`` (default: the lowest rate in the frame)."""
+    if quality.empty:
+        return quality
+    rate = float(quality["corrupt"].min()) if corrupt is None else float(corrupt)
+    return quality[np.isclose(quality["corrupt"].astype(float), rate)]
+
+
+def _styles(frame: pd.DataFrame) -> tuple[dict, dict]:
+    """label -> colour (shades of the router's hue) and router -> marker."""
+    labels = list(dict.fromkeys(frame["label"]))
+    routers = dict(zip(frame["label"], frame["router"], strict=False))
+    palette = shaded_palette(labels, routers)
+    palette.update({lb: (0.0, 0.0, 0.0) for lb in labels if routers.get(lb) == NATIVE})
+    others = [r for r in dict.fromkeys(frame["router"]) if r != NATIVE]
+    markers = {r: MARKERS[i % len(MARKERS)] for i, r in enumerate(others)}
+    markers[NATIVE] = "*"
+    return palette, markers
+
+
+def _kbar_per_flop(frame: pd.DataFrame) -> float | None:
+    """k-bar per FLOP when it is one constant over the settings (every layer's experts of one shape), else None."""
+    if "kbar" not in frame or frame.empty:
+        return None
+    kbar = frame["kbar"].astype(float).to_numpy()
+    flops = frame["moe_flops_per_token"].astype(float).to_numpy()
+    ok = np.isfinite(kbar) & np.isfinite(flops) & (flops > 0)
+    if not ok.any():
+        return None
+    ratio = kbar[ok] / flops[ok]
+    return float(ratio[0]) if np.allclose(ratio, ratio[0], rtol=1e-6, atol=0) else None
+
+
+def plot_quality_vs_cost(quality: pd.DataFrame, front: pd.DataFrame | None = None, *, corrupt: float | None = None,
+                         ax: plt.Axes | None = None, confidence: float | None = None,
+                         documents: int | None = None, tokens: int | None = None) -> plt.Axes | None:
+    """Cross-entropy (nats per token, bootstrap CI as error bars) against the routed experts' FLOPs per token.
+
+    quality: the ``quality`` frame (columns label, router, corrupt, ce, ce_low, ce_high, kbar,
+    moe_flops_per_token, tokens, documents); the rows at ``corrupt`` are drawn (default: the lowest rate).
+    front: the Pareto front of those rows (:func:`usmoe_lp.live.evaluate.pareto_front`), drawn as a step line;
+    None draws none. One marker per setting (shape per router, shades of the router's hue per setting); native is
+    the black star. A top axis reads the same position as realised k-bar where FLOPs are proportional to it.
+    confidence: the level of the error bars, for the axis label. documents / tokens: the sample size in the title
+    (default: read from the frame). Returns the Axes, or None when there is no row to draw.
+    """
+    data = quality_at(quality, corrupt)
+    data = data[np.isfinite(data["moe_flops_per_token"].astype(float)) & np.isfinite(data["ce"].astype(float))]
+    if data.empty:
+        return None
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9.5, 5.2))
+    divisor, unit = flop_scale(data["moe_flops_per_token"])
+    palette, markers = _styles(data)
+    x = data["moe_flops_per_token"].astype(float) / divisor
+    y = data["ce"].astype(float)
+    low = (y - data["ce_low"].astype(float)).clip(lower=0).fillna(0)
+    high = (data["ce_high"].astype(float) - y).clip(lower=0).fillna(0)
+    if front is not None and not front.empty:
+        f = front.assign(_x=front["moe_flops_per_token"].astype(float) / divisor).sort_values("_x", kind="stable")
+        ax.step(f["_x"], f["ce"].astype(float), where="post", color="0.45", ls="--", lw=1.2, zorder=1,
+                label=f"Pareto front ({len(f)} settings not dominated)")
+    for i, (_, r) in enumerate(data.iterrows()):
+        native = r["router"] == NATIVE
+        ax.errorbar(x.iloc[i], y.iloc[i], yerr=[[low.iloc[i]], [high.iloc[i]]], fmt=markers[r["router"]],
+                    color=palette[r["label"]], ms=17 if native else 8, mec="black", mew=0.6, capsize=3, lw=1.1,
+                    zorder=2 if native else 3,  # a setting on native's point stays visible inside the star
+                    label=f"{r['label']} (model's own routing)" if native else r["label"])
+    nat = data[data["router"] == NATIVE]
+    if not nat.empty:
+        ax.axhline(float(nat["ce"].iloc[0]), color="black", lw=0.7, ls=":", zorder=0)
+        ax.annotate("native", (x[nat.index[0]], float(nat["ce"].iloc[0])), xytext=(8, 8),
+                    textcoords="offset points", fontsize=9, fontweight="bold")
+    per_flop = _kbar_per_flop(data)
+    if per_flop is not None:
+        top = ax.secondary_xaxis("top", functions=(lambda v: v * divisor * per_flop,
+                                                   lambda v: v / (divisor * per_flop)))
+        top.set_xlabel("realised k-bar (experts per token, mean over layers)")
+    level = f"{confidence:.0%} " if confidence is not None else ""
+    ax.set_xlabel(f"routed-expert FLOPs per token ({unit}; shared experts and router excluded)")
+    ax.set_ylabel(f"cross-entropy (nats per token), {level}bootstrap CI over documents")
+    docs = int(data["documents"].max()) if documents is None and "documents" in data else documents
+    toks = int(data["tokens"].max()) if tokens is None and "tokens" in data else tokens
+    size = ", ".join(s for s in (f"{docs:,} documents" if docs is not None else "",
+                                 f"{toks:,} scored tokens per setting" if toks is not None else "") if s)
+    rate = float(data["corrupt"].iloc[0])
+    corrupt_text = f", inputs corrupted at rate {rate:g}" if rate > 0 else ""
+    ax.set_title(f"Quality vs cost of each router setting ({size}{corrupt_text})", fontsize=10, pad=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="router setting", title_fontsize=8,
+              frameon=False)
+    return ax
+
+
+def plot_corruption(quality: pd.DataFrame, *, ax: plt.Axes | None = None,
+                    confidence: float | None = None) -> plt.Axes | None:
+    """Cross-entropy (nats per token, bootstrap CI as error bars) against the input corruption rate, one line per
+    router setting (shades of the router's hue; native black).
+
+    quality: the ``quality`` frame (label, router, corrupt, ce, ce_low, ce_high, tokens, documents). Returns the
+    Axes, or None when the frame holds fewer than two corruption rates.
+    """
+    if quality.empty or quality["corrupt"].nunique() < 2:
+        return None
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9.5, 5.2))
+    palette, markers = _styles(quality)
+    labels = list(dict.fromkeys(quality["label"]))
+    rates = sorted(quality["corrupt"].astype(float).unique())
+    spread = (rates[-1] - rates[0]) * 0.012 * (np.arange(len(labels)) - (len(labels) - 1) / 2)  # dodge bars apart
+    for offset, label in zip(spread, labels, strict=True):
+        g = quality[quality["label"] == label].sort_values("corrupt", kind="stable")
+        y = g["ce"].astype(float)
+        yerr = [(y - g["ce_low"].astype(float)).clip(lower=0).fillna(0),
+                (g["ce_high"].astype(float) - y).clip(lower=0).fillna(0)]
+        native = g["router"].iloc[0] == NATIVE
+        ax.errorbar(g["corrupt"].astype(float) + offset, y, yerr=yerr, marker=markers[g["router"].iloc[0]],
+                    color=palette[label], ms=9 if native else 5, lw=2.0 if native else 1.2, capsize=2,
+                    mec="black", mew=0.4, zorder=3 if native else 2, label=label)
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    level = f"{confidence:.0%} " if confidence is not None else ""
+    ax.set_xlabel("input corruption rate (share of input tokens replaced by uniform random tokens)")
+    ax.set_ylabel(f"cross-entropy on the clean targets (nats per token),\n{level}bootstrap CI over documents")
+    docs = int(quality["documents"].max())
+    toks = int(quality["tokens"].max())
+    ax.set_title(f"Robustness to corrupted inputs ({docs:,} documents, {toks:,} scored tokens per setting and rate)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="router setting", title_fontsize=8,
+              frameon=False)
+    return ax
