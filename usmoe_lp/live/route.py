@@ -58,7 +58,12 @@ class _Pending:
 
 
 class LiveLayer:
-    """One routed layer: its router (``spec``), semantics (``info``: a LayerInfo), MoE block, adapter, counts."""
+    """One routed layer: its router (``spec``), semantics (``info``: a LayerInfo), MoE block, adapter, counts.
+
+    ``pending``: the selection for the layer's next experts call (set by the router hook, taken by the adapter).
+    ``pending_native``: for ``native`` with the model's weights, the registry's replay that :meth:`account_native`
+    checks the model's own selection against.
+    """
 
     def __init__(self, model: nn.Module, spec: RouterSpec) -> None:
         self.spec = spec
@@ -67,31 +72,33 @@ class LiveLayer:
         self.adapter = adapter_for(model, self.block, spec)
         self.counter = _Counter(spec.name, spec.num_experts, spec.top_k)
         self.pending: _Pending | None = None
+        self.pending_native: _Pending | None = None
 
     def account_native(self, model_index: torch.Tensor) -> None:
-        """Count the model's own (n, k) selection (native): pairs of real tokens, rows computed, mismatches against
-        native's replay."""
-        pending = self.pending_native
-        self.pending_native = None
+        """Count the model's own selection (``native`` with the model's weights), called by the adapter with the
+        (n, k) expert indices the model hands its experts (an index outside [0, N) is no expert): the expert rows it
+        computes (padding included) and the real tokens whose experts differ from the registry's replay of the
+        model's router (``LayerStats.native_mismatches``). Counted on the device, no host synchronisation."""
+        pending, self.pending_native = self.pending_native, None
         n = self.info.num_experts
-        idx = model_index.reshape(-1, model_index.shape[-1]).long()
-        valid = idx < n
-        self.counter.rows_computed += int(valid.sum())
-        if pending is None:
-            return
-        model_mask = torch.zeros(idx.shape[0], n + 1, dtype=torch.bool, device=idx.device)
-        model_mask.scatter_(1, torch.where(valid, idx, torch.full_like(idx, n)), True)
-        model_mask = model_mask[:, :n]
-        real = pending.real.to(idx.device)
-        if pending.expected is not None:
-            differ = (model_mask != pending.expected.to(idx.device)).any(dim=-1) & real
-            self.counter.native_mismatches = (self.counter.native_mismatches or 0) + int(differ.sum())
-
-    pending_native: _Pending | None = None
+        idx = model_index.reshape(-1, model_index.shape[-1]).long() if model_index.ndim else model_index.reshape(1, 1)
+        valid = (idx >= 0) & (idx < n)
+        mismatches = None
+        if pending is not None and pending.expected is not None:
+            expected = pending.expected.to(idx.device)
+            if idx.shape[0] != expected.shape[0]:
+                raise RouteFailed(f"layer {self.info.name!r}: the model handed its experts {idx.shape[0]} tokens' "
+                                  f"expert indices, but its router routed {expected.shape[0]} tokens")
+            model_mask = torch.zeros(idx.shape[0], n + 1, dtype=torch.bool, device=idx.device)
+            model_mask.scatter_(1, torch.where(valid, idx, torch.full_like(idx, n)), True)
+            differ = (model_mask[:, :n] != expected).any(dim=-1) & pending.real.to(idx.device)
+            mismatches = differ.sum()
+        self.counter.add_native(valid.sum(), mismatches)
 
 
 class _Stack:
-    """The token stream of one hooked stack module (the model, or an encoder / decoder stack)."""
+    """The token stream of one hooked stack module (the model, or an encoder / decoder stack), and the tokens of
+    the forward in flight (None between forwards)."""
 
     def __init__(self, module: nn.Module, name: str) -> None:
         self.module = module
@@ -100,6 +107,26 @@ class _Stack:
                                   context="with route(...)")
         self.batch: Batch | None = None
         self.tokens: Tokens | None = None
+        self._real: dict[torch.device, torch.Tensor] = {}
+
+    def start(self, args: tuple, kwargs: dict) -> None:
+        self.batch = self.stream.begin(args, kwargs)
+        self.tokens = None if self.batch.shape is None else self.stream.tokens(self.batch)
+        self._real = {}
+
+    def end(self, failed: bool) -> None:
+        if failed:
+            self.stream.reset()  # a decode step cannot continue a forward that raised
+        elif self.tokens is not None:
+            self.stream.finish(self.batch, self.tokens)
+        self.batch = self.tokens = None
+        self._real = {}
+
+    def real_on(self, device: torch.device) -> torch.Tensor:
+        """(B * T,) bool, False for padding, on ``device`` (copied once per forward and device)."""
+        if device not in self._real:
+            self._real[device] = self.tokens.real.reshape(-1).to(device)
+        return self._real[device]
 
 
 def _selector(router: Any, k: int | None, log: Any, params: dict[str, Any]) -> Any:
@@ -168,15 +195,19 @@ class Route:
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Route:
         if self._entered:
-            raise RouteFailed("this route(...) context is already in use; make a new one")
+            raise RouteFailed("this route(...) object was already entered (a Route is entered once, and not nested "
+                              "in itself); make a new one with route(...)")
         self._entered = True
         try:
             for stack in self._stacks.values():
                 self._undo.append(stack.module.register_forward_pre_hook(self._pre_hook(stack),
                                                                          with_kwargs=True).remove)
-                self._undo.append(stack.module.register_forward_hook(self._post_hook(stack)).remove)
+                # always_call: a forward that raises still ends (its tokens are forgotten, its stream reset)
+                self._undo.append(stack.module.register_forward_hook(self._post_hook(stack), always_call=True).remove)
             for layer in self.layers:
-                self._undo.append(layer.spec.module.register_forward_hook(self._router_hook(layer)).remove)
+                # prepend: the router's output is rewritten before any other hook (capture) reads it
+                self._undo.append(layer.spec.module.register_forward_hook(self._router_hook(layer),
+                                                                          prepend=True).remove)
                 self._undo.append(layer.adapter.install(layer))
         except BaseException:
             self._restore()
@@ -217,15 +248,12 @@ class Route:
         def hook(module, args, kwargs) -> None:
             for layer in self.layers:
                 layer.pending = layer.pending_native = None
-            stack.batch = stack.stream.begin(args, kwargs)
-            stack.tokens = None if stack.batch.shape is None else stack.stream.tokens(stack.batch)
+            stack.start(args, kwargs)
         return hook
 
     def _post_hook(self, stack: _Stack):
         def hook(module, args, output) -> None:
-            if stack.tokens is not None:
-                stack.stream.finish(stack.batch, stack.tokens)
-            stack.batch = stack.tokens = None
+            stack.end(failed=output is None)  # torch hands an always-called hook None when the forward raised
         return hook
 
     def _router_hook(self, layer: LiveLayer):
@@ -249,40 +277,52 @@ class Route:
                               positions=tokens.positions, decode_step=tokens.decode_step,
                               token_ids=ids if ids is not None and tuple(ids.shape) == (B, T) else None)
             selection = self.selector.select(z, ctx)
-            return self._apply(layer, logits.reshape(B, T, spec.num_experts), selection, tokens, output)
+            return self._apply(layer, stack, z, selection, output)
         return hook
 
-    def _apply(self, layer: LiveLayer, logits: torch.Tensor, selection: Selection, tokens: Tokens, output: Any):
-        """Turn a selection into the pending experts call (and the router's output, where the block reads its
-        selection from it)."""
+    def _apply(self, layer: LiveLayer, stack: _Stack, logits: torch.Tensor, selection: Selection, output: Any):
+        """Turn a selection into the layer's pending experts call; returns the router's output rewritten (where the
+        block or a capture reads the selection from it) or None.
+
+        The rewritten output carries the (n, kmax + 1) expert indices and weights, the last column always "no
+        expert" (index N, weight 0): what the experts run, in a form whose width says nothing about the model's k,
+        so that a capture inside the route logs every forward as an (n, N) mask and weights."""
         spec = layer.spec
         B, T, N = logits.shape
-        real = tokens.real.to(logits.device).reshape(-1)
-        mask = selection.mask.to(logits.device)
-        if tuple(mask.shape) != (B, T, N):
-            raise ShapeMismatch(f"layer {spec.name!r}: the router selected {tuple(mask.shape)}, not {(B, T, N)}")
-        flat = mask.reshape(-1, N)
+        device = logits.device
+        real = stack.real_on(device)
+        mask = selection.mask
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, T, N):
+            got = (f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__)
+            raise ShapeMismatch(f"layer {spec.name!r}: router {self.label!r} selected {got}, not a (B, T, N) = "
+                                f"{(B, T, N)} bool mask")
+        flat = mask.to(device).reshape(-1, N) & real.unsqueeze(-1)  # padding never selected
+        layer.counter.add(flat.sum(dim=-1), real, stack.tokens.decode_step)
         if selection.native and self.weight_rule.name == "model":
             layer.pending = _Pending(None, None, None, real)
             layer.pending_native = _Pending(None, None, flat, real)
-            layer.counter.add(flat[real].sum(dim=-1), tokens.decode_step)
             return None
         if selection.weights is not None:
-            weights = selection.weights.to(logits.device)
+            weights = selection.weights.to(device)
+            if tuple(weights.shape) != (B, T, N):
+                raise ShapeMismatch(f"layer {spec.name!r}: router {self.label!r} gave weights of shape "
+                                    f"{tuple(weights.shape)}, not {(B, T, N)}")
         else:
             if selection.scores is None and self.weight_rule.name != "model":
                 raise InvalidParameter(f"weights={self.weight_rule.name!r} needs the router's scores; router "
                                        f"{self.label!r} returned a mask only")
-            scores = selection.scores if selection.scores is not None else torch.zeros_like(logits, dtype=torch.float64)
-            weights = self.weight_rule.weights(logits.detach(), mask, scores.to(logits.device), layer.info)
+            scores = (selection.scores.to(device) if selection.scores is not None
+                      else torch.zeros((B, T, N), dtype=torch.float64, device=device))
+            weights = self.weight_rule.weights(logits, flat.reshape(B, T, N), scores, layer.info)
         index, packed = pack(flat, weights.reshape(-1, N), N)
         layer.pending = _Pending(index, packed, None, real)
-        layer.counter.add(flat[real].sum(dim=-1), tokens.decode_step)
         if spec.selection is not None and spec.selection_source == "router" and isinstance(output, tuple | list):
             w_at, i_at = spec.selection[:2]
             out = list(output)
-            out[w_at] = packed.to(output[w_at].dtype if isinstance(output[w_at], torch.Tensor) else packed.dtype)
-            out[i_at] = index.to(output[i_at].dtype if isinstance(output[i_at], torch.Tensor) else index.dtype)
+            w_dtype = output[w_at].dtype if isinstance(output[w_at], torch.Tensor) else packed.dtype
+            i_dtype = output[i_at].dtype if isinstance(output[i_at], torch.Tensor) else index.dtype
+            out[w_at] = torch.cat([packed, packed.new_zeros(packed.shape[0], 1)], dim=1).to(w_dtype)
+            out[i_at] = torch.cat([index, index.new_full((index.shape[0], 1), N)], dim=1).to(i_dtype)
             return type(output)(out) if isinstance(output, tuple) else out
         return None
 

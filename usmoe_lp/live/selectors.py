@@ -21,13 +21,13 @@ the router's (B, T, N) scores, from which the combine-weight rule (:mod:`usmoe_l
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from usmoe_lp.errors import InvalidParameter, ShapeMismatch
-from usmoe_lp.routers.config import RouterConfig, reroute, route_scores
+from usmoe_lp.routers.config import RouterConfig, prepare_logits, route_scores
 from usmoe_lp.routers.spec import RouterContext
 from usmoe_lp.routing import Routing
 
@@ -82,7 +82,7 @@ class RegistrySelector:
         self.params = params
         self._configs: dict[str, RouterConfig] = {}
         self._state: dict[str, Any] = {}
-        self._history: dict[str, dict[int, torch.Tensor]] = {}
+        self._history: dict[str, _History] = {}
         if k is not None:
             RouterConfig(name, k, **params)  # validate up front when k is known
         else:
@@ -106,58 +106,76 @@ class RegistrySelector:
         return self.name
 
     def select(self, logits: torch.Tensor, ctx: LiveContext) -> Selection:
+        """The router's (B, T, N) selection and scores (float64, on the logits' device) for one forward."""
         config = self.config(ctx.layer)
         rctx = RouterContext(k=config.k, num_experts=ctx.layer.num_experts, score_function=ctx.layer.score_function,
                              layer=ctx.layer)
+        name = ctx.layer.name
         if ctx.decode_step:
             mask, scores = self._decode(config, logits, ctx, rctx)
         else:
-            r = reroute(logits, config, padding_mask=ctx.padding_mask, layer=ctx.layer,
-                        state=self._state.get(ctx.layer.name))
+            # reroute's steps, the scores kept: logits checked and padding rows zeroed, scored once in float64
+            pad = ctx.padding_mask
+            z, _, _ = prepare_logits(logits, pad)
+            scores = config.entry.scores(z, config.param_dict, rctx)
+            r = route_scores(config, scores, rctx, pad, self._state.get(name))
             if config.entry.stateful:
-                self._state[ctx.layer.name] = r.params.get("state")
+                self._state[name] = r.params.get("state")
             mask = r.mask
-            scores = self._scores(config, logits, rctx)
-            if config.entry.decode_route is not None:
-                self._remember(ctx, scores, reset=True)
+            if config.entry.decode_route is not None:  # the prompt's scores, read if decode steps follow
+                self._history[name] = _History(scores, ctx.real, ctx.sequence_ids)
         return Selection(mask=mask, scores=scores, native=config.router == "native")
-
-    @staticmethod
-    def _scores(config: RouterConfig, logits: torch.Tensor, rctx: RouterContext) -> torch.Tensor:
-        return config.entry.scores(logits.detach().to(torch.float64), config.param_dict, rctx)
-
-    def _remember(self, ctx: LiveContext, scores: torch.Tensor, reset: bool) -> dict[int, torch.Tensor]:
-        """Append each row's real-token scores to its sequence's history (a new forward starts afresh)."""
-        if reset:
-            self._history[ctx.layer.name] = {}
-        hist = self._history.setdefault(ctx.layer.name, {})
-        for b, sid in enumerate(ctx.sequence_ids.tolist()):
-            rows = scores[b][ctx.real[b].to(scores.device)]
-            hist[sid] = rows if sid not in hist else torch.cat([hist[sid], rows])
-        return hist
 
     def _decode(self, config: RouterConfig, logits: torch.Tensor, ctx: LiveContext, rctx: RouterContext):
         """The router's decode rule on a decode step's (B, T, N) logits (module docstring)."""
         entry, params = config.entry, config.param_dict
-        scores = self._scores(config, logits, rctx)
+        z, _, _ = prepare_logits(logits, ctx.padding_mask)
+        scores = entry.scores(z, params, rctx)
         real = ctx.real.to(scores.device)
         mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
         if entry.decode_route is not None:
-            hist = self._remember(ctx, scores, reset=False)
-            for b, sid in enumerate(ctx.sequence_ids.tolist()):
-                new = int(real[b].sum())
+            history = self._history.get(ctx.layer.name)
+            if history is None:
+                raise InvalidParameter(f"layer {ctx.layer.name!r}: a decode step, but no forward of this route "
+                                       "started its sequences")
+            for b, seq in enumerate(history.extend(scores, ctx.real, ctx.sequence_ids)):
+                new = int(ctx.real[b].sum())
                 if new:
-                    routed = entry.decode_route(hist[sid][None], params, rctx)[0]
+                    routed = entry.decode_route(seq[None], params, rctx)[0]
                     mask[b, real[b]] = routed[-new:].to(torch.bool)
             return mask, scores
         rows = scores[real]  # (M, N): every new token is a sequence of its own
+        state = self._state.get(ctx.layer.name)  # a stateful router's current state, not moved by decode steps
         if entry.group(params) in ("token", "sequence"):
-            routed = route_scores(config, rows[:, None, :], rctx).mask[:, 0, :]
+            routed = route_scores(config, rows[:, None, :], rctx, state=state).mask[:, 0, :]
         else:  # a batch or position group would couple the one-token sequences of one call
-            routed = torch.cat([route_scores(config, rows[i:i + 1, None, :], rctx).mask[0]
+            routed = torch.cat([route_scores(config, rows[i:i + 1, None, :], rctx, state=state).mask[0]
                                 for i in range(rows.shape[0])]) if rows.shape[0] else rows.to(torch.bool)
         mask[real] = routed.to(torch.bool)
         return mask, scores
+
+
+class _History:
+    """The scores of the real tokens of each sequence so far, for a router's decode rule: the prefill forward's
+    (B, T, N) scores kept as they are (read only if decode steps follow), then, per row, its real rows with each
+    decode step's appended."""
+
+    def __init__(self, scores: torch.Tensor, real: torch.Tensor, sequence_ids: torch.Tensor) -> None:
+        self._prefill: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (scores, real, sequence_ids)
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def extend(self, scores: torch.Tensor, real: torch.Tensor, sequence_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Append a decode step's (B, T, N) real rows to their sequences; each row's sequence so far, (t, N)."""
+        if self._prefill is not None:
+            self._append(*self._prefill)
+            self._prefill = None
+        self._append(scores, real, sequence_ids)
+        return [self._rows[sid] for sid in sequence_ids.tolist()]
+
+    def _append(self, scores: torch.Tensor, real: torch.Tensor, sequence_ids: torch.Tensor) -> None:
+        for b, sid in enumerate(sequence_ids.tolist()):
+            rows = scores[b][real[b].to(scores.device)]
+            self._rows[sid] = rows if sid not in self._rows else torch.cat([self._rows[sid], rows])
 
 
 class ReplaySelector:

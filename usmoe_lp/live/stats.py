@@ -3,7 +3,7 @@ rows computed (:class:`LayerStats`, :class:`RouteStats`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -90,31 +90,60 @@ class RouteStats:
                              for s in self.layers])
 
 
-@dataclass
 class _Counter:
-    """Mutable running counts of one layer (frozen into :class:`LayerStats` by :meth:`freeze`)."""
+    """Running counts of one layer, frozen into :class:`LayerStats` by :meth:`freeze`.
 
-    layer: str
-    num_experts: int
-    k: int | None
-    tokens: int = 0
-    decode_tokens: int = 0
-    pairs: int = 0
-    rows_computed: int = 0
-    native_mismatches: int | None = None
-    histogram: np.ndarray = field(default=None)
+    The counts of real tokens, pairs, the histogram and native's mismatches stay on the device of the router's
+    logits and are summed there without a host synchronisation; they are read back when :meth:`freeze` is called
+    (``Route.stats``). ``rows_computed`` is a plain int the adapters add to (the expert rows of a dispatch, known on
+    the host once its pairs are gathered); rows counted on the device (native) are added at :meth:`freeze`.
+    """
 
-    def __post_init__(self) -> None:
-        self.histogram = np.zeros(self.num_experts + 1, dtype=np.int64)
+    def __init__(self, layer: str, num_experts: int, k: int | None) -> None:
+        self.layer = layer
+        self.num_experts = num_experts
+        self.k = k
+        self.rows_computed = 0
+        self._native = False
+        self._totals: torch.Tensor | None = None  # (5,) int64: tokens, decode tokens, pairs, rows, mismatches
+        self._histogram: torch.Tensor | None = None  # (N + 1,) int64
 
-    def add(self, counts: torch.Tensor, decode_step: bool) -> None:
-        """counts: (tokens,) experts of each real token."""
-        c = counts.detach().to("cpu", torch.int64)
-        self.tokens += int(c.numel())
-        self.decode_tokens += int(c.numel()) if decode_step else 0
-        self.pairs += int(c.sum())
-        self.histogram += np.bincount(c.numpy(), minlength=self.num_experts + 1)[: self.num_experts + 1]
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._totals is None:
+            self._totals = torch.zeros(5, dtype=torch.int64, device=device)
+            self._histogram = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
+        elif self._totals.device != device:  # the model moved between forwards
+            self._totals, self._histogram = self._totals.to(device), self._histogram.to(device)
+        return self._totals, self._histogram
+
+    def add(self, counts: torch.Tensor, real: torch.Tensor, decode_step: bool) -> None:
+        """counts: (n,) int, experts of each token of the forward; real: (n,) bool, False for padding (not
+        counted). Same device."""
+        totals, histogram = self._on(counts.device)
+        c = counts.reshape(-1).long()
+        r = real.reshape(-1).to(device=c.device, dtype=torch.int64)
+        n_real, pairs = r.sum(), (c * r).sum()
+        totals[0] += n_real
+        if decode_step:
+            totals[1] += n_real
+        totals[2] += pairs
+        histogram.scatter_add_(0, c.clamp(0, self.num_experts), r)
+
+    def add_native(self, rows: torch.Tensor, mismatches: torch.Tensor | None) -> None:
+        """Native: expert rows the model's own selection computed and (if checked) real tokens whose selection
+        differs from the registry's replay; 0-d int tensors on the device."""
+        totals, _ = self._on(rows.device)
+        totals[3] += rows
+        if mismatches is not None:
+            self._native = True
+            totals[4] += mismatches
 
     def freeze(self) -> LayerStats:
-        return LayerStats(self.layer, self.num_experts, self.k, self.tokens, self.decode_tokens, self.pairs,
-                          self.histogram.copy(), self.rows_computed, self.native_mismatches)
+        if self._totals is None:
+            tokens = decode = pairs = rows = mismatches = 0
+            histogram = np.zeros(self.num_experts + 1, dtype=np.int64)
+        else:
+            tokens, decode, pairs, rows, mismatches = self._totals.tolist()
+            histogram = self._histogram.cpu().numpy().copy()
+        return LayerStats(self.layer, self.num_experts, self.k, tokens, decode, pairs, histogram,
+                          self.rows_computed + rows, mismatches if self._native else None)
