@@ -3,7 +3,7 @@
 transformers' MoE blocks hand their experts module ``experts(hidden (n, d), top_k_index (n, k), top_k_weights (n, k))``
 and get back sum_j w_ij E_j(h_i) per token. A registry router gives each token any number of experts (0 included),
 so the selection is packed into (n, kmax) index and weight tensors where the index N means "no expert"
-(:func:`pack`), and run by :func:`run_experts`:
+(:func:`pack`; a token's experts by decreasing weight, the models' own slot order), and run by :func:`run_experts`:
 
 * when every row has exactly kmax experts (no "no expert" slot), the experts module is called as the model calls it,
   with its own implementation (eager loop, grouped or batched matmul);
@@ -25,11 +25,18 @@ __all__ = ["pack", "run_experts"]
 
 
 def pack(mask: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, N) bool selection and (n, N) weights -> ((n, kmax) int64 expert indices in increasing order, N in the
-    slots of a token with fewer than kmax experts; (n, kmax) weights, 0 in those slots). kmax >= 1."""
+    """(n, N) bool selection and (n, N) weights -> ((n, kmax) int64 expert indices, N in the slots of a token with
+    fewer than kmax experts; (n, kmax) weights, 0 in those slots). kmax >= 1.
+
+    A token's experts fill its slots by decreasing weight, ties to the lower index: the slot order of the models'
+    own top-k (descending gate value), which the grouped and batched experts implementations' results depend on,
+    so that a selection equal to the model's (a replayed log, Token Choice with the model's weights) runs bitwise
+    as the model does."""
     counts = mask.sum(dim=-1)
     kmax = max(int(counts.max()) if counts.numel() else 0, 1)
-    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :kmax]  # selected first, by index
+    key = torch.where(mask, -weights.to(torch.float64), torch.full((), float("inf"), dtype=torch.float64,
+                                                                   device=weights.device))
+    order = torch.sort(key, dim=-1, stable=True).indices[:, :kmax]  # selected first, by decreasing weight
     chosen = mask.gather(1, order)
     index = torch.where(chosen, order, torch.full_like(order, num_experts))
     w = torch.where(chosen, weights.gather(1, order), torch.zeros((), dtype=weights.dtype, device=weights.device))

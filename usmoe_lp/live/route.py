@@ -35,7 +35,7 @@ from usmoe_lp.live.selectors import CallableSelector, LiveContext, RegistrySelec
 from usmoe_lp.live.stats import RouteStats, _Counter
 from usmoe_lp.live.weights import get_weight_rule
 from usmoe_lp.logs.capture import RouterSpec, find_routers
-from usmoe_lp.logs.stream import Batch, TokenStream, Tokens
+from usmoe_lp.logs.stream import Batch, Tokens, TokenStream
 from usmoe_lp.routers.config import RouterConfig
 
 __all__ = ["LiveLayer", "Route", "RouteFailed", "route"]
@@ -180,9 +180,9 @@ class Route:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.weight_rule = get_weight_rule(weights)
-        self.selector = _selector(router, k, log, params)
-        if isinstance(self.selector, ReplaySelector) and weights != "model":
+        if isinstance(router, str) and router == "replay" and weights != "model":
             raise InvalidParameter('router "replay" applies the weights the log recorded: leave weights="model"')
+        self.selector = _selector(router, k, log, params)
         self.layers = [LiveLayer(model, spec) for spec in _find(model, layers, module_pattern)]
         if isinstance(self.selector, RegistrySelector):
             for layer in self.layers:
