@@ -47,7 +47,7 @@ from usmoe_lp.live.route import Route, route
 from usmoe_lp.live.weights import get_weight_rule
 from usmoe_lp.routers.config import RouterConfig, router_grid
 from usmoe_lp.tiny.data import BOS_ID, EOS_ID, VOCAB_SIZE, document_ids
-from usmoe_lp.tiny.evaluate import _scored, eval_windows
+from usmoe_lp.tiny.evaluate import scored_targets, eval_windows
 
 __all__ = ["DEFINITIONS", "EvaluateResult", "bootstrap_ci", "evaluate", "pareto_front", "settings_grid"]
 
@@ -315,7 +315,7 @@ def _plan(streams: list[torch.Tensor], seq_len: int, batch_size: int, byte_level
             real[row, : w.numel()] = True
         targets = flat[index[:, 1:]]
         if byte_level:
-            scored, is_byte = _scored(targets)
+            scored, is_byte = scored_targets(targets)
             is_byte = is_byte & real[:, 1:]
         else:
             scored = targets != bos if bos is not None else torch.ones_like(targets, dtype=torch.bool)

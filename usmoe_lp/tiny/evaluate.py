@@ -36,7 +36,7 @@ import torch
 from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.tiny.data import BOS_ID, EOS_ID
 
-__all__ = ["HeldoutLoss", "LayerRouting", "RoutingStats", "evaluate", "eval_windows", "unigram_loss"]
+__all__ = ["HeldoutLoss", "LayerRouting", "RoutingStats", "eval_windows", "evaluate", "scored_targets", "unigram_loss"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def eval_windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
     return [ids[s:s + seq_len] for s in range(0, ids.numel() - 1, stride)]
 
 
-def _scored(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scored_targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scored = targets != BOS_ID
     return scored, scored & (targets != EOS_ID)
 
@@ -130,7 +130,7 @@ def unigram_loss(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: in
     counts = torch.bincount(train_ids[train_ids != BOS_ID], minlength=vocab_size).double() + 1.0
     logp = torch.log(counts / counts.sum())
     targets = eval_ids[1:]
-    scored, is_byte = _scored(targets)
+    scored, is_byte = scored_targets(targets)
     nll = -logp[targets]
     return _heldout(float(nll[scored].sum()), float(nll[is_byte].sum()), int(scored.sum()), int(is_byte.sum()))
 
@@ -217,7 +217,7 @@ def evaluate(model, ids: torch.Tensor, *, seq_len: int, batch_size: int = 16) ->
         targets = batch[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                 reduction="none").double()
-        scored, is_byte = _scored(targets.reshape(-1))
+        scored, is_byte = scored_targets(targets.reshape(-1))
         nll_sum += float(nll[scored].sum())
         byte_nll_sum += float(nll[is_byte].sum())
         tokens += int(scored.sum())
