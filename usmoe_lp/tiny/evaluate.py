@@ -36,7 +36,8 @@ import torch
 from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.tiny.data import BOS_ID, EOS_ID
 
-__all__ = ["HeldoutLoss", "LayerRouting", "RoutingStats", "eval_windows", "evaluate", "scored_targets", "unigram_loss"]
+__all__ = ["HeldoutLoss", "LayerRouting", "RoutingStats", "eval_windows", "evaluate", "scored_targets",
+           "unigram_loss"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def eval_windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
 
 
 def scored_targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scored, is_byte)``, (n,) bool each, for (n,) int64 target ids: a target is scored unless it is ``BOS``
+    (always right after ``EOS``); a scored target is a byte unless it is ``EOS`` (bits per byte count bytes)."""
     scored = targets != BOS_ID
     return scored, scored & (targets != EOS_ID)
 
