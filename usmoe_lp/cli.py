@@ -13,6 +13,7 @@ from rich.table import Table
 from usmoe_lp.cli_errors import fail
 from usmoe_lp.diagnostics.cli import analyze_command
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
+from usmoe_lp.live.cli import evaluate_command
 from usmoe_lp.logs.cli import capture_command, import_command, log_app
 from usmoe_lp.tiny.cli import train_tiny_command
 
@@ -40,6 +41,7 @@ app.add_typer(log_app, name="log")
 app.command("import")(import_command)
 app.command("capture")(capture_command)
 app.command("analyze")(analyze_command)
+app.command("evaluate")(evaluate_command)
 app.command("train-tiny")(train_tiny_command)
 console = Console()
 err = Console(stderr=True)

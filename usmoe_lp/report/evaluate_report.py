@@ -39,11 +39,14 @@ SCHEMA = "usmoe-lp/evaluate/1"
 DOCS = "docs/definitions.md#live-evaluation"
 
 CAPTIONS = {
-    "quality_vs_cost.png": "Cross-entropy of each router setting against the routed experts' FLOPs per token (top "
-                           "axis: realised k-bar), with bootstrap confidence intervals over documents; the dashed "
-                           "step is the Pareto front, the star the model's own routing.",
-    "corruption.png": "Cross-entropy on the clean next tokens when a share of the input tokens is replaced by random "
-                      "tokens, per router setting (points dodged sideways so the intervals do not overlap).",
+    "quality_vs_cost.png": "Cross-entropy of each router setting (left) and its difference to native's (right) "
+                           "against the routed experts' FLOPs per token (top axis: realised k-bar). Left: bootstrap "
+                           "intervals over documents; right: paired intervals (both sides on the same resampled "
+                           "documents), which is why they are narrower. Dashed step: the Pareto front; star: the "
+                           "model's own routing; settings at one cost are spread slightly sideways.",
+    "corruption.png": "Cross-entropy on the clean next tokens (left) and its difference to native's (right) when a "
+                      "share of the input tokens is replaced by random tokens, per router setting (points dodged "
+                      "sideways so the intervals stay apart).",
 }
 
 EVALUATE_OWNED: tuple[str, ...] = (r"evaluate\.json", r"report\.md", r"report\.html",
@@ -133,19 +136,17 @@ def make_figures(result) -> dict[str, Any]:
 
     figs = {}
     level = _confidence(result)
-    clean = quality_at(result.quality)
-    fig, ax = plt.subplots(figsize=(10.5, 5.6))
-    if plot_quality_vs_cost(result.quality, pareto_front(clean), ax=ax, confidence=level) is None:
-        plt.close(fig)
-    else:
+    front = pareto_front(quality_at(result.quality))
+    for name, plot, args in (("quality_vs_cost.png", plot_quality_vs_cost, (front,)),
+                             ("corruption.png", plot_corruption, ())):
+        fig, axes = plt.subplots(1, 2, figsize=(15, 5.8))
+        drawn = [plot(result.quality, *args, y=y, ax=ax, confidence=level, legend=y == "delta_ce")
+                 for y, ax in zip(("ce", "delta_ce"), axes, strict=True)]
+        if any(a is None for a in drawn):
+            plt.close(fig)
+            continue
         fig.tight_layout()
-        figs["quality_vs_cost.png"] = fig
-    fig, ax = plt.subplots(figsize=(10.5, 5.6))
-    if plot_corruption(result.quality, ax=ax, confidence=level) is None:
-        plt.close(fig)
-    else:
-        fig.tight_layout()
-        figs["corruption.png"] = fig
+        figs[name] = fig
     return figs
 
 
@@ -220,11 +221,15 @@ def summary_lines(result) -> list[str]:
         top = q[np.isclose(q["corrupt"].astype(float), rates[-1])]
         nat = _native_row(top)
         rest = top[top["router"] != NATIVE]
-        text = f"inputs corrupted at rate {rates[-1]:g}: "
-        text += f"native {float(nat['ce']):.3f} nats/token" if nat is not None else ""
+        text = f"inputs corrupted at rate {rates[-1]:g}"
+        if nat is not None and native is not None:
+            text += f": native {float(nat['ce']):.3f} nats/token ({float(nat['ce']) - float(native['ce']):+.3f} " \
+                    f"vs clean inputs)"
         if not rest.empty:
             b = rest.loc[rest["delta_ce"].astype(float).idxmin()]
-            text += f"; best other {b['label']} Δce {_ci(b['delta_ce'], b['delta_low'], b['delta_high'], sign=True)}"
+            w = rest.loc[rest["delta_ce"].astype(float).idxmax()]
+            text += f"; Δce vs native from {float(b['delta_ce']):+.3f} ({b['label']}) to {float(w['delta_ce']):+.3f} " \
+                    f"({w['label']})"
         lines.append(text)
     gen = result.generation
     if gen is not None and not gen.empty:
