@@ -388,7 +388,8 @@ def test_callable_errors(models):
     batch = padded_batch("mixtral")
     bad = {"wrong shape": lambda z, ctx: torch.zeros(z.shape[0], z.shape[1], dtype=torch.bool),
            "not bool": lambda z, ctx: torch.zeros(z.shape),
-           "weights shape": lambda z, ctx: (torch.ones(z.shape, dtype=torch.bool), torch.ones(3))}
+           "weights shape": lambda z, ctx: (torch.ones(z.shape, dtype=torch.bool), torch.ones(3)),
+           "weights type": lambda z, ctx: (torch.ones(z.shape, dtype=torch.bool), [1.0])}
     for fn in bad.values():
         with torch.no_grad(), route(model, fn), pytest.raises(ShapeMismatch, match="must return|weights of shape"):
             model(**batch)
@@ -478,7 +479,14 @@ def test_router_outside_a_forward_and_nested_use_raise(models):
         with pytest.raises(RouteFailed, match="entered once"):
             with r:
                 pass
-    assert r.stats.tokens == B * T - PAD
+        with pytest.raises(RouteFailed, match="already routed by another route"):  # one route at a time
+            with route(model, "tc"):
+                pass
+        model(**batch)  # the refused route left r's hooks in place
+    assert r.stats.tokens == 2 * (B * T - PAD)
+    with torch.no_grad(), route(model, "tc") as after:  # free again once r has exited
+        model(**batch)
+    assert after.stats.tokens == B * T - PAD
 
 
 def test_hooks_removed_after_an_exception(models):

@@ -16,11 +16,21 @@ decode rule (:mod:`usmoe_lp.live.selectors`). The hooks are removed on exit, als
 
 ``native`` with ``weights="model"`` runs the model's own selection and weights unchanged (bitwise the unpatched
 model) and checks, token by token, that the registry's replay of the model's router selects the same experts
-(``stats[layer].native_mismatches``).
+(``stats[layer].native_mismatches``; its ``pairs`` are the replay's, the model's own up to those tokens).
+
+What the experts run: each token's selected experts in (n, kmax) slots by decreasing weight, the models' own top-k
+order (:func:`usmoe_lp.live.dispatch.pack`), so that a selection equal to the model's runs bitwise as the model (a
+replayed log, Token Choice with the model's weights, without padding). The router's output is rewritten with that
+selection plus a "no expert" column, so a :func:`usmoe_lp.logs.capture` inside or around the route logs the routing
+that ran, as (n, N) masks and weights (the route's hook runs before any other).
+
+Counts (:attr:`Route.stats`) are kept on the model's device and read back when asked for. One route at a time per
+model (a second one on the same routers raises :class:`RouteFailed`); a :class:`Route` is entered once.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +53,11 @@ __all__ = ["LiveLayer", "Route", "RouteFailed", "route"]
 
 class RouteFailed(RuntimeError):
     """A forward inside :func:`route` could not be routed (the message says why)."""
+
+
+_ROUTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""The router modules of every route context now entered: one route at a time per router (a second one would wrap
+the first's experts call and run the first's selection under its own counts)."""
 
 
 @dataclass
@@ -198,7 +213,14 @@ class Route:
             raise RouteFailed("this route(...) object was already entered (a Route is entered once, and not nested "
                               "in itself); make a new one with route(...)")
         self._entered = True
+        busy = [layer.spec.path for layer in self.layers if layer.spec.module in _ROUTED]
+        if busy:
+            raise RouteFailed(f"routers {busy} are already routed by another route(...) context; exit it first "
+                              "(one route at a time per model)")
         try:
+            for layer in self.layers:
+                _ROUTED.add(layer.spec.module)
+                self._undo.append(lambda module=layer.spec.module: _ROUTED.discard(module))
             for stack in self._stacks.values():
                 self._undo.append(stack.module.register_forward_pre_hook(self._pre_hook(stack),
                                                                          with_kwargs=True).remove)
@@ -346,7 +368,10 @@ def route(model: nn.Module, router: Any, *, k: int | None = None, weights: str =
         router: a registry name (:func:`usmoe_lp.list_routers`: ``"native"``, ``"tc"``, ``"usmoe"``, ...) with its
             parameters as keywords, a :class:`~usmoe_lp.routers.RouterConfig`, ``"replay"`` with ``log=`` (force
             the experts and weights a router log recorded), or a callable ``fn(logits (B, T, N), ctx:
-            LiveContext)`` returning a Routing, ``(mask, weights)`` or a (B, T, N) bool mask.
+            LiveContext)`` returning a (B, T, N) bool mask, a ``(mask, scores)`` pair or a
+            :class:`~usmoe_lp.routing.Routing` (its ``weights`` are the scores); the scores, (B, T, N) float, are what
+            ``weights="score"`` applies as they are and ``"reference"`` normalises (``"model"`` ignores them), so a
+            mask alone takes ``weights="model"``. Padding is dropped from whatever a callable selects.
         k: the model's experts per token, the budget unit (default: each layer's top_k).
         weights: the combine-weight rule, ``"model"``, ``"reference"`` or ``"score"`` (:mod:`usmoe_lp.live.weights`).
         log: the router log replayed by ``"replay"``.
@@ -358,7 +383,10 @@ def route(model: nn.Module, router: Any, *, k: int | None = None, weights: str =
         A :class:`Route`: enter it with ``with``; :attr:`Route.stats` reports, per layer, the realised pairs, k-bar,
         experts-per-token histogram, dropped tokens and expert rows computed.
 
-    Errors are raised up front (unknown router or parameter, k-bar above N, a model without routable blocks) or by
-    the forward that cannot be routed (:class:`RouteFailed`).
+    Errors are raised up front (unknown router or parameter, naming the routers that take it; k-bar above N;
+    ``"replay"`` without ``log=``; an unknown ``weights`` rule; a model without routable blocks) or by the forward
+    that cannot be routed (:class:`RouteFailed`: a router called outside a forward of ``model``, a decode step that
+    continues no sequence of the route; :class:`~usmoe_lp.errors.ShapeMismatch`: a callable's wrong shape, a
+    replay past the end of its log or on other token ids).
     """
     return Route(model, router, k=k, weights=weights, log=log, layers=layers, module_pattern=module_pattern, **params)

@@ -8,14 +8,17 @@ the router's (B, T, N) scores, from which the combine-weight rule (:mod:`usmoe_l
 * :class:`RegistrySelector`: a registry router (:func:`usmoe_lp.list_routers`). A forward that starts sequences is
   routed as one call of the router (its group: a sequence, the batch, a position). A decode step follows the
   router's decode rule (``Router.decode``): with a ``decode_route`` function, the rule applied to the sequence's
-  scores so far (kept per sequence for the length of the context), the new tokens' rows taken; without one, each
-  new token is routed as a sequence of one token (one call per token for routers whose group couples sequences).
-  A stateful router (bias balancing) carries its state from call to call, per layer.
+  scores so far (the prompt forward's and every decode step's, kept per sequence until the next forward that
+  starts sequences), the new tokens' rows taken; without one, each new token is routed as a sequence of one token
+  (one call per token for routers whose group couples sequences). A stateful router (bias balancing) carries its
+  state from forward to forward, per layer; decode steps do not move it (those without a decode rule are routed
+  with the current state; ``aux_free_bias``'s own decode rule uses its initial bias, the registry's choice).
 * :class:`ReplaySelector`: the experts and weights a router log recorded (``selected.<layer>`` / ``weights.<layer>``,
   written by :func:`usmoe_lp.logs.capture`), consumed in the log's token order: the forwards must feed the logged
   tokens in the logged order (checked on the token ids where both are known).
-* :class:`CallableSelector`: any function ``fn(logits, ctx)`` returning a :class:`usmoe_lp.routing.Routing`, a
-  ``(mask, weights)`` pair or a bool mask, (B, T, N) each.
+* :class:`CallableSelector`: any function ``fn(logits, ctx)`` returning a bool mask, a ``(mask, scores)`` pair or a
+  :class:`usmoe_lp.routing.Routing` (its weights taken as the scores), (B, T, N) each; the scores are what the
+  ``score`` and ``reference`` weight rules read.
 """
 
 from __future__ import annotations
@@ -39,9 +42,12 @@ class LiveContext:
     """What a live router knows about the tokens it routes in one forward of one layer.
 
     layer: the layer's :class:`usmoe_lp.logs.LayerInfo` (name, N, the model's k, its routing semantics).
-    real: (B, T) bool, False for padding. sequence_ids: (B,) int64 (a decode step keeps its prompt's).
-    positions: (B, T) int64 (real tokens before the token in its sequence). decode_step: the forward continues
-    sequences held in a KV cache (one new token per row under ``generate()``). token_ids: (B, T) int64 or None.
+    real: (B, T) bool, False for padding. sequence_ids: (B,) int64, a running count of the rows that started a
+    sequence inside the route (a decode step keeps its prompt's). positions: (B, T) int64 (real tokens before the
+    token in its sequence, so left padding still starts at 0). decode_step: the forward continues sequences held
+    in a KV cache (one new token per row under ``generate()``). token_ids: (B, T) int64 or None (a forward given
+    ``inputs_embeds=``). ``real``, ``sequence_ids`` and ``positions`` are CPU tensors
+    (:class:`usmoe_lp.logs.stream.Tokens`); ``token_ids`` is on the device the model got it on.
     """
 
     layer: Any
@@ -61,10 +67,11 @@ class LiveContext:
 class Selection:
     """A selector's answer for one forward of one layer.
 
-    mask: (B, T, N) bool, the experts of each token (none for padding). scores: (B, T, N) float, the router's own
-    scores over all experts (the ``score`` and ``reference`` weights read them), or None. weights: (B, T, N) float,
-    combine weights fixed by the selector (replay), or None (the route's weight rule makes them). native: the
-    selection is the model's own router's (its own tensors may run unchanged).
+    mask: (B, T, N) bool, the experts of each token (the route drops padding from it). scores: (B, T, N) float, the
+    router's own scores over all experts (the ``score`` and ``reference`` weights read them; float64 for a registry
+    router, on the logits' device), or None. weights: (B, T, N) float, combine weights fixed by the selector (replay),
+    or None (the route's weight rule makes them). native: the selection is the model's own router's (its own
+    tensors may run unchanged).
     """
 
     mask: torch.Tensor
@@ -240,7 +247,8 @@ class ReplaySelector:
 
 
 class CallableSelector:
-    """Any ``fn(logits (B, T, N), ctx: LiveContext)`` returning a Routing, ``(mask, weights)`` or a mask."""
+    """Any ``fn(logits (B, T, N), ctx: LiveContext)`` returning a (B, T, N) bool mask, ``(mask, scores)`` or a
+    Routing (module docstring); a wrong type or shape raises :class:`ShapeMismatch` naming the function."""
 
     def __init__(self, fn: Callable[[torch.Tensor, LiveContext], Any]) -> None:
         self.fn = fn
@@ -258,8 +266,11 @@ class CallableSelector:
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ShapeMismatch(f"router {self.label!r} must return a (B, T, N) = {tuple(logits.shape)} bool mask "
                                 f"(alone, with weights, or as a Routing), got {got}")
-        if scores is not None and tuple(scores.shape) != tuple(logits.shape):
-            raise ShapeMismatch(f"router {self.label!r} returned weights of shape {tuple(scores.shape)}, not "
-                                f"{tuple(logits.shape)}")
+        if scores is not None and (not isinstance(scores, torch.Tensor) or not scores.is_floating_point()
+                                   or tuple(scores.shape) != tuple(logits.shape)):
+            got = (f"{tuple(scores.shape)} {scores.dtype}" if isinstance(scores, torch.Tensor)
+                   else type(scores).__name__)
+            raise ShapeMismatch(f"router {self.label!r} returned weights of shape {got}, not (B, T, N) = "
+                                f"{tuple(logits.shape)} float")
         mask = mask.to(logits.device) & ctx.real.to(logits.device).unsqueeze(-1)  # padding never selected
         return Selection(mask=mask, scores=None if scores is None else scores.to(logits.device))
