@@ -24,7 +24,7 @@ from usmoe_lp.diagnostics.cli import _routers, parse_params
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.routers import list_routers
 
-__all__ = ["evaluate_command", "load_model", "read_documents", "settings_from_flags"]
+__all__ = ["build_settings", "evaluate_command", "load_model", "parse_ks", "parse_sweep", "read_documents"]
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 SHORTHANDS = ("kbar", "alpha", "scope")
@@ -62,6 +62,18 @@ def read_documents(path: Path) -> list[str]:
 def load_model(directory: Path | None):
     """``(model, tokenizer, name)``: the embedded tiny model, or the transformers causal LM saved in ``directory``
     (``from_pretrained(directory, local_files_only=True)``, eval mode) with its tokenizer. Errors name ``--model``."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' per-weight loading bar: noise on the command's stderr
+    try:
+        return _load_model(directory)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(directory: Path | None):
     if directory is None:
         from usmoe_lp.tiny import load_tiny
 
@@ -97,13 +109,11 @@ def model_top_k(model) -> int:
     return ks.pop()
 
 
-def settings_from_flags(model, routers: str, *, k: str = "", kbar: str = "", alpha: str = "", scope: str = "",
-                        param: list[str] | None = None) -> tuple:
-    """The :class:`~usmoe_lp.routers.RouterConfig` settings the flags describe, through
-    :func:`usmoe_lp.live.evaluate.settings_grid` (one call per value of ``--k``; default: the model's k), native
-    left out (:func:`~usmoe_lp.live.evaluate.evaluate` always runs it, at the model's k). Errors name the flag."""
-    from usmoe_lp.live.evaluate import settings_grid
-
+def parse_sweep(routers: str, *, kbar: str = "", alpha: str = "", scope: str = "",
+                param: list[str] | None = None) -> tuple[tuple[str, ...], dict[str, tuple], dict[str, str]]:
+    """``(names, sweep, flags)``: the routers of ``--routers``, the swept parameter values of ``--param`` and the
+    shorthands ``--kbar``/``--alpha``/``--scope`` (typed by :func:`usmoe_lp.diagnostics.cli.parse_params`), and
+    parameter -> the flag that gave it (for the messages). Errors name the flag."""
     names = _routers(routers)
     items = list(param or ())
     short: dict[str, str] = {}
@@ -112,39 +122,63 @@ def settings_from_flags(model, routers: str, *, k: str = "", kbar: str = "", alp
             if any(i.partition("=")[0].strip() == name for i in items):
                 raise InvalidParameter(f"--{name} and --param {name} both give {name}; use one of them")
             short[name] = text
-    flags = {name: f"--{name}" for name in short}
+    shorthand = {name: f"--{name}" for name in short}
     try:
         sweep = parse_params([*items, *(f"{n}={v}" for n, v in short.items())], names)
     except InvalidParameter as exc:
-        raise _flag_words(exc, flags) from None
-    ks = _numbers(k, "--k", int) or (model_top_k(model),)
-    settings, labels = [], {}
+        raise _flag_words(exc, shorthand) from None
+    return names, sweep, {**{p: f"--param {p}" for p in sweep}, **shorthand}
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """``--k K1,K2`` -> the budget units (empty: the model's k)."""
+    ks = _numbers(text, "--k", int)
     for kk in ks:
         if kk < 1:
             raise InvalidParameter(f"--k must be >= 1, got {kk}")
+    return ks
+
+
+def build_settings(names: tuple[str, ...], sweep: dict[str, tuple], flags: dict[str, str],
+                   ks: tuple[int, ...]) -> tuple:
+    """The :class:`~usmoe_lp.routers.RouterConfig` settings of :func:`parse_sweep`'s result at each k of ``ks``,
+    through :func:`usmoe_lp.live.evaluate.settings_grid`, native left out
+    (:func:`~usmoe_lp.live.evaluate.evaluate` always runs it, at the model's k). Errors name the flag."""
+    from usmoe_lp.live.evaluate import settings_grid
+
+    settings, labels = [], {}
+    for kk in ks:
         try:
             grid = settings_grid(kk, names, sweep=sweep)
         except InvalidParameter as exc:
-            raise _flag_words(exc, {**{p: f"--param {p}" for p in sweep}, **flags}) from None
+            raise _flag_words(exc, flags) from None
         for cfg in grid:
-            if cfg.label in labels and labels[cfg.label] != cfg.k:
-                raise InvalidParameter(f"--k {k}: the settings of {cfg.router} at k = {labels[cfg.label]} and "
-                                       f"k = {cfg.k} share the label {cfg.label!r}; evaluate one k at a time")
             if cfg.router == "native":
                 continue  # evaluate() always runs native, at the model's k, first
+            if cfg.label in labels and labels[cfg.label] != cfg.k:
+                raise InvalidParameter(f"--k {','.join(map(str, ks))}: the settings of {cfg.router} at k = "
+                                       f"{labels[cfg.label]} and k = {cfg.k} share the label {cfg.label!r}; evaluate "
+                                       "one k at a time")
             if cfg.label not in labels:
                 labels[cfg.label] = cfg.k
                 settings.append(cfg)
     return tuple(settings)
 
 
+EVALUATE_FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "seq_len", "batch_size", "corrupt", "generate", "prompt_tokens", "bootstrap", "confidence", "seed", "weights",
+    "max_tokens")}
+"""evaluate()'s keywords -> this command's flags (its errors say ``corrupt must ...``; the command says
+``--corrupt must ...``)."""
+
+
 def _flag_words(exc: InvalidParameter, flags: dict[str, str]) -> InvalidParameter:
     """A parameter error in the command's words: ``--param kbar`` (parse_params' words for a shorthand) and a bare
-    ``kbar must ...`` (RouterConfig's) -> the flag that gave it (``flags``: parameter -> flag)."""
+    ``kbar must ...`` or ``generate: ...`` (the library's) -> the flag that gave it (``flags``: parameter -> flag)."""
     text = str(exc)
     for name, flag in flags.items():
         text = text.replace(f"--param {name}", flag)
-        text = re.sub(rf"(?<![\w-])(?<!--param ){re.escape(name)} must", f"{flag} must", text)
+        text = re.sub(rf"(?<![\w-])(?<!--param ){re.escape(name)}(?= must|:)", flag, text)
     return InvalidParameter(text)
 
 
@@ -207,17 +241,24 @@ def evaluate_command(
         rates = _numbers(corrupt, "--corrupt", float) or (0.0,)
         check_evaluate_destination(out, inputs=inputs, overwrite=overwrite, overwrite_flag="--overwrite",
                                    out_flag="--out")
+        names, sweep, flags = parse_sweep(routers, kbar=kbar, alpha=alpha, scope=scope, param=param)
+        ks = parse_ks(k)
+        build_settings(names, sweep, flags, ks or (1,))  # the values checked before the model loads
         documents = read_documents(text) if text is not None else None
         lm, tokenizer, name = load_model(model)
         if documents is None:
             from usmoe_lp.tiny import heldout_documents
 
             documents = heldout_documents()
-        settings = settings_from_flags(lm, routers, k=k, kbar=kbar, alpha=alpha, scope=scope, param=param)
+        settings = build_settings(names, sweep, flags, ks or (model_top_k(lm),))
         t0 = time.perf_counter()
-        result = evaluate(lm, documents, settings, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
-                          corrupt=rates, generate=generate, prompt_tokens=prompt_tokens, bootstrap=bootstrap,
-                          confidence=confidence, seed=seed, weights=weights, progress=progress, max_tokens=max_tokens)
+        try:
+            result = evaluate(lm, documents, settings, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
+                              corrupt=rates, generate=generate, prompt_tokens=prompt_tokens, bootstrap=bootstrap,
+                              confidence=confidence, seed=seed, weights=weights, progress=progress,
+                              max_tokens=max_tokens)
+        except InvalidParameter as exc:
+            raise _flag_words(exc, EVALUATE_FLAGS) from None
         seconds = time.perf_counter() - t0
         written = write_evaluate_report(result, out, title=f"usmoe-lp evaluate: {name}", inputs=inputs,
                                         overwrite=overwrite, overwrite_flag="--overwrite", out_flag="--out")
