@@ -142,6 +142,9 @@ FAMILY_ROUTING: dict[str, dict[str, Any]] = {
     "llama4_text": {"score_dtype": "logits", "selection_score": "logits", "weight_function": "sigmoid",
                     "norm_topk_prob": False},
     "minimax_m2": {"score_dtype": "float32", "norm_topk_prob": True},
+    "minimax": {"score_dtype": "float32", "norm_topk_prob": True},
+    "qwen3_5_moe_text": {"score_dtype": "float32", "norm_topk_prob": True},
+    "qwen3_vl_moe_text": {"score_dtype": "float32", "norm_topk_prob": True},
     "hunyuan_v1_moe": {"score_dtype": "float32", "norm_topk_prob": True},
     "ernie4_5_moe": {"score_dtype": "float32", "norm_topk_prob": True},
     "lfm2_moe": {"score_dtype": "logits"},
@@ -173,7 +176,8 @@ FAMILY_SELECTIONS: dict[str, tuple[int, int]] = {
     "qwen3_next": (1, 2), "deepseek_v32": (1, 2), "granitemoeshared": (1, 2), "granitemoe_swa": (1, 2),
     "minimax_m2": (1, 2), "hunyuan_v1_moe": (1, 2), "glm4_moe": (1, 2), "dots1": (1, 2), "ernie4_5_moe": (1, 2),
     "flex_olmo": (1, 2), "lfm2_moe": (1, 2), "cohere2_moe": (1, 2), "exaone_moe": (1, 2), "hy_v3": (1, 2),
-    "aria_text": (1, 2), "mellum": (1, 2), "longcat_flash": (1, 2),
+    "aria_text": (1, 2), "mellum": (1, 2), "longcat_flash": (1, 2), "minimax": (1, 2), "qwen3_5_moe_text": (1, 2),
+    "qwen3_vl_moe_text": (1, 2),
 }
 # model_type -> (index of the weights, index of the expert indices) among the positional inputs of the MoE block's
 # ``experts`` module (the router's sibling), read by a forward pre-hook, for the families whose router returns only
