@@ -25,6 +25,7 @@ sys.path.insert(1, str(HERE.parent))
 
 import bench_analyze  # noqa: E402
 import bench_certificate  # noqa: E402
+import bench_live  # noqa: E402
 import bench_solvers  # noqa: E402
 from common import machine_info, machine_markdown, results_dir  # noqa: E402
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-solvers", action="store_true")
     ap.add_argument("--skip-analyze", action="store_true",
                     help="skip the streaming-analysis benchmark (full size: writes a 1 GB log to the temp dir)")
+    ap.add_argument("--skip-live", action="store_true",
+                    help="skip the live-routing benchmark (full size: a few minutes per experts implementation)")
     args = ap.parse_args(argv)
 
     out_dir = results_dir(args.out, args.quick)
@@ -82,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         raw["analyze"] = analyze_res
         sections.append(bench_analyze.to_markdown(analyze_res))
         ok &= bench_analyze.ok(analyze_res)
+
+    if not args.skip_live:
+        _log("live-routing benchmark ...")
+        # quick: the model's default experts implementation, one timed block, no profile (a smoke run)
+        live = bench_live.run_implementations(
+            args.quick, repeats=1 if args.quick else 9, forwards=1 if args.quick else 2,
+            implementations=[None] if args.quick else ["grouped_mm", "eager"], profile=not args.quick, log=_log)
+        raw["live"] = live
+        sections.append(bench_live.to_markdown(live))
+        ok &= all(bench_live.ok(r) for r in live)
 
     elapsed = time.perf_counter() - t_start
     info["load_average_end"] = list(os.getloadavg())

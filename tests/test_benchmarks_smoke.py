@@ -20,13 +20,13 @@ def test_run_all_quick_writes_tables(tmp_path):
 
     proc = subprocess.run(
         [sys.executable, str(RUN_ALL), "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=600,  # a hang guard: ~100 s on 2 idle cores, over 250 s on a busy machine
     )
     assert proc.returncode == 0, f"run_all --quick exited {proc.returncode}:\n{proc.stderr[-3000:]}"
 
     md = (tmp_path / "results.md").read_text()
     assert "## Machine" in md and "CPU:" in md
-    for heading in ("Closed-form certificate", "Torch routers", "Solver backends"):
+    for heading in ("Closed-form certificate", "Torch routers", "Solver backends", "Live routing"):
         assert heading in md
     table_rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert any("certify" in line for line in table_rows)  # a header row
@@ -37,6 +37,13 @@ def test_run_all_quick_writes_tables(tmp_path):
     raw = json.loads((tmp_path / "results.json").read_text())
     assert raw["quick"] is True and raw["ok"] is True
     assert {r["backend"] for r in raw["solvers"]["results"]} == {"highs", "cbc", "milp"}
+    # live routing: every variant timed, its checks passed (native bitwise, realised k-bar and expert rows)
+    (live,) = raw["live"]
+    assert set(live["stats"]) == {"unpatched", "native", "tc k=2", "usmoe kbar=2", "tc k=1", "usmoe kbar=1"}
+    assert all(v for c in live["checks"].values() for k, v in c.items() if k.endswith("_ok"))
+    assert {k: round(v["kbar"], 9) for k, v in live["routed"].items()} == {
+        "native": 2, "tc k=2": 2, "usmoe kbar=2": 2, "tc k=1": 1, "usmoe kbar=1": 1}
+    assert any(line.startswith("| usmoe kbar=1 |") for line in table_rows)
 
     # The committed full-size results are never overwritten by the smoke run.
     after = committed.stat().st_mtime_ns if committed.exists() else None
