@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from test_capture_families import PAD, B, E, K, T, V, padded_batch, tiny_model
 
 from usmoe_lp.errors import InvalidParameter, ShapeMismatch
-from usmoe_lp.live import LiveContext, RouteFailed, route
+from usmoe_lp.live import LiveContext, RouteFailed, Selection, route
 from usmoe_lp.logs import RouterLog
 from usmoe_lp.logs.capture import capture
 from usmoe_lp.routers import reroute
@@ -530,3 +530,24 @@ def test_native_is_the_unpatched_model_bitwise(models):
         for s in r.stats.layers:
             assert s.native_mismatches == 0 and s.pairs == K * (B * T - PAD)
             assert s.rows_computed == K * B * T  # the model's experts also run its padding
+
+
+def test_native_check_counts_tokens_whose_experts_differ(models):
+    """native's check can fail: a replay whose experts are shifted by one differs from the model's on every real
+    token, while the model's own selection still runs."""
+    model = models("mixtral")
+    batch = padded_batch("mixtral")
+    r = route(model, "native")
+    replay = r.selector.select
+
+    def shifted(z, ctx):
+        sel = replay(z, ctx)
+        return Selection(mask=sel.mask.roll(1, dims=-1), scores=sel.scores, native=True)
+    r.selector.select = shifted
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with r:
+            out = model(**batch).logits
+    assert torch.equal(out, plain)
+    for s in r.stats.layers:
+        assert s.native_mismatches == B * T - PAD
