@@ -195,7 +195,10 @@ class Run:
 
 
 def verdict(low: float, high: float, words=("better", "equal", "worse")) -> str:
-    """CE difference interval -> better (entirely below 0), worse (entirely above 0) or equal (contains 0)."""
+    """CE difference interval -> better (entirely below 0), worse (entirely above 0), equal (contains 0), or
+    identical (exactly 0: the same predictions on every document)."""
+    if low == high == 0:
+        return "identical"
     if high < 0:
         return words[0]
     if low > 0:
@@ -203,8 +206,16 @@ def verdict(low: float, high: float, words=("better", "equal", "worse")) -> str:
     return words[1]
 
 
+def signed(x: float, digits: int = 4) -> str:
+    """``x`` with its sign at ``digits`` decimals; a non-zero value that would round to 0 in scientific notation
+    (so that an interval end just above or below 0 keeps its sign visible)."""
+    if x != 0 and abs(x) < 0.5 * 10 ** -digits:
+        return f"{x:+.0e}"
+    return f"{x:+.{digits}f}"
+
+
 def ci(est: float, low: float, high: float, digits: int = 4) -> str:
-    return f"{est:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+    return f"{signed(est, digits)} [{signed(low, digits)}, {signed(high, digits)}]"
 
 
 def pct(x: float, digits: int = 2) -> str:
@@ -239,8 +250,8 @@ def setup_table(clean: Run, corrupt: Run) -> str:
         ["combine weights", f"the model's rule (`weights=\"{c['weights']}\"`): softmax gate values of the selected "
                             "experts, not renormalised (OLMoE)"],
         ["wall time", f"clean run {clean.data['run']['seconds']:.0f} s, corruption run "
-                      f"{corrupt.data['run']['seconds']:.0f} s ({r['torch_threads']} torch thread(s), shared "
-                      "2-core machine)"],
+                      f"{corrupt.data['run']['seconds']:.0f} s (torch threads: {r['torch_threads']}; a 2-core "
+                      "machine shared with other jobs, so the times are upper bounds)"],
     ]
     return table(["", "value"], rows)
 
@@ -254,10 +265,9 @@ def quality_table(run: Run) -> str:
                      f"{q['ce']:.4f} [{q['ce_low']:.4f}, {q['ce_high']:.4f}]",
                      "–" if label == NATIVE else ci(q["delta_ce"], q["delta_low"], q["delta_high"]),
                      "–" if label == NATIVE else pct(q["rel_delta"]),
-                     "reference" if label == NATIVE else verdict(q["delta_low"], q["delta_high"]),
-                     f"{q['tokens_per_s']:,.0f}"])
+                     "reference" if label == NATIVE else verdict(q["delta_low"], q["delta_high"])])
     head = ["setting", "realised k-bar", "MoE FLOPs / native", "CE nats/token [95% CI]",
-            "Δ CE vs native [paired 95% CI]", "Δ / native CE", "vs native", "tokens/s"]
+            "Δ CE vs native [paired 95% CI]", "Δ / native CE", "vs native"]
     return (f"Native: {nat['ce']:.4f} nats/token ({nat['bpb']:.3f} bits/byte).\n\n" + table(head, rows))
 
 
@@ -273,7 +283,7 @@ def matched_table(run: Run) -> str:
             for ref in (tc, ec):
                 est, lo, hi = run.paired(label, ref)
                 t_est, t_lo, t_hi = run.paired(label, ref, unit="topic")
-                cells += [ci(est, lo, hi), verdict(lo, hi), f"[{t_lo:+.4f}, {t_hi:+.4f}] {verdict(t_lo, t_hi)}"]
+                cells += [ci(est, lo, hi), verdict(lo, hi), f"[{signed(t_lo)}, {signed(t_hi)}] {verdict(t_lo, t_hi)}"]
             rows.append(cells)
     head = ["setting", "Δ CE vs TC (same k-bar) [95% CI]", "vs TC", "over topics", "Δ CE vs EC (same k-bar) [95% CI]",
             "vs EC", "over topics"]
@@ -362,7 +372,7 @@ def causal_table(run: Run) -> str:
         est, lo, hi = run.paired(label, twin)
         _, tlo, thi = run.paired(label, twin, unit="topic")
         rows.append([f"{s['kbar']:g}", f"{run.q(label)['kbar']:.4f}", f"{run.q(twin)['kbar']:.4f}",
-                     ci(est, lo, hi), verdict(lo, hi), f"[{tlo:+.4f}, {thi:+.4f}] {verdict(tlo, thi)}"])
+                     ci(est, lo, hi), verdict(lo, hi), f"[{signed(tlo)}, {signed(thi)}] {verdict(tlo, thi)}"])
     return table(["target k-bar", "causal_topc realised k-bar", "usmoe seq realised k-bar",
                   "Δ CE causal_topc − usmoe seq [95% CI]", "causal vs sequence-scope", "over topics"], rows)
 
@@ -375,15 +385,24 @@ def decode_table(run: Run) -> str:
                   "decode-time vs teacher-forced routing: (token, layer) differing"], rows)
 
 
-def summary_lines(clean: Run, corrupt: Run) -> str:
-    """The numbers the prose quotes, in one place (printed as an HTML comment for the author)."""
-    lines = []
-    for a in ("usmoe a=0.3 kbar=2 seq", "usmoe a=0.5 kbar=2 seq", "usmoe a=0.7 kbar=2 seq",
-              "usmoe a=0.5 kbar=2 batch", "usmoe a=0.5 kbar=2 pos", "usmoe a=0.5 kbar=1.5 seq"):
-        for b in ("tc k=2", "ec cf=1", "ec cf=0.75", "topp p=0.4", "causal_topc a=0.5 kbar=1.5"):
-            if (a, 0.0) in clean.docs and (b, 0.0) in clean.docs:
-                lines.append(f"{a} - {b}: {ci(*clean.paired(a, b))}")
-    return "\n".join(lines)
+def same_budget_table(run: Run, reference: str = "usmoe a=0.5 kbar=1.5 seq", budget: float = 1.5,
+                      tolerance: float = 0.03) -> str:
+    """Every setting whose realised k-bar is within ``tolerance`` of ``budget``, against ``reference`` (paired)."""
+    rows = []
+    for label in run.labels:
+        q = run.q(label)
+        if label == reference or abs(q["kbar"] - budget) > tolerance:
+            continue
+        est, lo, hi = run.paired(label, reference)
+        _, tlo, thi = run.paired(label, reference, unit="topic")
+        rows.append([label, f"{q['kbar']:.3f}", ci(q["delta_ce"], q["delta_low"], q["delta_high"]), ci(est, lo, hi),
+                     verdict(lo, hi), f"[{signed(tlo)}, {signed(thi)}] {verdict(tlo, thi)}"])
+    ref = run.q(reference)
+    return (f"Reference `{reference}`: realised k-bar {ref['kbar']:.3f}, Δ CE vs native "
+            f"{ci(ref['delta_ce'], ref['delta_low'], ref['delta_high'])}. Negative = the setting is better than the "
+            "reference.\n\n"
+            + table(["setting", "realised k-bar", "Δ CE vs native [95% CI]", f"Δ CE vs {reference} [95% CI]",
+                     "vs reference", "over topics"], rows))
 
 
 # ----------------------------------------------------------------------------- figures
@@ -406,7 +425,7 @@ def figures(clean: Run, corrupt: Run, out: Path) -> list[Path]:
     markers = {"native": "*", "tc": "s", "ec": "D", "usmoe": "o", "causal_topc": "^", "topp": "v"}
     for i, (fam, qs) in enumerate(curves.items()):
         qs = sorted(qs, key=lambda q: q["kbar"])
-        x = np.array([q["kbar"] for q in qs]) + 0.006 * (i - len(curves) / 2)
+        x = np.array([q["kbar"] for q in qs]) + 0.004 * (i - (len(curves) - 1) / 2)  # dodge the error bars
         y = np.array([q["delta_ce"] for q in qs])
         err = np.array([[q["delta_ce"] - q["delta_low"] for q in qs], [q["delta_high"] - q["delta_ce"] for q in qs]])
         router = fam.split()[0]
@@ -417,10 +436,11 @@ def figures(clean: Run, corrupt: Run, out: Path) -> list[Path]:
     nat_ce = clean.q(NATIVE)["ce"]
     for tol, style in ((0.01, "--"), (0.02, ":")):
         ax.axhline(tol * nat_ce, color="0.4", ls=style, lw=0.8)
-        ax.annotate(f"{tol:.0%} of native CE", (1.0, tol * nat_ce), xytext=(2, 2), textcoords="offset points",
-                    fontsize=7, color="0.3")
+        ax.annotate(f"{tol:.0%} of native CE", (1.0, tol * nat_ce), xycoords=("axes fraction", "data"),
+                    xytext=(-2, 2), textcoords="offset points", ha="right", fontsize=7, color="0.3")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_yscale("symlog", linthresh=0.02)
+    ax.set_ylim(bottom=-0.01)
     ax.set_xlabel("realised k-bar (experts per token, mean over layers); model k = 2")
     ax.set_ylabel("Δ cross-entropy vs native (nats/token),\npaired 95% bootstrap CI")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -444,6 +464,7 @@ def figures(clean: Run, corrupt: Run, out: Path) -> list[Path]:
     ax.axhline(0, color="black", lw=0.8, label="native (reference)")
     ax.set_xticks(rates, [f"{r:g}" for r in rates])
     ax.set_yscale("symlog", linthresh=0.02)
+    ax.set_ylim(bottom=-0.01)
     ax.set_xlabel("input corruption rate p (share of input bytes replaced by uniform random bytes)")
     ax.set_ylabel("Δ cross-entropy vs native at the same p\n(nats/token), paired 95% CI")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -473,13 +494,12 @@ def main(argv=None) -> int:
     clean, corrupt = Run(paths[0]), Run(paths[1])
     sections = [("Setup", setup_table(clean, corrupt)), ("Quality and cost, clean inputs", quality_table(clean)),
                 ("USMoE against TC and EC at the same k-bar", matched_table(clean)),
-                ("The cost claim", cost_table(clean)), ("Causal top-c against sequence-scope USMoE",
-                                                         causal_table(clean)),
+                ("The cost claim", cost_table(clean)), ("Every router at k-bar = 1.5", same_budget_table(clean)),
+                ("Causal top-c against sequence-scope USMoE", causal_table(clean)),
                 ("Corrupted inputs", corruption_table(corrupt)), ("Generation and decode-time routing",
                                                                   decode_table(clean))]
     for title, body in sections:
         print(f"#### Live: {title}\n\n{body}\n")
-    print("<!-- paired differences quoted in the text:\n" + summary_lines(clean, corrupt) + "\n-->")
     if a.figures is not None:
         for p in figures(clean, corrupt, a.figures):
             print(f"<!-- wrote {p} -->")
