@@ -1,4 +1,6 @@
-"""Live routing: put any router into a transformers MoE model and measure what it does (:func:`route`)."""
+"""Live routing: put any router into a transformers MoE model (:func:`route`) and measure quality against cost
+end to end (:func:`usmoe_lp.live.evaluate.evaluate`, the module of that name: ``from usmoe_lp.live.evaluate import
+evaluate``)."""
 
 from usmoe_lp.live.adapters import UnsupportedModel
 from usmoe_lp.live.route import Route, RouteFailed, route

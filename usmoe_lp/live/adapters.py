@@ -52,13 +52,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from usmoe_lp.errors import UsmoeLpError
 from usmoe_lp.live.dispatch import pack, run_experts
 
 __all__ = ["FAMILY_ADAPTERS", "DenseExperts", "FusedExperts", "NllbExperts", "OneHotExperts", "PaddedPairs",
            "SortedPairs", "UnsupportedModel", "adapter_for"]
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(UsmoeLpError, ValueError):
     """The model's MoE blocks cannot be routed live (the message says why and what would)."""
 
 
@@ -179,7 +180,36 @@ class FusedExperts:
             layer.counter.rows_computed += rows
             return out.reshape(hidden.shape)
 
-        return _wrap_forward(experts, forward)
+        undo = [_wrap_forward(experts, forward)]
+        if getattr(layer.spec, "selection_source", None) == "experts":
+            undo.append(experts.register_forward_pre_hook(self._show_selection(layer), with_kwargs=True,
+                                                          prepend=True).remove)
+
+        def restore() -> None:
+            for u in reversed(undo):
+                u()
+        return restore
+
+    def _show_selection(self, layer: Any) -> Callable:
+        """A pre-hook, first of the experts module's, that puts the route's selection into the call's arguments
+        (the (n, kmax + 1) indices and weights, the last column "no expert", as the router output of the other
+        families carries them), for a block that computes its selection itself (DBRX): a capture reading the
+        experts' inputs logs the routing applied."""
+        num_experts = layer.info.num_experts
+
+        def hook(module, args, kwargs):
+            pending = layer.pending
+            if pending is None or pending.index is None:
+                return None
+            _, index_key, weights_key = self.locate(args, kwargs)
+            if index_key is None or weights_key is None:
+                return None
+            model_index, model_weights = _get(args, kwargs, index_key), _get(args, kwargs, weights_key)
+            index = torch.cat([pending.index, pending.index.new_full((pending.index.shape[0], 1), num_experts)], 1)
+            weights = torch.cat([pending.weights, pending.weights.new_zeros(pending.weights.shape[0], 1)], 1)
+            return _put(args, kwargs, {index_key: index.to(model_index.dtype),
+                                       weights_key: weights.to(model_weights.dtype)})
+        return hook
 
 
 class OneHotExperts(FusedExperts):
@@ -254,36 +284,38 @@ class SortedPairs:
         self.slots = slots  # JetMoE's attention: every token has top_k slots, a selection must fit them
 
     def install(self, layer: Any) -> Callable[[], None]:
+        """Nothing to wrap: the block computes the pairs the router's output lists (:meth:`router_output`)."""
+        return lambda: None
+
+    def router_output(self, layer: Any, output: Any) -> Any:
+        """The router's output listing the route's pairs (route's router hook calls it, before any other hook, so
+        a capture reads the pairs that run); None when the model's own pairs run."""
         num_experts = layer.info.num_experts
-
-        def hook(module, args, output):
-            pending, layer.pending = layer.pending, None
-            if pending is None:
-                return None
-            slots, _, gates, sizes, logits = output
-            n = logits.shape[0]
-            if pending.index is None:  # native: the model's (n, k) selection from its sorted pairs
-                expert = torch.repeat_interleave(torch.arange(num_experts, device=slots.device),
-                                                 torch.as_tensor(sizes, device=slots.device))
-                index = torch.full((slots.numel(),), num_experts, dtype=torch.int64, device=slots.device)
-                index[slots] = expert
-                layer.account_native(index.reshape(n, -1))
-                return None
-            index, weights = pending.index, pending.weights
-            if self.slots and index.shape[1] > self.top_k:
-                raise UnsupportedModel(f"layer {layer.info.name!r}: JetMoE's attention experts give each token "
-                                       f"{self.top_k} query slots, but the router gave a token {index.shape[1]} "
-                                       "experts; route the MLP routers only (layers=[...])")
-            token, slot = (index < num_experts).nonzero(as_tuple=True)
-            expert = index[token, slot]
-            order = torch.argsort(expert, stable=True)
-            token, slot, expert = token[order], slot[order], expert[order]
-            width = self.top_k if self.slots else index.shape[1]
-            counts = torch.bincount(expert, minlength=num_experts).tolist()
-            layer.counter.rows_computed += int(token.numel())
-            return (token * width + slot, token, weights[token, slot].to(gates.dtype), counts, *output[4:])
-
-        return self.router.register_forward_hook(hook).remove
+        pending, layer.pending = layer.pending, None
+        if pending is None:
+            return None
+        slots, _, gates, sizes, logits = output
+        n = logits.shape[0]
+        if pending.index is None:  # native: the model's (n, k) selection from its sorted pairs
+            expert = torch.repeat_interleave(torch.arange(num_experts, device=slots.device),
+                                             torch.as_tensor(sizes, device=slots.device))
+            index = torch.full((slots.numel(),), num_experts, dtype=torch.int64, device=slots.device)
+            index[slots] = expert
+            layer.account_native(index.reshape(n, -1))
+            return None
+        index, weights = pending.index, pending.weights
+        if self.slots and index.shape[1] > self.top_k:
+            raise UnsupportedModel(f"layer {layer.info.name!r}: JetMoE's attention experts give each token "
+                                   f"{self.top_k} query slots, but the router gave a token {index.shape[1]} "
+                                   "experts; route the MLP routers only (layers=[...])")
+        token, slot = (index < num_experts).nonzero(as_tuple=True)
+        expert = index[token, slot]
+        order = torch.argsort(expert, stable=True)
+        token, slot, expert = token[order], slot[order], expert[order]
+        width = self.top_k if self.slots else index.shape[1]
+        counts = torch.bincount(expert, minlength=num_experts).tolist()
+        layer.counter.rows_computed += int(token.numel())
+        return (token * width + slot, token, weights[token, slot].to(gates.dtype), counts, *output[4:])
 
 
 class DenseExperts:
@@ -302,7 +334,7 @@ class DenseExperts:
         num_experts = layer.info.num_experts
         state: dict[str, torch.Tensor] = {}
 
-        def router_hook(module, args, output):
+        def router_output(lay: Any, output: Any) -> Any:
             pending, layer.pending = layer.pending, None
             state.clear()
             if pending is None:
@@ -335,11 +367,12 @@ class DenseExperts:
             layer.counter.rows_computed += int(token.numel())
             return out.reshape(hidden.shape[0], -1)
 
-        undo = [self.router.register_forward_hook(router_hook).remove, _wrap_forward(experts, forward)]
+        self.router_output = router_output
+        restore_forward = _wrap_forward(experts, forward)
 
         def restore() -> None:
-            for u in reversed(undo):
-                u()
+            restore_forward()
+            self.__dict__.pop("router_output", None)
         return restore
 
 

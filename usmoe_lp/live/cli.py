@@ -10,6 +10,7 @@ is its held-out documents unless ``--text FILE`` gives documents separated by bl
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -260,6 +261,8 @@ def evaluate_command(
         except InvalidParameter as exc:
             raise _flag_words(exc, EVALUATE_FLAGS) from None
         seconds = time.perf_counter() - t0
+        if model is None:  # the embedded model by its name, not the path of the installed package's weights
+            result = dataclasses.replace(result, model={**result.model, "name": name})
         written = write_evaluate_report(result, out, title=f"usmoe-lp evaluate: {name}", inputs=inputs,
                                         overwrite=overwrite, overwrite_flag="--overwrite", out_flag="--out")
     except UsmoeLpError as exc:

@@ -47,7 +47,7 @@ from usmoe_lp.live.route import Route, route
 from usmoe_lp.live.weights import get_weight_rule
 from usmoe_lp.routers.config import RouterConfig, router_grid
 from usmoe_lp.tiny.data import BOS_ID, EOS_ID, VOCAB_SIZE, document_ids
-from usmoe_lp.tiny.evaluate import scored_targets, eval_windows
+from usmoe_lp.tiny.evaluate import eval_windows, scored_targets
 
 __all__ = ["DEFINITIONS", "EvaluateResult", "bootstrap_ci", "evaluate", "pareto_front", "settings_grid"]
 
@@ -354,8 +354,8 @@ class _Progress:
 
 
 # ----------------------------------------------------------------------------- passes
-def _route(model, config: RouterConfig, weights: str) -> Route:
-    return route(model, config, weights="model" if config.router == NATIVE else weights)
+def _route(model, config: RouterConfig, weights: str, on_select=None) -> Route:
+    return route(model, config, weights="model" if config.router == NATIVE else weights, on_select=on_select)
 
 
 def _score_pass(model, config: RouterConfig, weights: str, batches: list[_Batch], flat_in: torch.Tensor,
@@ -385,19 +385,14 @@ def _score_pass(model, config: RouterConfig, weights: str, batches: list[_Batch]
 
 
 class _Recorder:
-    """Records each layer's selection of every forward of a route (wraps its selector's ``select``)."""
+    """Records each layer's selection of every forward of a route (its ``on_select`` callback)."""
 
-    def __init__(self, r: Route) -> None:
+    def __init__(self) -> None:
         self.calls: list[tuple[str, bool, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        selector = r.selector
-        select = selector.select
 
-        def recording(logits, ctx):
-            selection = select(logits, ctx)
-            self.calls.append((ctx.layer.name, bool(ctx.decode_step), selection.mask.detach().cpu(),
-                               ctx.positions.detach().cpu(), ctx.real.detach().cpu()))
-            return selection
-        selector.select = recording
+    def __call__(self, ctx, selection) -> None:
+        self.calls.append((ctx.layer.name, bool(ctx.decode_step), selection.mask.detach().cpu(),
+                           ctx.positions.detach().cpu(), ctx.real.detach().cpu()))
 
     def masks(self, rows: int, length: int, num_experts: dict[str, int]) -> dict[str, torch.Tensor]:
         """layer -> (rows, length, N) bool, each row's selection at each position of the recorded calls."""
@@ -432,8 +427,8 @@ def _generate(model, config: RouterConfig, weights: str, prompts: torch.Tensor, 
     and the fraction of (fed generated token, layer) whose decode-time experts differ from the teacher-forced
     routing of prompt + continuation (NaN when no generated token is fed back, new_tokens = 1)."""
     G, P = prompts.shape
-    with _route(model, config, weights) as r:
-        recorder = _Recorder(r)
+    recorder = _Recorder()
+    with _route(model, config, weights, on_select=recorder) as r:
         sizes = {layer.info.name: layer.info.num_experts for layer in r.layers}
         cache = _new_cache(model)  # passed in from empty, as generate() does, so the route sees the decode steps
         key = _cache_keyword(model)

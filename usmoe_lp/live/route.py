@@ -38,20 +38,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from usmoe_lp.errors import InvalidParameter, ShapeMismatch
+from usmoe_lp.errors import InvalidParameter, ShapeMismatch, UsmoeLpError
 from usmoe_lp.live.adapters import UnsupportedModel, adapter_for
 from usmoe_lp.live.dispatch import pack
 from usmoe_lp.live.selectors import CallableSelector, LiveContext, RegistrySelector, ReplaySelector, Selection
 from usmoe_lp.live.stats import RouteStats, _Counter
 from usmoe_lp.live.weights import get_weight_rule
-from usmoe_lp.logs.capture import RouterSpec, find_routers
+from usmoe_lp.logs.capture import RouterNotFound, RouterSpec, find_routers
 from usmoe_lp.logs.stream import Batch, Tokens, TokenStream
 from usmoe_lp.routers.config import RouterConfig
 
 __all__ = ["LiveLayer", "Route", "RouteFailed", "route"]
 
 
-class RouteFailed(RuntimeError):
+class RouteFailed(UsmoeLpError, RuntimeError):
     """A forward inside :func:`route` could not be routed (the message says why)."""
 
 
@@ -168,6 +168,16 @@ def _selector(router: Any, k: int | None, log: Any, params: dict[str, Any]) -> A
 
 
 def _find(model: nn.Module, layers: str | Sequence[str], module_pattern: str | None) -> list[RouterSpec]:
+    if not isinstance(layers, str):  # a list may mix the encoder's and the decoder's routers (not a log's rule)
+        wanted = list(layers)
+        specs = _find(model, "auto", module_pattern)
+        by_key = {key: s for s in specs for key in (s.name, s.path)}
+        unknown = [w for w in wanted if w not in by_key]
+        if unknown or not wanted:
+            raise RouterNotFound(f"layers {unknown or '[]'} are not routers of {type(model).__name__}; routers: "
+                                 f"{[s.name for s in specs]}")
+        chosen = {by_key[w].path for w in wanted}
+        return [s for s in specs if s.path in chosen]
     specs = find_routers(model, layers=layers, module_pattern=module_pattern)
     if layers == "auto" and specs and specs[0].stack == "encoder":  # an encoder-decoder model: route both stacks
         specs = specs + find_routers(model, layers="decoder", module_pattern=module_pattern)
@@ -190,9 +200,12 @@ class Route:
 
     def __init__(self, model: nn.Module, router: Any, *, k: int | None = None, weights: str = "model",
                  log: Any = None, layers: str | Sequence[str] = "auto", module_pattern: str | None = None,
-                 **params: Any) -> None:
+                 on_select: Callable[[LiveContext, Selection], None] | None = None, **params: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if on_select is not None and not callable(on_select):
+            raise InvalidParameter(f"on_select must be a callable (ctx, selection), got {type(on_select).__name__}")
+        self.on_select = on_select
         self.model = model
         self.weight_rule = get_weight_rule(weights)
         if isinstance(router, str) and router == "replay" and weights != "model":
@@ -299,7 +312,14 @@ class Route:
                               positions=tokens.positions, decode_step=tokens.decode_step,
                               token_ids=ids if ids is not None and tuple(ids.shape) == (B, T) else None)
             selection = self.selector.select(z, ctx)
-            return self._apply(layer, stack, z, selection, output)
+            if self.on_select is not None:
+                self.on_select(ctx, selection)
+            rewritten = self._apply(layer, stack, z, selection, output)
+            adapter_output = getattr(layer.adapter, "router_output", None)
+            if adapter_output is not None:  # a family whose block reads the pairs from the router's output
+                changed = adapter_output(layer, output if rewritten is None else rewritten)
+                rewritten = rewritten if changed is None else changed
+            return rewritten
         return hook
 
     def _apply(self, layer: LiveLayer, stack: _Stack, logits: torch.Tensor, selection: Selection, output: Any):
@@ -359,7 +379,8 @@ def _logits_of(output: Any, spec: RouterSpec) -> torch.Tensor:
 
 
 def route(model: nn.Module, router: Any, *, k: int | None = None, weights: str = "model", log: Any = None,
-          layers: str | Sequence[str] = "auto", module_pattern: str | None = None, **params: Any) -> Route:
+          layers: str | Sequence[str] = "auto", module_pattern: str | None = None,
+          on_select: Callable[[LiveContext, Selection], None] | None = None, **params: Any) -> Route:
     """A context manager that makes every MoE block of ``model`` route with ``router``.
 
     Args:
@@ -376,7 +397,9 @@ def route(model: nn.Module, router: Any, *, k: int | None = None, weights: str =
         weights: the combine-weight rule, ``"model"``, ``"reference"`` or ``"score"`` (:mod:`usmoe_lp.live.weights`).
         log: the router log replayed by ``"replay"``.
         layers, module_pattern: which routers, as for :func:`usmoe_lp.logs.capture` (``"auto"``: every router;
-            both stacks of an encoder-decoder model).
+            both stacks of an encoder-decoder model; a list may name routers of both stacks).
+        on_select: called as ``on_select(ctx, selection)`` with each layer's :class:`LiveContext` and
+            :class:`Selection` of every forward (to record the routing, as ``evaluate`` does for decode mismatch).
         **params: the router's parameters (``kbar=1.5, alpha=0.5, scope="sequence"``).
 
     Returns:
@@ -389,4 +412,5 @@ def route(model: nn.Module, router: Any, *, k: int | None = None, weights: str =
     continues no sequence of the route; :class:`~usmoe_lp.errors.ShapeMismatch`: a callable's wrong shape, a
     replay past the end of its log or on other token ids).
     """
-    return Route(model, router, k=k, weights=weights, log=log, layers=layers, module_pattern=module_pattern, **params)
+    return Route(model, router, k=k, weights=weights, log=log, layers=layers, module_pattern=module_pattern,
+                 on_select=on_select, **params)
