@@ -1,4 +1,4 @@
-"""Tables and figures of the live-routing section of papers/routing-as-lp.md (Section 7).
+"""Tables and figures of the live-routing section of papers/routing-as-lp.md (Section 6).
 
 Usage:
     .venv/bin/python papers/make_live_tables.py --run papers/live        # the two evaluations (~20 min, 2 cores)
@@ -305,7 +305,7 @@ def cost_table(run: Run) -> str:
     rows = []
     for fam, qs in curves.items():
         qs = sorted(qs, key=lambda q: q["moe_flops_per_token"])
-        cells = [fam, ", ".join(f"{q['kbar']:.3g}" for q in qs)]
+        cells = [fam, ", ".join(f"{q['kbar']:.4g}" for q in qs)]
         for tol in (0.01, 0.02):
             for bound in ("delta_ce", "delta_high"):
                 within = [q[bound] / nat["ce"] <= tol for q in qs]
@@ -313,7 +313,7 @@ def cost_table(run: Run) -> str:
                 first = next((i for i in range(len(qs)) if all(within[i:])), None)
                 if first is not None:
                     best = qs[first]
-                    cells.append(f"{best['kbar']:.3g} ({pct(1 - best['moe_flops_per_token'] / ref_flops, 1)})")
+                    cells.append(f"{best['kbar']:.4g} ({pct(1 - best['moe_flops_per_token'] / ref_flops, 1)})")
                 else:
                     cells.append("none")
         rows.append(cells)
