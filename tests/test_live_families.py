@@ -280,3 +280,34 @@ def test_seq2seq_routes_both_stacks(mt):
     model = model_of(mt)
     stacks = {lay.spec.stack for lay in route(model, "tc").layers}
     assert stacks == {"encoder", "decoder"}
+
+
+@pytest.mark.parametrize("mt", ALL)
+def test_capture_alongside_route_logs_the_routing_applied(mt, tmp_path):
+    """A capture inside a route logs, as selections, the experts the route ran (not the model's own choice), on
+    every family whose selections capture logs: the router's output rewritten in route's first hook, DBRX's
+    experts inputs in a first pre-hook, JetMoE's sorted pairs and Llama-4's dense weights inside route's hook."""
+    from usmoe_lp.logs import RouterLog, capture
+
+    model, batch = model_of(mt), padded_batch(mt)
+    layers = usmoe_layers(model)
+    applied = []
+    with route(model, "usmoe", kbar=1.0, layers=layers,
+               on_select=lambda ctx, sel: applied.append((ctx.layer.module_path, sel.mask.cpu(), ctx.real.cpu()))):
+        with capture(model, tmp_path / "log", fsync=False, layers=layers) as cap:
+            forward(model, batch)
+    log = RouterLog.open(tmp_path / "log")
+    logged = [name for name in log.layers if log.has(name, "selected")]
+    if not logged:
+        pytest.skip(f"{mt}: capture logs no selections for this family")
+    by_layer = {name: (mask, real) for name, mask, real in applied}
+    for name in logged:
+        chunk = log.read(name, 0, log.num_tokens)
+        mask, real = by_layer[log.layer_info(name).module_path]
+        want = mask[real]
+        got = chunk.selected
+        if got.dtype != torch.bool:
+            n = want.shape[-1]
+            index = got.long()
+            got = torch.zeros(index.shape[0], n + 1, dtype=torch.bool).scatter_(1, index.clamp(max=n), True)[:, :n]
+        assert torch.equal(got, want), (mt, name)

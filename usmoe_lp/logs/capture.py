@@ -693,7 +693,10 @@ class Capture:
                     weights, indices = _dense_selection(spec, weights)
                 elif spec.selection_source == "sorted":
                     weights, indices = _sorted_selection(spec, weights, indices, output[spec.selection[2]]
-                                                         if isinstance(output, tuple | list) else None)
+                                                         if isinstance(output, tuple | list) else None,
+                                                         tokens=output[1] if isinstance(output, tuple | list)
+                                                         and len(output) > 1 else None,
+                                                         rows=logits.reshape(-1, logits.shape[-1]).shape[0])
                 self._record_selection(spec, weights, indices, "router", "(logits, weights, indices)")
             if self.hidden:
                 x = args[0] if args else None
@@ -822,21 +825,32 @@ def _dense_selection(spec: RouterSpec, weights: Any) -> tuple[Any, Any]:
     return weights, weights != 0
 
 
-def _sorted_selection(spec: RouterSpec, gates: Any, slots: Any, counts: Any) -> tuple[Any, Any]:
+def _sorted_selection(spec: RouterSpec, gates: Any, slots: Any, counts: Any, tokens: Any = None,
+                      rows: int | None = None) -> tuple[Any, Any]:
     """Pairs sorted by expert (gates (n k,), the flat (token, slot) index of each pair (n k,), pairs per expert (N,))
-    -> ((n, k) weights, (n, k) expert indices) in slot order."""
+    -> ((n, k) weights, (n, k) expert indices) in slot order. Pairs that do not give every one of the ``rows``
+    tokens k experts (a live route: :func:`usmoe_lp.live.route`) -> the (n, N) weights and bool mask, from the
+    token of each pair (``tokens``, (pairs,) int: the router's second output)."""
     k = spec.top_k
     counts = torch.as_tensor(counts) if isinstance(counts, list | tuple) else counts
     if not (isinstance(gates, torch.Tensor) and isinstance(slots, torch.Tensor) and isinstance(counts, torch.Tensor)
             and gates.is_floating_point() and gates.ndim == slots.ndim == counts.ndim == 1
-            and gates.numel() == slots.numel() == int(counts.sum()) and counts.numel() == spec.num_experts
-            and gates.numel() % k == 0):
+            and gates.numel() == slots.numel() == int(counts.sum()) and counts.numel() == spec.num_experts):
         raise CaptureFailed(f"router {spec.path!r} did not return its pairs sorted by expert (slots, ..., gates, "
                             "pairs per expert); capture with selections=False")
     experts = torch.repeat_interleave(torch.arange(spec.num_experts, device=slots.device), counts.to(slots.device))
-    indices = torch.empty_like(slots).scatter_(0, slots, experts)
-    weights = torch.empty_like(gates).scatter_(0, slots, gates)
-    return weights.reshape(-1, k), indices.reshape(-1, k)
+    if rows is None or gates.numel() == rows * k:
+        indices = torch.empty_like(slots).scatter_(0, slots, experts)
+        weights = torch.empty_like(gates).scatter_(0, slots, gates)
+        return weights.reshape(-1, k), indices.reshape(-1, k)
+    if not (isinstance(tokens, torch.Tensor) and tokens.shape == gates.shape):
+        raise CaptureFailed(f"router {spec.path!r} did not return the token of each pair; capture with "
+                            "selections=False")
+    mask = torch.zeros(rows, spec.num_experts, dtype=torch.bool, device=gates.device)
+    mask[tokens.long(), experts] = True
+    weights = torch.zeros(rows, spec.num_experts, dtype=gates.dtype, device=gates.device)
+    weights[tokens.long(), experts] = gates
+    return weights, mask
 
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:
