@@ -117,11 +117,15 @@ def _recording_score_pass():
 
 
 def _evaluate(model, pieces, settings, *, rates, generate) -> tuple[dict, float]:
-    from usmoe_lp.live.evaluate import evaluate
+    """Run evaluate; its JSON plus ``documents``: per (label, rate) the per-document nats and scored targets,
+    from the result's own per-document frame where it has one (columns label, corrupt, document, nll, tokens),
+    else recorded from its scoring passes (:func:`_recording_score_pass`)."""
+    from usmoe_lp.live.evaluate import EvaluateResult, evaluate
     from usmoe_lp.routers import RouterConfig
 
     configs = [RouterConfig(r, k, **p) for r, k, p in settings]
-    records, undo = _recording_score_pass()
+    native_frame = "documents" in getattr(EvaluateResult, "__dataclass_fields__", {})
+    records, undo = ([], lambda: None) if native_frame else _recording_score_pass()
     t0 = time.perf_counter()
     try:
         res = evaluate(model, pieces, configs, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, corrupt=rates,
@@ -131,12 +135,15 @@ def _evaluate(model, pieces, settings, *, rates, generate) -> tuple[dict, float]
         undo()
     seconds = time.perf_counter() - t0
     out = res.to_json()
-    per_rate = len(records) // len(res.quality["corrupt"].unique())
-    docs = []
-    for i, (label, nll, counts) in enumerate(records):
-        docs.append({"label": label, "corrupt": float(rates[i // per_rate]),
-                     "nll": [round(float(v), 6) for v in nll], "tokens": [int(c) for c in counts]})
-    out["documents"] = docs
+    if native_frame:
+        frame = res.documents.sort_values(["corrupt", "document"], kind="stable")
+        records = [(label, g["nll"].to_numpy(), g["tokens"].to_numpy(), float(rate))
+                   for (rate, label), g in frame.groupby(["corrupt", "label"], sort=False)]
+    else:
+        per_rate = len(records) // len(res.quality["corrupt"].unique())
+        records = [(label, nll, counts, float(rates[i // per_rate])) for i, (label, nll, counts) in enumerate(records)]
+    out["documents"] = [{"label": label, "corrupt": rate, "nll": [round(float(v), 6) for v in nll],
+                         "tokens": [int(c) for c in counts]} for label, nll, counts, rate in records]
     return out, seconds
 
 
