@@ -172,3 +172,86 @@ def test_router_parameters_are_defined_from_the_registry():
             owners = [r for r, e in ROUTERS.items() if p.name in e.param_names]
             assert f"{entry.name}: {p.help}" in defs[p.name].definition, (entry.name, p.name)
             assert defs[p.name].see in {f"docs/routers.md#{r}" for r in owners}, (entry.name, p.name)
+
+
+# ------------------------------------------------------------------------------------------------ evaluate.json
+EVALUATE_DATA_PARENTS = ("definitions", "library_versions")
+"""Objects of evaluate.json whose keys are data: column names (each checked below), distribution names."""
+
+
+@pytest.fixture(scope="module")
+def evaluation():
+    """A real evaluate.json: the embedded model live under three routers, two corruption rates, generation."""
+    from usmoe_lp.live.evaluate import evaluate, settings_grid
+    from usmoe_lp.report.evaluate_report import evaluate_dict
+    from usmoe_lp.tiny import load_tiny
+
+    model, tokenizer = load_tiny()
+    settings = settings_grid(2, ["tc", "usmoe", "ec"], kbar=1, alpha=0.5)
+    result = evaluate(model, ["The assert statement.", "A for loop iterates."], settings, tokenizer=tokenizer,
+                      seq_len=8, bootstrap=5, corrupt=(0.0, 0.5), generate=2, prompt_tokens=4, progress=False)
+    return json.loads(json.dumps(evaluate_dict(result), allow_nan=False))
+
+
+def live_evaluation_section() -> str:
+    """The `## Live evaluation` section of docs/definitions.md (its ### subsections included)."""
+    text = (DOCS / "definitions.md").read_text(encoding="utf-8")
+    start = text.index("\n## Live evaluation\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def undefined_evaluate_keys(data: dict, documented: set[str]) -> list[str]:
+    """Paths of the keys of evaluate.json that the Live evaluation section does not define (router parameters in
+    `settings` are defined with their routers, docs/routers.md)."""
+    from usmoe_lp.routers import ROUTERS
+
+    params = {p for entry in ROUTERS.values() for p in entry.param_names}
+    missing: list[str] = []
+
+    def walk(obj, path: tuple[str, ...], parent: str | None) -> None:
+        if isinstance(obj, list):
+            for item in obj:
+                walk(item, path, parent)
+            return
+        if not isinstance(obj, dict):
+            return
+        for key, value in obj.items():
+            if parent in EVALUATE_DATA_PARENTS:
+                continue
+            if key not in documented and not (parent == "settings" and key in params):
+                missing.append("/".join((*path, key)))
+            walk(value, (*path, key), key)
+
+    walk(data, (), None)
+    return missing
+
+
+def test_every_key_of_a_real_evaluate_json_is_defined(evaluation):
+    section = live_evaluation_section()
+    documented = set(re.findall(r"`([A-Za-z_]\w*)`", section))
+    assert evaluation["generation"] and len({r["corrupt"] for r in evaluation["quality"]}) == 2  # every part ran
+    missing = undefined_evaluate_keys(evaluation, documented)
+    assert not missing, f"keys of evaluate.json not defined in docs/definitions.md#live-evaluation: {missing}"
+    columns = {k for part in ("quality", "layers", "generation") for row in evaluation[part] for k in row}
+    assert columns <= set(evaluation["definitions"]), columns - set(evaluation["definitions"])
+    assert set(evaluation["definitions"]) <= documented, set(evaluation["definitions"]) - documented
+    assert all(isinstance(v, str) and v for v in evaluation["definitions"].values())
+    assert isinstance(evaluation["library_versions"], dict)
+
+
+def test_the_evaluate_walk_finds_an_undefined_key(evaluation):
+    documented = set(re.findall(r"`([A-Za-z_]\w*)`", live_evaluation_section()))
+    bad = json.loads(json.dumps(evaluation))
+    bad["quality"][0]["mystery_metric"] = 1.0
+    bad["model"]["vendor"] = "x"
+    bad["settings"][1]["not_a_parameter"] = 1
+    bad["settings"][1]["kbar"] = 1.0            # a router parameter: defined with its router
+    assert sorted(undefined_evaluate_keys(bad, documented)) == ["model/vendor", "quality/mystery_metric",
+                                                                 "settings/not_a_parameter"]
+
+
+def test_the_evaluate_report_cites_an_existing_section():
+    from usmoe_lp.report.evaluate_report import DOCS as EVALUATE_DOCS
+
+    assert _check_target(EVALUATE_DOCS, ROOT) is None

@@ -18,7 +18,8 @@ from usmoe_lp.errors import OutputExists
 
 FILES = ("report.html", "summary.json", "timings.json", "verify/report.json", "verify/counterexamples/"
          "topc_optimal_le__gaussian__8x4.json", "analysis/metrics.json", "analysis/sweeps.png",
-         "router-log/manifest.json", "router-log/shards/00000.safetensors")
+         "router-log/manifest.json", "router-log/shards/00000.safetensors", "evaluate/evaluate.json",
+         "evaluate/quality_vs_cost.png", "report.md")
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -37,7 +38,7 @@ def fake_run(monkeypatch):
                 raise RuntimeError("injected failure mid-demo")
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(f"run {state['run']}")
-        return None, None, ("a",) * 5, {"verify": 0.0, "capture": 0.0, "analyze": 0.0}
+        return None, None, None, ("a",) * 6, {"verify": 0.0, "capture": 0.0, "analyze": 0.0, "evaluate": 0.0}
 
     monkeypatch.setattr(demo, "_run_into", run_into)
     return state
@@ -52,7 +53,7 @@ def test_demo_replaces_its_own_earlier_output(tmp_path, fake_run):
 
 
 @pytest.mark.parametrize("user_file", ["notes.txt", "verify/notes.txt", "analysis/old/fig.png",
-                                       "router-log/shards/mine.bin"])
+                                       "router-log/shards/mine.bin", "evaluate/notes.md"])
 def test_demo_never_deletes_a_user_file(tmp_path, fake_run, user_file):
     out = tmp_path / "demo"
     demo.run_demo(out)

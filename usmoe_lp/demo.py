@@ -6,12 +6,16 @@
 2. a capture of the router logits of the embedded trained tiny MoE model (:mod:`usmoe_lp.tiny`) on
    held-out text, through the same :func:`usmoe_lp.capture` path as any transformers model;
 3. ``analyze`` of that router log with the TC / EC / USMoE / capacity-TC comparison;
-4. one report directory whose ``report.html`` ties the two halves together.
+4. a short live ``evaluate`` of router settings in the same model (:func:`usmoe_lp.live.evaluate.evaluate`):
+   native, TC at k = 1 and 2, USMoE at k-bar 1, 1.5 and 2 (alpha 0.5) and Expert Choice, each routing the model
+   itself, scored on the beginning of every held-out document (at most two windows each: the first
+   ``min(509, max(64, max_tokens // 16))`` bytes; 9 documents, the bootstrap's resampling unit; about 4500 tokens
+   at the default budget, one forward per setting);
+5. one report directory whose ``report.html`` and ``report.md`` tie the parts together.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
 import json
@@ -23,6 +27,7 @@ import pandas as pd
 import torch
 
 from usmoe_lp.report.analyze_report import ANALYZE_OWNED
+from usmoe_lp.report.evaluate_report import EVALUATE_OWNED, HTML_STYLE, png_figure
 from usmoe_lp.report.outputs import ROUTER_LOG_OWNED, check_report_location, foreign_check, prefixed
 from usmoe_lp.report.verify_report import VERIFY_OWNED
 from usmoe_lp.staging import staged_directory
@@ -33,8 +38,9 @@ VERIFY_CONFIG = VerifyConfig(sizes=((8, 4), (12, 5), (32, 8)), ks=(1, 2), trials
                              backends=("closed_form", "highs", "cbc"), ilp_max_vars=64)
 VERIFY_COMMAND = command_line(VERIFY_CONFIG)
 
-DEMO_OWNED: tuple[str, ...] = (r"report\.html", r"summary\.json", r"timings\.json", *prefixed("verify", VERIFY_OWNED),
-                               *prefixed("analysis", ANALYZE_OWNED), *prefixed("router-log", ROUTER_LOG_OWNED))
+DEMO_OWNED: tuple[str, ...] = (r"report\.html", r"report\.md", r"summary\.json", r"timings\.json",
+                               *prefixed("verify", VERIFY_OWNED), *prefixed("analysis", ANALYZE_OWNED),
+                               *prefixed("router-log", ROUTER_LOG_OWNED), *prefixed("evaluate", EVALUATE_OWNED))
 """What a demo output directory holds (see :func:`usmoe_lp.report.outputs.foreign_entries`)."""
 
 
@@ -49,6 +55,7 @@ class DemoResult:
     log: Path
     seconds: dict[str, float]
     summary: tuple[str, ...]
+    evaluation: object = None
 
 
 def capture_heldout(out: str | Path, *, max_tokens: int = 8192, seq_len: int = 256, batch_size: int = 8,
@@ -95,7 +102,8 @@ def capture_heldout(out: str | Path, *, max_tokens: int = 8192, seq_len: int = 2
 
 def run_demo(out: str | Path = "out/demo", *, progress: bool = True, max_tokens: int = 8192,
              overwrite: bool = True, overwrite_flag: str = "overwrite=True", out_flag: str = "out") -> DemoResult:
-    """Run the whole demo into ``out`` (``verify/``, ``router-log/``, ``analysis/``, ``report.html``).
+    """Run the whole demo into ``out`` (``verify/``, ``router-log/``, ``analysis/``, ``evaluate/``, ``report.html``,
+    ``report.md``).
 
     The demo is built in a hidden sibling of ``out`` and swapped in only when complete
     (:mod:`usmoe_lp.staging`). ``overwrite`` (default True: ``out/demo`` is the demo's own default)
@@ -108,15 +116,45 @@ def run_demo(out: str | Path = "out/demo", *, progress: bool = True, max_tokens:
     check_report_location(final, what="demo", out_flag=out_flag)
     with staged_directory(final, what="demo output", overwrite=overwrite, foreign=foreign_check(DEMO_OWNED),
                           overwrite_flag=overwrite_flag) as tmp:
-        vres, ares, summary, seconds = _run_into(tmp, progress=progress, max_tokens=max_tokens)
+        vres, ares, eres, summary, seconds = _run_into(tmp, progress=progress, max_tokens=max_tokens)
     return DemoResult(out=final, report=final / "report.html", verify=vres, analysis=ares, log=final / "router-log",
-                      seconds=seconds, summary=summary)
+                      seconds=seconds, summary=summary, evaluation=eres)
+
+
+EVALUATE_TITLE = "usmoe-lp evaluate: embedded tiny MoE on held-out text"
+
+
+def evaluate_settings(k: int) -> tuple:
+    """The demo's live settings for a model with top-``k`` routing (native is added by evaluate): TC at k = 1 and
+    k, USMoE at k-bar 1, 1.5 and k with alpha 0.5 (sequence scope), Expert Choice at its default capacity."""
+    from usmoe_lp.live.evaluate import settings_grid
+
+    return (*settings_grid(1, ("tc",)), *settings_grid(k, ("tc",)),
+            *settings_grid(k, ("usmoe",), kbar=tuple(dict.fromkeys((1.0, 1.5, float(k)))), alpha=0.5),
+            *settings_grid(k, ("ec",)))
+
+
+EVALUATE_SEQ_LEN = 256
+"""Window of the demo's live evaluation (stride 255): a document's beginning of up to 509 bytes, 511 tokens with
+[BOS] and [EOS], fits two windows."""
+
+
+def evaluate_documents(max_tokens: int) -> list[str]:
+    """The demo's evaluation text: the first ``min(2 * (EVALUATE_SEQ_LEN - 1) - 1, max(64, max_tokens // 16))``
+    characters of every held-out document (at most two windows each), so the bootstrap resamples all of them."""
+    from usmoe_lp.tiny import heldout_documents
+
+    n = min(2 * (EVALUATE_SEQ_LEN - 1) - 1, max(64, max_tokens // 16))
+    return [d[:n] for d in heldout_documents()]
 
 
 def _run_into(out: Path, *, progress: bool, max_tokens: int):
     from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze
+    from usmoe_lp.live.evaluate import evaluate
     from usmoe_lp.report import write_verify_report
     from usmoe_lp.report.analyze_report import summary_lines, write_analyze_report
+    from usmoe_lp.report.evaluate_report import write_files
+    from usmoe_lp.tiny import load_tiny
     from usmoe_lp.verify import run_verify
 
     seconds = {}
@@ -126,7 +164,9 @@ def _run_into(out: Path, *, progress: bool, max_tokens: int):
     seconds["verify"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    log = capture_heldout(out / "router-log", max_tokens=max_tokens, overwrite=False)
+    model, tokenizer = load_tiny()
+    log = capture_heldout(out / "router-log", max_tokens=max_tokens, overwrite=False, model=model,
+                          tokenizer=tokenizer)
     seconds["capture"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -136,15 +176,26 @@ def _run_into(out: Path, *, progress: bool, max_tokens: int):
     write_analyze_report(ares, out / "analysis", title="usmoe-lp analyze: embedded tiny MoE on held-out text")
     seconds["analyze"] = time.perf_counter() - t0
 
-    summary = tuple(_summary(vres, ares, seconds))
-    (out / "report.html").write_text(_report_html(out, vres, ares, summary, summary_lines(ares)))
+    t0 = time.perf_counter()
+    documents = evaluate_documents(max_tokens)
+    eres = evaluate(model, documents, evaluate_settings(int(model.config.num_experts_per_tok)), tokenizer=tokenizer,
+                    seq_len=EVALUATE_SEQ_LEN, batch_size=2 * len(documents), bootstrap=1000, seed=0, progress=progress)
+    # the model's name as the demo calls it, not the path of the installed package's weights
+    eres = dataclasses.replace(eres, model={**eres.model, "name": "usmoe-lp tiny (embedded)"})
+    write_files(eres, out / "evaluate", title=EVALUATE_TITLE)
+    seconds["evaluate"] = time.perf_counter() - t0
+
+    summary = tuple(_summary(vres, ares, seconds, eres))
+    lines = summary_lines(ares)
+    (out / "report.html").write_text(_report_html(out, vres, ares, summary, lines, eres))
+    (out / "report.md").write_text(_report_md(vres, summary, lines, eres))
     (out / "summary.json").write_text(json.dumps({"summary": list(summary)}, indent=1) + "\n")
     # the only file that varies between identical runs: how long each step took
     (out / "timings.json").write_text(json.dumps({"seconds": seconds}, indent=1) + "\n")
-    return vres, ares, summary, seconds
+    return vres, ares, eres, summary, seconds
 
 
-def _summary(vres, ares, seconds) -> list[str]:
+def _summary(vres, ares, seconds, eres=None) -> list[str]:
     claims = vres.claim_summary()
     holds = [c["claim"] for c in claims if c["verdict"] == "holds"]
     fails = [c for c in claims if c["verdict"] == "fails"]
@@ -173,18 +224,34 @@ def _summary(vres, ares, seconds) -> list[str]:
             kv_text = f"; KV-cache decoding of that USMoE changes the experts of {kv:.1%} of tokens" \
                 if kv is not None and pd.notna(kv) else ""
             lines.append("leakage (prefix flip rate): TC 0% by construction; " + ", ".join(leak) + kv_text)
-    return lines[:5]
+    lines = lines[:5]
+    if eres is not None:
+        lines.append(_evaluate_line(eres))
+    return lines
+
+
+def _evaluate_line(eres) -> str:
+    """The summary line of the live evaluation: native's cross-entropy and the best setting below its cost."""
+    from usmoe_lp.report.evaluate_report import best_cheaper, ci_text, native_row, quality_at
+
+    clean = quality_at(eres.quality)
+    nat = native_row(clean)
+    text = (f"live evaluation ({int(clean['documents'].max())} held-out documents, {int(clean['tokens'].max()):,} "
+            f"tokens): native {ci_text(nat['ce'], nat['ce_low'], nat['ce_high'])} nats/token")
+    best = best_cheaper(clean)
+    if best is not None:
+        text += (f"; at {float(best['flops_vs_native']):.0%} of its routed-expert FLOPs {best['label']} loses "
+                 f"{ci_text(best['delta_ce'], best['delta_low'], best['delta_high'], sign=True)} nats/token")
+    return text
 
 
 def _img(path: Path, alt: str) -> str:
-    if not path.exists():
-        return ""
-    b64 = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"<figure><img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>" \
-           f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+    return png_figure(path.read_bytes(), alt) if path.exists() else ""
 
 
-def _report_html(out: Path, vres, ares, summary, analysis_lines) -> str:
+def _report_html(out: Path, vres, ares, summary, analysis_lines, eres) -> str:
+    from usmoe_lp.report.evaluate_report import front_sentence
+
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(c['claim'])}</td><td>{esc(c['verdict'])}</td><td>{c['failures']} / {c['trials']}</td>"
@@ -192,14 +259,9 @@ def _report_html(out: Path, vres, ares, summary, analysis_lines) -> str:
         "</tr>" for c in vres.claim_summary())
     a = out / "analysis"
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>usmoe-lp demo</title><style>"
-        "body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px}"
-        "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:13px}"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>usmoe-lp demo</title><style>{HTML_STYLE}"
         "</style></head><body><h1>usmoe-lp demo</h1>",
-        "<p>Routing as a linear program, checked on random matrices, then applied to the router logits of a small "
-        "MoE language model (transformers OLMoE class) trained on the Python documentation and captured on held-out "
-        "text. No download, no GPU.</p>",
+        f"<p>{esc(INTRO)}</p>",
         "<h2>Summary</h2><ol>", *[f"<li>{esc(s)}</li>" for s in summary], "</ol>",
         "<h2>1. Theory verification</h2>",
         f"<p>Command: <code>{esc(VERIFY_COMMAND)}</code>. Full report: <a href='verify/report.md'>verify/report.md"
@@ -215,6 +277,38 @@ def _report_html(out: Path, vres, ares, summary, analysis_lines) -> str:
         _img(a / "sweeps.png", "USMoE alpha x k-bar sweep vs TC and EC"),
         _img(a / "leakage_per_offset.png", "Leakage per offset"),
         _img(a / "experts_per_token.png", "Experts per token per router"),
+        "<h2>3. Live evaluation: each router routes the model</h2>",
+        f"<p>{esc(EVALUATE_INTRO)} Full report: <a href='evaluate/report.html'>evaluate/report.html</a>; every "
+        "number: <a href='evaluate/evaluate.json'>evaluate/evaluate.json</a>.</p>",
+        f"<p>{esc(front_sentence(eres))}</p>",
+        _img(out / "evaluate" / "quality_vs_cost.png", "Quality vs cost of each router setting (live evaluation)"),
         "<p>How long each step took: <a href='timings.json'>timings.json</a>.</p>",
         "</body></html>"]
     return "\n".join(parts) + "\n"
+
+
+INTRO = ("Routing as a linear program, checked on random matrices, then applied to the router logits of a small MoE "
+         "language model (transformers OLMoE class) trained on the Python documentation and captured on held-out "
+         "text, and finally to the model itself: each router setting routes its forward passes. No download, no GPU.")
+
+EVALUATE_INTRO = ("Each setting replaces the model's router in every MoE layer (only the selected experts are "
+                  "computed) and the model scores held-out text; native is the model's own routing.")
+
+
+def _report_md(vres, summary, analysis_lines, eres) -> str:
+    from usmoe_lp.report.evaluate_report import front_sentence
+
+    claims = "".join(f"| {c['claim']} | {c['verdict']} | {c['failures']} / {c['trials']} |\n"
+                     for c in vres.claim_summary())
+    lines = ["# usmoe-lp demo", "", INTRO, "", "## Summary", "", *[f"{i}. {s}" for i, s in enumerate(summary, 1)],
+             "", "## 1. Theory verification", "", f"Command: `{VERIFY_COMMAND}`. Full report: "
+             "[verify/report.md](verify/report.md).", "", "| claim | verdict | failures / trials |", "|---|---|---|",
+             claims, "## 2. Router-log analysis of the embedded model", "",
+             "Full report: [analysis/report.md](analysis/report.md); the router log: `router-log/`.", "",
+             *[f"- {s}" for s in analysis_lines], "", "![Expert load per layer](analysis/load_heatmap.png)", "",
+             "![USMoE alpha x k-bar sweep vs TC and EC](analysis/sweeps.png)", "",
+             "## 3. Live evaluation: each router routes the model", "",
+             f"{EVALUATE_INTRO} Full report: [evaluate/report.md](evaluate/report.md).", "", front_sentence(eres), "",
+             "![Quality vs cost of each router setting](evaluate/quality_vs_cost.png)", "",
+             "How long each step took: `timings.json`."]
+    return "\n".join(lines) + "\n"

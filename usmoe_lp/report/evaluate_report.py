@@ -32,8 +32,9 @@ from usmoe_lp.report.evaluate_figures import NATIVE, flop_scale, plot_corruption
 from usmoe_lp.report.outputs import check_report_location, foreign_check, save_png
 from usmoe_lp.staging import check_destination, staged_directory
 
-__all__ = ["CAPTIONS", "EVALUATE_OWNED", "HTML_STYLE", "SCHEMA", "check_evaluate_destination", "evaluate_dict",
-           "front_sentence", "make_figures", "report_tables", "summary_lines", "write_evaluate_report"]
+__all__ = ["CAPTIONS", "EVALUATE_OWNED", "HTML_STYLE", "SCHEMA", "best_cheaper", "check_evaluate_destination",
+           "ci_text", "evaluate_dict", "front_sentence", "make_figures", "native_row", "png_figure", "quality_at",
+           "report_tables", "summary_lines", "write_evaluate_report", "write_files"]
 
 SCHEMA = "usmoe-lp/evaluate/1"
 DOCS = "docs/definitions.md#live-evaluation"
@@ -151,7 +152,8 @@ def make_figures(result) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ words
-def _ci(v, lo, hi, digits: int = 3, sign: bool = False) -> str:
+def ci_text(v, lo, hi, digits: int = 3, sign: bool = False) -> str:
+    """``v [lo, hi]`` with ``digits`` decimals (``sign``: always signed); ``v`` alone without an interval, – for NaN."""
     if v is None or not np.isfinite(float(v)):
         return "–"
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
@@ -160,7 +162,8 @@ def _ci(v, lo, hi, digits: int = 3, sign: bool = False) -> str:
     return f"{f.format(float(v))} [{f.format(float(lo))}, {f.format(float(hi))}]"
 
 
-def _native_row(frame: pd.DataFrame) -> pd.Series | None:
+def native_row(frame: pd.DataFrame) -> pd.Series | None:
+    """The row of ``native`` in ``frame`` (rows of one corruption rate), or None."""
     nat = frame[frame["router"] == NATIVE]
     return None if nat.empty else nat.iloc[0]
 
@@ -173,9 +176,9 @@ def front_sentence(result) -> str:
 
     clean = quality_at(result.quality)
     front = pareto_front(clean).sort_values("moe_flops_per_token", kind="stable")
-    native = _native_row(clean)
+    native = native_row(clean)
     parts = [f"`{r['label']}` ({float(r['flops_vs_native']):.0%} of native's FLOPs, Δce "
-             f"{_ci(r['delta_ce'], r['delta_low'], r['delta_high'], sign=True)} nats/token)"
+             f"{ci_text(r['delta_ce'], r['delta_low'], r['delta_high'], sign=True)} nats/token)"
              for _, r in front.iterrows()]
     lead = (f"On {int(clean['documents'].max()):,} documents ({int(clean['tokens'].max()):,} scored tokens per "
             f"setting), native scores {float(native['ce']):.3f} nats/token; " if native is not None else "")
@@ -187,39 +190,45 @@ MATCHED = 0.02
 """Settings whose FLOPs are within this share of native's count as at native's cost."""
 
 
+def best_cheaper(quality: pd.DataFrame) -> pd.Series | None:
+    """Among the settings of ``quality`` (rows of one corruption rate) that cost less than native (FLOPs below
+    ``1 - MATCHED`` of native's), the one with the lowest delta_ce (first on ties); None if there is none."""
+    cheaper = quality[(quality["router"] != NATIVE) & (quality["flops_vs_native"].astype(float) < 1 - MATCHED)]
+    return None if cheaper.empty else cheaper.loc[cheaper["delta_ce"].astype(float).idxmin()]
+
+
 def summary_lines(result) -> list[str]:
     """Up to five lines that say what the evaluation found (printed by the CLI, in the report). No router is
     named in advance: the lines compare whatever settings were evaluated."""
     q = result.quality
     clean = quality_at(q)
-    native = _native_row(clean)
+    native = native_row(clean)
     lines = []
     m = result.model
     lines.append(f"{m.get('name', 'model')} ({m.get('family')}, {m.get('layers')} MoE layers, N = "
                  f"{m.get('num_experts')}, k = {m.get('k')}): {clean['label'].nunique()} settings on "
                  f"{int(clean['documents'].max()):,} documents, {int(clean['tokens'].max()):,} scored tokens each"
-                 + (f"; native {_ci(native['ce'], native['ce_low'], native['ce_high'])} nats/token"
+                 + (f"; native {ci_text(native['ce'], native['ce_low'], native['ce_high'])} nats/token"
                     if native is not None else ""))
     others = clean[clean["router"] != NATIVE]
     if not others.empty:
-        cheaper = others[others["flops_vs_native"].astype(float) < 1 - MATCHED]
-        if not cheaper.empty:
-            b = cheaper.loc[cheaper["delta_ce"].astype(float).idxmin()]
+        b = best_cheaper(clean)
+        if b is not None:
             lines.append(f"below native's cost: best {b['label']} at {float(b['flops_vs_native']):.0%} of its FLOPs, "
-                         f"Δce {_ci(b['delta_ce'], b['delta_low'], b['delta_high'], sign=True)} nats/token")
+                         f"Δce {ci_text(b['delta_ce'], b['delta_low'], b['delta_high'], sign=True)} nats/token")
         matched = others[(others["flops_vs_native"].astype(float) - 1).abs() <= MATCHED]
         if not matched.empty:
             b = matched.loc[matched["delta_ce"].astype(float).idxmin()]
             w = matched.loc[matched["delta_ce"].astype(float).idxmax()]
             text = f"at native's cost (±{MATCHED:.0%}): best {b['label']} Δce " \
-                   f"{_ci(b['delta_ce'], b['delta_low'], b['delta_high'], sign=True)}"
+                   f"{ci_text(b['delta_ce'], b['delta_low'], b['delta_high'], sign=True)}"
             if w["label"] != b["label"]:
-                text += f", worst {w['label']} {_ci(w['delta_ce'], w['delta_low'], w['delta_high'], sign=True)}"
+                text += f", worst {w['label']} {ci_text(w['delta_ce'], w['delta_low'], w['delta_high'], sign=True)}"
             lines.append(text + " nats/token")
     rates = sorted(q["corrupt"].astype(float).unique())
     if len(rates) > 1:
         top = q[np.isclose(q["corrupt"].astype(float), rates[-1])]
-        nat = _native_row(top)
+        nat = native_row(top)
         rest = top[top["router"] != NATIVE]
         text = f"inputs corrupted at rate {rates[-1]:g}"
         if nat is not None and native is not None:
@@ -263,8 +272,8 @@ def report_tables(result) -> dict[str, pd.DataFrame]:
         row = {"label": r["label"]}
         if several:
             row["corrupt"] = f"{float(r['corrupt']):g}"
-        row.update({"ce (nats/token)": _ci(r["ce"], r["ce_low"], r["ce_high"]),
-                    "Δce vs native": _ci(r["delta_ce"], r["delta_low"], r["delta_high"], sign=True),
+        row.update({"ce (nats/token)": ci_text(r["ce"], r["ce_low"], r["ce_high"]),
+                    "Δce vs native": ci_text(r["delta_ce"], r["delta_low"], r["delta_high"], sign=True),
                     "rel Δce": _pct(r["rel_delta"]),
                     "bits/byte": _num(r.get("bpb"), 3),
                     "k-bar": _num(r["kbar"], 3),
