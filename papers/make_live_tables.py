@@ -96,52 +96,22 @@ def heldout_pieces(tokenizer) -> tuple[list[list[int]], list[int], list[str]]:
     return pieces, topic, heldout_keys()
 
 
-def _recording_score_pass():
-    """Record the per-document nats and scored targets of every scoring pass of evaluate (its private
-    ``_score_pass``, wrapped: nothing is recomputed). Returns (records, undo)."""
-    import usmoe_lp.live.evaluate as ev
-
-    original = ev._score_pass
-    records: list[tuple[str, np.ndarray, np.ndarray]] = []
-
-    def recording(model, config, weights, batches, *args, **kwargs):
-        nll, byte_nll, stats, wall = original(model, config, weights, batches, *args, **kwargs)
-        counts = np.zeros(len(nll))
-        for b in batches:
-            np.add.at(counts, b.rows.numpy(), b.scored.sum(1).numpy())
-        records.append((config.label, np.asarray(nll, dtype=np.float64).copy(), counts))
-        return nll, byte_nll, stats, wall
-
-    ev._score_pass = recording
-    return records, lambda: setattr(ev, "_score_pass", original)
-
-
 def _evaluate(model, pieces, settings, *, rates, generate) -> tuple[dict, float]:
-    """Run evaluate; its JSON plus ``documents``: per (label, rate) the per-document nats and scored targets,
-    from the result's own per-document frame where it has one (columns label, corrupt, document, nll, tokens),
-    else recorded from its scoring passes (:func:`_recording_score_pass`)."""
-    from usmoe_lp.live.evaluate import EvaluateResult, evaluate
+    """Run evaluate; its JSON with ``documents`` grouped: per (label, rate) the per-document nats and scored targets
+    (from the result's per-document frame)."""
+    from usmoe_lp.live.evaluate import evaluate
     from usmoe_lp.routers import RouterConfig
 
     configs = [RouterConfig(r, k, **p) for r, k, p in settings]
-    native_frame = "documents" in getattr(EvaluateResult, "__dataclass_fields__", {})
-    records, undo = ([], lambda: None) if native_frame else _recording_score_pass()
     t0 = time.perf_counter()
-    try:
-        res = evaluate(model, pieces, configs, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, corrupt=rates,
-                       generate=generate, prompt_tokens=PROMPT_TOKENS, bootstrap=BOOTSTRAP, confidence=CONFIDENCE,
-                       seed=SEED, progress=False)
-    finally:
-        undo()
+    res = evaluate(model, pieces, configs, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, corrupt=rates,
+                   generate=generate, prompt_tokens=PROMPT_TOKENS, bootstrap=BOOTSTRAP, confidence=CONFIDENCE,
+                   seed=SEED, progress=False)
     seconds = time.perf_counter() - t0
     out = res.to_json()
-    if native_frame:
-        frame = res.documents.sort_values(["corrupt", "document"], kind="stable")
-        records = [(label, g["nll"].to_numpy(), g["tokens"].to_numpy(), float(rate))
-                   for (rate, label), g in frame.groupby(["corrupt", "label"], sort=False)]
-    else:
-        per_rate = len(records) // len(res.quality["corrupt"].unique())
-        records = [(label, nll, counts, float(rates[i // per_rate])) for i, (label, nll, counts) in enumerate(records)]
+    frame = res.documents.sort_values(["corrupt", "document"], kind="stable")
+    records = [(label, g["nll"].to_numpy(), g["tokens"].to_numpy(), float(rate))
+               for (rate, label), g in frame.groupby(["corrupt", "label"], sort=False)]
     out["documents"] = [{"label": label, "corrupt": rate, "nll": [round(float(v), 6) for v in nll],
                          "tokens": [int(c) for c in counts]} for label, nll, counts, rate in records]
     return out, seconds

@@ -24,7 +24,7 @@ from usmoe_lp.tiny import TINY_MODEL_DIR
 
 DOCS = ["The assert statement checks a condition.", "A for loop iterates over the items of a sequence, in order.",
         "Names are bound by assignment;\nthey live in a namespace.", "Exceptions unwind the stack."]
-JSON_KEYS = ["schema", "model", "settings", "quality", "layers", "generation", "definitions", "config",
+JSON_KEYS = ["schema", "model", "settings", "quality", "layers", "generation", "documents", "definitions", "config",
              "library_versions"]
 QUALITY_COLUMNS = ["label", "router", "corrupt", "ce", "ce_low", "ce_high", "bpb", "delta_ce", "delta_low",
                    "delta_high", "rel_delta", "kbar", "pairs_per_token", "moe_flops_per_token", "flops_vs_native",

@@ -220,7 +220,14 @@ def test_result_frames_json_and_checks(tiny):
     assert (q.loc[q["label"] == "native", ["delta_ce", "delta_low", "delta_high"]] == 0).all().all()
     assert (q["wall_s"] > 0).all()
     doc = json.loads(json.dumps(res.to_json(), allow_nan=False))
-    assert set(doc) == {"model", "settings", "quality", "layers", "generation", "definitions", "config"}
+    assert set(doc) == {"model", "settings", "quality", "layers", "generation", "documents", "definitions",
+                        "config"}
+    docs = res.documents  # per-document sums add up to the pooled cross-entropy of each row
+    assert set(docs.columns) <= set(res.definitions)
+    for _, row in q.iterrows():
+        mine = docs[(docs["label"] == row["label"]) & (docs["corrupt"] == row["corrupt"])]
+        assert len(mine) == row["documents"] and mine["tokens"].sum() == row["tokens"]
+        assert mine["nll"].sum() / mine["tokens"].sum() == pytest.approx(row["ce"], rel=1e-12)
     assert doc["model"]["family"] == "olmoe" and doc["model"]["k"] == 2 and doc["model"]["num_experts"] == 8
     assert doc["settings"][0] == {"router": "native", "label": "native", "k": 2, "weights": "model"}
     front = pareto_front(q)

@@ -91,6 +91,9 @@ DEFINITIONS: dict[str, str] = {
                         "native's; new_tokens when none differs",
     "decode_mismatch": "fraction of (fed generated token, layer) whose decode-time expert set differs from the "
                        "teacher-forced routing of the same sequence under the same setting",
+    # documents
+    "document": "the document's index among the scored documents (0-based, in input order)",
+    "nll": "summed negative log-likelihood of the document's scored targets (nats)",
 }
 """Column -> one-line definition with units, for every column of the frames of :class:`EvaluateResult`."""
 
@@ -101,9 +104,11 @@ class EvaluateResult:
     """What :func:`evaluate` measured, as tidy pandas frames (columns defined in :attr:`definitions`).
 
     quality: one row per (label, corrupt). layers: one row per (label, corrupt, layer). generation: one row per
-    label, or None when ``generate=0``. model: name, family, layers, num_experts, k, parameters. settings: per
-    setting ``RouterConfig.to_dict()`` plus its ``weights`` rule. definitions: column -> definition with units.
-    config: the call's arguments (and the scored tokens and documents).
+    label, or None when ``generate=0``. documents: one row per (label, corrupt, document): its summed nats and
+    scored tokens (``nll``, ``tokens``), what a paired comparison of any two settings or another resampling unit
+    starts from. model: name, family, layers, num_experts, k, parameters. settings: per setting
+    ``RouterConfig.to_dict()`` plus its ``weights`` rule. definitions: column -> definition with units. config: the
+    call's arguments (and the scored tokens and documents).
     """
 
     quality: Any
@@ -113,14 +118,16 @@ class EvaluateResult:
     settings: tuple[dict, ...]
     definitions: dict
     config: dict
+    documents: Any = None
 
     def to_json(self) -> dict:
         """The JSON-ready dict: keys ``model``, ``settings``, ``quality``, ``layers``, ``generation``,
-        ``definitions``, ``config`` (frames as lists of records; NaN as None)."""
+        ``documents``, ``definitions``, ``config`` (frames as lists of records; NaN as None)."""
         return json_ready({
             "model": self.model, "settings": list(self.settings),
             "quality": self.quality.to_dict("records"), "layers": self.layers.to_dict("records"),
             "generation": None if self.generation is None else self.generation.to_dict("records"),
+            "documents": None if self.documents is None else self.documents.to_dict("records"),
             "definitions": self.definitions, "config": self.config})
 
 
@@ -568,7 +575,7 @@ def evaluate(model, documents, settings, *, tokenizer=None, seq_len: int = 256, 
     weights_mc = _multiplicities(int(keep.sum()), bootstrap, seed)
     was_training = model.training
     model.eval()
-    quality, layer_rows, generation = [], [], []
+    quality, layer_rows, generation, doc_rows = [], [], [], []
     try:
         for rate in rates:
             flat_in = torch.cat([corrupt_tokens(s, rate, vocab, seed=seed, stream=d)[0]
@@ -579,6 +586,8 @@ def evaluate(model, documents, settings, *, tokenizer=None, seq_len: int = 256, 
                 nll, byte_nll, stats, wall = _score_pass(model, c, weights, batches, flat_in, flat_clean,
                                                          len(streams), pad, device, bar, what)
                 nll, byte_nll, n = nll[keep], byte_nll[keep], counts[keep]
+                doc_rows.extend({"label": c.label, "router": c.router, "corrupt": rate, "document": d,
+                                 "nll": float(nll[d]), "tokens": int(n[d])} for d in range(nll.shape[0]))
                 flops = sum(flops_pair[s.layer] * s.kbar for s in stats.layers if s.tokens)
                 if reference is None:
                     reference = (nll, flops)
@@ -629,4 +638,4 @@ def evaluate(model, documents, settings, *, tokenizer=None, seq_len: int = 256, 
         quality=pd.DataFrame(quality), layers=pd.DataFrame(layer_rows),
         generation=pd.DataFrame(generation) if generate else None, model=_model_info(model, layers),
         settings=tuple({**c.to_dict(), "weights": "model" if c.router == NATIVE else weights} for c in configs),
-        definitions=dict(DEFINITIONS), config=config)
+        definitions=dict(DEFINITIONS), config=config, documents=pd.DataFrame(doc_rows))
