@@ -349,6 +349,30 @@ def test_stateful_router_carries_its_state_across_forwards(models, tmp_path):
     assert r.stats.tokens == sum(sizes)
 
 
+def test_stateful_router_decodes_with_the_carried_state(models, tmp_path):
+    """In generate(), aux_free_bias decodes each new token with the bias its prompt forward left (frozen at decode
+    time): the top-k of the token's probabilities + that bias, recomputed from the captured decode logits; the
+    initial bias would select otherwise (so the check can fail)."""
+    model = models("mixtral")
+    batch = padded_batch("mixtral")
+    gamma = 0.5  # a large step: the carried bias differs visibly from the initial one
+    with torch.no_grad(), route(model, "aux_free_bias", gamma=gamma) as r, \
+            capture(model, tmp_path / "log", fsync=False):
+        model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    log = RouterLog.open(tmp_path / "log")
+    prompt = int(batch["attention_mask"].sum())
+    for name in log.layers:
+        chunk = log.read(name, 0, log.num_tokens)
+        state = reroute(chunk.logits[:prompt], "aux_free_bias", k=K, gamma=gamma).params["state"]
+        probs = torch.softmax(chunk.logits[prompt:].double(), dim=-1)
+        carried = torch.topk(probs + torch.as_tensor(state), K, dim=-1).indices
+        initial = torch.topk(probs, K, dim=-1).indices
+        want = torch.zeros_like(chunk.selected[prompt:]).scatter_(1, carried, True)
+        assert torch.equal(chunk.selected[prompt:], want), name
+        assert not torch.equal(want, torch.zeros_like(want).scatter_(1, initial, True)), name
+    assert r.stats.layers[0].decode_tokens == chunk.logits.shape[0] - prompt == 2 * 3
+
+
 # ----------------------------------------------------------------------------- 6. callables and LiveContext
 def test_callables_mask_pair_and_routing(models):
     model = models("mixtral")

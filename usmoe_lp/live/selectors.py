@@ -11,8 +11,9 @@ the router's (B, T, N) scores, from which the combine-weight rule (:mod:`usmoe_l
   scores so far (the prompt forward's and every decode step's, kept per sequence until the next forward that
   starts sequences), the new tokens' rows taken; without one, each new token is routed as a sequence of one token
   (one call per token for routers whose group couples sequences). A stateful router (bias balancing) carries its
-  state from forward to forward, per layer; decode steps do not move it (those without a decode rule are routed
-  with the current state; ``aux_free_bias``'s own decode rule uses its initial bias, the registry's choice).
+  state from forward to forward, per layer; decode steps do not move it and route each new token as a sequence of
+  one token with the current state (``aux_free_bias``: the top-k of score + the bias carried so far, its decode
+  rule in words; its decode function, which knows only the initial bias, serves before any state exists).
 * :class:`ReplaySelector`: the experts and weights a router log recorded (``selected.<layer>`` / ``weights.<layer>``,
   written by :func:`usmoe_lp.logs.capture`), consumed in the log's token order: the forwards must feed the logged
   tokens in the logged order (checked on the token ids where both are known).
@@ -140,7 +141,10 @@ class RegistrySelector:
         scores = entry.scores(z, params, rctx)
         real = ctx.real.to(scores.device)
         mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        if entry.decode_route is not None:
+        state = self._state.get(ctx.layer.name)  # a stateful router's current state, not moved by decode steps
+        # a stateful router decodes each token with the state its route carried so far (its decode function knows
+        # only its initial state): the one-token path below, with that state
+        if entry.decode_route is not None and not (entry.stateful and state is not None):
             history = self._history.get(ctx.layer.name)
             if history is None:
                 raise InvalidParameter(f"layer {ctx.layer.name!r}: a decode step, but no forward of this route "
@@ -152,7 +156,6 @@ class RegistrySelector:
                     mask[b, real[b]] = routed[-new:].to(torch.bool)
             return mask, scores
         rows = scores[real]  # (M, N): every new token is a sequence of its own
-        state = self._state.get(ctx.layer.name)  # a stateful router's current state, not moved by decode steps
         if entry.group(params) in ("token", "sequence"):
             routed = route_scores(config, rows[:, None, :], rctx, state=state).mask[:, 0, :]
         else:  # a batch or position group would couple the one-token sequences of one call
