@@ -230,10 +230,11 @@ def undefined_evaluate_keys(data: dict, documented: set[str]) -> list[str]:
 def test_every_key_of_a_real_evaluate_json_is_defined(evaluation):
     section = live_evaluation_section()
     documented = set(re.findall(r"`([A-Za-z_]\w*)`", section))
-    assert evaluation["generation"] and len({r["corrupt"] for r in evaluation["quality"]}) == 2  # every part ran
+    assert evaluation["generation"] and evaluation["documents"]                                  # every part ran
+    assert len({r["corrupt"] for r in evaluation["quality"]}) == 2
     missing = undefined_evaluate_keys(evaluation, documented)
     assert not missing, f"keys of evaluate.json not defined in docs/definitions.md#live-evaluation: {missing}"
-    columns = {k for part in ("quality", "layers", "generation") for row in evaluation[part] for k in row}
+    columns = {k for part in ("quality", "layers", "generation", "documents") for row in evaluation[part] for k in row}
     assert columns <= set(evaluation["definitions"]), columns - set(evaluation["definitions"])
     assert set(evaluation["definitions"]) <= documented, set(evaluation["definitions"]) - documented
     assert all(isinstance(v, str) and v for v in evaluation["definitions"].values())

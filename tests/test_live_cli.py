@@ -90,6 +90,11 @@ def test_the_numbers_follow_from_the_inputs(run):
         assert abs(by[("tc k=2", rate)]["delta_ce"]) < 1e-6        # Token Choice at the model's k is its routing
         assert by[("usmoe a=0.5 kbar=1 seq", rate)]["kbar"] == pytest.approx(1.0, abs=0.05)
         assert by[("usmoe a=0.5 kbar=1 seq", rate)]["flops_vs_native"] == pytest.approx(0.5, abs=0.03)
+    docs = [r for r in data["documents"] if r["label"] == "tc k=2" and r["corrupt"] == 0.2]
+    assert [r["tokens"] for r in docs] == [len(d.encode()) + 1 for d in DOCS]   # one record per block of the file
+    for (label, rate), row in by.items():
+        mine = [r for r in data["documents"] if r["label"] == label and r["corrupt"] == rate]
+        assert sum(r["nll"] for r in mine) / sum(r["tokens"] for r in mine) == pytest.approx(row["ce"], rel=1e-9)
     gen = data["generation"]
     assert [g["label"] for g in gen] == labels and gen[0]["token_agreement"] == 1.0
     assert data["config"]["seq_len"] == 32 and data["config"]["bootstrap"] == 40

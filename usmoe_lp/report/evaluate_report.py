@@ -352,7 +352,7 @@ def _definitions(result, tables) -> list[tuple[str, str]]:
     """The result's definitions of the quality, layer and generation columns (what the tables show)."""
     defs = dict(getattr(result, "definitions", None) or {})
     keys = [*result.quality.columns]
-    for frame in (result.layers, result.generation):
+    for frame in (result.layers, result.generation, getattr(result, "documents", None)):
         if frame is not None:
             keys += list(frame.columns)
     return [(k, str(defs[k])) for k in dict.fromkeys(keys) if k in defs]
