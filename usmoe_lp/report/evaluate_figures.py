@@ -6,8 +6,9 @@ and returns the Axes (None when there is nothing to draw). Axes are labelled wit
 deterministic (the confidence intervals are the result's bootstrap intervals, computed once by the API), so equal
 frames give equal PNG bytes.
 
-Colours: one hue per registry router, the settings of one router in shades of it
-(:func:`usmoe_lp.report.analyze_figures.shaded_palette`, the analyze report's rule); markers: one shape per router.
+Colours: one hue per registry router (in registry order, the same in every run), the settings of one router in
+shades of it (:func:`usmoe_lp.report.analyze_figures.shaded_palette`, the analyze report's rule); markers: one shape
+per router; native black.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ __all__ = ["FLOP_UNITS", "Y_COLUMNS", "flop_scale", "plot_corruption", "plot_qua
 NATIVE = "native"
 """The label (and router name) of the model's own routing, the reference of every delta."""
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "p", "*")
-"""Marker shapes, one per router in order of appearance (native always gets the star)."""
+MARKERS = ("o", "^", "s", "D", "v", "P", "X", "h", "<", ">", "p", "d")
+"""Marker shapes, one per registry router in registry order (native always gets the star)."""
 
 FLOP_UNITS: tuple[tuple[float, str], ...] = ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"),
                                              (1.0, "FLOP"))
@@ -54,13 +55,19 @@ def quality_at(quality: pd.DataFrame, corrupt: float | None = None) -> pd.DataFr
 
 
 def _styles(frame: pd.DataFrame) -> tuple[dict, dict]:
-    """label -> colour (shades of the router's hue) and router -> marker."""
+    """label -> colour (shades of the router's hue) and router -> marker. Hues and markers follow the registry's
+    order of routers (:func:`usmoe_lp.routers.list_routers`), so a router looks the same in every figure whichever
+    routers a run evaluated; native is black."""
+    from usmoe_lp.routers import list_routers
+
     labels = list(dict.fromkeys(frame["label"]))
     routers = dict(zip(frame["label"], frame["router"], strict=False))
-    palette = shaded_palette(labels, routers)
+    order = [r for r in list_routers() if r != NATIVE]
+    order += [r for r in dict.fromkeys(frame["router"]) if r not in order and r != NATIVE]
+    # one placeholder item per registry router fixes the order of the hues (shaded_palette skips them)
+    palette = shaded_palette(labels, {**{f"\0{r}": r for r in order}, **routers})
     palette.update({lb: (0.0, 0.0, 0.0) for lb in labels if routers.get(lb) == NATIVE})
-    others = [r for r in dict.fromkeys(frame["router"]) if r != NATIVE]
-    markers = {r: MARKERS[i % len(MARKERS)] for i, r in enumerate(others)}
+    markers = {r: MARKERS[i % len(MARKERS)] for i, r in enumerate(order)}
     markers[NATIVE] = "*"
     return palette, markers
 
@@ -107,8 +114,17 @@ def _errors(data: pd.DataFrame, y: str) -> tuple[pd.Series, list[pd.Series]]:
 def _sample_size(data: pd.DataFrame, documents: int | None, tokens: int | None) -> str:
     docs = int(data["documents"].max()) if documents is None and "documents" in data else documents
     toks = int(data["tokens"].max()) if tokens is None and "tokens" in data else tokens
-    return ", ".join(s for s in (f"{docs:,} documents" if docs is not None else "",
+    return ", ".join(s for s in (f"{docs:,} document{'s' if docs != 1 else ''}" if docs is not None else "",
                                  f"{toks:,} scored tokens per setting" if toks is not None else "") if s)
+
+
+def _y_label(data: pd.DataFrame, y: str, confidence: float | None, suffix: str = "") -> str:
+    """The axis label of ``y``: the quantity and units, and the intervals drawn (none without bootstrap)."""
+    low_col, _, label, kind = Y_COLUMNS[y]
+    if not np.isfinite(data[low_col].astype(float)).any():
+        return f"{label}{suffix}\n(no interval: no bootstrap replicates)"
+    level = f"{confidence:.0%} " if confidence is not None else ""
+    return f"{label}{suffix},\n{level}{kind}"
 
 
 def _legend(ax: plt.Axes) -> None:
@@ -170,10 +186,8 @@ def plot_quality_vs_cost(quality: pd.DataFrame, front: pd.DataFrame | None = Non
         top = ax.secondary_xaxis("top", functions=(lambda t: t * divisor * per_flop,
                                                    lambda t: t / (divisor * per_flop)))
         top.set_xlabel("realised k-bar (experts per token, mean over layers)")
-    _, _, label, kind = Y_COLUMNS[y]
-    level = f"{confidence:.0%} " if confidence is not None else ""
     ax.set_xlabel(f"routed-expert FLOPs per token ({unit}; shared experts and router excluded)")
-    ax.set_ylabel(f"{label},\n{level}{kind}")
+    ax.set_ylabel(_y_label(data, y, confidence))
     rate = float(data["corrupt"].iloc[0])
     corrupt_text = f"; inputs corrupted at rate {rate:g}" if rate > 0 else ""
     what = "Cross-entropy" if y == "ce" else "Cross-entropy minus native's"
@@ -212,10 +226,8 @@ def plot_corruption(quality: pd.DataFrame, *, y: str = "ce", ax: plt.Axes | None
                     color=palette[label], ms=9 if native else 5, lw=2.0 if native else 1.2, capsize=2,
                     mec="black", mew=0.4, zorder=3 if native else 2, label=label)
     ax.set_xticks(rates, [f"{r:g}" for r in rates])
-    _, _, label, kind = Y_COLUMNS[y]
-    level = f"{confidence:.0%} " if confidence is not None else ""
     ax.set_xlabel("input corruption rate (share of input tokens replaced by uniform random tokens)")
-    ax.set_ylabel(f"{label} on the clean targets,\n{level}{kind}")
+    ax.set_ylabel(_y_label(quality, y, confidence, " on the clean targets"))
     what = "Cross-entropy" if y == "ce" else "Cross-entropy minus native's"
     ax.set_title(f"{what} vs input corruption\n({_sample_size(quality, None, None)} and rate)", fontsize=10)
     ax.grid(alpha=0.3)

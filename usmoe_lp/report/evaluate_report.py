@@ -180,7 +180,7 @@ def front_sentence(result) -> str:
     parts = [f"`{r['label']}` ({float(r['flops_vs_native']):.0%} of native's FLOPs, Δce "
              f"{ci_text(r['delta_ce'], r['delta_low'], r['delta_high'], sign=True)} nats/token)"
              for _, r in front.iterrows()]
-    lead = (f"On {int(clean['documents'].max()):,} documents ({int(clean['tokens'].max()):,} scored tokens per "
+    lead = (f"On {_documents(clean)} ({int(clean['tokens'].max()):,} scored tokens per "
             f"setting), native scores {float(native['ce']):.3f} nats/token; " if native is not None else "")
     return (f"{lead}{len(front)} of the {len(clean)} settings are on the Pareto front (no other setting has lower "
             f"cross-entropy for at most its FLOPs): " + "; ".join(parts) + ".")
@@ -205,9 +205,9 @@ def summary_lines(result) -> list[str]:
     native = native_row(clean)
     lines = []
     m = result.model
-    lines.append(f"{m.get('name', 'model')} ({m.get('family')}, {m.get('layers')} MoE layers, N = "
-                 f"{m.get('num_experts')}, k = {m.get('k')}): {clean['label'].nunique()} settings on "
-                 f"{int(clean['documents'].max()):,} documents, {int(clean['tokens'].max()):,} scored tokens each"
+    lines.append(f"{m.get('name', 'model')}: {m.get('family')}, {m.get('layers')} MoE layers, N = "
+                 f"{m.get('num_experts')}, k = {m.get('k')}; {clean['label'].nunique()} settings on "
+                 f"{_documents(clean)}, {int(clean['tokens'].max()):,} scored tokens each"
                  + (f"; native {ci_text(native['ce'], native['ce_low'], native['ce_high'])} nats/token"
                     if native is not None else ""))
     others = clean[clean["router"] != NATIVE]
@@ -307,6 +307,11 @@ def report_tables(result) -> dict[str, pd.DataFrame]:
     return {"quality": quality, "layers": layers, "generation": generation}
 
 
+def _documents(frame: pd.DataFrame) -> str:
+    n = int(frame["documents"].max())
+    return f"{n:,} document{'s' if n != 1 else ''}"
+
+
 def _num(v, digits: int) -> str:
     try:
         f = float(v)
@@ -328,12 +333,13 @@ def _intro(result) -> list[str]:
     m, cfg = result.model, getattr(result, "config", None) or {}
     clean = quality_at(result.quality)
     params = m.get("parameters")
-    lines = [f"Model: {m.get('name')} ({m.get('family')}; {m.get('layers')} MoE layers, N = {m.get('num_experts')} "
-             f"experts, k = {m.get('k')}" + (f"; {int(params):,} parameters" if params is not None else "") + ").",
-             f"Text: {int(clean['documents'].max()):,} documents, {int(clean['tokens'].max()):,} scored tokens per "
-             f"setting (windows of {cfg.get('seq_len')} tokens); cross-entropy in nats per scored token, "
-             f"{_level(cfg)} bootstrap intervals over documents ({cfg.get('bootstrap')} resamples, seed "
-             f"{cfg.get('seed')}); Δce against native on the same resampled documents (paired).",
+    lines = [f"Model: {m.get('name')}: {m.get('family')}, {m.get('layers')} MoE layers, N = {m.get('num_experts')} "
+             f"experts, k = {m.get('k')}" + (f", {int(params):,} parameters" if params is not None else "") + ".",
+             f"Text: {_documents(clean)}, {int(clean['tokens'].max()):,} scored tokens per setting (windows of "
+             f"{cfg.get('seq_len')} tokens); cross-entropy in nats per scored token, " + (
+                 f"{_level(cfg)} bootstrap intervals over documents ({cfg.get('bootstrap')} resamples, seed "
+                 f"{cfg.get('seed')}); Δce against native on the same resampled documents (paired)."
+                 if cfg.get("bootstrap") else "no intervals (no bootstrap replicates)."),
              f"Settings: {', '.join(f'`{lb}`' for lb in dict.fromkeys(clean['label']))}; combine weights: "
              f"{cfg.get('weights')}."]
     rates = sorted(result.quality["corrupt"].astype(float).unique())
