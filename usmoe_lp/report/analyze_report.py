@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 import json
 import re
 from pathlib import Path
@@ -27,7 +26,7 @@ from usmoe_lp.report.analyze_figures import (
     representative_labels,
     sweep_omissions,
 )
-from usmoe_lp.report.outputs import check_report_location, foreign_check, save_png
+from usmoe_lp.report.outputs import check_report_location, foreign_check, write_figures
 from usmoe_lp.staging import check_destination, staged_directory
 
 SCHEMA = "usmoe-lp/analyze/1"
@@ -540,20 +539,10 @@ def _log_path(result) -> Path | None:
 
 
 def _write_files(result, out: Path, title: str) -> list[str]:
-    import matplotlib.pyplot as plt
-
     names = ["metrics.json"]
     (out / "metrics.json").write_text(json.dumps(metrics_dict(result), indent=1, allow_nan=False) + "\n")
-    pngs: dict[str, bytes] = {}
-    for name, fig in make_figures(result).items():
-        buf = io.BytesIO()
-        try:
-            save_png(fig, buf, dpi=120)
-        finally:
-            plt.close(fig)
-        pngs[name] = buf.getvalue()
-        (out / name).write_bytes(pngs[name])
-        names.append(name)
+    pngs = write_figures(make_figures(result), out)
+    names.extend(pngs)
     tables = report_tables(result)
     (out / "report.md").write_text(_markdown(result, tables, pngs, title))
     (out / "report.html").write_text(_html(result, tables, pngs, title))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from usmoe_lp._json import json_ready
 from usmoe_lp.logs.format import library_versions
 from usmoe_lp.report.analyze_report import _md_table
 from usmoe_lp.report.evaluate_figures import NATIVE, flop_scale, plot_corruption, plot_quality_vs_cost, quality_at
-from usmoe_lp.report.outputs import check_report_location, foreign_check, save_png
+from usmoe_lp.report.outputs import check_report_location, foreign_check, write_figures
 from usmoe_lp.staging import check_destination, staged_directory
 
 __all__ = ["CAPTIONS", "EVALUATE_OWNED", "HTML_STYLE", "SCHEMA", "best_cheaper", "check_evaluate_destination",
@@ -104,19 +103,9 @@ def write_evaluate_report(result, out: str | Path, *, title: str = "usmoe-lp eva
 def write_files(result, out: Path, *, title: str = "usmoe-lp evaluate") -> list[str]:
     """Write the report's files into the existing directory ``out`` (no staging: the caller's job, as the demo
     does for its sub-directory); returns the names written."""
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluate.json").write_text(json.dumps(evaluate_dict(result), indent=1, allow_nan=False) + "\n")
-    pngs: dict[str, bytes] = {}
-    for name, fig in make_figures(result).items():
-        buf = io.BytesIO()
-        try:
-            save_png(fig, buf, dpi=120)
-        finally:
-            plt.close(fig)
-        pngs[name] = buf.getvalue()
-        (out / name).write_bytes(pngs[name])
+    pngs = write_figures(make_figures(result), out)
     tables = report_tables(result)
     (out / "report.md").write_text(_markdown(result, tables, list(pngs), title))
     (out / "report.html").write_text(_html(result, tables, pngs, title))

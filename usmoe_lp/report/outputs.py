@@ -46,6 +46,25 @@ def save_png(fig, target, *, dpi: int) -> None:
     fig.savefig(target, format="png", dpi=dpi, metadata=PNG_METADATA)
 
 
+def write_figures(figures, out: Path, *, dpi: int = 120) -> dict[str, bytes]:
+    """Write each ``{file name: matplotlib Figure}`` as a PNG into ``out`` (each figure closed afterwards, also on
+    error); returns ``{file name: PNG bytes}`` for the reports that inline them."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    pngs: dict[str, bytes] = {}
+    for name, fig in figures.items():
+        buf = io.BytesIO()
+        try:
+            save_png(fig, buf, dpi=dpi)
+        finally:
+            plt.close(fig)
+        pngs[name] = buf.getvalue()
+        (out / name).write_bytes(pngs[name])
+    return pngs
+
+
 def is_router_log(path: Path) -> bool:
     """True when ``path`` looks like a router log directory (a usmoe-lp manifest, or shards)."""
     manifest = path / MANIFEST_NAME
