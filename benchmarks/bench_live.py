@@ -327,6 +327,15 @@ def to_markdown(results: list[dict]) -> str:
                     "the gathered pairs):", "",
                     markdown_table(["variant", "forward (profiled)", *STAGES], prow, ["l"] + ["r"] * (1 + len(STAGES))),
                     ""]
+            own = {label: _own_share(res["profile"][label]) for label, router, _ in VARIANTS if router is not None}
+            worst = max(own, key=own.get)
+            k1, k2 = res["profile"]["tc k=1"], res["profile"]["tc k=2"]
+            out += [f"The routing's own work (selection + `Route._apply` + the gathering in `run_experts` around the "
+                    f"experts call) is at most {own[worst]:.1%} of a profiled forward ({worst}). The gap between the "
+                    f"measured k = 1 / k = 2 ratios and the FLOP ideal is the work that does not shrink with the "
+                    f"pairs: the experts are {k2['experts (transformers)'] / k2['total_ms']:.0%} of the tc k=2 "
+                    f"forward and {k1['experts (transformers)'] / k1['total_ms']:.0%} of the tc k=1 forward; "
+                    "attention, norms, rotary embeddings, the embedding and lm_head stay.", ""]
         checks = res["checks"]
         out.append("Checks: " + "; ".join(
             f"{label}: k-bar {c['kbar']:.2f} {'ok' if c['kbar_ok'] else 'WRONG'}, "
@@ -335,6 +344,13 @@ def to_markdown(results: list[dict]) -> str:
                f"{'ok' if c['same_ok'] else 'WRONG'}")
             for label, c in checks.items()) + ".")
     return "\n".join(out)
+
+
+def _own_share(p: dict) -> float:
+    """Share of a profiled forward spent in the routing itself: the selector, ``Route._apply`` (weight rule and
+    packing included) and ``run_experts`` less the experts call it makes."""
+    gather = p["run_experts (pairs)"] - p["experts (transformers)"] if p["run_experts (pairs)"] else 0.0
+    return (p["selector.select"] + p["Route._apply"] + max(gather, 0.0)) / p["total_ms"]
 
 
 def main(argv: list[str] | None = None) -> int:
