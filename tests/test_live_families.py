@@ -294,7 +294,7 @@ def test_capture_alongside_route_logs_the_routing_applied(mt, tmp_path):
     applied = []
     with route(model, "usmoe", kbar=1.0, layers=layers,
                on_select=lambda ctx, sel: applied.append((ctx.layer.module_path, sel.mask.cpu(), ctx.real.cpu()))):
-        with capture(model, tmp_path / "log", fsync=False, layers=layers) as cap:
+        with capture(model, tmp_path / "log", fsync=False, layers=layers):
             forward(model, batch)
     log = RouterLog.open(tmp_path / "log")
     logged = [name for name in log.layers if log.has(name, "selected")]

@@ -147,7 +147,8 @@ def verify(
 
 @app.command()
 def demo(out: Path = typer.Option(Path("out/demo"), help="output directory"),
-         tokens: int = typer.Option(8192, help="held-out tokens to capture and analyse"),
+         tokens: int = typer.Option(8192, help="held-out tokens to capture and analyse (the live evaluation "
+                                    "scores the first tokens/16 bytes, at most 509, of each held-out document)"),
          overwrite: bool = typer.Option(True, "--overwrite/--no-overwrite",
                                         help="replace an earlier demo output at --out (never other files); "
                                         "--no-overwrite refuses any non-empty --out")) -> None:
@@ -169,7 +170,8 @@ def demo(out: Path = typer.Option(Path("out/demo"), help="output directory"),
     _print_summary(result.verify, out / "verify", result.seconds["verify"])
     sec = result.seconds
     console.print(f"\n[bold]usmoe-lp demo[/] in {time.perf_counter() - t0:.0f} s (verify {sec['verify']:.0f} s, "
-                  f"capture {sec['capture']:.0f} s, analyze {sec['analyze']:.0f} s) — report: {result.report}")
+                  f"capture {sec['capture']:.0f} s, analyze {sec['analyze']:.0f} s, evaluate {sec['evaluate']:.0f} s) "
+                  f"— report: {result.report}")
     for i, line in enumerate(result.summary, start=1):
         console.print(f"{i}. {line}")
 

@@ -99,15 +99,14 @@ def _load_model(directory: Path | None):
     return model.eval(), tokenizer, str(directory)
 
 
-def model_top_k(model) -> int:
-    """The model's experts per token (the k of its routers), from the routers live routing finds."""
-    from usmoe_lp.logs.capture import find_routers
+def _model_k(model) -> int:
+    from usmoe_lp.live.evaluate import model_top_k
 
-    ks = {spec.top_k for spec in find_routers(model) if spec.top_k is not None}
-    if len(ks) != 1:
-        raise InvalidParameter(f"--k: the model's routers record {'no k' if not ks else f'several k ({sorted(ks)})'}; "
-                               "give the budget unit with --k K")
-    return ks.pop()
+    try:
+        return model_top_k(model)
+    except InvalidParameter as exc:
+        raise InvalidParameter(str(exc).replace("k: ", "--k: ", 1).replace("give the budget unit k",
+                                                                        "give the budget unit with --k K")) from None
 
 
 def parse_sweep(routers: str, *, kbar: str = "", alpha: str = "", scope: str = "",
@@ -251,7 +250,7 @@ def evaluate_command(
             from usmoe_lp.tiny import heldout_documents
 
             documents = heldout_documents()
-        settings = build_settings(names, sweep, flags, ks or (model_top_k(lm),))
+        settings = build_settings(names, sweep, flags, ks or (_model_k(lm),))
         t0 = time.perf_counter()
         try:
             result = evaluate(lm, documents, settings, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,

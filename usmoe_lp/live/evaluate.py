@@ -361,6 +361,19 @@ class _Progress:
 
 
 # ----------------------------------------------------------------------------- passes
+def model_top_k(model, layers=None) -> int:
+    """The model's experts per token k (the budget unit of every setting): the one k its routers record
+    (``layers``: the route's :class:`~usmoe_lp.live.route.LiveLayer` list, found when not given);
+    :class:`InvalidParameter` when they record none or several."""
+    if layers is None:
+        layers = route(model, NATIVE).layers
+    ks = {layer.info.top_k for layer in layers if layer.info.top_k is not None}
+    if len(ks) != 1:
+        raise InvalidParameter(f"k: the model's routers record {'no k' if not ks else f'several k ({sorted(ks)})'}; "
+                               "give the budget unit k")
+    return ks.pop()
+
+
 def _route(model, config: RouterConfig, weights: str, on_select=None) -> Route:
     return route(model, config, weights="model" if config.router == NATIVE else weights, on_select=on_select)
 
@@ -539,10 +552,7 @@ def evaluate(model, documents, settings, *, tokenizer=None, seq_len: int = 256, 
     layers = native_route.layers
     if not layers:
         raise InvalidParameter(f"{type(model).__name__} has no MoE router to route")
-    k = layers[0].info.top_k or getattr(model.config, "num_experts_per_tok", None)
-    if k is None:
-        raise InvalidParameter("the model's experts per token (top_k) is unknown")
-    configs = _settings(settings, int(k))
+    configs = _settings(settings, model_top_k(model, layers))
     for c in configs:  # every setting's parameters checked against every layer before any forward
         route(model, c, weights="model" if c.router == NATIVE else weights)
     flops_pair = {lay.info.name: 2.0 * (expert_multiply_adds(lay.block.experts, lay.info.num_experts)

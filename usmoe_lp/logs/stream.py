@@ -262,8 +262,8 @@ class TokenStream:
             if why is not None:
                 raise self.error(
                     f"a forward with a KV cache already holding {past} tokens does not continue a sequence "
-                    f"{self.who} saw: {why}. generate() (greedy or sampling, num_beams=1) and decode loops work when their "
-                    f"cache is filled inside `{self.context}` from empty")
+                    f"{self.who} saw: {why}. generate() (greedy or sampling, num_beams=1) and decode loops work "
+                    f"when their cache is filled inside `{self.context}` from empty")
             mask = batch.attention_mask
             if mask is not None and mask.ndim == 2 and mask.shape[0] == b and mask.shape[1] == past + t:
                 batch.attention_mask = mask[:, past:]  # the columns of this forward's tokens
