@@ -20,7 +20,7 @@ def test_run_all_quick_writes_tables(tmp_path):
 
     proc = subprocess.run(
         [sys.executable, str(RUN_ALL), "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,  # a hang guard: ~100 s on 2 idle cores, over 250 s on a busy machine
+        cwd=ROOT, capture_output=True, text=True, timeout=600,  # a hang guard (~100 s on 2 idle cores, 250 s when busy)
     )
     assert proc.returncode == 0, f"run_all --quick exited {proc.returncode}:\n{proc.stderr[-3000:]}"
 
