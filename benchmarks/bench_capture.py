@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
 import torch  # noqa: E402
-from common import fmt_ms, machine_info, machine_markdown, markdown_table  # noqa: E402
+from common import fmt_ms, machine_info, machine_markdown, markdown_table, random_token_batches  # noqa: E402
 
 from usmoe_lp.logs import RouterLog  # noqa: E402
 from usmoe_lp.logs.capture import capture  # noqa: E402
@@ -67,17 +67,11 @@ def make_model(size: dict):
     return AutoModelForCausalLM.from_config(config).float().eval()
 
 
-def make_batches(size: dict, count: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(3, size["vocab"], (size["batch"], size["seq"]), generator=g),
-             "attention_mask": torch.ones(size["batch"], size["seq"], dtype=torch.long)} for _ in range(count)]
-
-
 def run(quick: bool, repeats: int, forwards: int, tmp_parent: str | None = None,
         log: Callable[[str], None] = _log) -> dict:
     size = QUICK if quick else FULL
     model = make_model(size)
-    batches = make_batches(size, forwards)
+    batches = random_token_batches(size, forwards)
     tokens_per_block = forwards * size["batch"] * size["seq"]
     work = Path(tempfile.mkdtemp(prefix="usmoe-bench-capture-", dir=tmp_parent))
     counter = iter(range(10**9))

@@ -49,7 +49,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
 import torch  # noqa: E402
-from common import fmt_ms, machine_info, machine_markdown, markdown_table, results_dir  # noqa: E402
+from common import (  # noqa: E402
+    fmt_ms,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    random_token_batches,
+    results_dir,
+)
 
 from usmoe_lp.live import WEIGHT_RULES, dispatch, route  # noqa: E402
 from usmoe_lp.live.route import Route  # noqa: E402
@@ -98,12 +105,6 @@ def make_model(size: dict, experts_implementation: str | None):
         max_position_embeddings=max(512, size["seq"]), pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).float().eval()
-
-
-def make_batches(size: dict, count: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(3, size["vocab"], (size["batch"], size["seq"]), generator=g),
-             "attention_mask": torch.ones(size["batch"], size["seq"], dtype=torch.long)} for _ in range(count)]
 
 
 def flops_per_token(size: dict, k: float) -> dict:
@@ -164,7 +165,7 @@ def run(quick: bool, repeats: int, forwards: int, experts_implementation: str | 
     size = QUICK if quick else FULL
     model = make_model(size, experts_implementation)
     impl = getattr(model.config, "_experts_implementation", None) or "eager"
-    batches = make_batches(size, forwards)
+    batches = random_token_batches(size, forwards)
     tokens = size["batch"] * size["seq"]
     last_stats: dict[str, object] = {}
 

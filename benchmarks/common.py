@@ -47,6 +47,16 @@ def make_scores(kind: str, T: int, N: int, seed: int = 0) -> np.ndarray:
     raise ValueError(f"unknown score distribution {kind!r}")
 
 
+def random_token_batches(size: dict, count: int) -> list[dict]:
+    """``count`` batches of ``size["batch"]`` x ``size["seq"]`` random token ids in [3, ``size["vocab"]``) (ids 0-2
+    are pad/bos/eos), with a full attention mask; seeded, the same in every benchmark."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(3, size["vocab"], (size["batch"], size["seq"]), generator=g),
+             "attention_mask": torch.ones(size["batch"], size["seq"], dtype=torch.long)} for _ in range(count)]
+
+
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
