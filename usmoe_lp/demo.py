@@ -149,7 +149,8 @@ def evaluate_documents(max_tokens: int) -> list[str]:
 
 
 def _run_into(out: Path, *, progress: bool, max_tokens: int):
-    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, _one_torch_thread, analyze
+    from usmoe_lp._threads import one_torch_thread
+    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze
     from usmoe_lp.live.evaluate import evaluate
     from usmoe_lp.report import write_verify_report
     from usmoe_lp.report.analyze_report import summary_lines, write_analyze_report
@@ -181,7 +182,7 @@ def _run_into(out: Path, *, progress: bool, max_tokens: int):
     # one torch thread, as analyze's per-sequence analyses: the tiny model's forwards are small operations, for
     # which a second thread saves little when the cores are free and costs 2-10x when they are shared (measured:
     # 3.7 s with two threads on two idle cores, 5.5 s with one; 11-50 s with two, 5.5 s with one, under load)
-    with _one_torch_thread():
+    with one_torch_thread():
         eres = evaluate(model, documents, evaluate_settings(int(model.config.num_experts_per_tok)),
                         tokenizer=tokenizer, seq_len=EVALUATE_SEQ_LEN, batch_size=2 * len(documents),
                         bootstrap=1000, seed=0, progress=progress)

@@ -38,7 +38,6 @@ index (:func:`recompute_model_selection`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from usmoe_lp._threads import one_torch_thread
 from usmoe_lp._validate import check_int, check_padding_mask
 from usmoe_lp.diagnostics.collapse import CollapsePartial, CollapseStats
 from usmoe_lp.diagnostics.counterfactual import CounterfactualPartial, CounterfactualStats, config_scores
@@ -879,7 +879,7 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
     w = None if weights is None else weights.get(info.name)
     collapse_stats = collapse.result(router_weights=None if w is None else w.float())
 
-    with _one_torch_thread():
+    with one_torch_thread():
         cf_part, leak_parts, cross, decode, topc, seqs = _sample_analyses(sample, info, k, cfg, lp_sample)
     analysis = LayerAnalysis(
         layer=info.name, num_experts=N, top_k=k, score_function=info.score_function, num_tokens=done,
@@ -889,18 +889,6 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
         sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs), decode=decode,
         native_agreement=native.result() if (native is not None and native.tokens) else None)
     return _LayerOut(analysis, load, cf_part, leak_parts, read_seconds)
-
-
-@contextlib.contextmanager
-def _one_torch_thread():
-    """torch on one intra-op thread for the per-sequence analyses: thousands of small (T, N) operations,
-    for which waking a thread pool costs more than it saves (measured: 2x faster on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sample_analyses(sample, info: LayerInfo, k: int, cfg: AnalyzeConfig, lp_sample: int):

@@ -37,7 +37,9 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def _routers(text: str) -> tuple[str, ...]:
+def parse_routers(text: str) -> tuple[str, ...]:
+    """The router names of a ``--routers`` value (comma-separated; empty: the default sweep's routers);
+    :class:`InvalidParameter` naming the flag and listing the registry for an unknown name."""
     names = _names(text)
     if not names:
         return default_routers()
@@ -131,7 +133,7 @@ def analyze_command(
 
     console, err = Console(), Console(stderr=True)
     try:
-        names = _routers(routers)
+        names = parse_routers(routers)
         sweep = parse_params(param, names)
         try:
             cfg = AnalyzeConfig(routers=names, sweep=sweep, alphas=_floats(alpha, "alpha") or None,

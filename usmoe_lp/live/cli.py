@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from usmoe_lp.cli_errors import describe_os_error, fail
-from usmoe_lp.diagnostics.cli import _routers, parse_params
+from usmoe_lp.diagnostics.cli import parse_params, parse_routers
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.routers import list_routers
 
@@ -114,7 +114,7 @@ def parse_sweep(routers: str, *, kbar: str = "", alpha: str = "", scope: str = "
     """``(names, sweep, flags)``: the routers of ``--routers``, the swept parameter values of ``--param`` and the
     shorthands ``--kbar``/``--alpha``/``--scope`` (typed by :func:`usmoe_lp.diagnostics.cli.parse_params`), and
     parameter -> the flag that gave it (for the messages). Errors name the flag."""
-    names = _routers(routers)
+    names = parse_routers(routers)
     items = list(param or ())
     short: dict[str, str] = {}
     for name, text in (("kbar", kbar), ("alpha", alpha), ("scope", scope)):
