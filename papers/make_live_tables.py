@@ -418,6 +418,9 @@ def figures(clean: Run, corrupt: Run, out: Path) -> list[Path]:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_yscale("symlog", linthresh=0.02)
     ax.set_ylim(bottom=-0.01)
+    c = clean.data["config"]
+    ax.set_title(f"Live routing of the embedded model, clean held-out text ({c['documents']} pieces, "
+                 f"{c['tokens']:,} tokens)", fontsize=9)
     ax.set_xlabel("realised k-bar (experts per token, mean over layers); model k = 2")
     ax.set_ylabel("Δ cross-entropy vs native (nats/token),\npaired 95% bootstrap CI")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -442,6 +445,9 @@ def figures(clean: Run, corrupt: Run, out: Path) -> list[Path]:
     ax.set_xticks(rates, [f"{r:g}" for r in rates])
     ax.set_yscale("symlog", linthresh=0.02)
     ax.set_ylim(bottom=-0.01)
+    c = corrupt.data["config"]
+    ax.set_title(f"Corrupted inputs, embedded model ({c['documents']} pieces, {c['tokens']:,} tokens per rate)",
+                 fontsize=9)
     ax.set_xlabel("input corruption rate p (share of input bytes replaced by uniform random bytes)")
     ax.set_ylabel("Δ cross-entropy vs native at the same p\n(nats/token), paired 95% CI")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
