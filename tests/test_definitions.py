@@ -60,27 +60,35 @@ def undefined_keys(metrics: dict) -> list[str]:
         if not ok:
             missing.append(f"{where}/{key} (not a valid data key of {parent})")
 
-    def walk(obj, path: tuple[str, ...], parent: str | None) -> None:
-        if isinstance(obj, list):
-            for item in obj:
-                walk(item, path, parent)
-            return
-        if not isinstance(obj, dict):
-            return
-        for key, value in obj.items():
-            where = "/".join(path)
-            if parent in DATA_PARENTS:
-                check_data(parent, key, value, where)
-                walk(value, (*path, key), None)
-                continue
-            if not defined(key):
-                missing.append(f"{where}/{key}")
-            if path == () and key == "definitions":
-                continue
-            walk(value, (*path, key), key)
+    def visit(path: tuple[str, ...], parent: str | None, key: str, value):
+        where = "/".join(path)
+        if parent in DATA_PARENTS:
+            check_data(parent, key, value, where)
+            return None
+        if not defined(key):
+            missing.append(f"{where}/{key}")
+        return SKIP if path == () and key == "definitions" else key
 
-    walk(metrics, (), None)
+    walk_keys(metrics, visit)
     return missing
+
+
+SKIP = object()
+
+
+def walk_keys(obj, visit, path: tuple[str, ...] = (), parent: str | None = None) -> None:
+    """Call ``visit(path, parent, key, value)`` on every key of the dicts in ``obj`` (lists walked through); it
+    returns the parent name the value's own keys are visited with, or :data:`SKIP` to leave the value out."""
+    if isinstance(obj, list):
+        for item in obj:
+            walk_keys(item, visit, path, parent)
+        return
+    if not isinstance(obj, dict):
+        return
+    for key, value in obj.items():
+        down = visit(path, parent, key, value)
+        if down is not SKIP:
+            walk_keys(value, visit, (*path, key), down)
 
 
 def _float(text: str) -> float | None:
@@ -209,21 +217,14 @@ def undefined_evaluate_keys(data: dict, documented: set[str]) -> list[str]:
     params = {p for entry in ROUTERS.values() for p in entry.param_names}
     missing: list[str] = []
 
-    def walk(obj, path: tuple[str, ...], parent: str | None) -> None:
-        if isinstance(obj, list):
-            for item in obj:
-                walk(item, path, parent)
-            return
-        if not isinstance(obj, dict):
-            return
-        for key, value in obj.items():
-            if parent in EVALUATE_DATA_PARENTS:
-                continue
-            if key not in documented and not (parent == "settings" and key in params):
-                missing.append("/".join((*path, key)))
-            walk(value, (*path, key), key)
+    def visit(path: tuple[str, ...], parent: str | None, key: str, value):
+        if parent in EVALUATE_DATA_PARENTS:
+            return SKIP
+        if key not in documented and not (parent == "settings" and key in params):
+            missing.append("/".join((*path, key)))
+        return key
 
-    walk(data, (), None)
+    walk_keys(data, visit)
     return missing
 
 
