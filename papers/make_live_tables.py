@@ -383,6 +383,21 @@ def same_budget_table(run: Run, reference: str = "usmoe a=0.5 kbar=1.5 seq", bud
 
 
 # ----------------------------------------------------------------------------- figures
+def _finish(fig, ax, path: Path) -> Path:
+    """Legend outside on the right, light grid, tight layout; written as a PNG (dpi 100, the report metadata, so
+    equal figures give equal bytes) and closed."""
+    import matplotlib.pyplot as plt
+
+    from usmoe_lp.report.outputs import save_png
+
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def figures(clean: Run, corrupt: Run, out: Path) -> list[Path]:
     import matplotlib
 
@@ -423,12 +438,7 @@ def figures(clean: Run, corrupt: Run, out: Path) -> list[Path]:
                  f"{c['tokens']:,} tokens)", fontsize=9)
     ax.set_xlabel("realised k-bar (experts per token, mean over layers); model k = 2")
     ax.set_ylabel("Δ cross-entropy vs native (nats/token),\npaired 95% bootstrap CI")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "live_delta_vs_kbar.png")
-    fig.savefig(paths[-1], dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    paths.append(_finish(fig, ax, out / "live_delta_vs_kbar.png"))
     # 2. delta CE vs native against the corruption rate
     rates = sorted({r for _, r in corrupt.quality})
     labels = [lb for lb in corrupt.labels if lb != NATIVE]
@@ -450,12 +460,7 @@ def figures(clean: Run, corrupt: Run, out: Path) -> list[Path]:
                  fontsize=9)
     ax.set_xlabel("input corruption rate p (share of input bytes replaced by uniform random bytes)")
     ax.set_ylabel("Δ cross-entropy vs native at the same p\n(nats/token), paired 95% CI")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "live_corruption.png")
-    fig.savefig(paths[-1], dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    paths.append(_finish(fig, ax, out / "live_corruption.png"))
     return paths
 
 
