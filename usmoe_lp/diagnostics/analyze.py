@@ -38,10 +38,8 @@ index (:func:`recompute_model_selection`).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +48,7 @@ import torch
 
 from usmoe_lp._threads import one_torch_thread
 from usmoe_lp._validate import check_int, check_padding_mask
-from usmoe_lp.diagnostics.collapse import CollapsePartial, CollapseStats
+from usmoe_lp.diagnostics.collapse import CollapseStats
 from usmoe_lp.diagnostics.counterfactual import CounterfactualPartial, CounterfactualStats, config_scores
 from usmoe_lp.diagnostics.leakage import (
     DEFAULT_MAX_RECOMPUTE_TOKENS,
@@ -60,15 +58,21 @@ from usmoe_lp.diagnostics.leakage import (
     cross_sequence_dependence,
     decode_mismatch,
 )
-from usmoe_lp.diagnostics.load import BALANCE_KEYS, LoadPartial, LoadStats
-from usmoe_lp.diagnostics.margins import MarginPartial, MarginStats, topc_margin
-from usmoe_lp.diagnostics.native import NativeAgreement, NativeAgreementPartial
+from usmoe_lp.diagnostics.load import BALANCE_KEYS, LoadStats
+from usmoe_lp.diagnostics.margins import MarginStats, topc_margin
+from usmoe_lp.diagnostics.native import NativeAgreement
+from usmoe_lp.diagnostics.stream import (  # noqa: F401  (model_mask & co. re-exported: the driver's public helpers)
+    LayerStream,
+    model_mask,
+    native_semantics,
+    recompute_model_selection,
+    selection_scores,
+    stream_chunks,
+)
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk, RouterLog
-from usmoe_lp.routers import ROUTERS, RouterConfig, default_configs, get_router, list_routers, reroute
-from usmoe_lp.routing import probabilities
-from usmoe_lp.routing.routers import select_top
+from usmoe_lp.routers import ROUTERS, RouterConfig, default_configs, get_router, list_routers
 
 Progress = Callable[[str, int, int], None]
 """``progress(layer, tokens_done, tokens_total)``, called after every chunk."""
@@ -606,76 +610,6 @@ def _memory_source(logits, *, top_k: int, padding_mask=None, score_function: str
                    router_weights=lambda: None, model={})
 
 
-# ============================================================================ scores and masks
-def native_semantics(info: LayerInfo | None) -> bool:
-    """Whether the registry's ``native`` router can replay the layer's selection (its score function and
-    selection are recorded)."""
-    return info is not None and info.score_function != "unknown" and getattr(info, "selection", None) is not None
-
-
-def selection_scores(logits: torch.Tensor, info: LayerInfo) -> torch.Tensor:
-    """(n, N) float32 scores the model's top-k is taken over: the ``native`` router's selection scores
-    (:func:`usmoe_lp.routers.entries.native.selection_scores`: softmax, sigmoid or the logits, in the
-    layer's score dtype, plus its selection bias) where the layer's semantics are recorded, else the
-    routing probabilities (:func:`usmoe_lp.routing.probabilities`; the softmax for ``unknown``)."""
-    if native_semantics(info):
-        from usmoe_lp.routers.entries.native import selection_scores as native_scores
-
-        return native_scores(logits, info).float()
-    return probabilities(logits.float(), info.score_function)
-
-
-def recompute_model_selection(scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None) -> torch.Tensor:
-    """(n, N) bool: the model's selection where the log records none — the top-k of its selection
-    scores (:func:`selection_scores`), ties to the lowest expert index (the rule of
-    :func:`usmoe_lp.routing.token_choice` and of ``select_top``).
-
-    sorted_rows: optionally (n, N) numpy, the rows of ``scores`` sorted ascending. Then the top-k of
-    a row whose k-th largest score beats its (k+1)-th is ``scores >= k-th largest`` (one comparison);
-    only rows with a tie at the boundary go through ``select_top`` (same selection as without).
-
-    Used where the layer's routing semantics are unknown, or where they include an expert capacity
-    (a chunk of the log does not hold the rows of the model's forward that the capacity counts);
-    elsewhere :func:`model_mask` replays the registry's ``native`` router.
-    >>> import torch
-    >>> recompute_model_selection(torch.tensor([[0.1, 0.3, 0.3, 0.3]]), 2).int().tolist()
-    [[0, 1, 1, 0]]
-    """
-    n, N = scores.shape
-    if sorted_rows is not None and k < N:
-        kth = sorted_rows[:, N - k]
-        mask = torch.from_numpy(scores.detach().cpu().numpy() >= kth[:, None])
-        tied = np.flatnonzero(~(kth > sorted_rows[:, N - k - 1]))  # ties at the boundary (or NaN)
-        if tied.size:
-            rows = torch.from_numpy(tied)
-            mask[rows] = select_top(scores[rows], torch.full((tied.size,), k, dtype=torch.long))
-        return mask
-    return select_top(scores, torch.full((n,), k, dtype=torch.long))
-
-
-def model_mask(chunk: Chunk, scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None,
-               info: LayerInfo | None = None) -> tuple[torch.Tensor, str]:
-    """(n, N) bool selection of the model and its source: the captured one (``"captured"``) when the
-    log has it; else the registry's ``native`` router replayed on the chunk's logits (``"recomputed
-    native"``: selection scores, bias, group limits and top-k of the layer, ``reroute(logits,
-    "native", layer=info)``) where ``info`` records the semantics and no expert capacity; else
-    :func:`recompute_model_selection` of ``scores`` (``"recomputed top-k"``)."""
-    n, N = scores.shape
-    sel = chunk.selected
-    if sel is not None:
-        if sel.dtype == torch.bool:
-            if tuple(sel.shape) != (n, N):
-                raise ShapeMismatch(f"captured selection mask has shape {tuple(sel.shape)}, expected {(n, N)}")
-            return sel, "captured"
-        idx = sel.long()
-        mask = torch.zeros(n, N + 1, dtype=torch.bool)
-        mask.scatter_(1, torch.where(idx < 0, N, idx), True)  # -1 (no expert) lands in the spare column
-        return mask[:, :N], "captured"
-    if native_semantics(info) and getattr(info, "expert_capacity", None) is None:
-        return reroute(chunk.logits, "native", k=k, layer=info).mask.cpu(), "recomputed native"
-    return recompute_model_selection(scores, k, sorted_rows), "recomputed top-k"
-
-
 # ============================================================================ sequence sample
 class _SequenceSample:
     """Rows of the first sequences of a layer, bounded by ``budget`` tokens, reassembled by position."""
@@ -825,70 +759,45 @@ def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, we
     if k > N:
         raise InvalidParameter(f"layer {info.name!r}: top_k = {k} exceeds the number of experts N = {N}")
     with_hidden = cfg.hidden and src.has_hidden(info.name)
-    load = LoadPartial.empty(N, top_k=k)
-    collapse = None
-    margins = MarginPartial.empty(k, eps=cfg.eps)
     sample = _SequenceSample(cfg.sequence_tokens) if (cfg.counterfactual or cfg.leakage) else None
-    source = "recomputed top-k"
-    native = NativeAgreementPartial.empty(N) if native_semantics(info) else None
-    native_info = info if info.top_k is not None else dataclasses.replace(info, top_k=k)
-    done = 0
     read_seconds = 0.0
-    it = src.chunks(info.name, cfg.chunk_tokens, with_hidden)
-    # The collapse Grams (torch matmuls, which release the GIL) run in a worker thread while this
-    # thread does the sort, the mask, the load and the margins of the same chunk.
-    pool = ThreadPoolExecutor(max_workers=1) if cfg.threads else None
-    pending = None
-    while True:
-        t_read = time.perf_counter()
-        chunk = next(it, None)
-        read_seconds += time.perf_counter() - t_read
-        if chunk is None:
-            break
-        logits = chunk.logits.float()
-        probs = probabilities(logits, info.score_function)
-        scores = selection_scores(logits, info) if native_semantics(info) else probs
-        srt = None
-        if k < N and scores.dtype == torch.float32 and scores.device.type == "cpu":
-            srt = np.sort(scores.detach().numpy(), axis=1)  # one row sort: the model's top-k and the margins
-        mask, source = model_mask(chunk, scores, k, srt, info)
-        if native is not None and chunk.selected is not None:
-            native.update(chunk.logits, chunk.selected, native_info, sequence_ids=chunk.sequence_ids)
-        hidden = chunk.hidden.float() if (with_hidden and chunk.hidden is not None) else None
-        if collapse is None:
-            collapse = CollapsePartial.empty(N, hidden_dim=None if hidden is None else int(hidden.shape[1]))
-        if pending is not None:
-            pending.result()
-        if pool is not None:
-            pending = pool.submit(collapse.update, logits, probs, hidden)
-        else:
-            collapse.update(logits, probs, hidden)
-        load.update(mask, probs, logits)
-        margins.update(scores, k, sorted_rows=srt)
+    done = 0
+
+    def timed(it):
+        nonlocal read_seconds
+        while True:
+            t_read = time.perf_counter()
+            chunk = next(it, None)
+            read_seconds += time.perf_counter() - t_read
+            if chunk is None:
+                return
+            yield chunk
+
+    def on_chunk(chunk, mask):
+        nonlocal done
         if sample is not None and not sample.closed:
             sample.add(chunk, mask)
         done += chunk.num_tokens
         if progress is not None:
             progress(info.name, done, src.num_tokens)
-    if pending is not None:
-        pending.result()
-    if pool is not None:
-        pool.shutdown()
-    if collapse is None:
-        collapse = CollapsePartial.empty(N)
+
+    chunks = timed(src.chunks(info.name, cfg.chunk_tokens, with_hidden))
+    stream = stream_chunks(LayerStream.empty(info, k, cfg.eps), chunks, hidden=with_hidden, threads=cfg.threads,
+                           on_chunk=on_chunk)
     w = None if weights is None else weights.get(info.name)
-    collapse_stats = collapse.result(router_weights=None if w is None else w.float())
+    streamed = stream.result(router_weights=None if w is None else w.float())
 
     with one_torch_thread():
         cf_part, leak_parts, cross, decode, topc, seqs = _sample_analyses(sample, info, k, cfg, lp_sample)
     analysis = LayerAnalysis(
-        layer=info.name, num_experts=N, top_k=k, score_function=info.score_function, num_tokens=done,
-        selection_source=source, load=load.result(), collapse=collapse_stats, margins=margins.result(),
+        layer=info.name, num_experts=N, top_k=k, score_function=info.score_function, num_tokens=streamed["tokens"],
+        selection_source=streamed["source"], load=streamed["load"], collapse=streamed["collapse"],
+        margins=streamed["margins"],
         counterfactual=cf_part.result() if cf_part is not None else None,
         leakage={label: p.result() for label, p in leak_parts.items()}, cross_sequence=cross, topc_margins=topc,
         sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs), decode=decode,
-        native_agreement=native.result() if (native is not None and native.tokens) else None)
-    return _LayerOut(analysis, load, cf_part, leak_parts, read_seconds)
+        native_agreement=streamed["native"])
+    return _LayerOut(analysis, stream.load, cf_part, leak_parts, read_seconds)
 
 
 def _sample_analyses(sample, info: LayerInfo, k: int, cfg: AnalyzeConfig, lp_sample: int):
