@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from usmoe_lp import UsmoeLpError
-from usmoe_lp.verify import CLAIMS, FAMILIES, Context, Instance, get_claims, get_families
+from usmoe_lp.verify import CLAIMS, FAMILIES, Batch, Context, get_claims, get_families
 from usmoe_lp.verify.claims import capped_bounds, ec_capacity, greedy_capped
 
 FAST = Context(backends=("closed_form", "highs"))
 WITH_ILP = Context(backends=("closed_form", "highs", "milp"))
+WITH_CBC = Context(backends=("closed_form", "highs", "cbc"))
 
 HOLDING_CLAIMS = ("topc_optimal_eq", "usmoe_ge_tc", "greedy_tc_eq_lp", "greedy_ec_eq_lp",
                   "lp_integral_tc", "lp_integral_ec", "lp_integral_budget", "lp_integral_capped",
@@ -158,8 +159,8 @@ def test_registry_lookup():
 # ----------------------------------------------------------------------------- hand-built
 def test_topc_optimal_le_fails_on_the_theory_counterexample():
     S = np.array([[0.5, -1.0], [-2.0, -0.2]])  # sign caveat (papers/routing-as-lp.md §3), c = T k = 2
-    for ctx in (FAST, Context()):  # with and without CBC
-        chk = CLAIMS["topc_optimal_le"].check(Instance(S, 1, ctx))
+    for ctx in (FAST, Context(), WITH_CBC):  # in-process (the default) and with CBC
+        chk = CLAIMS["topc_optimal_le"].check_one(S, 1, ctx)
         assert not chk.passed
         # top-2 = 0.5 + (-0.2) = 0.3; the '<= 2' optimum keeps 0.5 alone
         assert chk.gap == pytest.approx(0.2, abs=1e-12)
@@ -171,7 +172,7 @@ def test_topc_optimal_le_fails_on_the_theory_counterexample():
         assert "negative" in chk.note
     assert brute_optimum(S, "budget_le", 1) == pytest.approx(0.5)
     # the '== c' statement holds on the same matrix
-    assert CLAIMS["topc_optimal_eq"].check(Instance(S, 1, FAST)).passed
+    assert CLAIMS["topc_optimal_eq"].check_one(S, 1, FAST).passed
 
 
 def test_topc_optimal_le_holds_on_positive_scores():
@@ -181,18 +182,18 @@ def test_topc_optimal_le_holds_on_positive_scores():
         for T, N in ((3, 3), (2, 5), (8, 4)):
             for k in (1, 2):
                 S = FAMILIES[name].generate(rng, T, N)
-                chk = CLAIMS["topc_optimal_le"].check(Instance(S, k, FAST))
+                chk = CLAIMS["topc_optimal_le"].check_one(S, k, FAST)
                 assert chk.passed and chk.gap <= 1e-9, (name, chk.note)
     S = np.abs(np.random.default_rng(2).standard_normal((3, 4))) + 0.01
     for k in (1, 2, 3, 4):
-        chk = CLAIMS["topc_optimal_le"].check(Instance(S, k, FAST))
+        chk = CLAIMS["topc_optimal_le"].check_one(S, k, FAST)
         assert chk.passed
         assert chk.values["greedy"] == pytest.approx(brute_optimum(S, "budget_le", k))
 
 
 def test_topc_optimal_le_verdict_matches_brute_force():
     for fam, S, k in TINY:
-        chk = CLAIMS["topc_optimal_le"].check(Instance(S, k, FAST))
+        chk = CLAIMS["topc_optimal_le"].check_one(S, k, FAST)
         le, eq = brute_optimum(S, "budget_le", k), brute_optimum(S, "budget_eq", k)
         assert chk.passed == close(le, eq), (fam, S, k)
         assert chk.gap == pytest.approx(le - eq, abs=1e-9)
@@ -200,7 +201,7 @@ def test_topc_optimal_le_verdict_matches_brute_force():
 
 def test_usmoe_ge_ec_fails_with_budget_mismatch():
     S = np.array([[0.2, 0.4]])  # T=1, N=2, k=1: c = 1 but e = ceil(1/2) = 1 gives EC 2 pairs
-    chk = CLAIMS["usmoe_ge_ec"].check(Instance(S, 1, Context()))
+    chk = CLAIMS["usmoe_ge_ec"].check_one(S, 1, Context())
     assert not chk.passed
     assert chk.values["budget_mismatch"] == 1
     assert chk.values["usmoe"] == pytest.approx(0.4)
@@ -217,7 +218,7 @@ def test_usmoe_ge_ec_holds_when_budgets_match():
             assert (T * k) % N == 0
             for _ in range(3):
                 S = fam.generate(rng, T, N)
-                chk = CLAIMS["usmoe_ge_ec"].check(Instance(S, k, FAST))
+                chk = CLAIMS["usmoe_ge_ec"].check_one(S, k, FAST)
                 assert chk.passed, (fam.name, T, N, k, chk.note)
                 assert chk.values["budget_mismatch"] == 0
                 assert chk.values["usmoe_minus_ec"] >= -1e-9
@@ -228,7 +229,7 @@ def test_usmoe_ge_ec_holds_when_budgets_match():
 def test_usmoe_ge_ec_verdict_matches_brute_force():
     for fam, S, k in TINY:
         T, N = S.shape
-        chk = CLAIMS["usmoe_ge_ec"].check(Instance(S, k, FAST))
+        chk = CLAIMS["usmoe_ge_ec"].check_one(S, k, FAST)
         usmoe, ec = brute_optimum(S, "budget_eq", k), brute_optimum(S, "ec", k)
         assert chk.values["usmoe"] == pytest.approx(usmoe)
         assert chk.values["budget_mismatch"] == N * math.ceil(T * k / N) - T * k
@@ -251,7 +252,7 @@ def test_capped_greedy_suboptimal_hand_built():
     g = greedy_capped(S, 3, 2, 1)
     np.testing.assert_array_equal(g, [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     assert brute_optimum(S, "capped", 1) == pytest.approx(10.9)
-    chk = CLAIMS["capped_greedy_optimal"].check(Instance(S, 1, Context()))
+    chk = CLAIMS["capped_greedy_optimal"].check_one(S, 1, Context())
     assert not chk.passed
     assert chk.values["greedy"] == pytest.approx(10.0)
     assert chk.gap == pytest.approx(0.9)
@@ -263,7 +264,7 @@ def test_capped_greedy_suboptimal_hand_built():
 
 def test_capped_greedy_optimal_hand_built():
     S = np.array([[0.9, 0.1], [0.2, 0.8]])  # caps do not bind: greedy = top-2 = 1.7
-    chk = CLAIMS["capped_greedy_optimal"].check(Instance(S, 1, Context()))
+    chk = CLAIMS["capped_greedy_optimal"].check_one(S, 1, Context())
     assert chk.passed and chk.gap <= 1e-12
     assert chk.values["greedy"] == pytest.approx(1.7) == brute_optimum(S, "capped", 1)
 
@@ -293,7 +294,7 @@ def test_greedy_capped_against_brute_force():
         assert got <= opt + 1e-9
         assert got >= opt / 2 - 1e-9  # greedy is a 1/2-approximation (truncated 2-system)
         suboptimal += not close(got, opt)
-        chk = CLAIMS["capped_greedy_optimal"].check(Instance(S, k, FAST))
+        chk = CLAIMS["capped_greedy_optimal"].check_one(S, k, FAST)
         assert chk.values["greedy"] == pytest.approx(got)
         assert chk.passed == close(got, opt)
         assert chk.gap == pytest.approx(max(0.0, opt - got), abs=1e-9)
@@ -305,7 +306,7 @@ def test_greedy_capped_against_brute_force():
 def test_holding_claims_hold_on_every_family(claim_id):
     claim = CLAIMS[claim_id]
     for fam, S, k in TINY:
-        chk = claim.check(Instance(S, k, WITH_ILP))
+        chk = claim.check_one(S, k, WITH_ILP)
         assert chk is not None
         assert chk.passed, (claim_id, fam, S.tolist(), k, chk.note)
         assert chk.gap <= 1e-9  # rounding-level differences only
@@ -314,17 +315,17 @@ def test_holding_claims_hold_on_every_family(claim_id):
 
 def test_holding_claims_report_the_brute_force_optima():
     for fam, S, k in TINY:
-        inst = Instance(S, k, WITH_ILP)
+        inst = Batch.one(S, k, WITH_ILP)
         opt = {p: brute_optimum(S, p, k) for p in ("tc", "ec", "budget_eq", "budget_le", "capped")}
-        v = CLAIMS["topc_optimal_eq"].check(inst).values
+        v = CLAIMS["topc_optimal_eq"].check(inst)[0].values
         assert v["greedy"] == pytest.approx(opt["budget_eq"])
         assert v["certificate_optimal"] == 1
-        v = CLAIMS["usmoe_ge_tc"].check(inst).values
+        v = CLAIMS["usmoe_ge_tc"].check(inst)[0].values
         assert v["usmoe"] == pytest.approx(opt["budget_eq"])
         assert v["usmoe_minus_tc"] == pytest.approx(opt["budget_eq"] - opt["tc"], abs=1e-9)
         assert v["usmoe_minus_tc"] >= -1e-9
         for claim_id, program in (("greedy_tc_eq_lp", "tc"), ("greedy_ec_eq_lp", "ec")):
-            v = CLAIMS[claim_id].check(inst).values
+            v = CLAIMS[claim_id].check(inst)[0].values
             assert v["greedy"] == pytest.approx(opt[program])
             assert {"opt_highs", "opt_milp"} <= set(v)
             for key, val in v.items():
@@ -333,11 +334,11 @@ def test_holding_claims_report_the_brute_force_optima():
         for claim_id, program in (("lp_integral_tc", "tc"), ("lp_integral_ec", "ec"),
                                   ("lp_integral_budget", "budget_le"),
                                   ("lp_integral_capped", "capped")):
-            v = CLAIMS[claim_id].check(inst).values
+            v = CLAIMS[claim_id].check(inst)[0].values
             assert v["frac_simplex"] <= 1e-9 and v["frac_ipm"] <= 1e-9
             assert v["lp_simplex"] == pytest.approx(opt[program])
             assert v["ilp_milp"] == pytest.approx(opt[program])
-        v = CLAIMS["ilp_eq_lp"].check(inst).values
+        v = CLAIMS["ilp_eq_lp"].check(inst)[0].values
         for program in ("tc", "ec", "budget_le", "capped"):
             assert v[f"{program}_lp"] == pytest.approx(opt[program])
             assert v[f"{program}_milp"] == pytest.approx(opt[program])
@@ -345,34 +346,34 @@ def test_holding_claims_report_the_brute_force_optima():
 
 def test_usmoe_ge_tc_and_topc_eq_hold_with_cbc():
     for fam, S, k in TINY[::4]:
-        inst = Instance(S, k, Context())
+        inst = Batch.one(S, k, WITH_CBC)
         for claim_id in ("usmoe_ge_tc", "topc_optimal_eq", "ilp_eq_lp"):
-            chk = CLAIMS[claim_id].check(inst)
+            chk = CLAIMS[claim_id].check(inst)[0]
             assert chk.passed, (claim_id, fam, chk.note)
-        assert "opt_cbc" in CLAIMS["topc_optimal_eq"].check(inst).values
+        assert "opt_cbc" in CLAIMS["topc_optimal_eq"].check(inst)[0].values
 
 
 def test_ilp_eq_lp_not_applicable_above_ilp_max_vars():
     S = np.random.default_rng(5).standard_normal((3, 3))
     for backends in (("closed_form", "highs", "milp"), ("closed_form", "highs", "cbc")):
-        assert CLAIMS["ilp_eq_lp"].check(Instance(S, 1, Context(backends, ilp_max_vars=8))) is None
-        chk = CLAIMS["ilp_eq_lp"].check(Instance(S, 1, Context(backends, ilp_max_vars=9)))
+        assert CLAIMS["ilp_eq_lp"].check_one(S, 1, Context(backends, ilp_max_vars=8)) is None
+        chk = CLAIMS["ilp_eq_lp"].check_one(S, 1, Context(backends, ilp_max_vars=9))
         assert chk is not None and chk.passed
     # no integer-program backend at all: not applicable either
-    assert CLAIMS["ilp_eq_lp"].check(Instance(S, 1, FAST)) is None
+    assert CLAIMS["ilp_eq_lp"].check_one(S, 1, FAST) is None
 
 
 # ----------------------------------------------------------------------------- disagreement
 def _skew_backend(monkeypatch, backend: str, value=None, shift: float = 0.0):
-    original = Instance.optimum
+    original = Batch.optimum
 
     def skewed(self, name, b):
         v = original(self, name, b)
         if b != backend:
             return v
-        return value if value is not None else v + shift
+        return np.full_like(v, value) if value is not None else v + shift
 
-    monkeypatch.setattr(Instance, "optimum", skewed)
+    monkeypatch.setattr(Batch, "optimum", skewed)
 
 
 @pytest.mark.parametrize("claim_id", ["topc_optimal_eq", "topc_optimal_le", "usmoe_ge_tc",
@@ -380,9 +381,9 @@ def _skew_backend(monkeypatch, backend: str, value=None, shift: float = 0.0):
                                       "capped_greedy_optimal"])
 def test_disagreeing_backends_fail_the_check(monkeypatch, claim_id):
     S = np.array([[0.9, 0.1], [0.2, 0.8]])  # positive, N | T k: every claim holds on it
-    assert CLAIMS[claim_id].check(Instance(S, 1, WITH_ILP)).passed
+    assert CLAIMS[claim_id].check_one(S, 1, WITH_ILP).passed
     _skew_backend(monkeypatch, "highs", shift=1e-3)
-    chk = CLAIMS[claim_id].check(Instance(S, 1, WITH_ILP))
+    chk = CLAIMS[claim_id].check_one(S, 1, WITH_ILP)
     assert not chk.passed
     assert "backends disagree" in chk.note
 
@@ -390,7 +391,7 @@ def test_disagreeing_backends_fail_the_check(monkeypatch, claim_id):
 def test_ilp_backend_off_the_lp_fails_ilp_eq_lp(monkeypatch):
     S = np.array([[0.9, 0.1, 0.4], [0.2, 0.8, 0.3]])
     _skew_backend(monkeypatch, "milp", shift=-0.5)
-    chk = CLAIMS["ilp_eq_lp"].check(Instance(S, 1, WITH_ILP))
+    chk = CLAIMS["ilp_eq_lp"].check_one(S, 1, WITH_ILP)
     assert not chk.passed
     assert chk.gap == pytest.approx(0.5)
     assert "milp" in chk.note
@@ -399,7 +400,7 @@ def test_ilp_backend_off_the_lp_fails_ilp_eq_lp(monkeypatch):
 def test_failed_backend_fails_the_check(monkeypatch):
     S = np.array([[0.9, 0.1, 0.4], [0.2, 0.8, 0.3]])
     _skew_backend(monkeypatch, "highs", value=math.nan)
-    chk = CLAIMS["greedy_tc_eq_lp"].check(Instance(S, 1, FAST))
+    chk = CLAIMS["greedy_tc_eq_lp"].check_one(S, 1, FAST)
     assert not chk.passed
     assert "failed to solve" in chk.note
 
@@ -413,5 +414,5 @@ def test_capacities_are_the_smallest_integers_that_fit(T, N, k):
     assert ec_capacity(T, N, k) == min(T, e)
     cap = next(e for e in range(2 * T * k + 1) if 4 * N * e >= 5 * T * k)
     assert capped_bounds(T, N, k) == (T * k, min(N, k + 1), min(T, cap))
-    inst = Instance(np.zeros((T, N)), k, FAST)
+    inst = Batch.one(np.zeros((T, N)), k, FAST)
     assert inst.e == ec_capacity(T, N, k)

@@ -17,7 +17,6 @@ from usmoe_lp.verify import (
     CLAIMS,
     FAMILIES,
     Context,
-    Instance,
     VerifyConfig,
     run_verify,
     shrink,
@@ -42,7 +41,7 @@ def small_result():
 def fails(claim_id: str, S: np.ndarray, k: int, ctx: Context = FAST_CTX) -> bool:
     if S.shape[0] < 1 or S.shape[1] < 1 or k > S.shape[1]:
         return False  # not an instance: k experts per token need k experts
-    chk = CLAIMS[claim_id].check(Instance(S, k, ctx))
+    chk = CLAIMS[claim_id].check_one(S, k, ctx)
     return chk is not None and not chk.passed
 
 
@@ -270,7 +269,7 @@ def test_k_above_n_is_skipped_where_another_size_runs_it():
     # a size that runs no k is ignored just as silently
     ({"sizes": ((4, 2), (6, 4)), "ks": (3,)}, r"sizes=4x2 cannot run"),
     # a claim that is applicable to no instance
-    ({"claims": ("ilp_eq_lp",), "backends": FAST}, r"ilp_eq_lp cannot run.*cbc or milp"),
+    ({"claims": ("ilp_eq_lp",), "backends": FAST}, r"ilp_eq_lp cannot run.*milp, exhaustive or cbc"),
     ({"claims": ("ilp_eq_lp",), "sizes": ((3, 2), (2, 3)), "ks": (1,),
       "backends": ("closed_form", "highs", "milp"), "ilp_max_vars": 4},
      r"ilp_eq_lp cannot run.*T\*N <= ilp_max_vars=4"),
@@ -331,7 +330,7 @@ def test_shrink_all_shrinks_every_failure(tmp_path):
     shrunk = {(c.claim, c.family, c.T, c.N, c.k, c.trial) for c in res.counterexamples}
     assert failing and shrunk == failing
     for cx in res.counterexamples:
-        check = CLAIMS[cx.claim].check(Instance(cx.scores, cx.shrunk_k, FAST_CTX))
+        check = CLAIMS[cx.claim].check_one(cx.scores, cx.shrunk_k, FAST_CTX)
         assert check is not None and not check.passed
     # per cell the report keeps the smallest; every shrunk failure is written under all/
     for cell in res.cells():

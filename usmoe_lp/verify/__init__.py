@@ -10,7 +10,7 @@ The matrices come from *matrix families* (:data:`FAMILIES`, ``usmoe-lp families`
 [('topc_optimal_eq', 'holds')]
 """
 
-from usmoe_lp.verify.claims import CLAIMS, Check, Claim, Context, Instance, get_claims
+from usmoe_lp.verify.claims import CLAIMS, DEFAULT_BACKENDS, Batch, Check, Claim, Context, get_claims
 from usmoe_lp.verify.families import FAMILIES, Family, get_families
 from usmoe_lp.verify.runner import (
     Counterexample,
@@ -22,6 +22,6 @@ from usmoe_lp.verify.runner import (
 )
 from usmoe_lp.verify.shrink import Shrunk, shrink
 
-__all__ = ["CLAIMS", "FAMILIES", "Check", "Claim", "Context", "Counterexample", "Family",
-           "Instance", "Shrunk", "TrialRecord", "VerifyConfig", "VerifyResult", "get_claims",
-           "get_families", "run_verify", "shrink", "trial_seed"]
+__all__ = ["CLAIMS", "DEFAULT_BACKENDS", "FAMILIES", "Batch", "Check", "Claim", "Context", "Counterexample",
+           "Family", "Shrunk", "TrialRecord", "VerifyConfig", "VerifyResult", "get_claims", "get_families",
+           "run_verify", "shrink", "trial_seed"]

@@ -1,10 +1,16 @@
-"""The registry of claims about routing as a linear program, each checked on one instance.
+"""The registry of claims about routing as a linear program, each checked on a batch of instances.
 
-A claim is checked on an :class:`Instance` (a score matrix S (T, N) float64 and a k) and returns
-a :class:`Check`: passed or not, the size of the violation (``gap``, in score units), and the
-numbers behind the verdict. Every optimum is computed by at least two independent backends (the
-closed form, HiGHS through highspy, and the CBC / SciPy integer programs on small instances);
-backends that disagree fail the check with a note, since that is a finding too.
+A claim is checked on a :class:`Batch`: B score matrices S (B, T, N) float64 of one size with one k
+(in a verify run, B trials of one matrix family). ``claim.check(batch)`` returns one :class:`Check`
+per instance (None where the claim does not apply): passed or not, the size of the violation
+(``gap``, in score units), and the numbers behind the verdict. A single instance is a batch of one
+(:meth:`Batch.one`, :meth:`Claim.check_one`): shrinking and the API run the same check.
+
+Every optimum is computed once per batch, program and backend, by at least two independent backends:
+the closed form (``usmoe_lp.lp.closed_form``), the LP relaxation by HiGHS (one highspy model for the
+whole batch), and the 0/1 program by HiGHS's MIP in-process (``milp``), by enumerating every mask
+(``exhaustive``, T*N <= 20) or by CBC (``cbc``: a subprocess per instance, only when asked for).
+Backends that disagree fail the check with a note, since that is a finding too.
 
 Sources: arXiv 2503.22996 (USMoE) Prop. 3.1 and §3; proofs and caveats in papers/routing-as-lp.md §1-4.
 """
@@ -13,20 +19,34 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from usmoe_lp._validate import INTEGRALITY_TOL
 from usmoe_lp.errors import InvalidParameter
-from usmoe_lp.lp import RoutingProblem, certify, solve
-from usmoe_lp.lp.backends import solve_highs
+from usmoe_lp.lp import RoutingProblem, solve
+from usmoe_lp.lp.backends import RawResult
+from usmoe_lp.lp.certificate import Certificate
 from usmoe_lp.routing import expert_choice, global_topc, token_choice
 from usmoe_lp.routing.routers import expert_capacity
+from usmoe_lp.verify._lp_shim import (
+    EXHAUSTIVE_MAX_ENTRIES,
+    certify_batch,
+    closed_form_batch,
+    solve_exhaustive_batch,
+    solve_highs_batch,
+)
 
 PROGRAMS = ("tc", "ec", "budget_eq", "budget_le", "capped")
-INTEGRALITY_TOL = 1e-9
+ILP_BACKENDS = ("cbc", "milp", "exhaustive")
+"""Backends that solve the 0/1 program itself (``closed_form`` and ``highs`` solve its LP relaxation)."""
+DEFAULT_BACKENDS = ("closed_form", "highs", "milp")
+"""Two independent oracles for every claim at every size up to ``ilp_max_vars``, all in-process: the
+closed form and HiGHS's LP for the single-block programs, HiGHS's LP and its MIP for the capped program
+and the integer claims. CBC (a subprocess per instance) runs only when asked for."""
 
 
 @dataclass(frozen=True)
@@ -34,12 +54,14 @@ class Context:
     """How claims are checked.
 
     Attributes:
-        backends: optimum backends to use (closed_form, highs, cbc, milp).
-        ilp_max_vars: run the integer-program backends (cbc, milp) only when T*N is at most this.
+        backends: optimum backends to use (``closed_form``, ``highs``, ``milp``, ``exhaustive``, ``cbc``,
+            ``flow``; :data:`DEFAULT_BACKENDS` by default).
+        ilp_max_vars: run the integer-program backends (:data:`ILP_BACKENDS`) only when T*N is at most this
+            (``exhaustive`` also only up to its own limit of 20 entries).
         rtol: relative tolerance when comparing objective values.
     """
 
-    backends: tuple[str, ...] = ("closed_form", "highs", "cbc")
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
     ilp_max_vars: int = 4096
     rtol: float = 1e-9
 
@@ -83,23 +105,61 @@ def capped_bounds(T: int, N: int, k: int) -> tuple[int, int, int]:
     return T * k, min(N, k + 1), min(T, expert_capacity(CAPPED_CAPACITY_FACTOR, T, k, N))
 
 
-class Instance:
-    """One score matrix and k, with each program built and solved at most once per backend.
+def mask_objectives(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(B,) float64: the sum of the selected scores of each instance.
+
+    scores (B, T, N) float64, masks (B, T, N) bool. Each sum is formed exactly as
+    ``RoutingProblem.objective`` forms one (the selected entries gathered in row-major order, then
+    numpy's sum), so an instance scores the same bits in a batch as alone.
+    """
+    B = scores.shape[0]
+    flat = masks.reshape(B, -1)
+    vals = scores.reshape(-1)[np.flatnonzero(flat)]
+    out = np.empty(B)
+    start = 0
+    for b, end in enumerate(np.cumsum(flat.sum(axis=1)).tolist()):
+        out[b] = vals[start:end].sum()
+        start = end
+    return out
+
+
+class Batch:
+    """B instances of one size and one k, each program built, solved and certified once per backend for
+    the whole batch.
 
     Args:
-        scores: (T, N) float64.
+        scores: (B, T, N) float64, one score matrix per instance.
         k: experts per token of the matched Token Choice; budgets are c = T*k.
-        ctx: the checking :class:`Context`.
+        ctx: the checking :class:`Context` (default ``Context()``).
+
+    Raises:
+        InvalidParameter: scores not of shape (B, T, N), or k outside [1, N].
     """
 
-    def __init__(self, scores: np.ndarray, k: int, ctx: Context):
-        self.S = np.ascontiguousarray(scores, dtype=np.float64)
-        self.T, self.N = self.S.shape
+    def __init__(self, scores, k: int, ctx: Context | None = None):
+        S = np.ascontiguousarray(scores, dtype=np.float64)
+        if S.ndim != 3 or S.size == 0:
+            raise InvalidParameter(f"a batch holds scores of shape (B, T, N), B, T, N >= 1; got {S.shape}")
+        self.S = S
+        self.B, self.T, self.N = S.shape
         self.k = int(k)
-        self.ctx = ctx
-        self._problems: dict[str, RoutingProblem] = {}
-        self._optima: dict[tuple[str, str], float] = {}
+        if not 1 <= self.k <= self.N:
+            raise InvalidParameter(f"k = {k} must be between 1 and the number of experts N = {self.N}")
+        self.ctx = ctx if ctx is not None else Context()
+        self._problems: dict[str, list[RoutingProblem]] = {}
+        self._optima: dict[tuple[str, str], np.ndarray] = {}
+        self._lp: dict[tuple[str, str], list[RawResult]] = {}
         self._masks: dict[str, np.ndarray] = {}
+        self._objectives: dict[str, np.ndarray] = {}
+        self._certificates: dict[tuple[str, str], list[Certificate]] = {}
+
+    @classmethod
+    def one(cls, scores, k: int, ctx: Context | None = None) -> Batch:
+        """A batch of one instance: scores (T, N)."""
+        S = np.asarray(scores, dtype=np.float64)
+        if S.ndim != 2:
+            raise InvalidParameter(f"an instance's scores have shape (T, N); got {S.shape}")
+        return cls(S[None], k, ctx)
 
     @property
     def c(self) -> int:
@@ -109,247 +169,383 @@ class Instance:
     def e(self) -> int:
         return ec_capacity(self.T, self.N, self.k)
 
-    def problem(self, name: str) -> RoutingProblem:
+    # ----------------------------------------------------------------------------- programs
+    def _problem(self, name: str, S: np.ndarray) -> RoutingProblem:
+        k = self.k
+        if name == "tc":
+            return RoutingProblem.token_choice(S, k)
+        if name == "ec":
+            return RoutingProblem.expert_choice(S, self.e)
+        if name == "budget_eq":
+            return RoutingProblem.budget(S, self.c, sense="==")
+        if name == "budget_le":
+            return RoutingProblem.budget(S, self.c, sense="<=")
+        if name == "capped":
+            c, tmax, emax = capped_bounds(self.T, self.N, k)
+            return RoutingProblem.capped(S, c, token_max=tmax, expert_max=emax, sense="<=")
+        raise InvalidParameter(f"unknown program {name!r}; expected one of {PROGRAMS}")
+
+    def problems(self, name: str) -> list[RoutingProblem]:
+        """Program ``name`` of every instance (B ``RoutingProblem`` s, built once)."""
         if name not in self._problems:
-            S, k = self.S, self.k
-            if name == "tc":
-                p = RoutingProblem.token_choice(S, k)
-            elif name == "ec":
-                p = RoutingProblem.expert_choice(S, self.e)
-            elif name == "budget_eq":
-                p = RoutingProblem.budget(S, self.c, sense="==")
-            elif name == "budget_le":
-                p = RoutingProblem.budget(S, self.c, sense="<=")
-            elif name == "capped":
-                c, tmax, emax = capped_bounds(self.T, self.N, k)
-                p = RoutingProblem.capped(S, c, token_max=tmax, expert_max=emax, sense="<=")
-            else:
-                raise InvalidParameter(f"unknown program {name!r}; expected one of {PROGRAMS}")
-            self._problems[name] = p
+            self._problems[name] = [self._problem(name, S) for S in self.S]
         return self._problems[name]
 
-    def backends_for(self, name: str, ilp: bool = True) -> list[str]:
-        p = self.problem(name)
+    def backends_for(self, name: str) -> list[str]:
+        """The backends of the context that solve program ``name`` at this size (the same for every
+        instance: the closed form needs a single binding block, the 0/1 backends T*N <= ilp_max_vars)."""
+        single = self.problems(name)[0].is_single_block
+        size = self.T * self.N
         out = []
         for b in self.ctx.backends:
-            if b == "closed_form" and not p.is_single_block:
+            if b == "closed_form" and not single:
                 continue
-            if b in ("cbc", "milp") and (not ilp or self.S.size > self.ctx.ilp_max_vars):
+            if b in ILP_BACKENDS and size > self.ctx.ilp_max_vars:
+                continue
+            if b == "exhaustive" and size > EXHAUSTIVE_MAX_ENTRIES:
                 continue
             out.append(b)
         return out
 
-    def optimum(self, name: str, backend: str) -> float:
-        """Optimal value of program ``name`` by ``backend`` (the LP value for highs)."""
+    def lp(self, name: str, solver: str) -> list[RawResult]:
+        """HiGHS's LP relaxation of program ``name`` for every instance (``solver``: simplex or ipm),
+        one highspy model for the batch."""
+        key = (name, solver)
+        if key not in self._lp:
+            self._lp[key] = solve_highs_batch(self.problems(name), solver=solver)
+        return self._lp[key]
+
+    def optimum(self, name: str, backend: str) -> np.ndarray:
+        """(B,) optimal value of program ``name`` by ``backend`` (the LP value for highs; otherwise the
+        objective of the backend's 0/1 mask); NaN where the backend did not solve it."""
         key = (name, backend)
         if key not in self._optima:
-            p = self.problem(name)
-            sol = solve(p, backend, certify_solution=False)
-            if not sol.success:
-                self._optima[key] = math.nan
-            elif backend == "highs":
-                self._optima[key] = float(sol.objective)
+            if backend == "highs":
+                vals = np.array([r.objective if r.status == "optimal" else math.nan
+                                 for r in self.lp(name, "simplex")])
             else:
-                self._optima[key] = p.objective(sol.mask)
+                vals = self._mask_optima(self.problems(name), backend)
+            self._optima[key] = vals
         return self._optima[key]
 
-    def optima(self, name: str, ilp: bool = True) -> dict[str, float]:
-        return {b: self.optimum(name, b) for b in self.backends_for(name, ilp)}
+    def _mask_optima(self, problems: list[RoutingProblem], backend: str) -> np.ndarray:
+        if backend == "milp":
+            raws = solve_highs_batch(problems, integer=True)
+        elif backend == "exhaustive":
+            raws = solve_exhaustive_batch(problems)
+        elif backend == "closed_form":
+            raws = closed_form_batch(problems)
+        else:  # cbc, flow: one solve per instance
+            sols = [solve(p, backend, certify_solution=False) for p in problems]
+            raws = [RawResult(s.x, s.objective, s.status, s.message, s.duals, s.seconds) for s in sols]
+        ok = np.array([r.status == "optimal" for r in raws])
+        masks = np.stack([r.x > 0.5 for r in raws])
+        return np.where(ok, mask_objectives(self.S, masks), math.nan)
 
+    def optima(self, name: str) -> dict[str, np.ndarray]:
+        """{backend: (B,) optimum} over :meth:`backends_for`."""
+        return {b: self.optimum(name, b) for b in self.backends_for(name)}
+
+    # ----------------------------------------------------------------------------- routers
     def router_mask(self, name: str) -> np.ndarray:
-        """(T, N) bool mask of the fast-path router: ``topc`` (c = T*k), ``tc`` or ``ec``."""
+        """(B, T, N) bool mask of the fast-path router on each instance: ``topc`` (c = T*k), ``tc``
+        or ``ec`` (:mod:`usmoe_lp.routing`, the stack routed in one call)."""
         if name not in self._masks:
-            s = torch.from_numpy(self.S)
-            if name == "topc":
-                r = global_topc(s, budget=self.c)
-            elif name == "tc":
-                r = token_choice(s, self.k)
-            elif name == "ec":
-                r = expert_choice(s, capacity=self.e)
-            else:
-                raise InvalidParameter(f"unknown router {name!r}")
-            self._masks[name] = r.numpy_mask()
+            self._masks[name] = self._route(name, torch.from_numpy(self.S))
         return self._masks[name]
 
-    def objective(self, mask: np.ndarray) -> float:
-        return float(self.S.ravel()[np.flatnonzero(mask)].sum())
+    def _route(self, name: str, s: torch.Tensor) -> np.ndarray:
+        if name == "topc":
+            r = global_topc(s, budget=self.c)
+        elif name == "tc":
+            r = token_choice(s, self.k)
+        elif name == "ec":
+            r = expert_choice(s, capacity=self.e)
+        else:
+            raise InvalidParameter(f"unknown router {name!r}")
+        return r.numpy_mask()
 
-    def close(self, a: float, b: float) -> bool:
-        return abs(a - b) <= self.ctx.rtol * max(1.0, abs(a), abs(b))
+    def router_objective(self, name: str) -> np.ndarray:
+        """(B,) objective of :meth:`router_mask`."""
+        if name not in self._objectives:
+            self._objectives[name] = self.objectives(self.router_mask(name))
+        return self._objectives[name]
+
+    def certificates(self, program: str, router: str) -> list[Certificate]:
+        """The certificate of ``router``'s mask for ``program``, per instance (one batch call)."""
+        key = (program, router)
+        if key not in self._certificates:
+            self._certificates[key] = certify_batch(self.problems(program), list(self.router_mask(router)))
+        return self._certificates[key]
+
+    def objectives(self, masks: np.ndarray) -> np.ndarray:
+        """(B,) objective of masks (B, T, N) bool (:func:`mask_objectives`)."""
+        return mask_objectives(self.S, masks)
+
+    def close(self, a, b) -> np.ndarray:
+        """Elementwise |a - b| <= rtol * max(1, |a|, |b|) (False where either is NaN)."""
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            return np.abs(a - b) <= self.ctx.rtol * np.maximum(np.maximum(1.0, np.abs(a)), np.abs(b))
 
 
 # ----------------------------------------------------------------------------- helpers
-def _named(prefix: str, optima: dict[str, float]) -> dict[str, float]:
+def _first_max(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """Elementwise ``max(values)`` as Python takes it: the first value, replaced by a later one only
+    when strictly greater (so a leading NaN stays, a later NaN is skipped)."""
+    arrays = list(arrays)
+    best = np.array(arrays[0], dtype=np.float64)
+    for v in arrays[1:]:
+        best = np.where(v > best, v, best)
+    return best
+
+
+def _best(batch: Batch, optima: dict[str, np.ndarray]) -> np.ndarray:
+    """(B,) ``max(optima.values())`` per instance (:func:`_first_max`); NaN without any backend."""
+    return _first_max(optima.values()) if optima else np.full(batch.B, math.nan)
+
+
+def _positive(x: np.ndarray) -> np.ndarray:
+    """Elementwise ``max(0.0, x)`` as Python takes it (0.0 for NaN)."""
+    return np.where(x > 0.0, x, 0.0)
+
+
+def _named(prefix: str, optima: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {f"{prefix}_{b}": v for b, v in optima.items()}
 
 
-def _agreement(inst: Instance, optima: dict[str, float]) -> tuple[bool, str]:
-    vals = list(optima.values())
-    if any(math.isnan(v) for v in vals):
-        failed = [b for b, v in optima.items() if math.isnan(v)]
-        return False, f"backend(s) {failed} failed to solve"
-    if not all(inst.close(v, vals[0]) for v in vals):
-        return False, "backends disagree: " + ", ".join(f"{b}={v:.12g}" for b, v in optima.items())
-    return True, ""
+def _checks(passed: np.ndarray, gap: np.ndarray, columns: dict[str, np.ndarray], notes: Sequence[str],
+            absent: dict[str, np.ndarray] | None = None) -> list[Check]:
+    """One :class:`Check` per instance from per-batch columns; ``absent[name]`` (B,) bool leaves that
+    value out of those instances."""
+    names = list(columns)
+    rows = zip(*[np.asarray(columns[n], dtype=np.float64).tolist() for n in names], strict=True)
+    out = []
+    for b, (ok, g, row, note) in enumerate(zip(passed.tolist(), gap.tolist(), rows, notes, strict=True)):
+        values = dict(zip(names, row, strict=True))
+        for name, where in (absent or {}).items():
+            if where[b]:
+                del values[name]
+        out.append(Check(bool(ok), float(g), values, note))
+    return out
 
 
-def _greedy_equals_optimum(inst: Instance, router: str, program: str) -> Check:
-    obj = inst.objective(inst.router_mask(router))
-    opts = inst.optima(program)
-    agree, note = _agreement(inst, opts)
-    best = max(opts.values())
-    gap = max(0.0, best - obj)
-    ok = agree and all(inst.close(obj, v) for v in opts.values())
-    if agree and not ok:
-        note = f"greedy {obj:.12g} vs optimum {best:.12g}"
-    return Check(ok, gap, {"greedy": obj, **_named("opt", opts)}, note)
+def _agreement(batch: Batch, optima: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """(B,) whether every backend solved and all agree, and the note of each instance where not."""
+    names, arrays = list(optima), list(optima.values())
+    notes = [""] * batch.B
+    if not arrays:
+        return np.zeros(batch.B, dtype=bool), [f"no backend of {list(batch.ctx.backends)} solves this program "
+                                               f"at {batch.T}x{batch.N}"] * batch.B
+    failed = np.zeros(batch.B, dtype=bool)
+    same = np.ones(batch.B, dtype=bool)
+    for v in arrays:
+        failed |= np.isnan(v)
+        same &= batch.close(v, arrays[0])
+    agree = ~failed & same
+    for b in np.flatnonzero(~agree):
+        if failed[b]:
+            failed_names = [n for n, v in zip(names, arrays, strict=True) if math.isnan(v[b])]
+            notes[b] = f"backend(s) {failed_names} failed to solve"
+        else:
+            notes[b] = "backends disagree: " + ", ".join(f"{n}={float(v[b]):.12g}"
+                                                         for n, v in zip(names, arrays, strict=True))
+    return agree, notes
+
+
+def _greedy_vs_optimum(batch: Batch, router: str, program: str):
+    """(passed, gap, columns, notes) of "the router's mask reaches the program's optimum"."""
+    obj = batch.router_objective(router)
+    opts = batch.optima(program)
+    agree, notes = _agreement(batch, opts)
+    best = _best(batch, opts)
+    ok = agree.copy()
+    for v in opts.values():
+        ok &= batch.close(obj, v)
+    for b in np.flatnonzero(agree & ~ok):
+        notes[b] = f"greedy {float(obj[b]):.12g} vs optimum {float(best[b]):.12g}"
+    gap = np.where(ok, 0.0, _positive(best - obj))
+    return ok, gap, {"greedy": obj, **_named("opt", opts)}, notes
 
 
 # ----------------------------------------------------------------------------- the claims
-def check_topc_optimal_eq(inst: Instance) -> Check:
+def check_topc_optimal_eq(batch: Batch) -> list[Check]:
     """Global top-c reaches the optimum of max <S, x> s.t. sum x == c."""
-    chk = _greedy_equals_optimum(inst, "topc", "budget_eq")
-    cert = certify(inst.problem("budget_eq"), inst.router_mask("topc"))
-    values = {**chk.values, "certificate_optimal": float(cert.optimal), "ties": float(cert.ties or 0)}
-    ok = chk.passed and cert.optimal
-    note = chk.note or ("" if cert.optimal else f"certificate: {cert.message}")
-    return Check(ok, chk.gap, values, note)
+    ok, gap, columns, notes = _greedy_vs_optimum(batch, "topc", "budget_eq")
+    certs = batch.certificates("budget_eq", "topc")
+    proven = np.array([c.optimal for c in certs])
+    columns["certificate_optimal"] = proven.astype(np.float64)
+    columns["ties"] = np.array([float(c.ties or 0) for c in certs])
+    notes = [n or ("" if c.optimal else f"certificate: {c.message}") for n, c in zip(notes, certs, strict=True)]
+    return _checks(ok & proven, gap, columns, notes)
 
 
-def check_topc_optimal_le(inst: Instance) -> Check:
+def check_topc_optimal_le(batch: Batch) -> list[Check]:
     """Global top-c reaches the optimum of max <S, x> s.t. sum x <= c (the paper's statement)."""
-    chk = _greedy_equals_optimum(inst, "topc", "budget_le")
-    if not chk.passed and not chk.note.startswith("backend"):
-        n_neg = int(np.sum(inst.S[inst.router_mask("topc")] < 0))
-        best = max(v for kk, v in chk.values.items() if kk.startswith("opt_"))
-        chk = Check(False, chk.gap, {**chk.values, "negative_picks": float(n_neg)},
-                    f"top-c (c = {inst.c}) scores {chk.values['greedy']:.6g} but the '<= c' optimum "
-                    f"is {best:.6g}: top-c keeps {n_neg} negative score(s) that the optimum drops")
-    return chk
+    checks = _checks(*_greedy_vs_optimum(batch, "topc", "budget_le"))
+    mask = batch.router_mask("topc")
+    for b, chk in enumerate(checks):
+        if chk.passed or chk.note.startswith("backend"):
+            continue
+        n_neg = int(np.sum(batch.S[b][mask[b]] < 0))
+        best = max(v for key, v in chk.values.items() if key.startswith("opt_"))
+        checks[b] = Check(False, chk.gap, {**chk.values, "negative_picks": float(n_neg)},
+                          f"top-c (c = {batch.c}) scores {chk.values['greedy']:.6g} but the '<= c' optimum "
+                          f"is {best:.6g}: top-c keeps {n_neg} negative score(s) that the optimum drops")
+    return checks
 
 
-def check_usmoe_ge_tc(inst: Instance) -> Check:
+def check_usmoe_ge_tc(batch: Batch) -> list[Check]:
     """obj(global top-c, c = T*k) >= obj(Token Choice, k): TC is feasible for the budget program."""
-    usmoe = inst.objective(inst.router_mask("topc"))
-    opts = inst.optima("tc")
-    agree, note = _agreement(inst, opts)
-    tc = max(opts.values())
+    usmoe = batch.router_objective("topc")
+    opts = batch.optima("tc")
+    agree, notes = _agreement(batch, opts)
+    tc = _best(batch, opts)
     diff = usmoe - tc
-    ok = agree and (diff >= 0 or inst.close(usmoe, tc))
-    gap = max(0.0, -diff)
-    return Check(ok, gap, {"usmoe": usmoe, **_named("tc", opts), "usmoe_minus_tc": diff},
-                 note or ("" if ok else f"TC {tc:.12g} beats USMoE {usmoe:.12g}"))
+    ok = agree & ((diff >= 0) | batch.close(usmoe, tc))
+    for b in np.flatnonzero(~ok):
+        notes[b] = notes[b] or f"TC {float(tc[b]):.12g} beats USMoE {float(usmoe[b]):.12g}"
+    return _checks(ok, _positive(-diff), {"usmoe": usmoe, **_named("tc", opts), "usmoe_minus_tc": diff}, notes)
 
 
-def check_usmoe_ge_ec(inst: Instance) -> Check:
+def check_usmoe_ge_ec(batch: Batch) -> list[Check]:
     """obj(global top-c, c = T*k) >= obj(Expert Choice, e = ceil(T*k/N)) at 'matched' budget."""
-    usmoe = inst.objective(inst.router_mask("topc"))
-    opts = inst.optima("ec")
-    agree, note = _agreement(inst, opts)
-    ec = max(opts.values())
-    mismatch = inst.N * inst.e - inst.c
+    usmoe = batch.router_objective("topc")
+    opts = batch.optima("ec")
+    agree, notes = _agreement(batch, opts)
+    ec = _best(batch, opts)
+    mismatch = batch.N * batch.e - batch.c
     diff = usmoe - ec
-    ok = agree and (diff >= 0 or inst.close(usmoe, ec))
-    if agree and not ok:
-        note = (f"EC (e = {inst.e}, {inst.N * inst.e} pairs) scores {ec:.6g} and beats USMoE "
-                f"(c = {inst.c}) at {usmoe:.6g}: budget mismatch N*e - T*k = {mismatch}")
-    return Check(ok, max(0.0, -diff), {"usmoe": usmoe, **_named("ec", opts), "usmoe_minus_ec": diff,
-                                       "budget_mismatch": float(mismatch)}, note)
+    ok = agree & ((diff >= 0) | batch.close(usmoe, ec))
+    for b in np.flatnonzero(agree & ~ok):
+        notes[b] = (f"EC (e = {batch.e}, {batch.N * batch.e} pairs) scores {float(ec[b]):.6g} and beats USMoE "
+                    f"(c = {batch.c}) at {float(usmoe[b]):.6g}: budget mismatch N*e - T*k = {mismatch}")
+    columns = {"usmoe": usmoe, **_named("ec", opts), "usmoe_minus_ec": diff,
+               "budget_mismatch": np.full(batch.B, float(mismatch))}
+    return _checks(ok, _positive(-diff), columns, notes)
 
 
-def check_greedy_tc(inst: Instance) -> Check:
+def check_greedy_tc(batch: Batch) -> list[Check]:
     """Row-wise top-k (the TC router) reaches the TC LP/ILP optimum."""
-    return _greedy_equals_optimum(inst, "tc", "tc")
+    return _checks(*_greedy_vs_optimum(batch, "tc", "tc"))
 
 
-def check_greedy_ec(inst: Instance) -> Check:
+def check_greedy_ec(batch: Batch) -> list[Check]:
     """Column-wise top-e (the EC router) reaches the EC LP/ILP optimum."""
-    return _greedy_equals_optimum(inst, "ec", "ec")
+    return _checks(*_greedy_vs_optimum(batch, "ec", "ec"))
 
 
-def _integral(program: str) -> Callable[[Instance], Check]:
-    def check(inst: Instance) -> Check:
-        p = inst.problem(program)
-        values: dict[str, float] = {}
-        notes = []
+def _integral(program: str) -> Callable[[Batch], list[Check]]:
+    def check(batch: Batch) -> list[Check]:
+        B = batch.B
+        columns: dict[str, np.ndarray] = {}
+        absent: dict[str, np.ndarray] = {}
+        notes: list[list[str]] = [[] for _ in range(B)]
+        fracs = []
         for solver in ("simplex", "ipm"):
-            raw = solve_highs(p, solver=solver)
-            if raw.status != "optimal":
-                notes.append(f"HiGHS {solver}: {raw.message}")
-                values[f"frac_{solver}"] = math.nan
+            raws = batch.lp(program, solver)
+            solved = np.array([r.status == "optimal" for r in raws])
+            X = np.stack([r.x for r in raws]).reshape(B, -1)
+            frac = np.where(solved, np.max(np.abs(X - np.round(X)), axis=1), math.nan)
+            columns[f"frac_{solver}"] = frac
+            columns[f"lp_{solver}"] = np.array([r.objective if ok else math.nan
+                                                for r, ok in zip(raws, solved, strict=True)])
+            absent[f"lp_{solver}"] = ~solved
+            fracs.append(frac)
+            for b in range(B):
+                if not solved[b]:
+                    notes[b].append(f"HiGHS {solver}: {raws[b].message}")
+                elif frac[b] > INTEGRALITY_TOL:
+                    notes[b].append(f"HiGHS {solver} returned a fractional vertex (max |x - round x| = "
+                                    f"{float(frac[b]):.3g})")
+        lp = columns["lp_simplex"]
+        diffs = []
+        for b_name in batch.backends_for(program):
+            if b_name not in ILP_BACKENDS:
                 continue
-            frac = float(np.max(np.abs(raw.x - np.round(raw.x))))
-            values[f"frac_{solver}"] = frac
-            values[f"lp_{solver}"] = raw.objective
-            if frac > INTEGRALITY_TOL:
-                notes.append(f"HiGHS {solver} returned a fractional vertex (max |x - round x| = {frac:.3g})")
-        ilp = {b: inst.optimum(program, b) for b in inst.backends_for(program) if b in ("cbc", "milp")}
-        lp = values.get("lp_simplex", math.nan)
-        for b, v in ilp.items():
-            values[f"ilp_{b}"] = v
-            if not inst.close(v, lp):
-                notes.append(f"integrality gap: LP {lp:.12g} vs ILP ({b}) {v:.12g}")
-        gap = max([values.get("frac_simplex", 0.0), values.get("frac_ipm", 0.0)]
-                  + [abs(lp - v) for v in ilp.values()])
-        return Check(not notes, 0.0 if not notes else float(gap), values, "; ".join(notes))
+            v = batch.optimum(program, b_name)
+            columns[f"ilp_{b_name}"] = v
+            diffs.append(np.abs(lp - v))
+            for b in np.flatnonzero(~batch.close(v, lp)):
+                notes[b].append(f"integrality gap: LP {float(lp[b]):.12g} vs ILP ({b_name}) {float(v[b]):.12g}")
+        passed = np.array([not n for n in notes])
+        gap = np.where(passed, 0.0, _first_max(fracs + diffs))
+        return _checks(passed, gap, columns, ["; ".join(n) for n in notes], absent)
 
     check.__doc__ = f"The LP relaxation of the {program} program has an integral optimal vertex."
     return check
 
 
-def check_ilp_eq_lp(inst: Instance) -> Check | None:
+def check_ilp_eq_lp(batch: Batch) -> list[Check | None]:
     """The 0/1 optimum equals the LP-relaxation optimum (TC, EC, budget, capped)."""
-    values: dict[str, float] = {}
-    notes, gap, any_ilp = [], 0.0, False
-    for program in ("tc", "ec", "budget_le", "capped"):
-        lp = inst.optimum(program, "highs") if "highs" in inst.ctx.backends else math.nan
-        values[f"{program}_lp"] = lp
-        for b in inst.backends_for(program):
-            if b not in ("cbc", "milp"):
-                continue
-            any_ilp = True
-            v = inst.optimum(program, b)
-            values[f"{program}_{b}"] = v
-            if not inst.close(v, lp):
-                notes.append(f"{program}: ILP ({b}) {v:.12g} vs LP {lp:.12g}")
-                gap = max(gap, abs(lp - v))
-    if not any_ilp or "highs" not in inst.ctx.backends:
-        return None  # not applicable: no ILP backend at this size
-    return Check(not notes, gap, values, "; ".join(notes))
+    programs = ("tc", "ec", "budget_le", "capped")
+    ilp = {p: [b for b in batch.backends_for(p) if b in ILP_BACKENDS] for p in programs}
+    if not any(ilp.values()) or "highs" not in batch.ctx.backends:
+        return [None] * batch.B  # not applicable: no ILP backend at this size
+    columns: dict[str, np.ndarray] = {}
+    notes: list[list[str]] = [[] for _ in range(batch.B)]
+    gap = np.zeros(batch.B)
+    for program in programs:
+        lp = batch.optimum(program, "highs")
+        columns[f"{program}_lp"] = lp
+        for b_name in ilp[program]:
+            v = batch.optimum(program, b_name)
+            columns[f"{program}_{b_name}"] = v
+            off = ~batch.close(v, lp)
+            for b in np.flatnonzero(off):
+                notes[b].append(f"{program}: ILP ({b_name}) {float(v[b]):.12g} vs LP {float(lp[b]):.12g}")
+            d = np.abs(lp - v)
+            gap = np.where(off & (d > gap), d, gap)
+    passed = np.array([not n for n in notes])
+    return _checks(passed, gap, columns, ["; ".join(n) for n in notes])
 
 
-def _row_transforms(S: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    a = rng.uniform(0.5, 2.0, size=(S.shape[0], 1))
-    b = rng.normal(size=(S.shape[0], 1))
-    z = S - S.max(axis=1, keepdims=True)
-    soft = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    return {"softmax": soft, "sigmoid": 1 / (1 + np.exp(-S)), "affine": a * S + b, "cube": S ** 3}
+def _row_transforms(X: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """Strictly increasing transforms of each row of X (B, R, L): softmax, sigmoid, a*x + b with a in
+    [0.5, 2), b ~ N(0, 1) per row (a, b: (B, R, 1)), and the cube."""
+    z = X - X.max(axis=-1, keepdims=True)
+    soft = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    return {"softmax": soft, "sigmoid": 1 / (1 + np.exp(-X)), "affine": a * X + b, "cube": X ** 3}
 
 
-def _invariance(axis: int) -> Callable[[Instance], Check]:
+def _invariance(axis: int) -> Callable[[Batch], list[Check]]:
     router, program = ("tc", "tc") if axis == 1 else ("ec", "ec")
 
-    def check(inst: Instance) -> Check:
-        rng = np.random.default_rng(zlib.crc32(inst.S.tobytes()))
-        S = inst.S
-        transforms = _row_transforms(S, rng) if axis == 1 else {
-            n: t.T for n, t in _row_transforms(np.ascontiguousarray(S.T), rng).items()}
-        base = inst.router_mask(router)
-        p = inst.problem(program)
-        values, notes, gap = {}, [], 0.0
+    def check(batch: Batch) -> list[Check]:
+        B = batch.B
+        X = batch.S if axis == 1 else np.ascontiguousarray(batch.S.transpose(0, 2, 1))
+        rows = X.shape[1]
+        a, b = np.empty((B, rows, 1)), np.empty((B, rows, 1))
+        for i, S in enumerate(batch.S):  # each instance's own generator, seeded by its scores
+            rng = np.random.default_rng(zlib.crc32(S.tobytes()))
+            a[i] = rng.uniform(0.5, 2.0, size=(rows, 1))
+            b[i] = rng.normal(size=(rows, 1))
+        transforms = _row_transforms(X, a, b)
+        base = batch.router_mask(router)
+        problems = batch.problems(program)
+        base_certs = batch.certificates(program, router)
+        columns: dict[str, np.ndarray] = {}
+        notes: list[list[str]] = [[] for _ in range(B)]
+        gap = [0.0] * B
         for name, F in transforms.items():
-            f = torch.from_numpy(np.ascontiguousarray(F))
+            f = torch.from_numpy(np.ascontiguousarray(F if axis == 1 else F.transpose(0, 2, 1)))
             with np.errstate(all="ignore"):
-                m = (token_choice(f, inst.k) if axis == 1 else expert_choice(f, capacity=inst.e)).numpy_mask()
-            same = bool(np.array_equal(m, base))
-            cert = certify(p, m)
-            values[f"{name}_same_mask"] = float(same)
-            values[f"{name}_optimal"] = float(cert.optimal)
-            if not cert.optimal:
-                gap = max(gap, cert.gap)
-                notes.append(f"{name}: the mask chosen on f(S) loses {cert.gap:.3g} on S "
-                             f"(float ties created by the transform)")
-        return Check(not notes, gap, values, "; ".join(notes))
+                m = batch._route(router, f)
+            same = (m == base).reshape(B, -1).all(axis=1)
+            certs = list(base_certs)  # a mask equal to the router's on S has the same certificate
+            moved = np.flatnonzero(~same)
+            if moved.size:
+                for i, cert in zip(moved, certify_batch([problems[i] for i in moved], list(m[moved])), strict=True):
+                    certs[i] = cert
+            columns[f"{name}_same_mask"] = same.astype(np.float64)
+            columns[f"{name}_optimal"] = np.array([float(c.optimal) for c in certs])
+            for i, cert in enumerate(certs):
+                if not cert.optimal:
+                    gap[i] = max(gap[i], cert.gap)
+                    notes[i].append(f"{name}: the mask chosen on f(S) loses {cert.gap:.3g} on S "
+                                    f"(float ties created by the transform)")
+        passed = np.array([not n for n in notes])
+        return _checks(passed, np.array(gap), columns, ["; ".join(n) for n in notes])
 
     side = "row" if axis == 1 else "column"
     check.__doc__ = f"The {router.upper()} mask is invariant to {side}-wise strictly increasing transforms."
@@ -357,41 +553,45 @@ def _invariance(axis: int) -> Callable[[Instance], Check]:
 
 
 def greedy_capped(S: np.ndarray, c: int, token_max: int, expert_max: int) -> np.ndarray:
-    """(T, N) bool: scan entries by decreasing score, keep one if its token, its expert and the
-    budget have room and its score is positive (the natural capacity-aware global top-c)."""
-    T, N = S.shape
-    order = np.argsort(-S, axis=None, kind="stable")
-    mask = np.zeros(T * N, dtype=bool)
-    rows = np.zeros(T, dtype=np.int64)
-    cols = np.zeros(N, dtype=np.int64)
-    taken = 0
-    flat = S.ravel()
-    for idx in order:
-        if taken >= c or flat[idx] <= 0:
-            break
-        i, j = divmod(int(idx), N)
-        if rows[i] < token_max and cols[j] < expert_max:
-            mask[idx] = True
-            rows[i] += 1
-            cols[j] += 1
-            taken += 1
-    return mask.reshape(T, N)
+    """Bool mask of the same shape as S, (T, N) or (B, T, N): for each instance, scan entries by
+    decreasing score (ties: lowest flat index first), keep one if its token, its expert and the budget
+    c have room and its score is positive (the natural capacity-aware global top-c)."""
+    S3 = S[None] if S.ndim == 2 else S
+    B, T, N = S3.shape
+    flat = S3.reshape(B, T * N)
+    order = np.argsort(-flat, axis=1, kind="stable")
+    positive = np.count_nonzero(flat > 0, axis=1).tolist()  # the positive entries lead the order
+    mask = np.zeros((B, T * N), dtype=bool)
+    for b in range(B):
+        rows, cols, taken, picked = [0] * T, [0] * N, 0, []
+        for idx in order[b, :positive[b]].tolist():
+            if taken >= c:
+                break
+            i, j = divmod(idx, N)
+            if rows[i] < token_max and cols[j] < expert_max:
+                picked.append(idx)
+                rows[i] += 1
+                cols[j] += 1
+                taken += 1
+        mask[b, picked] = True
+    return mask.reshape(S.shape)
 
 
-def check_capped_greedy(inst: Instance) -> Check:
+def check_capped_greedy(batch: Batch) -> list[Check]:
     """Greedy top-c with per-token and per-expert caps reaches the capped program's optimum."""
-    c, tmax, emax = capped_bounds(inst.T, inst.N, inst.k)
-    greedy = inst.objective(greedy_capped(inst.S, c, tmax, emax))
-    opts = inst.optima("capped")
-    agree, note = _agreement(inst, opts)
-    best = max(opts.values())
-    gap = max(0.0, best - greedy)
-    ok = agree and inst.close(greedy, best)
-    rel = gap / abs(best) if (best and not ok) else 0.0  # rounding noise on a pass is not a gap
-    if agree and not ok:
-        note = (f"greedy capped top-c (c = {c}, <= {tmax} per token, <= {emax} per expert) scores "
-                f"{greedy:.6g} < optimum {best:.6g} (relative gap {rel:.3g})")
-    return Check(ok, gap, {"greedy": greedy, **_named("opt", opts), "relative_gap": rel}, note)
+    c, tmax, emax = capped_bounds(batch.T, batch.N, batch.k)
+    greedy = batch.objectives(greedy_capped(batch.S, c, tmax, emax))
+    opts = batch.optima("capped")
+    agree, notes = _agreement(batch, opts)
+    best = _best(batch, opts)
+    gap = _positive(best - greedy)
+    ok = agree & batch.close(greedy, best)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where((best != 0) & ~ok, gap / np.abs(best), 0.0)  # rounding noise on a pass is not a gap
+    for b in np.flatnonzero(agree & ~ok):
+        notes[b] = (f"greedy capped top-c (c = {c}, <= {tmax} per token, <= {emax} per expert) scores "
+                    f"{float(greedy[b]):.6g} < optimum {float(best[b]):.6g} (relative gap {float(rel[b]):.3g})")
+    return _checks(ok, gap, {"greedy": greedy, **_named("opt", opts), "relative_gap": rel}, notes)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -404,14 +604,19 @@ class Claim:
         statement: the claim in words.
         source: where it comes from.
         expectation: what the theory predicts (papers/routing-as-lp.md §2-4), so a reader can compare.
-        check: ``check(instance) -> Check | None`` (None: not applicable to this instance).
+        check: ``check(batch) -> list[Check | None]``, one per instance of the :class:`Batch`
+            (None: not applicable to that instance).
     """
 
     id: str
     statement: str
     source: str
     expectation: str
-    check: Callable[[Instance], Check | None]
+    check: Callable[[Batch], list[Check | None]]
+
+    def check_one(self, scores, k: int, ctx: Context | None = None) -> Check | None:
+        """The check on one instance, scores (T, N) float64: a batch of one."""
+        return self.check(Batch.one(scores, k, ctx))[0]
 
 
 CLAIMS: dict[str, Claim] = {

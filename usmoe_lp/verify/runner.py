@@ -4,6 +4,12 @@ Instances are seeded independently of what else runs: the generator of a trial i
 ``default_rng(SeedSequence([seed, crc32(family), T, N, k, trial]))``, recorded as an integer in
 every record, so the same seed gives the same report, and any single instance can be rebuilt
 with ``FAMILIES[family].generate(np.random.default_rng(record.seed), T, N)``.
+
+The instances of one matrix family x size x k are checked in batches (:class:`BatchTask`, a trial range
+of :func:`batch_size` instances, :class:`usmoe_lp.verify.claims.Batch`): generated one by one from their
+own seeds, then routed, solved and certified on the stacked scores. Batches are the tasks of
+:func:`usmoe_lp.cluster.map_tasks`, in one process or on a Dask cluster; the failures are shrunk after
+all batches are in, in job order, so a report does not depend on whether or where a cluster ran it.
 """
 
 from __future__ import annotations
@@ -16,8 +22,17 @@ import numpy as np
 
 from usmoe_lp._json import json_ready
 from usmoe_lp._validate import check_int
+from usmoe_lp.cluster import check_cluster, map_tasks, split_range
 from usmoe_lp.errors import InvalidParameter
-from usmoe_lp.verify.claims import CLAIMS, Context, Instance, get_claims
+from usmoe_lp.verify.claims import (
+    CLAIMS,
+    DEFAULT_BACKENDS,
+    EXHAUSTIVE_MAX_ENTRIES,
+    ILP_BACKENDS,
+    Batch,
+    Context,
+    get_claims,
+)
 from usmoe_lp.verify.families import FAMILIES, get_families
 from usmoe_lp.verify.shrink import shrink
 
@@ -32,9 +47,14 @@ class VerifyConfig:
         ks: experts per token of the matched TC; budgets are c = T*k (k > N is skipped).
         trials: instances per matrix family x size x k.
         seed: master seed.
-        backends: optimum backends (closed_form, highs, cbc, milp).
+        backends: optimum backends, at least two independent ones. Default
+            (:data:`usmoe_lp.verify.claims.DEFAULT_BACKENDS`): ``closed_form`` (the threshold rule),
+            ``highs`` (the LP relaxation, one HiGHS model per batch) and ``milp`` (the 0/1 program by
+            HiGHS's MIP, in-process, one model per batch). Also: ``exhaustive`` (every 0/1 mask, T*N <= 20),
+            ``cbc`` (the 0/1 program by PuLP/CBC: a subprocess per instance, slow) and ``flow`` (min-cost
+            flow, per instance).
         claims: claim ids (``usmoe_lp.verify.CLAIMS``).
-        ilp_max_vars: integer-program backends only up to this T*N.
+        ilp_max_vars: integer-program backends (milp, exhaustive, cbc) only up to this T*N.
         shrink: shrink failures to minimal counterexamples.
         shrink_all: shrink every failing instance (with ``shrink``); otherwise only the first
             failure of each claim x matrix family x size, which keeps large runs fast.
@@ -45,7 +65,7 @@ class VerifyConfig:
     ks: tuple[int, ...] = (1, 2)
     trials: int = 10
     seed: int = 0
-    backends: tuple[str, ...] = ("closed_form", "highs", "cbc")
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
     claims: tuple[str, ...] = tuple(CLAIMS)
     ilp_max_vars: int = 4096
     shrink: bool = True
@@ -80,7 +100,7 @@ class VerifyConfig:
         bad = [b for b in self.backends if b not in BACKENDS]
         if bad:
             raise InvalidParameter(f"unknown backends {bad}; choose from {', '.join(BACKENDS)}")
-        if len(set(self.backends) & {"closed_form", "highs", "cbc", "milp"}) < 2:
+        if len(set(self.backends) & {"closed_form", "highs", *ILP_BACKENDS}) < 2:
             raise InvalidParameter("use at least two independent backends, e.g. closed_form,highs")
         _check_runnable(self)
 
@@ -109,12 +129,15 @@ def _check_runnable(config: VerifyConfig) -> None:
             f"sizes={_sizes_text(idle_sizes)} cannot run: every k of ks={','.join(map(str, config.ks))} "
             "exceeds their N; add a k <= N or drop those sizes")
     if "ilp_eq_lp" in config.claims:
-        ilp = [b for b in config.backends if b in ("cbc", "milp")]
-        fits = [(T, N) for T, N in config.sizes if T * N <= config.ilp_max_vars]
+        ilp = [b for b in config.backends if b in ILP_BACKENDS]
+        limit = config.ilp_max_vars if set(ilp) - {"exhaustive"} else min(config.ilp_max_vars, EXHAUSTIVE_MAX_ENTRIES)
+        fits = [(T, N) for T, N in config.sizes if T * N <= limit]
         if not ilp or "highs" not in config.backends or not fits:
-            need = ("an integer-program backend (cbc or milp) and highs in backends" if not ilp
+            bound = (f"ilp_max_vars={limit}" if limit == config.ilp_max_vars else
+                     f"{limit}, the limit of the exhaustive backend")
+            need = ("an integer-program backend (milp, exhaustive or cbc) and highs in backends" if not ilp
                     or "highs" not in config.backends else
-                    f"a size with T*N <= ilp_max_vars={config.ilp_max_vars} (sizes={_sizes_text(config.sizes)})")
+                    f"a size with T*N <= {bound} (sizes={_sizes_text(config.sizes)})")
             raise InvalidParameter(f"claim ilp_eq_lp cannot run: it needs {need}; change that or leave ilp_eq_lp "
                                    "out of claims")
 
@@ -251,43 +274,136 @@ def trial_seed(seed: int, family: str, T: int, N: int, k: int, trial: int) -> in
     return int(ss.generate_state(1, dtype=np.uint64)[0])
 
 
-def run_verify(config: VerifyConfig, progress: bool = True) -> VerifyResult:
-    """Check every claim of ``config`` on every instance; shrink the first failure per cell."""
-    ctx = Context(backends=tuple(config.backends), ilp_max_vars=config.ilp_max_vars)
-    claims = get_claims(config.claims)
-    families = get_families(config.families)
-    jobs = [(f, T, N, k, t) for f in families for (T, N) in config.sizes for k in config.ks
-            if k <= N for t in range(config.trials)]
-    records: list[TrialRecord] = []
-    counterexamples: list[Counterexample] = []
-    shrunk_cells: set[tuple] = set()
-    bar = _progress(progress, len(jobs))
+def batch_size(T: int, N: int) -> int:
+    """Instances per task at size T x N: about :data:`BATCH_ENTRIES` score entries, at most
+    :data:`MAX_BATCH` instances (decided by the data, never by the number of workers)."""
+    return max(1, min(MAX_BATCH, BATCH_ENTRIES // (T * N)))
+
+
+BATCH_ENTRIES = 8192
+"""Score entries per batch of instances (a task); 256 instances of 8x4, 16 of 64x8, one of 1024x64."""
+MAX_BATCH = 256
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """Trials ``start`` .. ``stop - 1`` of one matrix family x size x k: one task, checked as one batch."""
+
+    family: str
+    T: int
+    N: int
+    k: int
+    start: int
+    stop: int
+    seed: int
+    claims: tuple[str, ...]
+    backends: tuple[str, ...]
+    ilp_max_vars: int
+
+    @property
+    def instances(self) -> int:
+        return self.stop - self.start
+
+
+def verify_tasks(config: VerifyConfig) -> list[BatchTask]:
+    """The tasks of ``config`` in job order (matrix family, size, k, trials), each a trial range of
+    :func:`batch_size` instances; the same for one process and any cluster."""
+    return [BatchTask(f.name, T, N, k, a, b, config.seed, tuple(config.claims), tuple(config.backends),
+                      config.ilp_max_vars)
+            for f in get_families(config.families) for (T, N) in config.sizes for k in config.ks if k <= N
+            for a, b in split_range(0, config.trials, batch_size(T, N))]
+
+
+def run_batch(task: BatchTask) -> list[TrialRecord]:
+    """Generate the instances of ``task`` from their own seeds, check every claim on the batch, and
+    return the records in job order (trial, then claim)."""
+    family = FAMILIES[task.family]
+    T, N, k = task.T, task.N, task.k
+    trials = range(task.start, task.stop)
+    seeds = [trial_seed(task.seed, family.name, T, N, k, t) for t in trials]
+    S = np.stack([family.generate(np.random.default_rng(s), T, N) for s in seeds])
+    batch = Batch(S, k, Context(backends=task.backends, ilp_max_vars=task.ilp_max_vars))
+    claims = get_claims(task.claims)
+    results = [claim.check(batch) for claim in claims]
+    records = []
+    for i, (t, seed) in enumerate(zip(trials, seeds, strict=True)):
+        for claim, checks in zip(claims, results, strict=True):
+            res = checks[i]
+            if res is None:
+                continue
+            values = {key: json_ready(float(v)) for key, v in res.values.items()}
+            records.append(TrialRecord(claim.id, family.name, T, N, k, t, seed, res.passed, float(res.gap),
+                                       values, res.note))
+    return records
+
+
+@dataclass(frozen=True)
+class ShrinkTask:
+    """One failing record to shrink to a minimal counterexample."""
+
+    record: TrialRecord
+    backends: tuple[str, ...]
+    ilp_max_vars: int
+
+
+def shrink_record(task: ShrinkTask) -> Counterexample:
+    """Rebuild the failing instance of ``task.record`` from its seed and shrink it."""
+    r = task.record
+    S = FAMILIES[r.family].generate(np.random.default_rng(r.seed), r.T, r.N)
+    sh = _shrink_fast(CLAIMS[r.claim], S, r.k, Context(backends=task.backends, ilp_max_vars=task.ilp_max_vars))
+    return Counterexample(r.claim, r.family, r.T, r.N, r.k, r.trial, r.seed, sh.scores, sh.k, float(sh.check.gap),
+                          {key: json_ready(float(v)) for key, v in sh.check.values.items()}, sh.check.note,
+                          sh.evaluations)
+
+
+def run_verify(config: VerifyConfig, progress: bool = True, client=None) -> VerifyResult:
+    """Check every claim of ``config`` on every instance; shrink the first failure per cell.
+
+    The instances are checked in batches (:func:`verify_tasks`: trial ranges of one matrix family x size
+    x k, cut by the data); with ``client`` (a ``dask.distributed.Client``) the batches, then the
+    shrinking, run on its workers through :func:`usmoe_lp.cluster.map_tasks`. Records come back in job
+    order and the failures to shrink are picked in that order, so the result is the same with or
+    without a cluster and for any number of workers. ``progress``: a bar that advances per finished
+    batch (instances done / total), then per shrunk failure.
+    """
+    check_cluster(client=client)
+    tasks = verify_tasks(config)
+    bar = _progress(progress, sum(t.instances for t in tasks))
     try:
-        for f, T, N, k, t in jobs:
-            seed = trial_seed(config.seed, f.name, T, N, k, t)
-            S = f.generate(np.random.default_rng(seed), T, N)
-            inst = Instance(S, k, ctx)
-            for claim in claims:
-                res = claim.check(inst)
-                if res is None:
-                    continue
-                values = {key: json_ready(float(v)) for key, v in res.values.items()}
-                records.append(TrialRecord(claim.id, f.name, T, N, k, t, seed, res.passed,
-                                           float(res.gap), values, res.note))
-                cell = (claim.id, f.name, T, N)
-                if not res.passed and config.shrink and (config.shrink_all or cell not in shrunk_cells):
-                    shrunk_cells.add(cell)
-                    sh = _shrink_fast(claim, S, k, ctx)
-                    counterexamples.append(Counterexample(
-                        claim.id, f.name, T, N, k, t, seed, sh.scores, sh.k, float(sh.check.gap),
-                        {key: json_ready(float(v)) for key, v in sh.check.values.items()}, sh.check.note,
-                        sh.evaluations))
-            if bar is not None:
-                bar.advance(f"{f.name} {T}x{N} k={k}")
+        def batch_done(i: int, _records) -> None:
+            t = tasks[i]
+            bar.advance(t.instances, f"{t.family} {t.T}x{t.N} k={t.k}")
+
+        parts = map_tasks(run_batch, tasks, client=client, progress=batch_done if bar else None,
+                          key="usmoe-lp-verify")
+        records = [r for part in parts for r in part]
+        shrinks = [ShrinkTask(r, tuple(config.backends), config.ilp_max_vars) for r in _to_shrink(config, records)]
+        if bar is not None and shrinks:
+            bar.phase("shrink", len(shrinks))
+
+        def shrunk(i: int, cx: Counterexample) -> None:
+            bar.advance(1, f"{cx.claim} {cx.family} {cx.T}x{cx.N}")
+
+        counterexamples = map_tasks(shrink_record, shrinks, client=client, progress=shrunk if bar else None,
+                                    key="usmoe-lp-shrink")
     finally:
         if bar is not None:
             bar.close()
     return VerifyResult(config, records, counterexamples)
+
+
+def _to_shrink(config: VerifyConfig, records: list[TrialRecord]) -> list[TrialRecord]:
+    """The failing records to shrink, in job order: the first of each claim x matrix family x size
+    (every one with ``shrink_all``; none without ``shrink``)."""
+    if not config.shrink:
+        return []
+    out, seen = [], set()
+    for r in records:
+        cell = (r.claim, r.family, r.T, r.N)
+        if not r.passed and (config.shrink_all or cell not in seen):
+            seen.add(cell)
+            out.append(r)
+    return out
 
 
 ILP_CLAIMS = frozenset({"ilp_eq_lp", "lp_integral_tc", "lp_integral_ec", "lp_integral_budget",
@@ -297,27 +413,33 @@ ILP_CLAIMS = frozenset({"ilp_eq_lp", "lp_integral_tc", "lp_integral_ec", "lp_int
 def _shrink_fast(claim, S, k, ctx: Context):
     """Shrink with the in-process backends (CBC runs a subprocess per solve), then re-check the
     minimal instance with every backend; fall back to the full context if that disagrees."""
-    fast = tuple(b for b in ctx.backends if b not in ("cbc", "milp"))
+    fast = tuple(b for b in ctx.backends if b != "cbc")
     if claim.id in ILP_CLAIMS or len(fast) < 2 or len(fast) == len(ctx.backends):
         return shrink(claim, S, k, ctx)
     sh = shrink(claim, S, k, Context(fast, ctx.ilp_max_vars, ctx.rtol))
-    full = claim.check(Instance(sh.scores, sh.k, ctx))
+    full = claim.check_one(sh.scores, sh.k, ctx)
     if full is not None and not full.passed:
         return replace(sh, check=full)
     return shrink(claim, S, k, ctx)
 
 
 class _Bar:
+    """A rich progress bar: instances checked (per finished batch), then failures shrunk."""
+
     def __init__(self, total: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._p = Progress(TextColumn("verify"), BarColumn(), MofNCompleteColumn(),
+        self._p = Progress(TextColumn("{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), TextColumn("{task.description}"), transient=True)
         self._p.start()
-        self._task = self._p.add_task("", total=total)
+        self._task = self._p.add_task("", total=total, phase="verify")
 
-    def advance(self, text: str) -> None:
-        self._p.update(self._task, advance=1, description=text)
+    def advance(self, n: int, text: str) -> None:
+        self._p.update(self._task, advance=n, description=text)
+
+    def phase(self, name: str, total: int) -> None:
+        """Start the next phase's bar (the previous one stays, complete)."""
+        self._task = self._p.add_task("", total=total, phase=name)
 
     def close(self) -> None:
         self._p.stop()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from usmoe_lp.errors import UsmoeLpError
-from usmoe_lp.verify.claims import Check, Claim, Context, Instance
+from usmoe_lp.verify.claims import Check, Claim, Context
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def _failing(claim: Claim, S: np.ndarray, k: int, ctx: Context) -> Check | None:
     if S.shape[0] < 1 or S.shape[1] < 1 or k > S.shape[1] or k < 1:
         return None
     try:
-        res = claim.check(Instance(S, k, ctx))
+        res = claim.check_one(S, k, ctx)  # a batch of one: the same check as the runner's
     except UsmoeLpError:
         return None
     return res if (res is not None and not res.passed) else None
