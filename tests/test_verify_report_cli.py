@@ -238,6 +238,10 @@ def test_cli_strict_exit_codes(tmp_path):
     (["--sizes", "axb"], "not of the form TxN"),
     (["--ks", "1,a"], "comma-separated list of integers"),
     (["--trials", "many"], "Invalid value"),
+    # cluster flags are checked before any cluster starts or any instance runs
+    (["--workers", "0"], "--workers must be an integer >= 1"),
+    (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "give at most one of --workers and --scheduler"),
+    (["--scheduler", " "], "--scheduler must be the address of a Dask scheduler"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, args, message):
     out = tmp_path / "never"

@@ -16,6 +16,7 @@ from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.live.cli import evaluate_command
 from usmoe_lp.logs.cli import capture_command, import_command, log_app
 from usmoe_lp.tiny.cli import train_tiny_command
+from usmoe_lp.verify.claims import DEFAULT_BACKENDS
 
 # rich_markup_mode=None: click's plain help, where flags show no "<bool>" value they would refuse.
 # Errors: every command prints them through usmoe_lp.cli_errors.fail (one line, API keywords as flags).
@@ -82,13 +83,18 @@ def _print_summary(result, out: Path, seconds: float) -> None:
     console.print(f"report: {out / 'report.md'} (json: {out / 'report.json'})")
 
 
-def _run_verify(config, out: Path, overwrite: bool, progress: bool):
+def _run_verify(config, out: Path, overwrite: bool, progress: bool, workers: int | None = None,
+                scheduler: str | None = None):
+    from usmoe_lp.cluster import check_cluster, dask_client
     from usmoe_lp.report.verify_report import check_verify_destination, write_verify_report
     from usmoe_lp.verify import run_verify
 
+    flags = {"workers": "--workers", "scheduler": "--scheduler"}
+    check_cluster(workers, scheduler, names=flags)
     check_verify_destination(out, overwrite=overwrite, overwrite_flag="--overwrite", out_flag="--out")
     t0 = time.perf_counter()
-    result = run_verify(config, progress=progress)
+    with dask_client(workers=workers, scheduler=scheduler, names=flags) as client:
+        result = run_verify(config, progress=progress, client=client)
     seconds = time.perf_counter() - t0
     # the report records the command line of the config (no --out): same inputs, same bytes anywhere
     write_verify_report(result, out, overwrite=overwrite, overwrite_flag="--overwrite")
@@ -108,9 +114,13 @@ def verify(
     ks: str = typer.Option("1,2", help="experts per token of the matched TC (budget c = T*k)"),
     trials: int = typer.Option(10, help="instances per matrix family x size x k"),
     seed: int = typer.Option(0, help="master seed (same seed, same report)"),
-    backends: str = typer.Option("closed_form,highs,cbc", help="closed_form, highs, cbc, milp"),
+    backends: str = typer.Option(
+        ",".join(DEFAULT_BACKENDS),
+        help="optimum backends, at least two independent ones: closed_form (threshold rule), highs (LP relaxation, "
+             "one HiGHS model per batch), milp (0/1 program, HiGHS MIP in-process), exhaustive (every 0/1 mask, "
+             "T*N <= 20), cbc (0/1 program by CBC: a subprocess per instance, slow), flow (min-cost flow)"),
     claims: str = typer.Option("all", help="claim ids, comma-separated (see `usmoe-lp claims`)"),
-    ilp_max_vars: int = typer.Option(4096, help="run CBC / SciPy MILP only up to this T*N"),
+    ilp_max_vars: int = typer.Option(4096, help="run the 0/1 backends (milp, exhaustive, cbc) only up to this T*N"),
     shrink: bool = typer.Option(True, help="shrink failures to minimal counterexamples"),
     shrink_all: bool = typer.Option(False, help="shrink every failing instance, not only the first per "
                                     "claim x family x size (slower)"),
@@ -119,8 +129,17 @@ def verify(
                                    "(never other files)"),
     strict: bool = typer.Option(False, help="exit 1 when any claim fails"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    workers: int | None = typer.Option(None, "--workers", help="check the batches of instances on a local Dask "
+                                       "cluster of N worker processes (default: this process); the report is the "
+                                       "same bytes whatever N"),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="check them on a running dask.distributed "
+                                         "cluster at ADDRESS (e.g. tcp://10.0.0.5:8786)"),
 ) -> None:
     """Check the USMoE paper's LP claims on random score matrices; write report.json/.md and figures.
+
+    Instances of one matrix family x size x k are generated, routed, solved and certified in batches;
+    with --workers or --scheduler the batches run on a Dask cluster, then the first failure of each
+    claim x family x size is shrunk, in the same order either way.
 
     A failing claim is a finding, not an error: the exit code is 0 unless --strict. A claim that
     ran on no instance exits 1. The report is built aside and replaces --out only when complete.
@@ -133,7 +152,7 @@ def verify(
             sizes=_sizes(sizes), ks=_ints(ks), trials=trials, seed=seed,
             backends=_names(backends), claims=_names(claims) if claims != "all" else VerifyConfig.claims,
             ilp_max_vars=ilp_max_vars, shrink=shrink, shrink_all=shrink_all)
-        result, seconds = _run_verify(config, out, overwrite, progress)
+        result, seconds = _run_verify(config, out, overwrite, progress, workers, scheduler)
     except UsmoeLpError as exc:
         raise fail(exc, aliases={"ilp_max_vars": "--ilp-max-vars"}) from None
     _print_summary(result, out, seconds)
