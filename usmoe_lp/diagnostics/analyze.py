@@ -1,17 +1,22 @@
-"""The analysis driver: one streaming pass per layer over a router log (or in-memory logits).
+"""The analysis driver: the streaming suite over a router log (or in-memory logits) as tasks over token
+ranges, then the per-sequence analyses of a bounded sample, in one process or on a Dask cluster.
 
-For each MoE layer it feeds every chunk of tokens to the mergeable partials
-(:class:`usmoe_lp.diagnostics.partial.Partial`) of the other modules of :mod:`usmoe_lp.diagnostics` —
+The log is cut into token ranges by its shards (:func:`plan_ranges`); one task streams its range of every
+selected layer into the mergeable partials of the other modules of :mod:`usmoe_lp.diagnostics`
+(:class:`~usmoe_lp.diagnostics.stream.LayerStream`, one per layer) —
 
 * load (:class:`~usmoe_lp.diagnostics.load.LoadPartial`) on the model's own selection;
 * collapse (:class:`~usmoe_lp.diagnostics.collapse.CollapsePartial`) on logits, probabilities and,
   when captured, hidden states and router weights;
 * margins (:class:`~usmoe_lp.diagnostics.margins.MarginPartial`) of the model's top-k decisions;
 
-— and gathers a bounded *sample* of whole sequences (the first sequences of the log, at most
-``sequence_tokens`` tokens per layer) for the per-sequence analyses of every router setting of the
-grid (any router of the registry, :func:`usmoe_lp.routers.list_routers`; the grid is
-:func:`usmoe_lp.routers.default_configs` over the swept parameters):
+— and returns the rows of the sampled sequences it holds. The partials of each layer merge in range
+order in one fixed tree (:func:`usmoe_lp.cluster.tree_merge`), so the result is the same bytes with no
+cluster, 1 or 16 workers. The *sample* (the first whole sequences of the log, about ``sequence_tokens``
+tokens per layer, decided from the sequence ids alone: :func:`choose_sample`) then goes, one task per
+layer, through the per-sequence analyses of every router setting of the grid (any router of the
+registry, :func:`usmoe_lp.routers.list_routers`; the grid is :func:`usmoe_lp.routers.default_configs`
+over the swept parameters):
 
 * counterfactual re-routing at matched budget, with certificates
   (:class:`~usmoe_lp.diagnostics.counterfactual.CounterfactualPartial`);
@@ -23,9 +28,9 @@ grid (any router of the registry, :func:`usmoe_lp.routers.list_routers`; the gri
 * the global-threshold margins of settings whose prefix rule is ``global_topc`` with one group per
   sequence.
 
-Memory is bounded by the chunk size plus the sequence sample, whatever the size of the log. Merging
-the per-layer partials gives the pooled statistics over all layers (for the aux loss this is what
-transformers' ``load_balancing_loss_func`` computes, since it concatenates the layers' tokens).
+Memory per task is bounded by the chunk size plus the partials and the sampled rows, whatever the size of
+the log. Merging the per-layer partials gives the pooled statistics over all layers (for the aux loss this
+is what transformers' ``load_balancing_loss_func`` computes, since it concatenates the layers' tokens).
 
 Scores. The routing probabilities are :func:`usmoe_lp.routing.probabilities` with the layer's score
 function (softmax for ``softmax``, ``softmax_topk`` and ``unknown``; the per-token normalised
@@ -38,9 +43,13 @@ index (:func:`recompute_model_selection`).
 
 from __future__ import annotations
 
+import os
+import re
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +57,7 @@ import torch
 
 from usmoe_lp._threads import one_torch_thread
 from usmoe_lp._validate import check_int, check_padding_mask
+from usmoe_lp.cluster import check_cluster, map_tasks, split_range, tree_merge
 from usmoe_lp.diagnostics.collapse import CollapseStats
 from usmoe_lp.diagnostics.counterfactual import CounterfactualPartial, CounterfactualStats, config_scores
 from usmoe_lp.diagnostics.leakage import (
@@ -75,7 +85,8 @@ from usmoe_lp.logs.reader import Chunk, RouterLog
 from usmoe_lp.routers import ROUTERS, RouterConfig, default_configs, get_router, list_routers
 
 Progress = Callable[[str, int, int], None]
-"""``progress(layer, tokens_done, tokens_total)``, called after every chunk."""
+"""``progress(stage, done, total)``, called after every finished task: stage ``"stream"`` (done and total
+in tokens x layers) or ``"sample"`` (layers of per-sequence analyses)."""
 
 SHORTHANDS: Mapping[str, str] = {"alphas": "alpha", "kbars": "kbar", "scopes": "scope",
                                  "capacity_factor": "capacity_factor"}
@@ -524,27 +535,87 @@ def _merge_decode(per_layer: Sequence[Mapping[str, DecodeStats]]) -> dict[str, D
 
 # ============================================================================ sources
 @dataclass(frozen=True)
+class LogRef:
+    """A router log named by its path, opened afresh by each task (on a Dask worker: in its process).
+
+    path: absolute, on a filesystem every worker can read (see :func:`analyze`). verify: the reader's
+    mode (:meth:`usmoe_lp.logs.RouterLog.open`) for the shards a task reads; ``"lazy"`` checks each
+    shard's sha256 when the task first reads it."""
+
+    path: str
+    verify: str = "lazy"
+
+    def open(self) -> _LogReader:
+        return _LogReader(RouterLog.open(self.path, verify=self.verify))
+
+
+class _LogReader:
+    """Token ranges of an opened log, as the tasks read them."""
+
+    def __init__(self, log: RouterLog) -> None:
+        self.log = log
+
+    def chunks(self, layer: str, start: int, stop: int, chunk_tokens: int, hidden: bool) -> Iterator[Chunk]:
+        for a, b in chunk_bounds(start, stop, chunk_tokens):
+            yield self.log.check_finite(self.log.read(layer, a, b, with_hidden=hidden))
+
+    def sequence_ids(self, start: int, stop: int, chunk_tokens: int) -> Iterator[torch.Tensor]:
+        # the reader has no metadata-only read: the first layer's rows come along (a fraction 1/L of a read)
+        for a, b in chunk_bounds(start, stop, chunk_tokens):
+            yield self.log.read(self.log.layers[0], a, b).sequence_ids
+
+
+class _MemoryData:
+    """In-memory logits (:func:`analyze_logits`) serving token ranges like a log (tasks run in-process)."""
+
+    def __init__(self, data: dict[str, torch.Tensor], selected: dict[str, torch.Tensor], seq: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+        self.data, self.selected, self.seq, self.positions = data, selected, seq, positions
+
+    def open(self) -> _MemoryData:
+        return self
+
+    def chunks(self, layer: str, start: int, stop: int, chunk_tokens: int, hidden: bool) -> Iterator[Chunk]:
+        for a, b in chunk_bounds(start, stop, chunk_tokens):
+            yield Chunk(logits=self.data[layer][a:b], token_ids=torch.full((b - a,), -1),
+                        sequence_ids=self.seq[a:b], positions=self.positions[a:b], token_start=a,
+                        selected=self.selected[layer][a:b] if layer in self.selected else None, layer=layer)
+
+    def sequence_ids(self, start: int, stop: int, chunk_tokens: int) -> Iterator[torch.Tensor]:
+        for a, b in chunk_bounds(start, stop, chunk_tokens):
+            yield self.seq[a:b]
+
+
+@dataclass(frozen=True)
 class _Source:
-    """What the driver needs from a log: layer infos, chunks, router weights."""
+    """What the driver needs from a log: layer infos, its shards (the task cut), what tasks open
+    (``data``: a :class:`LogRef` or in-memory data; ``scan``: the same for the sequence-id scan of the
+    sample), router weights."""
 
     name: str
     infos: tuple[LayerInfo, ...]
     num_tokens: int
-    chunks: Callable[[str, int, bool], Iterator[Chunk]]
+    shards: tuple[tuple[int, int], ...]
+    data: Any
+    scan: Any
     has_hidden: Callable[[str], bool]
     router_weights: Callable[[], dict[str, torch.Tensor] | None]
     model: dict[str, Any]
+    in_memory: bool = False
 
 
-def _log_source(log: RouterLog) -> _Source:
+_TASK_VERIFY = {"lazy": "lazy", "full": "none", "none": "none"}
+"""The caller's verify mode -> the tasks': ``full`` validated the whole log when it was opened, so the
+tasks do not validate it again."""
+
+
+def _log_source(log: RouterLog, verify: str, name: str) -> _Source:
     m = log.manifest.model
-
-    def chunks(layer: str, chunk_tokens: int, hidden: bool) -> Iterator[Chunk]:
-        return log.iter_chunks(layer, chunk_tokens, with_hidden=hidden, check_finite=True)
-
-    return _Source(name=str(log.path), infos=tuple(log.layer_info(n) for n in log.layers),
-                   num_tokens=log.num_tokens, chunks=chunks, has_hidden=lambda layer: log.has(layer, "hidden"),
-                   router_weights=log.router_weights,
+    path = str(Path(log.path).absolute())  # workers may run elsewhere (another cwd, another machine)
+    return _Source(name=name, infos=tuple(log.layer_info(n) for n in log.layers), num_tokens=log.num_tokens,
+                   shards=tuple((s.token_start, s.token_stop) for s in log.shards),
+                   data=LogRef(path, _TASK_VERIFY[verify]), scan=LogRef(path, "none"),
+                   has_hidden=lambda layer: log.has(layer, "hidden"), router_weights=log.router_weights,
                    model={"name": m.name, "family": m.family, "revision": m.revision} if m else {})
 
 
@@ -598,52 +669,276 @@ def _memory_source(logits, *, top_k: int, padding_mask=None, score_function: str
     n = int(keep.sum())
     infos = tuple(LayerInfo(lname, num_experts=int(t.shape[1]), top_k=top_k, score_function=score_function)
                   for lname, t in data.items())
-
-    def chunks(layer: str, chunk_tokens: int, hidden: bool) -> Iterator[Chunk]:
-        for a in range(0, n, chunk_tokens):
-            b = min(a + chunk_tokens, n)
-            yield Chunk(logits=data[layer][a:b], token_ids=torch.full((b - a,), -1), sequence_ids=seq[a:b],
-                        positions=positions[a:b], token_start=a,
-                        selected=sel_map[layer][a:b] if layer in sel_map else None, layer=layer)
-
-    return _Source(name=name, infos=infos, num_tokens=n, chunks=chunks, has_hidden=lambda layer: False,
-                   router_weights=lambda: None, model={})
+    mem = _MemoryData(data, sel_map, seq, positions)
+    return _Source(name=name, infos=infos, num_tokens=n, shards=((0, n),), data=mem, scan=mem,
+                   has_hidden=lambda layer: False, router_weights=lambda: None, model={}, in_memory=True)
 
 
-# ============================================================================ sequence sample
-class _SequenceSample:
-    """Rows of the first sequences of a layer, bounded by ``budget`` tokens, reassembled by position."""
+def log_path(log) -> Path:
+    """The local path of a router log given as a path or a ``file://`` URL.
 
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        self.order: list[int] = []
-        self.tokens = 0
-        self.closed = False
+    Other URL schemes (``s3://``, ``gs://``, ``hdfs://``, ``http://``...) raise :class:`InvalidParameter`:
+    the reader opens a log's files itself, one path component at a time, refusing symbolic links out of
+    the log directory, so it reads local (or network-mounted) filesystems only.
 
-    def add(self, chunk: Chunk, mask: torch.Tensor) -> None:
-        seq = chunk.sequence_ids
-        ids = torch.unique_consecutive(seq).tolist()
-        for sid in dict.fromkeys(ids):
-            if sid not in self.rows:
-                if self.closed or self.tokens >= self.budget:
-                    self.closed = True
-                    continue
-                self.rows[sid] = []
-                self.order.append(sid)
-            sel = seq == sid
-            n = int(sel.sum())
-            self.tokens += n
-            self.rows[sid].append((chunk.positions[sel], chunk.logits[sel].float(), mask[sel]))
+    >>> str(log_path("file:///data/run1/log"))
+    '/data/run1/log'
+    """
+    text = os.fspath(log) if isinstance(log, str | os.PathLike) else None
+    if text is None:
+        raise InvalidParameter(f"log must be a RouterLog, a path or a file:// URL, got {type(log).__name__}")
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if scheme is None:
+        return Path(text)
+    if scheme.group(1).lower() != "file":
+        raise InvalidParameter(
+            f"{text}: a {scheme.group(1)}:// URL; router logs are read from a filesystem path (the reader opens "
+            f"each file itself and refuses links out of the log directory). Mount the store (e.g. s3fs, gcsfuse, "
+            f"NFS) or copy the log to a local or shared disk, and give its path")
+    parts = urllib.parse.urlparse(text)
+    if parts.netloc not in ("", "localhost"):
+        raise InvalidParameter(f"{text}: a file:// URL on host {parts.netloc!r}; give a path on this machine's "
+                               f"filesystem (file:///path or file://localhost/path)")
+    return Path(urllib.parse.unquote(parts.path))
 
-    def sequences(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        out = []
-        for sid in self.order:
-            parts = self.rows[sid]
-            pos = torch.cat([p for p, _, _ in parts])
-            order = torch.argsort(pos, stable=True)
-            out.append((sid, torch.cat([z for _, z, _ in parts])[order], torch.cat([m for _, _, m in parts])[order]))
-        return out
+
+# ============================================================================ tasks over token ranges
+GROUP_CHUNKS = 4
+"""Consecutive whole shards are grouped into one task while it holds at most this many chunks of tokens
+(``GROUP_CHUNKS * chunk_tokens``)."""
+
+SPLIT_CHUNKS = 16
+"""A shard longer than this many chunks is split into tasks of ``SPLIT_CHUNKS * chunk_tokens`` tokens (each
+such task reads, and with ``verify="lazy"`` checksums, the whole shard)."""
+
+
+def chunk_bounds(start: int, stop: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """The chunks a task streams of tokens ``[start, stop)``: cut at the log's multiples of ``chunk_tokens``
+    (and at ``start``, ``stop``), so a chunk is the same rows whichever task reads it, and a range that
+    starts and stops on multiples gives the chunks of one pass over the whole log.
+
+    >>> chunk_bounds(5, 23, 8)
+    [(5, 8), (8, 16), (16, 23)]
+    """
+    cuts = [start, *range((start // chunk_tokens + 1) * chunk_tokens, stop, chunk_tokens), stop]
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    """Tokens ``[start, stop)`` of every analysed layer: the work of one task; ``index``: its place in the
+    log (partials merge in this order)."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.stop - self.start
+
+
+def plan_ranges(shards: Sequence[tuple[int, int]], chunk_tokens: int, *, group_chunks: int = GROUP_CHUNKS,
+                split_chunks: int = SPLIT_CHUNKS) -> tuple[TokenRange, ...]:
+    """The tasks of an analysis: the log's shards (``(token_start, token_stop)`` each, in order) cut into
+    consecutive token ranges covering the log once.
+
+    Consecutive whole shards are grouped while a range holds at most ``group_chunks * chunk_tokens`` tokens; a
+    shard of more than ``split_chunks * chunk_tokens`` tokens is split into ranges of that many (the last
+    shorter); no other shard is split, so each is read (and checksummed) by one task. The cut depends on the
+    shards and ``chunk_tokens`` only, never on the cluster.
+
+    >>> [(r.start, r.stop) for r in plan_ranges([(0, 3), (3, 6), (6, 9), (9, 40)], 2, group_chunks=3,
+    ...                                         split_chunks=10)]
+    [(0, 6), (6, 9), (9, 29), (29, 40)]
+    """
+    chunk_tokens = check_int(chunk_tokens, "chunk_tokens", low=1)
+    group = check_int(group_chunks, "group_chunks", low=1) * chunk_tokens
+    split = check_int(split_chunks, "split_chunks", low=1) * chunk_tokens
+    cuts: list[tuple[int, int]] = []
+    open_range: list[int] | None = None  # [start, stop] of the group being built
+    for a, b in shards:
+        if b <= a:
+            continue
+        if b - a > split:
+            if open_range is not None:
+                cuts.append(tuple(open_range))
+                open_range = None
+            cuts.extend(split_range(a, b, split))
+        elif open_range is not None and b - open_range[0] <= group:
+            open_range[1] = b
+        else:
+            if open_range is not None:
+                cuts.append(tuple(open_range))
+            open_range = [a, b]
+    if open_range is not None:
+        cuts.append(tuple(open_range))
+    return tuple(TokenRange(i, a, b) for i, (a, b) in enumerate(cuts))
+
+
+@dataclass(frozen=True)
+class _StreamTask:
+    """One task: stream tokens ``range`` of every layer of ``layers`` (info, k, with hidden states) and keep
+    the rows of the sampled sequences (``sample``: their sorted ids; None: no sample)."""
+
+    data: Any
+    range: TokenRange
+    layers: tuple[tuple[LayerInfo, int, bool], ...]
+    chunk_tokens: int
+    eps: tuple[float, ...]
+    threads: bool
+    sample: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class _SampledRows:
+    """The rows of sampled sequences found in one range of one layer, in token order: sequence ids and
+    positions (n,) int64, logits (n, N) float32, the model's selection (n, N) bool."""
+
+    sequence_ids: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _StreamOut:
+    range: TokenRange
+    streams: tuple[LayerStream, ...]
+    rows: tuple[_SampledRows | None, ...]
+    read_seconds: float
+
+
+def _stream_task(task: _StreamTask) -> _StreamOut:
+    """Stream one token range of every layer (module-level: Dask workers import it).
+
+    torch runs on one intra-op thread here, in one process as on a worker: a float32 matmul's bits depend on
+    the thread count, and results must not depend on the cluster."""
+    read_seconds = 0.0
+
+    def timed(it):
+        nonlocal read_seconds
+        while True:
+            t_read = time.perf_counter()
+            chunk = next(it, None)
+            read_seconds += time.perf_counter() - t_read
+            if chunk is None:
+                return
+            yield chunk
+
+    r = task.range
+    sample = None if task.sample is None else torch.from_numpy(task.sample)
+    streams, rows = [], []
+    with one_torch_thread():
+        reader = task.data.open()
+        for info, k, hidden in task.layers:
+            picked: list[tuple[torch.Tensor, ...]] = []
+
+            def keep_sampled(chunk: Chunk, mask: torch.Tensor, picked=picked) -> None:
+                if sample is None or not sample.numel():
+                    return
+                sel = torch.isin(chunk.sequence_ids, sample)
+                if bool(sel.any()):
+                    picked.append((chunk.sequence_ids[sel], chunk.positions[sel], chunk.logits[sel].float(),
+                                   mask[sel]))
+
+            chunks = timed(reader.chunks(info.name, r.start, r.stop, task.chunk_tokens, hidden))
+            streams.append(stream_chunks(LayerStream.empty(info, k, task.eps), chunks, hidden=hidden,
+                                         threads=task.threads, on_chunk=keep_sampled))
+            rows.append(_SampledRows(*(torch.cat(parts) for parts in zip(*picked, strict=True))) if picked else None)
+    return _StreamOut(r, tuple(streams), tuple(rows), read_seconds)
+
+
+# ============================================================================ the sequence sample
+@dataclass(frozen=True)
+class _ScanTask:
+    data: Any
+    range: TokenRange
+    chunk_tokens: int
+    candidates: np.ndarray | None
+
+
+def _scan_task(task: _ScanTask) -> tuple[np.ndarray, np.ndarray]:
+    """The sequence ids of one range: with ``candidates`` None, its distinct ids in order of first
+    appearance and their token counts; else the token count of each candidate (in the candidates' order)."""
+    reader = task.data.open()
+    r = task.range
+    ids_parts = [s.numpy() for s in reader.sequence_ids(r.start, r.stop, task.chunk_tokens)]
+    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64)
+    if task.candidates is None:
+        uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
+        order = np.argsort(first, kind="stable")
+        return uniq[order], counts[order]
+    cands = task.candidates
+    srt = np.argsort(cands, kind="stable")
+    pos = np.searchsorted(cands[srt], ids)
+    pos = np.minimum(pos, cands.size - 1)
+    hit = cands[srt][pos] == ids
+    counts = np.zeros(cands.size, dtype=np.int64)
+    np.add.at(counts, srt[pos[hit]], 1)
+    return cands, counts
+
+
+def choose_sample(first_ids: np.ndarray, first_counts: np.ndarray, total_counts: np.ndarray | None,
+                  budget: int) -> np.ndarray:
+    """The sampled sequence ids, in order of first appearance: the first sequences of the log, taken whole,
+    until ``budget`` tokens are reached (the last one may overflow it, as it is taken whole).
+
+    first_ids / first_counts: the distinct sequence ids of the log's first ``budget`` tokens in order of first
+    appearance (no later sequence can be sampled: the tokens before its first appearance all belong to earlier
+    sequences, which already hold ``budget`` tokens) and their counts there; total_counts: their counts over
+    the whole log (None when the log has at most ``budget`` tokens).
+
+    >>> choose_sample(np.array([4, 7, 9]), np.array([3, 3, 2]), np.array([5, 3, 9]), 8).tolist()
+    [4, 7]
+    """
+    counts = first_counts if total_counts is None else total_counts
+    taken, total = [], 0
+    for sid, c in zip(first_ids.tolist(), counts.tolist(), strict=True):
+        if total >= budget:
+            break
+        taken.append(sid)
+        total += c
+    return np.asarray(taken, dtype=np.int64)
+
+
+def _decide_sample(src: _Source, cfg: AnalyzeConfig, ranges: Sequence[TokenRange], client) -> np.ndarray:
+    """The sampled sequences (:func:`choose_sample`) from the sequence ids alone, whatever the task cut: the
+    first ``sequence_tokens`` tokens give the candidates; when the log is longer, one pass over the ranges counts
+    their tokens."""
+    head = TokenRange(0, 0, min(cfg.sequence_tokens, src.num_tokens))
+    first_ids, first_counts = map_tasks(_scan_task, [_ScanTask(src.scan, head, cfg.chunk_tokens, None)],
+                                        client=client, key="usmoe-lp-analyze-scan")[0]
+    total = None
+    if src.num_tokens > head.stop and first_ids.size:
+        parts = map_tasks(_scan_task, [_ScanTask(src.scan, r, cfg.chunk_tokens, first_ids) for r in ranges],
+                          client=client, key="usmoe-lp-analyze-count")
+        total = np.sum([c for _, c in parts], axis=0)
+    return choose_sample(first_ids, first_counts, total, cfg.sequence_tokens)
+
+
+def _sample_sequences(rows: Sequence[_SampledRows | None], sample: np.ndarray
+                      ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(sequence id, logits (T, N) float32, model selection (T, N) bool)`` of each sampled sequence, in the
+    sample's order, rows by position: reassembled from the ranges' rows (in range order)."""
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return []
+    seq = torch.cat([r.sequence_ids for r in rows]).numpy()
+    pos = torch.cat([r.positions for r in rows]).numpy()
+    logits = torch.cat([r.logits for r in rows])
+    mask = torch.cat([r.mask for r in rows])
+    rank = {sid: i for i, sid in enumerate(sample.tolist())}
+    order_of = np.fromiter((rank[s] for s in seq.tolist()), dtype=np.int64, count=seq.size)
+    order = np.lexsort((pos, order_of))  # by sample order, then position (stable)
+    ranks = order_of[order]
+    bounds = np.flatnonzero(np.diff(ranks)) + 1
+    idx = torch.from_numpy(order)
+    logits, mask = logits[idx], mask[idx]
+    out = []
+    for a, b in zip(np.r_[0, bounds].tolist(), np.r_[bounds, ranks.size].tolist(), strict=True):
+        out.append((int(sample[ranks[a]]), logits[a:b], mask[a:b]))
+    return out
 
 
 def _batches(seqs, batch_size: int):
@@ -665,18 +960,44 @@ def _batches(seqs, batch_size: int):
 
 # ============================================================================ the driver
 def analyze(log, *, config: AnalyzeConfig | None = None, layers: Sequence[str] | None = None, top_k: int | None = None,
-            progress: Progress | None = None) -> AnalyzeResult:
+            progress: Progress | None = None, client=None, verify: str = "lazy") -> AnalyzeResult:
     """Analyse a router log: load, collapse, margins, counterfactual re-routing and leakage per layer.
 
-    log: a :class:`~usmoe_lp.logs.RouterLog` or the path of one. layers: a subset of the log's layers
-    (default all). top_k: the model's experts per token where the log does not record it.
-    progress: ``progress(layer, tokens_done, tokens_total)`` after every chunk.
+    log: a :class:`~usmoe_lp.logs.RouterLog`, the path of one, or a ``file://`` URL (other URL schemes
+    are refused: mount or copy the log). layers: a subset of the log's layers (default all). top_k: the
+    model's experts per token where the log does not record it. progress: ``progress(stage, done,
+    total)`` after every finished task: stage ``"stream"`` counts tokens x layers, ``"sample"`` layers
+    of per-sequence analyses. verify: the reader's check of the shards (:meth:`RouterLog.open`) when
+    ``log`` is a path (a ``RouterLog`` keeps its own): ``"lazy"`` checksums each shard in the task that
+    reads it, ``"full"`` validates the whole log first, ``"none"`` trusts it.
+
+    client: a ``dask.distributed.Client`` to run on (None: this process). The log is cut into token ranges
+    by its shards (:func:`plan_ranges`); each task opens the log **by its path** on a worker, streams its
+    range of every layer and returns mergeable partials, which merge in range order
+    (:func:`usmoe_lp.cluster.tree_merge`); the per-sequence analyses run as one task per layer. Every
+    worker must see the log at the same absolute path (a shared filesystem: NFS, Lustre, a mounted bucket;
+    a local cluster shares this machine's). The result does not depend on the client or the number of
+    workers (the same tasks, the same merge order, torch on one thread per task): the reports are the
+    same bytes. A corrupted shard raises :class:`~usmoe_lp.logs.CorruptLog` naming its file, on a cluster
+    as in one process.
+
+    The sequence sample (counterfactual, leakage) is decided up front from the sequence ids alone
+    (:func:`choose_sample`): the first sequences in order of first appearance, taken whole, until
+    ``config.sequence_tokens`` tokens are reached. Where sequences interleave (decode steps) this counts
+    whole sequences, not the tokens seen so far (the sample may differ slightly from a per-chunk count).
 
     Returns an :class:`AnalyzeResult`; :func:`usmoe_lp.report.write_analyze_report` renders it.
     """
-    if not isinstance(log, RouterLog):
-        log = RouterLog.open(log)
-    return _analyze(_log_source(log), config or AnalyzeConfig(), layers, top_k, progress)
+    if isinstance(log, RouterLog):
+        name, mode = str(log.path), log.verify
+    else:
+        if verify not in _TASK_VERIFY:
+            raise InvalidParameter(f"verify must be one of {tuple(_TASK_VERIFY)}, got {verify!r}")
+        path = log_path(log)
+        name, mode = str(path), verify
+        log = RouterLog.open(path, verify=verify)
+    check_cluster(client=client)
+    return _analyze(_log_source(log, mode, name), config or AnalyzeConfig(), layers, top_k, progress, client)
 
 
 def analyze_logits(router_logits, *, top_k: int, padding_mask=None, score_function: str = "softmax",
@@ -685,6 +1006,7 @@ def analyze_logits(router_logits, *, top_k: int, padding_mask=None, score_functi
     ``output_router_logits=True`` (one (B*T, N) tensor per layer), a dict layer -> (B, T, N), or one
     tensor. padding_mask: (B, T) bool, True = padding (the package's one convention); required to
     split a (B*T, N) tensor into sequences. selected: optional per-layer (n, k) indices the model used.
+    Runs in this process, through the same tasks as a log.
 
     ``attention_mask`` is refused with the conversion to use (``padding_mask = attention_mask == 0``).
     """
@@ -694,10 +1016,10 @@ def analyze_logits(router_logits, *, top_k: int, padding_mask=None, score_functi
                                "padding_mask = attention_mask == 0")
     src = _memory_source(router_logits, top_k=top_k, padding_mask=padding_mask,
                          score_function=score_function, selected=selected)
-    return _analyze(src, config or AnalyzeConfig(), None, top_k, None)
+    return _analyze(src, config or AnalyzeConfig(), None, top_k, None, None)
 
 
-def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress) -> AnalyzeResult:
+def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client) -> AnalyzeResult:
     t0 = time.perf_counter()
     infos = {i.name: i for i in src.infos}
     names = tuple(layers) if layers is not None else tuple(infos)
@@ -711,101 +1033,89 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress) -> Analy
     ks = resolve_top_k([infos[n] for n in names], top_k)  # every layer checked before any work
     check_sweep(cfg, [infos[n] for n in names])
     weights = src.router_weights() if cfg.hidden else None
-    results, load_parts, cf_parts, leak_parts = [], [], [], {}
-    read_seconds = 0.0
-    for name in names:
-        info, k = infos[name], ks[name]
-        lp_sample = cfg.lp_sample if len(results) < cfg.lp_layers else 0
-        out = _analyze_layer(src, info, k, cfg, weights, progress, lp_sample)
-        results.append(out.analysis)
-        load_parts.append(out.load)
-        if out.counterfactual is not None:
-            cf_parts.append(out.counterfactual)
-        for label, part in out.leakage.items():
+
+    ranges = plan_ranges(src.shards, cfg.chunk_tokens)
+    sampling = cfg.counterfactual or cfg.leakage
+    sample = _decide_sample(src, cfg, ranges, client) if sampling else None
+    layer_specs = tuple((infos[n], ks[n], cfg.hidden and src.has_hidden(n)) for n in names)
+    tasks = [_StreamTask(src.data, r, layer_specs, cfg.chunk_tokens, cfg.eps, cfg.threads, sample) for r in ranges]
+    total, done = src.num_tokens * len(names), 0
+
+    def streamed(i: int, out: _StreamOut) -> None:
+        nonlocal done
+        done += out.range.num_tokens * len(names)
+        if progress is not None:
+            progress("stream", done, total)
+
+    outs = map_tasks(_stream_task, tasks, client=client, progress=streamed, key="usmoe-lp-analyze-stream")
+    read_seconds = sum(o.read_seconds for o in outs)
+
+    streams = [tree_merge([o.streams[j] for o in outs]) for j in range(len(names))]
+    samples = [_sample_sequences([o.rows[j] for o in outs], sample) if sampling else [] for j in range(len(names))]
+    sample_tasks = [_SampleTask(info, k, cfg, cfg.lp_sample if j < cfg.lp_layers else 0, samples[j])
+                    for j, (info, k, _) in enumerate(layer_specs)]
+    finished = 0
+
+    def analysed(i: int, out) -> None:
+        nonlocal finished
+        finished += 1
+        if progress is not None:
+            progress("sample", finished, len(sample_tasks))
+
+    sampled = map_tasks(_sample_task, sample_tasks, client=client if sampling else None,
+                        progress=analysed if sampling else None, key="usmoe-lp-analyze-sample")
+
+    results, cf_parts, leak_parts = [], [], {}
+    for (info, k, _), stream, (cf_part, leaks, cross, decode, topc), seqs in zip(layer_specs, streams, sampled,
+                                                                                 samples, strict=True):
+        w = None if weights is None else weights.get(info.name)
+        st = stream.result(router_weights=None if w is None else w.float())
+        results.append(LayerAnalysis(
+            layer=info.name, num_experts=info.num_experts, top_k=k, score_function=info.score_function,
+            num_tokens=st["tokens"], selection_source=st["source"], load=st["load"], collapse=st["collapse"],
+            margins=st["margins"], counterfactual=cf_part.result() if cf_part is not None else None,
+            leakage={label: p.result() for label, p in leaks.items()}, cross_sequence=cross, topc_margins=topc,
+            sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs), decode=decode,
+            native_agreement=st["native"]))
+        if cf_part is not None:
+            cf_parts.append(cf_part)
+        for label, part in leaks.items():
             leak_parts.setdefault(label, []).append(part)
-        read_seconds += out.read_seconds
     # Layers may differ in N or k (then pooling is undefined): pool only when every layer agrees.
     same_n = len({la.num_experts for la in results}) == 1
     same_cf = (same_n and len(cf_parts) == len(results) and len({p.configs for p in cf_parts}) == 1
                and len({p.score_function for p in cf_parts}) == 1)
-    pooled_load = _merge_all(load_parts).result() if same_n else None
-    pooled_cf = _merge_all(cf_parts).result() if cf_parts and same_cf else None
-    pooled_leak = {label: _merge_all(parts).result() for label, parts in leak_parts.items()
+    pooled_load = tree_merge([s.load for s in streams]).result() if same_n else None
+    pooled_cf = tree_merge(cf_parts).result() if cf_parts and same_cf else None
+    pooled_leak = {label: tree_merge(parts).result() for label, parts in leak_parts.items()
                    if len(parts) == len(results)} if same_n else {}
     return AnalyzeResult(source=src.name, model=src.model, config=cfg, layers=tuple(results),
                          pooled_load=pooled_load, pooled_counterfactual=pooled_cf, pooled_leakage=pooled_leak,
                          seconds=time.perf_counter() - t0, read_seconds=read_seconds)
 
 
-def _merge_all(parts):
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.merge(p)
-    return out
+@dataclass(frozen=True)
+class _SampleTask:
+    """The per-sequence analyses of one layer on its sampled sequences (``seqs``: id, logits, selection)."""
+
+    info: LayerInfo
+    k: int
+    cfg: AnalyzeConfig
+    lp_sample: int
+    seqs: list
 
 
-@dataclass
-class _LayerOut:
-    analysis: LayerAnalysis
-    load: Any
-    counterfactual: Any
-    leakage: dict[str, Any]
-    read_seconds: float
-
-
-def _analyze_layer(src: _Source, info: LayerInfo, k: int, cfg: AnalyzeConfig, weights, progress,
-                   lp_sample: int) -> _LayerOut:
-    N = info.num_experts
-    if k > N:
-        raise InvalidParameter(f"layer {info.name!r}: top_k = {k} exceeds the number of experts N = {N}")
-    with_hidden = cfg.hidden and src.has_hidden(info.name)
-    sample = _SequenceSample(cfg.sequence_tokens) if (cfg.counterfactual or cfg.leakage) else None
-    read_seconds = 0.0
-    done = 0
-
-    def timed(it):
-        nonlocal read_seconds
-        while True:
-            t_read = time.perf_counter()
-            chunk = next(it, None)
-            read_seconds += time.perf_counter() - t_read
-            if chunk is None:
-                return
-            yield chunk
-
-    def on_chunk(chunk, mask):
-        nonlocal done
-        if sample is not None and not sample.closed:
-            sample.add(chunk, mask)
-        done += chunk.num_tokens
-        if progress is not None:
-            progress(info.name, done, src.num_tokens)
-
-    chunks = timed(src.chunks(info.name, cfg.chunk_tokens, with_hidden))
-    stream = stream_chunks(LayerStream.empty(info, k, cfg.eps), chunks, hidden=with_hidden, threads=cfg.threads,
-                           on_chunk=on_chunk)
-    w = None if weights is None else weights.get(info.name)
-    streamed = stream.result(router_weights=None if w is None else w.float())
-
+def _sample_task(task: _SampleTask):
+    """Module-level (Dask workers import it): :func:`_sample_analyses` of one layer, torch on one thread."""
     with one_torch_thread():
-        cf_part, leak_parts, cross, decode, topc, seqs = _sample_analyses(sample, info, k, cfg, lp_sample)
-    analysis = LayerAnalysis(
-        layer=info.name, num_experts=N, top_k=k, score_function=info.score_function, num_tokens=streamed["tokens"],
-        selection_source=streamed["source"], load=streamed["load"], collapse=streamed["collapse"],
-        margins=streamed["margins"],
-        counterfactual=cf_part.result() if cf_part is not None else None,
-        leakage={label: p.result() for label, p in leak_parts.items()}, cross_sequence=cross, topc_margins=topc,
-        sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs), decode=decode,
-        native_agreement=streamed["native"])
-    return _LayerOut(analysis, stream.load, cf_part, leak_parts, read_seconds)
+        return _sample_analyses(task.seqs, task.info, task.k, task.cfg, task.lp_sample)
 
 
-def _sample_analyses(sample, info: LayerInfo, k: int, cfg: AnalyzeConfig, lp_sample: int):
+def _sample_analyses(seqs, info: LayerInfo, k: int, cfg: AnalyzeConfig, lp_sample: int):
     """Counterfactual re-routing, leakage, decode mismatch, cross-sequence dependence and top-c margins
     of every configuration on the sampled sequences of one layer."""
     N = info.num_experts
     cf_part, leak_parts, cross, decode, topc = None, {}, {}, {}, {}
-    seqs = sample.sequences() if sample is not None else []
     configs = cfg.configs(k, N)
     sf = info.score_function
     if seqs and cfg.counterfactual:
@@ -825,7 +1135,7 @@ def _sample_analyses(sample, info: LayerInfo, k: int, cfg: AnalyzeConfig, lp_sam
                 for u in own:
                     part.update(u)
                 leak_parts[c.label] = part
-                decode[c.label] = _merge_all([decode_mismatch(u, c, layer=info,
+                decode[c.label] = tree_merge([decode_mismatch(u, c, layer=info,
                                                               max_recompute_tokens=cfg.max_recompute_tokens)
                                               for u in own])
                 if entry.group(params) in ("batch", "position"):
@@ -836,7 +1146,7 @@ def _sample_analyses(sample, info: LayerInfo, k: int, cfg: AnalyzeConfig, lp_sam
                         cross[c.label] = _mean_cross(stats)
             if margins_apply:
                 topc[c.label] = _topc_margin_sums(c, own, cfg.eps)
-    return cf_part, leak_parts, cross, decode, topc, seqs
+    return cf_part, leak_parts, cross, decode, topc
 
 
 def _topc_margin_sums(cfg: RouterConfig, own: Sequence[torch.Tensor], eps) -> dict[str, Any]:

@@ -97,7 +97,9 @@ def _cli_words(exc: InvalidParameter) -> InvalidParameter:
 
 
 def analyze_command(
-    log: Annotated[Path, typer.Argument(help="Router log directory (manifest.json + shards/).")],
+    log: Annotated[str, typer.Argument(help="Router log directory (manifest.json + shards/), a path or a file:// "
+                                            "URL. With --workers/--scheduler every worker reads it at this path: "
+                                            "on a multi-machine cluster it must be on a shared filesystem.")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (created).")] = Path("analysis"),
     routers: Annotated[str, typer.Option(help=f"Routers to re-route, comma-separated, among "
                                               f"{', '.join(list_routers())} (default: {','.join(default_routers())}).")]
@@ -121,18 +123,33 @@ def analyze_command(
     no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip re-routing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier analyze report at --out "
                                             "(never other files).")] = False,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", help="Run on a local Dask cluster of N worker processes (default: this process). "
+                          "The report is the same bytes whatever N.")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="Run on a running dask.distributed cluster at ADDRESS (e.g. tcp://10.0.0.5:8786). "
+                            "Its workers open LOG by its absolute path: it must be on a filesystem they all "
+                            "see (NFS, Lustre, a mounted bucket).")] = None,
 ) -> None:
     """Analyse a router log: load balance, collapse, margins, leakage and counterfactual re-routing.
 
     Writes metrics.json, report.md, report.html and PNG figures into --out. The report is built
     aside and replaces --out only when complete; an existing report needs --overwrite.
+
+    The log is cut into token ranges by its shards; with --workers or --scheduler the ranges are
+    analysed on a Dask cluster, each worker reading its shards from the log's path (a shared
+    filesystem on a multi-machine cluster), and the partial statistics merge in a fixed order.
     """
-    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze, check_sweep, resolve_top_k
+    from usmoe_lp.cluster import check_cluster, dask_client
+    from usmoe_lp.diagnostics.analyze import AnalyzeConfig, analyze, check_sweep, log_path, resolve_top_k
     from usmoe_lp.logs.reader import RouterLog
     from usmoe_lp.report.analyze_report import check_analyze_destination, summary_lines, write_analyze_report
 
     console, err = Console(), Console(stderr=True)
+    flags = {"workers": "--workers", "scheduler": "--scheduler"}
     try:
+        check_cluster(workers, scheduler, names=flags)
+        log = log_path(log)
         names = parse_routers(routers)
         sweep = parse_params(param, names)
         try:
@@ -160,15 +177,18 @@ def analyze_command(
         check_sweep(cfg, infos, names=flags)
         t0 = time.perf_counter()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("tokens"), TimeElapsedColumn(), console=err, transient=True) as bar:
-            task = bar.add_task("analyse", total=len(layer_names) * rlog.num_tokens)
-            finished: dict[str, int] = {}
+                      TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=err, transient=True) as bar, \
+                dask_client(workers=workers, scheduler=scheduler, names=flags) as client:
+            bars = {"stream": bar.add_task("stream", total=len(layer_names) * rlog.num_tokens,
+                                           unit="tokens x layers")}
 
-            def progress(layer: str, done: int, total: int) -> None:
-                finished[layer] = done
-                bar.update(task, completed=sum(finished.values()), description=f"layer {layer}")
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in bars:  # the per-sequence analyses, one task per layer
+                    bars[stage] = bar.add_task("re-route sample", total=total, unit="layers")
+                bar.update(bars[stage], completed=done)
 
-            result = analyze(rlog, config=cfg, layers=layer_names, top_k=top_k or None, progress=progress)
+            result = analyze(rlog, config=cfg, layers=layer_names, top_k=top_k or None, progress=progress,
+                             client=client)
         written = write_analyze_report(result, out, overwrite=overwrite, overwrite_flag="--overwrite")
     except (UsmoeLpError, LogError) as exc:
         raise fail(exc) from None

@@ -278,6 +278,12 @@ class RouterLog:
         return self._manifest
 
     @property
+    def verify(self) -> Verify:
+        """The mode this log was opened with (``"lazy"``, ``"full"`` or ``"none"``, see :meth:`open`): what a
+        task re-opening the log by its path (on a Dask worker) must check too."""
+        return self._verify
+
+    @property
     def layers(self) -> tuple[str, ...]:
         """Layer names, in capture order."""
         return tuple(self._layer_info)
