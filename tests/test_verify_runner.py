@@ -16,6 +16,7 @@ from usmoe_lp.report import write_verify_report
 from usmoe_lp.verify import (
     CLAIMS,
     FAMILIES,
+    Batch,
     Context,
     VerifyConfig,
     run_verify,
@@ -356,3 +357,49 @@ def test_shrink_all_needs_shrink():
 def test_first_per_cell_is_the_default(small_result):
     cells = {(c.claim, c.family, c.T, c.N) for c in small_result.counterexamples}
     assert len(cells) == len(small_result.counterexamples)
+
+
+# ----------------------------------------------------------------------------- batches and progress
+class _Recorder:
+    def __init__(self, total):
+        self.phases = [("verify", total, [])]
+        self.closed = False
+
+    def advance(self, n, text):
+        self.phases[-1][2].append((n, text))
+
+    def phase(self, name, total):
+        self.phases.append((name, total, []))
+
+    def close(self):
+        self.closed = True
+
+
+def test_progress_advances_per_batch_then_per_shrunk_failure(monkeypatch, small_result):
+    from usmoe_lp.verify import runner as verify_runner
+
+    bars = []
+    monkeypatch.setattr(verify_runner, "_progress", lambda enabled, total: bars.append(_Recorder(total)) or bars[-1])
+    monkeypatch.setattr(verify_runner, "BATCH_ENTRIES", 24)  # 2 instances of 4x3 per batch, 1 of 6x4
+    res = run_verify(SMALL, progress=True)
+    (bar,) = bars
+    assert bar.closed
+    (name, total, steps), (shrink_name, shrink_total, shrunk) = bar.phases
+    instances = len(SMALL.families) * len(SMALL.sizes) * len(SMALL.ks) * SMALL.trials
+    assert name == "verify" and total == instances == sum(n for n, _ in steps)
+    tasks = verify_runner.verify_tasks(SMALL)
+    assert [n for n, _ in steps] == [t.instances for t in tasks] and len(tasks) == 3 * 2 * (1 + 2)
+    assert steps[0][1] == "gaussian 4x3 k=1"
+    assert shrink_name == "shrink" and shrink_total == len(shrunk) == len(res.counterexamples) > 0
+    # cutting the batches smaller (18 tasks instead of one per family x size x k) changes nothing in the result
+    assert res.records == small_result.records
+    assert [c.to_dict() for c in res.counterexamples] == [c.to_dict() for c in small_result.counterexamples]
+
+
+def test_batch_rejects_bad_shapes_and_k():
+    with pytest.raises(UsmoeLpError, match=r"shape \(B, T, N\)"):
+        Batch(np.zeros((4, 3)), 1)
+    with pytest.raises(UsmoeLpError, match=r"shape \(T, N\)"):
+        Batch.one(np.zeros((2, 4, 3)), 1)
+    with pytest.raises(UsmoeLpError, match="k = 4"):
+        Batch(np.zeros((2, 4, 3)), 4)
