@@ -369,3 +369,28 @@ def test_incompatible_merges_and_parameters_rejected():
         router_row_similarity(np.array([[1.0, 0.0], [0.0, 0.0]]))
     with pytest.raises(InvalidScores, match="zero"):
         span_energy(np.zeros((2, 2)), np.eye(2))
+
+
+def test_blocked_float32_grams_of_wide_chunks_and_the_checked_path():
+    """N = 40 experts and d = 36 hidden features (the Grams are taken by column blocks) over 9000 tokens (two
+    row blocks): float32 results against the float64 oracles, and ``checked=True`` (the streaming analysis)
+    gives exactly the numbers of the validated update."""
+    rng = np.random.default_rng(8)
+    t, n, d = 9000, 40, 36
+    z = (rng.standard_normal((t, n)) * np.linspace(0.1, 2.0, n) + rng.standard_normal((t, 1)) * 20
+         + rng.standard_normal(n)).astype(np.float32)
+    h = (rng.standard_normal((t, d)) + 2.0).astype(np.float32)
+    p = softmax(z.astype(np.float64)).astype(np.float32)
+    part = CollapsePartial.empty(n, hidden_dim=d)
+    part.update(z, p, h)
+    fast = CollapsePartial.empty(n, hidden_dim=d)
+    fast.update(torch.from_numpy(z), torch.from_numpy(p), torch.from_numpy(h), checked=True)
+    a, b = part.result(), fast.result()
+    assert a.to_dict() == b.to_dict()
+    z64, h64 = z.astype(np.float64), h.astype(np.float64)
+    assert a.logit_effective_rank == pytest.approx(svd_erank(z64), rel=1e-5)
+    assert a.logit_effective_rank_centered == pytest.approx(svd_erank(row_centre(z64)), rel=1e-5)
+    assert a.logit_effective_rank_column_centered == pytest.approx(svd_erank(z64 - z64.mean(0)), rel=1e-5)
+    assert a.hidden_effective_rank == pytest.approx(svd_erank(h64), rel=1e-5)
+    assert_spectrum_close(a.hidden_spectrum, np.linalg.svd(h64, compute_uv=False), rtol=1e-5)
+    np.testing.assert_allclose(a.expert_cosine, brute_cosine(p.astype(np.float64).T), atol=1e-6)

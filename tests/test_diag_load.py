@@ -16,7 +16,16 @@ from hypothesis import strategies as st
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
 
-from usmoe_lp.diagnostics.load import LoadPartial, LoadStats, aux_loss, balance_metrics, load_stats, router_z_loss
+from usmoe_lp.diagnostics.load import (
+    LoadPartial,
+    LoadStats,
+    aux_loss,
+    balance_metrics,
+    load_stats,
+    mask_counts,
+    router_z_loss,
+    softmax_token_stats,
+)
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 
 
@@ -472,3 +481,68 @@ def test_router_z_loss_matches_switch_transformers():
     assert router_z_loss(layers[0]) == pytest.approx(float(router_z_loss_func(layers[0])), rel=1e-12)
     # hand case: all-zero logits, lse = ln N
     assert router_z_loss(np.zeros((5, 4))) == pytest.approx(math.log(4) ** 2, rel=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming analysis' softmax path: float32, one exp per entry, against float64
+# ---------------------------------------------------------------------------------------------
+
+
+def _hard_softmax_logits(t: int = 3000, n: int = 16, seed: int = 11) -> np.ndarray:
+    """float32 logits: gaussian rows with a large common offset per token (softmax-invariant), rows whose
+    small probabilities underflow in float32, near-uniform rows and one-hot-like rows."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(scale=2.0, size=(t, n)) + rng.normal(scale=40.0, size=(t, 1))
+    z[::7, : n // 2] -= 120.0  # probabilities below float32's smallest normal
+    z[1::7] = 0.25 * rng.normal(size=(len(z[1::7]), n))  # near-uniform
+    z[2::7, 0] += 60.0  # one expert takes (almost) everything
+    return z.astype(np.float32)
+
+
+def test_softmax_token_stats_against_float64():
+    z32 = _hard_softmax_logits()
+    zt = torch.from_numpy(z32)
+    p = torch.softmax(zt, dim=1)
+    entropy, lse, r = softmax_token_stats(zt, p)
+    z = z32.astype(np.float64)
+    lse64 = z.max(axis=1) + np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1))
+    q = _softmax(z)
+    h64 = -(q * np.log(np.where(q > 0, q, 1.0))).sum(axis=1)
+    np.testing.assert_allclose(lse.numpy(), lse64, rtol=2e-7, atol=1e-6)
+    np.testing.assert_allclose(entropy.numpy(), h64, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(r.numpy(), 1.0, atol=1e-5)
+    assert entropy.dtype == lse.dtype == torch.float32
+    # the caller's row maximum gives the same numbers
+    e2, l2, _ = softmax_token_stats(zt, p, p.amax(dim=1))
+    assert torch.equal(e2, entropy) and torch.equal(l2, lse)
+
+
+def test_update_softmax_equals_update_within_float32():
+    """The stream's path (float32 sums of blocks, entropies from the softmax) against the general update
+    (float64 sums, entropies from log q) and a float64 reference: counts exact, the rest within 1e-6."""
+    z32 = _hard_softmax_logits(t=9000, n=16)
+    zt = torch.from_numpy(z32)
+    p = torch.softmax(zt, dim=1)
+    mask = _topk_mask(p.numpy(), 3)
+    fast, slow = LoadPartial.empty(16, top_k=3), LoadPartial.empty(16, top_k=3)
+    for a in range(0, 9000, 4096):  # blocks as the stream cuts them
+        fast.update_softmax(mask[a : a + 4096], zt[a : a + 4096], p[a : a + 4096])
+    slow.update(mask, p.numpy(), z32)
+    z = z32.astype(np.float64)
+    ref = load_stats(mask, _softmax(z), logits=z, top_k=3)
+    for other in (slow.result(), ref):
+        got = fast.result()
+        np.testing.assert_array_equal(got.counts, other.counts)
+        np.testing.assert_array_equal(got.experts_per_token, other.experts_per_token)
+        for key in ("token_entropy", "mean_prob_entropy", "aux_loss", "z_loss", "importance_cv2"):
+            assert getattr(got, key) == pytest.approx(getattr(other, key), rel=1e-6), key
+    np.testing.assert_allclose(fast.prob_sum, _softmax(z).sum(axis=0), rtol=1e-6)
+
+
+def test_mask_counts_against_sums():
+    rng = np.random.default_rng(2)
+    m = rng.random((1000, 9)) < 0.3
+    per_token, per_expert = mask_counts(m)
+    np.testing.assert_array_equal(per_token, m.sum(axis=1))
+    np.testing.assert_array_equal(per_expert, m.sum(axis=0))
+    assert per_token.dtype == per_expert.dtype == np.int64

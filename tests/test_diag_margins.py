@@ -273,3 +273,36 @@ def test_bad_input():
         MarginPartial.empty(2, bins=[1.0, 0.5])
     with pytest.raises(InvalidParameter):
         MarginPartial.empty(3, num_experts=2)
+
+
+def test_float32_fragility_decided_like_exact_arithmetic():
+    """float32 scores at and next to b +- eps (eps = 0.1, not a float32): the float32 comparison against the
+    bound rounded to float32 decides as the exact rational |s - b| <= eps, and as the float64 rows do."""
+    from fractions import Fraction
+
+    from usmoe_lp.diagnostics.margins import fragile_sorted
+
+    f32 = np.float32
+    kth, nxt, e = f32(0.3), f32(0.2), 0.1
+    b = (float(kth) + float(nxt)) / 2
+    up, down = f32(b + e), f32(b - e)
+    rows = []
+    for i in range(-2, 3):
+        t1 = up
+        for _ in range(abs(i)):
+            t1 = np.nextafter(t1, f32(np.inf) if i > 0 else f32(-np.inf))
+        u1 = down
+        for _ in range(abs(i)):
+            u1 = np.nextafter(u1, f32(np.inf) if i > 0 else f32(-np.inf))
+        rows.append([kth, t1, f32(0.9), nxt, u1, f32(0.0)])  # k = 3: 0.9, t1, kth | nxt, u1, 0
+    s = np.array(rows, dtype=np.float32)
+    exact = 0
+    for row in s.tolist():
+        srt = sorted(row, reverse=True)
+        bb = (Fraction(srt[2]) + Fraction(srt[3])) / 2
+        exact += sum(abs(Fraction(v) - bb) <= Fraction(e) for v in row)
+    srt32 = np.sort(s, axis=1)
+    assert fragile_sorted(srt32, 3, (e,)) == {e: exact}
+    assert fragile_sorted(srt32.astype(np.float64), 3, (e,)) == {e: exact}
+    assert fragile_counts(s, 3, (e,)) == {e: exact}
+    assert 5 < exact < 5 * 6  # some of the neighbours are in, some out

@@ -25,7 +25,7 @@ addition. Singular values come from a Gram matrix G = X^T X as ``sqrt(max(eigval
 descending. This squares the condition number: a singular value below about ``sqrt(eps) * sigma_ref``
 cannot be told apart from round-off, where eps is the precision of the accumulated Gram and sigma_ref
 the scale of the data it was computed from. float32/float16/bfloat16 chunks are multiplied in float32
-(BLAS, blocks of 8192 rows, after shifting by the chunk's mean; the mean's part is added back exactly
+(BLAS, blocks of 8192 rows, each shifted by its own mean; the mean's part is added back exactly
 in float64), so their round-off is relative to the logits' spread around their means (for the logits,
 the doubly-centred spread: the token-mean logit is a separate coordinate whose round-off lies along
 the all-ones direction); float64 chunks stay float64. Every block's product is accumulated in float64.
@@ -271,32 +271,61 @@ def span_energy(hidden, weights) -> float:
 # ------------------------------------------------------------------------------------------ streaming
 
 
-def _chunk_gram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(X^T X, X^T 1) in float64 for one chunk X (n, m) float32 or float64.
+def _gram_cuts(m: int) -> list[int]:
+    """Column cuts of the blocked Gram: about four column blocks (multiples of 8 columns) for m >= 32."""
+    if m < 32:
+        return [0, m]
+    return [0, *(int(round(i * m / 4 / 8)) * 8 for i in range(1, 4)), m]
 
-    float64: one float64 product. float32: shift by mu, the float32 mean of the first block, multiply
-    the shifted rows Xc = X - mu in float32 in blocks of _BLOCK_ROWS rows (each block's product and
-    column sums converted to float64 and summed), then add mu's part back exactly in float64:
-    X^T X = Xc^T Xc + r mu^T + mu r^T + n mu mu^T and X^T 1 = r + n mu, with r = Xc^T 1. The float32
-    round-off is then relative to the spread of X around mu, not to its mean. The float32 products
-    run in torch (its BLAS honours ``torch.set_num_threads``; numpy's OpenBLAS spins up its own
-    threads, which on a shared machine was an order of magnitude slower and erratic).
+
+def _upper_gram(x: torch.Tensor, acc: torch.Tensor) -> None:
+    """Add the upper block triangle of X^T X (X (n, m) float32 torch) to ``acc`` (m, m) float64: one product
+    per column block c, ``X[:, c]^T X[:, c.start:]``, about 5/8 of the multiply-adds of the full product
+    (the Gram is symmetric; torch has no syrk). :func:`_symmetric` fills the lower part."""
+    cuts = _gram_cuts(x.shape[1])
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        acc[a:b, a:] += (x[:, a:b].T @ x[:, a:]).double()
+
+
+def _symmetric(upper: torch.Tensor) -> np.ndarray:
+    """The full Gram from :func:`_upper_gram`'s accumulator (numpy float64)."""
+    u = upper.numpy()
+    g = u + u.T
+    cuts = _gram_cuts(u.shape[0])
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        g[a:b, a:b] = u[a:b, a:b]
+    return g
+
+
+def _chunk_gram(x) -> tuple[np.ndarray, np.ndarray]:
+    """(X^T X, X^T 1) in float64 for one chunk X (n, m): torch or numpy, float32 or float64.
+
+    float64: one float64 product. float32: in blocks of _BLOCK_ROWS rows, each block shifted by its own
+    float32 mean mu (Xc = X - mu), multiplied in float32 (:func:`_upper_gram`: the products of column blocks;
+    each block's product and column sums converted to float64 and summed), then mu's part added back exactly
+    in float64: X^T X = Xc^T Xc + r mu^T + mu r^T + n mu mu^T and X^T 1 = r + n mu, with r = Xc^T 1. The
+    float32 round-off is then relative to the spread of X around its block means, not to the means. The
+    float32 products run in torch (its BLAS honours ``torch.set_num_threads``; numpy's OpenBLAS spins up its
+    own threads, which on a shared machine was an order of magnitude slower and erratic).
     """
-    n, m = x.shape
-    if x.dtype == np.float64:
-        return x.T @ x, x.sum(axis=0)
-    xt = torch.from_numpy(np.ascontiguousarray(x))
-    mu = xt[:_BLOCK_ROWS].mean(dim=0)
-    gram = torch.zeros((m, m), dtype=torch.float64)
-    resid = torch.zeros(m, dtype=torch.float64)
+    xt = torch.as_tensor(x)
+    n, m = xt.shape
+    if xt.dtype == torch.float64:
+        return (xt.T @ xt).numpy(), xt.sum(dim=0).numpy()
+    upper = torch.zeros((m, m), dtype=torch.float64)
+    gram = np.zeros((m, m))
+    total = np.zeros(m)
     for a in range(0, n, _BLOCK_ROWS):
-        xc = xt[a : a + _BLOCK_ROWS] - mu
-        gram += (xc.T @ xc).double()
-        resid += xc.sum(dim=0).double()
-    gram, resid = gram.numpy(), resid.numpy()
-    mu64 = mu.double().numpy()
-    gram += np.outer(resid, mu64) + np.outer(mu64, resid) + n * np.outer(mu64, mu64)
-    return gram, resid + n * mu64
+        block = xt[a : a + _BLOCK_ROWS]
+        mu = block.mean(dim=0)
+        xc = block - mu
+        _upper_gram(xc, upper)
+        r = xc.sum(dim=0).double().numpy()
+        mu64 = mu.double().numpy()
+        nb = block.shape[0]
+        gram += np.outer(r, mu64) + np.outer(mu64, r) + nb * np.outer(mu64, mu64)
+        total += r + nb * mu64
+    return gram + _symmetric(upper), total
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -410,15 +439,20 @@ class CollapsePartial:
         passed to every :meth:`update`, else None."""
         return cls(num_experts, hidden_dim)
 
-    def update(self, logits, probs=None, hidden=None) -> None:
+    def update(self, logits, probs=None, hidden=None, *, checked: bool = False) -> None:
         """Add one chunk of tokens. Mutates self, returns None.
 
         logits: (n, N) float router logits (numpy or torch, any float dtype incl. bfloat16);
         probs: (n, N) float routing probabilities, or None for ``softmax(logits)``;
         hidden: (n, d) float pre-router hidden states — required when ``hidden_dim`` was set, refused
         otherwise. A chunk of 0 tokens is allowed (a no-op). Everything is validated before any state
-        changes.
+        changes. checked: the inputs are already valid (float32 or float64 torch tensors, finite, aligned,
+        probs given: the streaming analysis, whose log reader checked them) — skip the checks and their
+        passes over the data.
         """
+        if checked:
+            self._add(logits, probs, hidden)
+            return
         z = _as_array(logits, "logits")
         n, big_n = z.shape
         if big_n != self.num_experts:
@@ -448,23 +482,29 @@ class CollapsePartial:
             return
         if not given:
             p = _softmax(z)
+        self._add(torch.from_numpy(np.ascontiguousarray(z)), torch.from_numpy(np.ascontiguousarray(p)),
+                  None if h is None else torch.from_numpy(np.ascontiguousarray(h)), given)
 
-        zt = torch.from_numpy(np.ascontiguousarray(z))
+    def _add(self, zt: torch.Tensor, pt: torch.Tensor, ht: torch.Tensor | None, given: bool = True) -> None:
+        """Accumulate valid (n, N) logits, probabilities and (n, d) hidden states (torch float32/float64)."""
+        n, big_n = zt.shape
+        if n == 0:
+            return
         m = zt.mean(dim=1)  # torch: numpy's row reductions / gemv are several times slower here
         aug = torch.empty((n, big_n + 1), dtype=zt.dtype)
         torch.sub(zt, m[:, None], out=aug[:, :big_n])
         aug[:, big_n] = m
-        g, s = _chunk_gram(aug.numpy())
-        pg, ps = _chunk_gram(p)
-        if h is not None:
-            hg, hs = _chunk_gram(h)
+        g, s = _chunk_gram(aug)
+        pg, ps = _chunk_gram(pt)
+        if ht is not None:
+            hg, hs = _chunk_gram(ht)
             self._hidden_gram += hg
             self._hidden_sum += hs
-            if h.dtype != np.float64:
+            if ht.dtype != torch.float64:
                 self._hidden_f32 = True
         self._logit_gram += g
         self._logit_sum += s
-        if z.dtype != np.float64:
+        if zt.dtype != torch.float64:
             self._logit_f32 = True
         self._prob_gram += pg
         self._prob_sum += ps

@@ -73,6 +73,49 @@ def _kth_and_next(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return srt[:, n - k], srt[:, n - k - 1]
 
 
+def _round_down(x: np.ndarray, dtype) -> np.ndarray:
+    """The largest value of ``dtype`` <= each float64 of ``x`` (x itself for float64)."""
+    if dtype == np.float64:
+        return x
+    r = x.astype(dtype)
+    return np.where(r > x, np.nextafter(r, dtype.type(-np.inf)), r)
+
+
+def _round_up(x: np.ndarray, dtype) -> np.ndarray:
+    """The smallest value of ``dtype`` >= each float64 of ``x`` (x itself for float64)."""
+    if dtype == np.float64:
+        return x
+    r = x.astype(dtype)
+    return np.where(r < x, np.nextafter(r, dtype.type(np.inf)), r)
+
+
+def fragile_sorted(sorted_rows: np.ndarray, k: int, eps: tuple[float, ...]) -> dict[float, int]:
+    """{eps: #{(t, e) : |s_{t,e} - b_t| <= eps}} (:func:`fragile_counts`) from the (T, N) rows sorted ascending
+    (float32 or float64 numpy, k < N), b_t = (s_(k) + s_(k+1)) / 2 in float64 (exact for float32 scores).
+
+    The k scores above the boundary (s >= s_(k) >= b) are fragile when s <= b + eps, the N - k below when
+    s >= b - eps: N comparisons per row and eps, against the bound b +- eps rounded once to float64 (then, for
+    float32 rows, to the float32 on its side, which decides every float32 score exactly as the float64 bound
+    does); counted over the whole chunk without a per-row sum.
+    """
+    srt = sorted_rows
+    n = srt.shape[1]
+    kth = srt[:, n - k].astype(np.float64)
+    nxt = srt[:, n - k - 1].astype(np.float64)
+    b = (kth + nxt) / 2
+    top, low = srt[:, n - k:], srt[:, :n - k]
+    buf_top = np.empty(top.shape, dtype=bool)
+    buf_low = np.empty(low.shape, dtype=bool)
+    e = np.asarray(eps, dtype=np.float64)
+    his = _round_down(b[:, None] + e, srt.dtype)
+    los = _round_up(b[:, None] - e, srt.dtype)
+    out = {}
+    for i, key in enumerate(eps):
+        out[key] = (int(np.count_nonzero(np.less_equal(top, his[:, i : i + 1], out=buf_top)))
+                    + int(np.count_nonzero(np.greater_equal(low, los[:, i : i + 1], out=buf_low))))
+    return out
+
+
 def topk_margins(scores, k: int, *, relative: bool = False) -> np.ndarray:
     """Per-token top-k boundary margin (as in Megatron-LM's ``router_diagnostics``).
 
@@ -130,16 +173,7 @@ def fragile_counts(scores, k: int, eps=DEFAULT_EPS) -> dict[float, int]:
     eps = _check_eps(eps)
     if k == s.shape[1] or s.shape[0] == 0:
         return dict.fromkeys(eps, 0)
-    return _fragile(s, *_kth_and_next(s, k), eps)
-
-
-def _fragile(s: np.ndarray, kth: np.ndarray, nxt: np.ndarray, eps: tuple[float, ...]) -> dict[float, int]:
-    """{eps: #{(t, e) : |s_{t,e} - b_t| <= eps}} with b_t = (kth_t + nxt_t) / 2, decided in float64
-    (s of any float dtype is converted; the difference is formed in place, counted without a bool sum)."""
-    d = s.astype(np.float64)  # a fresh copy: the subtraction below is in place
-    d -= ((kth + nxt) / 2)[:, None]
-    np.abs(d, out=d)
-    return {e: int(np.count_nonzero(d <= e)) for e in eps}
+    return fragile_sorted(np.sort(s, axis=1), k, eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,43 +376,53 @@ class MarginPartial:
         """Consume one chunk: scores (T, N) or (B, T, N) float. ``k`` if given must equal the
         accumulator's k (a guard for callers that pass it along). ``sorted_rows``: optionally the
         (T, N) rows of ``scores`` sorted ascending (``np.sort(scores, axis=1)``, numpy or torch), when
-        the caller already has them (the analysis driver sorts once for the model's top-k); they are
-        trusted to be the sorted scores (only their shape is checked)."""
+        the caller already has them; they are trusted to be the sorted scores (only their shape is
+        checked). The statistics are those of :meth:`update_sorted` on the sorted rows."""
         if k is not None and check_int(k, "k", low=1) != self.k:
             raise InvalidParameter(f"this accumulator was made for k = {self.k}, update got k = {k}")
         s = _scores(scores, keep_float32=True)
         n = s.shape[1]
-        if self.num_experts is None:
-            if self.k > n:
-                raise InvalidParameter(f"k = {self.k} > N = {n} experts; need 1 <= k <= N")
-            self.num_experts = n
-        elif n != self.num_experts:
-            raise ShapeMismatch(f"scores have N = {n} experts but this accumulator has N = {self.num_experts}")
-        t = s.shape[0]
-        if t == 0:
-            return
-        self.num_tokens += t
-        if self.k == n:
-            return
+        if self.num_experts is None and self.k > n:
+            raise InvalidParameter(f"k = {self.k} > N = {n} experts; need 1 <= k <= N")
         if sorted_rows is None:
-            srt = np.sort(s, axis=1)  # float32 rows sort with SIMD; the order is that of the float64 values
+            srt = np.sort(s, axis=1) if self.k < n else s  # float32 rows sort with SIMD, in float64's order
         else:
             srt = _as_numpy(sorted_rows, "sorted_rows")
             if srt.ndim == 3:
                 srt = srt.reshape(-1, srt.shape[-1])
             if srt.shape != s.shape:
                 raise ShapeMismatch(f"sorted_rows has shape {tuple(srt.shape)} but scores have {tuple(s.shape)}")
+        self.update_sorted(srt)
+
+    def update_sorted(self, sorted_rows: np.ndarray) -> None:
+        """Consume one chunk given by its (T, N) score rows sorted ascending: numpy float32 or float64, finite,
+        each row sorted (``np.sort(scores, axis=1)``; trusted, only N is checked). Every statistic of the
+        partial is a function of each row's sorted values; :meth:`update` sorts and calls this, the streaming
+        analysis (:class:`usmoe_lp.diagnostics.stream.LayerStream`) calls it with the rows it sorted once for
+        the model's top-k. Margins m_t = s_(k) - s_(k+1) are formed in float64 (exact for float32 scores)."""
+        srt = sorted_rows
+        t, n = srt.shape
+        if self.num_experts is None:
+            if self.k > n:
+                raise InvalidParameter(f"k = {self.k} > N = {n} experts; need 1 <= k <= N")
+            self.num_experts = n
+        elif n != self.num_experts:
+            raise ShapeMismatch(f"scores have N = {n} experts but this accumulator has N = {self.num_experts}")
+        if t == 0:
+            return
+        self.num_tokens += t
+        if self.k == n:
+            return
         kth = srt[:, n - self.k].astype(np.float64)
-        nxt = srt[:, n - self.k - 1].astype(np.float64)
-        m = kth - nxt
+        m = kth - srt[:, n - self.k - 1]
         self.boundary_tokens += t
         self.margin_sum += float(m.sum())
         self.min_margin = min(self.min_margin, float(m.min()))
         self.max_margin = max(self.max_margin, float(m.max()))
         pos = kth > 0
         self.relative_sum += float((m[pos] / kth[pos]).sum())
-        self.relative_tokens += int(pos.sum())
-        for e, cnt in _fragile(s, kth, nxt, self.eps).items():
+        self.relative_tokens += int(np.count_nonzero(pos))
+        for e, cnt in fragile_sorted(srt, self.k, self.eps).items():
             self.fragile[e] += cnt
         self.hist += np.bincount(np.searchsorted(self.edges, m, side="right"), minlength=self.hist.size)
 

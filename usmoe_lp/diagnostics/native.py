@@ -132,14 +132,17 @@ class NativeAgreementPartial:
         """An accumulator with no tokens for a layer of N = ``num_experts`` experts."""
         return cls(num_experts)
 
-    def update(self, logits, selected, layer, sequence_ids=None) -> None:
+    def update(self, logits, selected, layer, sequence_ids=None, *, replay=None) -> None:
         """Add one chunk. Mutates self, returns None.
 
         logits: (n, N) router logits (torch or numpy, any real dtype incl. bfloat16), real tokens only.
         selected: the model's selection of those tokens, (n, N) bool or (n, k) expert indices (-1: none), as
         ``selected.<layer>`` of a router log. layer: the layer's :class:`usmoe_lp.logs.LayerInfo` (its routing
         semantics; :class:`InvalidParameter` when they are unknown). sequence_ids: (n,) int, the tokens' sequences
-        (a log's ``sequence_ids``): the rows an expert capacity counts in; None: one row.
+        (a log's ``sequence_ids``): the rows an expert capacity counts in; None: one row. replay: optionally
+        native's (n, N) bool selection of these tokens when the caller has it (the streaming analysis:
+        :func:`usmoe_lp.diagnostics.stream.native_selection`; trusted, only its shape is checked), instead of
+        re-routing them here. Ties are looked for on the disagreeing tokens only.
         """
         z = as_score_tensor(logits, "logits").detach().cpu()
         if z.ndim != 2 or z.shape[1] != self.num_experts:
@@ -155,23 +158,29 @@ class NativeAgreementPartial:
         if k is None:
             raise InvalidParameter(f"layer {getattr(layer, 'name', '?')!r}: top_k is unknown; native needs the "
                                    "model's experts per token")
-        z = z.to(torch.float64)
-        if getattr(layer, "expert_capacity", None) is not None and sequence_ids is not None:
+        if replay is not None:
+            mask = torch.as_tensor(replay)
+            if tuple(mask.shape) != (n, self.num_experts):
+                raise ShapeMismatch(f"replay has shape {tuple(mask.shape)}, expected {(n, self.num_experts)}")
+        elif getattr(layer, "expert_capacity", None) is not None and sequence_ids is not None:
             ids = torch.as_tensor(np.asarray(sequence_ids)).reshape(-1)
             if ids.numel() != n:
                 raise ShapeMismatch(f"sequence_ids has {ids.numel()} entries for {n} tokens")
             row, col, rows, width = _rows(ids)
             z3 = torch.zeros(rows, width, self.num_experts, dtype=torch.float64)
             pad = torch.ones(rows, width, dtype=torch.bool)
-            z3[row, col], pad[row, col] = z, False
+            z3[row, col], pad[row, col] = z.to(torch.float64), False
             mask = reroute(z3, "native", layer=layer, padding_mask=pad).mask[row, col]
         else:
-            mask = reroute(z, "native", layer=layer).mask
+            mask = reroute(z.to(torch.float64), "native", layer=layer).mask
         agree = (mask == sel).all(-1)
-        tied = ~agree & tie_consistent(z, sel, layer, k)
+        bad = torch.nonzero(~agree).reshape(-1)
+        tied = 0
+        if bad.numel():
+            tied = int(tie_consistent(z[bad].to(torch.float64), sel[bad], layer, k).sum())
         self.tokens += n
-        self.agreeing_tokens += int(agree.sum())
-        self.tied_tokens += int(tied.sum())
+        self.agreeing_tokens += n - int(bad.numel())
+        self.tied_tokens += tied
 
     def merge(self, other: NativeAgreementPartial) -> NativeAgreementPartial:
         """A new partial holding the tokens of both; neither input changes."""

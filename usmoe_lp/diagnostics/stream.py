@@ -15,9 +15,17 @@ what lets the analysis cut a log into tasks (one process or a Dask cluster, :mod
 
 Scores. The routing probabilities are :func:`usmoe_lp.routing.probabilities` with the layer's score
 function. When the log records no selection, the model's selection is replayed by the registry's
-``native`` router where the layer's routing semantics are recorded (:func:`model_mask`), else
-re-computed as the top-k of the probabilities, ties to the lowest expert index
-(:func:`recompute_model_selection`).
+``native`` router where the layer's routing semantics are recorded (:func:`model_mask`,
+:func:`native_selection`), else re-computed as the top-k of the probabilities, ties to the lowest expert
+index (:func:`recompute_model_selection`). The margins are those of the scores the model ranks
+(:func:`stream_scores`).
+
+Speed. A chunk is processed in blocks of 8192 tokens, each while it is in cache: one bf16 -> float32
+conversion, one softmax (its exp serves the entropies and the logsumexp too:
+:func:`usmoe_lp.diagnostics.load.softmax_token_stats`), one row sort (the model's top-k, its ties and every
+margin statistic: :meth:`~usmoe_lp.diagnostics.margins.MarginPartial.update_sorted`), the two float32 Grams
+(:meth:`~usmoe_lp.diagnostics.collapse.CollapsePartial.update`), with no validation pass (the log reader
+checked the logits; the probabilities are computed here).
 """
 
 from __future__ import annotations
@@ -36,12 +44,24 @@ from usmoe_lp.diagnostics.native import NativeAgreementPartial
 from usmoe_lp.errors import ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk
-from usmoe_lp.routers import reroute
 from usmoe_lp.routing import probabilities
 from usmoe_lp.routing.routers import select_top
 
-__all__ = ["LayerStream", "model_mask", "native_semantics", "recompute_model_selection", "selection_scores",
-           "stream_chunks"]
+__all__ = ["LayerStream", "model_mask", "native_selection", "native_semantics", "recompute_model_selection",
+           "selection_scores", "stream_chunks", "stream_scores"]
+
+BLOCK_TOKENS = 8192
+"""Tokens of a chunk processed together (all their statistics while they are in cache); also the float32
+block of the collapse Grams."""
+
+PROBS_TOLERANCE = 1e-4
+"""Relative gap between a token's k-th and (k+1)-th float32 probability above which the top-k of the
+probabilities is the top-k of the exact (float64) softmax: the float32 softmax is within ~6e-6 of it, relative,
+per entry (exp of a float32 difference of logits within 88 of the row's maximum, one rounding each for the exp
+and the normalisation), so a gap of 1e-4 cannot close. Rows with a smaller gap, or a k-th probability below
+2**-100 (where float32 loses relative precision), are replayed exactly."""
+
+_PROBS_FLOOR = 2.0**-100
 
 
 def native_semantics(info: LayerInfo | None) -> bool:
@@ -53,13 +73,43 @@ def native_semantics(info: LayerInfo | None) -> bool:
 def selection_scores(logits: torch.Tensor, info: LayerInfo) -> torch.Tensor:
     """(n, N) float32 scores the model's top-k is taken over: the ``native`` router's selection scores
     (:func:`usmoe_lp.routers.entries.native.selection_scores`: softmax, sigmoid or the logits, in the
-    layer's score dtype, plus its selection bias) where the layer's semantics are recorded, else the
-    routing probabilities (:func:`usmoe_lp.routing.probabilities`; the softmax for ``unknown``)."""
+    layer's score dtype, plus its selection bias) rounded to float32 where the layer's semantics are
+    recorded, else the routing probabilities (:func:`usmoe_lp.routing.probabilities`; the softmax for
+    ``unknown``)."""
     if native_semantics(info):
         from usmoe_lp.routers.entries.native import selection_scores as native_scores
 
         return native_scores(logits, info).float()
     return probabilities(logits.float(), info.score_function)
+
+
+def _plain(info: LayerInfo) -> bool:
+    """No selection bias, no group limit, scores ranked in float32 / float64 (or an unknown dtype: float64)."""
+    return (info.selection_bias is None and not info.group_limited
+            and (info.score_dtype is None or info.score_dtype in ("float32", "float64")))
+
+
+def stream_scores(logits: torch.Tensor, z: torch.Tensor, probs: torch.Tensor,
+                  info: LayerInfo) -> tuple[torch.Tensor, float]:
+    """The (n, N) float32 scores the streaming analysis takes the model's margins over, and the relative
+    tolerance to which they rank like the model's (0.0: exactly; for :func:`native_selection`).
+
+    logits: the chunk's logits as logged; z: the same as float32; probs: their routing probabilities. Where
+    the layer's semantics are not recorded: the probabilities, exactly. Where they are: the selection scores
+    of :func:`selection_scores` (the values native ranks, rounded to float32: rounding keeps their order, so
+    the tolerance is 0), except that the logits themselves serve for a ``logits`` selection and the float32
+    probabilities for a ``softmax`` selection without bias or group limit in float32, float64 or an unknown
+    dtype, where the model's float64 softmax would cost five times the float32 one: they are within a few
+    float32 rounding steps of it (:data:`PROBS_TOLERANCE`) and the selection stays exactly native's.
+    """
+    if not native_semantics(info):
+        return probs, 0.0
+    if _plain(info) and info.score_function != "sigmoid":
+        if info.selection == "softmax":
+            return probs, PROBS_TOLERANCE
+        if info.selection == "logits":
+            return z, 0.0
+    return selection_scores(logits, info), 0.0
 
 
 def recompute_model_selection(scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None) -> torch.Tensor:
@@ -90,26 +140,69 @@ def recompute_model_selection(scores: torch.Tensor, k: int, sorted_rows: np.ndar
     return select_top(scores, torch.full((n,), k, dtype=torch.long))
 
 
+def native_selection(logits: torch.Tensor, info: LayerInfo, k: int, scores: torch.Tensor | None = None,
+                     sorted_rows: np.ndarray | None = None, tolerance: float = 0.0) -> torch.Tensor:
+    """(n, N) bool: the registry's ``native`` router's selection of (n, N) logits (the mask of
+    ``reroute(logits, "native", k=k, layer=info)`` for a layer without an expert capacity): top-k of the
+    selection scores, group limits, ties broken by ``torch.topk`` as the model breaks them
+    (:func:`usmoe_lp.routers.entries.native.top_k_selection`).
+
+    With ``scores`` ((n, N) float32 ranked like native's selection scores to a relative ``tolerance``:
+    :func:`stream_scores`) and their rows sorted ascending, a token whose k-th largest score beats its (k+1)-th
+    by more than the tolerance (for a tolerance of 0: at all) has one top-k, ``scores >= k-th largest``; only
+    the other tokens (ties and near-ties at the boundary) and group-limited layers go through native's own
+    top-k. Same selection as native's on every token (tested against ``reroute``).
+    """
+    from usmoe_lp.routers.entries.native import selection_scores as native_scores
+    from usmoe_lp.routers.entries.native import top_k_selection
+
+    n, N = logits.shape
+    if scores is None or sorted_rows is None or info.group_limited or k >= N:
+        return top_k_selection(native_scores(logits, info), info, k)[0].cpu()
+    kth = sorted_rows[:, N - k]
+    nxt = sorted_rows[:, N - k - 1]
+    if tolerance:
+        gap = kth.astype(np.float64) - nxt
+        clear = gap > tolerance * np.abs(kth) + _PROBS_FLOOR
+    else:
+        clear = kth > nxt
+    mask = scores.detach().cpu().numpy() >= kth[:, None]
+    unclear = np.flatnonzero(~clear)
+    if unclear.size:
+        rows = torch.from_numpy(unclear)
+        mask[unclear] = top_k_selection(native_scores(logits[rows], info), info, k)[0].cpu().numpy()
+    return torch.from_numpy(mask)
+
+
+def _captured_mask(sel: torch.Tensor, n: int, N: int) -> torch.Tensor:
+    """A captured selection as an (n, N) bool mask: from a bool mask, or from (n, k) indices (-1: none)."""
+    if sel.dtype == torch.bool:
+        if tuple(sel.shape) != (n, N):
+            raise ShapeMismatch(f"captured selection mask has shape {tuple(sel.shape)}, expected {(n, N)}")
+        return sel
+    idx = sel.long()
+    mask = torch.zeros(n, N + 1, dtype=torch.bool)
+    mask.scatter_(1, torch.where(idx < 0, N, idx), True)  # -1 (no expert) lands in the spare column
+    return mask[:, :N]
+
+
+def _replays_native(info: LayerInfo | None) -> bool:
+    return native_semantics(info) and getattr(info, "expert_capacity", None) is None
+
+
 def model_mask(chunk: Chunk, scores: torch.Tensor, k: int, sorted_rows: np.ndarray | None = None,
                info: LayerInfo | None = None) -> tuple[torch.Tensor, str]:
     """(n, N) bool selection of the model and its source: the captured one (``"captured"``) when the
     log has it; else the registry's ``native`` router replayed on the chunk's logits (``"recomputed
-    native"``: selection scores, bias, group limits and top-k of the layer, ``reroute(logits,
-    "native", layer=info)``) where ``info`` records the semantics and no expert capacity; else
-    :func:`recompute_model_selection` of ``scores`` (``"recomputed top-k"``)."""
+    native"``: :func:`native_selection`, the mask of ``reroute(logits, "native", layer=info)``) where
+    ``info`` records the semantics and no expert capacity (``scores``: :func:`selection_scores`, with
+    ``sorted_rows`` their sorted rows); else :func:`recompute_model_selection` of ``scores``
+    (``"recomputed top-k"``)."""
     n, N = scores.shape
-    sel = chunk.selected
-    if sel is not None:
-        if sel.dtype == torch.bool:
-            if tuple(sel.shape) != (n, N):
-                raise ShapeMismatch(f"captured selection mask has shape {tuple(sel.shape)}, expected {(n, N)}")
-            return sel, "captured"
-        idx = sel.long()
-        mask = torch.zeros(n, N + 1, dtype=torch.bool)
-        mask.scatter_(1, torch.where(idx < 0, N, idx), True)  # -1 (no expert) lands in the spare column
-        return mask[:, :N], "captured"
-    if native_semantics(info) and getattr(info, "expert_capacity", None) is None:
-        return reroute(chunk.logits, "native", k=k, layer=info).mask.cpu(), "recomputed native"
+    if chunk.selected is not None:
+        return _captured_mask(chunk.selected, n, N), "captured"
+    if _replays_native(info):
+        return native_selection(chunk.logits, info, k, scores, sorted_rows), "recomputed native"
     return recompute_model_selection(scores, k, sorted_rows), "recomputed top-k"
 
 
@@ -155,32 +248,53 @@ class LayerStream:
                collapse_update: Callable[[Callable[[], None]], None] | None = None) -> torch.Tensor:
         """Add one chunk; return its (n, N) bool model selection (for the sequence sample).
 
+        The chunk is processed in blocks of :data:`BLOCK_TOKENS` tokens (module docstring).
         hidden: feed the chunk's hidden states (when present) to the collapse partial.
-        collapse_update: how to run the collapse partial's update (a callable taking a thunk), e.g. on
-        a worker thread; default: now, on this thread.
+        collapse_update: how to run the collapse partial's update of a block (a callable taking a thunk),
+        e.g. on a worker thread; default: now, on this thread.
         """
         info, k, N = self.info, self.k, self.info.num_experts
-        logits = chunk.logits.float()
-        probs = probabilities(logits, info.score_function)
-        scores = selection_scores(logits, info) if native_semantics(info) else probs
-        srt = None
-        if k < N and scores.dtype == torch.float32 and scores.device.type == "cpu":
-            srt = np.sort(scores.detach().numpy(), axis=1)  # one row sort: the model's top-k and the margins
-        mask, self.source = model_mask(chunk, scores, k, srt, info)
-        if self.native is not None and chunk.selected is not None:
-            self.native.update(chunk.logits, chunk.selected, info, sequence_ids=chunk.sequence_ids)
+        n = chunk.num_tokens
+        captured = None if chunk.selected is None else _captured_mask(chunk.selected, n, N)
+        replay = _replays_native(info)
+        self.source = "captured" if captured is not None else "recomputed native" if replay else "recomputed top-k"
+        if captured is not None and self.native is not None and not replay:  # a capacity counts whole sequences
+            self.native.update(chunk.logits, captured, info, sequence_ids=chunk.sequence_ids)
         h = chunk.hidden.float() if (hidden and chunk.hidden is not None) else None
         if self.collapse is None:
             self.collapse = CollapsePartial.empty(N, hidden_dim=None if h is None else int(h.shape[1]))
         collapse = self.collapse
-        if collapse_update is None:
-            collapse.update(logits, probs, h)
-        else:
-            collapse_update(lambda: collapse.update(logits, probs, h))
-        self.load.update(mask, probs, logits)
-        self.margins.update(scores, k, sorted_rows=srt)
-        self.tokens += chunk.num_tokens
-        return mask
+        softmax = info.score_function != "sigmoid"  # probabilities() is the softmax of the logits
+        out = captured.numpy() if captured is not None else np.empty((n, N), dtype=bool)
+        for a in range(0, n, BLOCK_TOKENS):
+            b = min(n, a + BLOCK_TOKENS)
+            logits = chunk.logits[a:b]
+            z = logits.float().contiguous()
+            probs = probabilities(z, info.score_function)
+            scores, tolerance = stream_scores(logits, z, probs, info)
+            srt = np.sort(scores.numpy(), axis=1) if k < N else None
+            if captured is None:
+                if replay:
+                    out[a:b] = native_selection(logits, info, k, scores, srt, tolerance).numpy()
+                else:
+                    out[a:b] = recompute_model_selection(scores, k, srt).numpy()
+            elif self.native is not None and replay:
+                self.native.update(logits, captured[a:b], info,
+                                   replay=native_selection(logits, info, k, scores, srt, tolerance))
+            hb = None if h is None else h[a:b]
+            if collapse_update is None:
+                collapse.update(z, probs, hb, checked=True)
+            else:
+                collapse_update(lambda z=z, probs=probs, hb=hb: collapse.update(z, probs, hb, checked=True))
+            mask = out[a:b]
+            if softmax:
+                top = srt[:, -1] if (srt is not None and scores is probs) else None
+                self.load.update_softmax(mask, z, probs, p_max=None if top is None else torch.from_numpy(top))
+            else:
+                self.load.update(mask, probs, z)
+            self.margins.update_sorted(srt if srt is not None else scores.numpy())
+        self.tokens += n
+        return captured if captured is not None else torch.from_numpy(out)
 
     def merge(self, other: LayerStream) -> LayerStream:
         """A new stream holding both (``self``'s tokens first)."""
