@@ -11,6 +11,9 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
@@ -21,10 +24,6 @@ from usmoe_lp.logs import CorruptLog, LayerInfo, MissingLayer, RouterLog, Router
 from usmoe_lp.logs.cli import log_app
 from usmoe_lp.logs.export import COLUMNS, export_parquet
 from usmoe_lp.logs.format import shard_file
-
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-pd = pytest.importorskip("pandas")
 
 T, N, K = 23, 6, 2
 
