@@ -6,6 +6,15 @@ the flattened (row-major) entries x_{i*N+j}. The matrix is built directly in CSC
 variable touches at most three rows), which is what keeps HiGHS fast: SciPy's bundled HiGHS
 1.12 spends >20 s in presolve on the single dense budget row at 1024x64 where highspy >= 1.15
 takes 0.2 s (benchmarks/results.md).
+
+HiGHS models are built by :func:`solve_highs_joint` for one program or many: each program is one
+diagonal block of one model (``usmoe_lp.lp.batch.solve_highs_batch``: 256 programs of 8x4 in one
+call instead of 256), its objective scaled by its own power of two. A program with a large budget
+group solved by the simplex method gets the *lifted* formulation (:func:`highs_formulation`):
+token-count columns y_i = sum_j x_ij, with the budget rows over y, so that no row is dense. Its
+token multipliers are then the reduced costs of y: with w_i the link row's multiplier, the
+reduced cost of x_ij is S_ij - w_i - v_j and that of y_i is w_i - lam_g(i), so u_i = w_i - lam_g(i)
+recovers the original reduced costs S_ij - u_i - v_j - lam_g(i).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,22 +98,254 @@ def _split_duals(problem: RoutingProblem, rows: ConstraintRows, y: np.ndarray) -
 
 
 # ----------------------------------------------------------------------------- HiGHS (highspy)
+LIFT_MIN_ENTRIES = 4096
+"""A budget group with more token-expert pairs than this is stated through token-count columns when
+the simplex method solves it (:func:`highs_formulation`)."""
+
+SIMPLEX_MAX_ENTRIES = 2**17
+"""``solver="auto"``: programs with a binding budget and another block (or an ``==`` budget) go to the
+dual simplex on the lifted formulation up to this many variables, to IPM beyond (:func:`highs_strategy`)."""
+
+
 def highs_strategy(problem: RoutingProblem) -> tuple[str, str]:
     """(solver, presolve) for HiGHS on this program, chosen from measurements (highspy 1.15.1,
-    2 cores, Gaussian scores; see benchmarks/results.md).
+    2 cores, Gaussian scores; benchmarks/results.md; the lifted formulation measured by hand).
 
     HiGHS's presolve is fast on sparse rows (Token Choice) and removes a lone ``<= c`` budget
     row entirely (16384x128: 8 s; 23 s without presolve), but it is pathological on dense rows
     that it cannot remove: Expert Choice at 4096x64 took 13 s (0.5 s without), ``== 2T`` 335 s
-    (1.2 s without, IPM), the capped program 14.6 s (1.6 s without, IPM). IPM runs crossover, so
-    the solution is still a vertex.
+    (1.2 s without, IPM), the capped program 14.6 s (1.6 s without, IPM). The rest go without
+    presolve: up to :data:`SIMPLEX_MAX_ENTRIES` variables to the dual simplex on the lifted
+    formulation (:func:`highs_formulation`; 1024x64: ``== c`` 0.18 s, capped 0.21 s, where IPM
+    takes 0.5 s and 0.65 s), beyond to IPM, whose work grows about linearly (the simplex's grows
+    with iterations x columns). IPM runs crossover, so the solution is still a vertex.
     """
     blocks = problem.blocks
     if not blocks or blocks == ("token",) or (blocks == ("budget",) and problem.budget_sense == "<="):
         return "choose", "choose"
     if blocks == ("expert",):
         return "choose", "off"
-    return "ipm", "off"
+    T, N = problem.shape
+    return ("simplex", "off") if T * N <= SIMPLEX_MAX_ENTRIES else ("ipm", "off")
+
+
+def highs_formulation(problem: RoutingProblem, solver: str, presolve: str) -> bool:
+    """True when HiGHS gets the *lifted* formulation of ``problem``: one extra column per token,
+    y_i = sum_j x_ij (a row per token), carrying the token bounds as column bounds, and the budget
+    rows over y (T_g entries each) instead of over x (T_g * N entries).
+
+    The lifted polytope is the image of the original under x -> (x, rowsums(x)), so vertices,
+    optima and integrality are the same. It matters for the simplex method: on a dense budget row
+    HiGHS's dual ratio test takes ~1.3 s for one iteration at 1024x64 (``== c``), the lifted model
+    0.18 s in all. Used when a budget group has more than :data:`LIFT_MIN_ENTRIES` pairs, the
+    solver is a simplex method and presolve cannot simply drop the row (a lone ``<= c`` budget).
+    """
+    if problem.budget is None or solver == "ipm":
+        return False
+    if problem.blocks == ("budget",) and problem.budget_sense == "<=" and presolve != "off":
+        return False
+    return int(problem.group_sizes.max()) * problem.shape[1] > LIFT_MIN_ENTRIES
+
+
+@dataclass(frozen=True, eq=False)
+class _Pattern:
+    """The constraint matrix of one program in a HiGHS model: CSC ``start`` (ncols+1,), ``index``
+    and ``value`` (nnz,), row offsets of each block; x columns first (row-major), then the token
+    counts y when ``lifted``."""
+
+    ncols: int
+    nrows: int
+    start: np.ndarray
+    index: np.ndarray
+    value: np.ndarray
+    offsets: dict[str, int]
+    lifted: bool
+
+
+def _pattern(problem: RoutingProblem, lifted: bool) -> _Pattern:
+    T, N = problem.shape
+    if not lifted:
+        rows = constraint_rows(problem)
+        return _Pattern(T * N, rows.num_rows, rows.start.astype(np.int64), rows.index.astype(np.int64),
+                        np.ones(rows.index.size), dict(rows.offsets), False)
+    # rows: one link row per token (sum_j x_ij - y_i = 0), the expert rows if they bind, the budget rows
+    expert = "expert" in problem.blocks
+    offsets = {"link": 0}
+    row = T
+    if expert:
+        offsets["expert"] = row
+        row += N
+    offsets["budget"] = row
+    nrows = row + problem.num_groups
+    per_x = 2 if expert else 1
+    tok = np.repeat(np.arange(T), N)
+    x_index = np.stack([tok, T + np.tile(np.arange(N), T)], axis=1).ravel() if expert else tok
+    y_index = np.stack([np.arange(T), offsets["budget"] + problem.group_ids], axis=1).ravel()
+    index = np.concatenate([x_index, y_index]).astype(np.int64)
+    value = np.concatenate([np.ones(x_index.size), np.tile([-1.0, 1.0], T)])
+    start = np.concatenate([np.arange(0, T * N * per_x, per_x), T * N * per_x + np.arange(0, 2 * T + 1, 2)])
+    return _Pattern(T * N + T, nrows, start.astype(np.int64), index, value, offsets, True)
+
+
+def _pattern_key(problem: RoutingProblem, lifted: bool) -> tuple:
+    """Problems with equal keys have the same constraint matrix (bounds may differ)."""
+    groups = None if problem.groups is None else problem.groups.tobytes()
+    return problem.shape, problem.blocks, groups, lifted
+
+
+def _count_lo(lo: np.ndarray) -> np.ndarray:
+    # A lower bound of 0 on a count is implied by x >= 0; stating it makes a ranged row, and
+    # HiGHS's presolve then takes ~20 s on the dense budget row at 1024x64 instead of 0.1 s.
+    return np.where(lo > 0, lo, -np.inf)
+
+
+def _bounds(problems: Sequence[RoutingProblem], pattern: _Pattern):
+    """Stacked (m, ncols) column bounds and (m, nrows) row bounds of same-pattern problems."""
+    m = len(problems)
+    p0 = problems[0]
+    T, N = p0.shape
+    col_lo = np.zeros((m, pattern.ncols))
+    col_hi = np.ones((m, pattern.ncols))
+    row_lo, row_hi = [], []
+    for block in pattern.offsets:
+        if block == "link":
+            row_lo.append(np.zeros((m, T)))
+            row_hi.append(np.zeros((m, T)))
+            col_lo[:, T * N:] = np.stack([p.token_min for p in problems])
+            col_hi[:, T * N:] = np.stack([p.token_max for p in problems])
+            continue
+        lo = np.stack([p.block_bounds(block)[0] for p in problems])
+        hi = np.stack([p.block_bounds(block)[1] for p in problems])
+        row_lo.append(_count_lo(lo))
+        row_hi.append(hi.astype(np.float64))
+    if not row_lo:
+        return col_lo, col_hi, np.zeros((m, 0)), np.zeros((m, 0))
+    return col_lo, col_hi, np.concatenate(row_lo, axis=1), np.concatenate(row_hi, axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class _Placed:
+    """Where one program sits in a joint HiGHS model."""
+
+    problem: RoutingProblem
+    pattern: _Pattern
+    col: int
+    row: int
+    scale: float
+
+
+def _build_lp(highspy, problems: Sequence[RoutingProblem], lifted: Sequence[bool], integer: bool):
+    """One HiGHS model holding every program as a diagonal block (a block-diagonal constraint
+    matrix; the objective of each block scaled by its own power of two, see
+    :func:`_power_of_two_scale`). Same-pattern programs are tiled from one pattern with numpy.
+
+    Returns (HighsLp, [_Placed] in the order of ``problems``).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, lift) in enumerate(zip(problems, lifted, strict=True)):
+        groups.setdefault(_pattern_key(p, lift), []).append(i)
+    placed: list[_Placed | None] = [None] * len(problems)
+    parts = []  # (start without the last entry, index, value, cost, col lo, col hi, row lo, row hi)
+    col = row = nnz = 0
+    for members in groups.values():
+        ps = [problems[i] for i in members]
+        pat = _pattern(ps[0], lifted[members[0]])
+        m = len(ps)
+        S = np.stack([p.scores for p in ps]).reshape(m, -1)
+        scales = _power_of_two_scales(np.abs(S).max(axis=1) if S.shape[1] else np.zeros(m))
+        cost = np.zeros((m, pat.ncols))
+        cost[:, :S.shape[1]] = S * scales[:, None]
+        k = np.arange(m)
+        nz = pat.index.size
+        parts.append((
+            (pat.start[None, :-1] + (nnz + k * nz)[:, None]).ravel(),
+            (pat.index[None, :] + (row + k * pat.nrows)[:, None]).ravel(),
+            np.tile(pat.value, m), cost.ravel(), *(b.ravel() for b in _bounds(ps, pat)),
+        ))
+        for r, i in enumerate(members):
+            placed[i] = _Placed(problems[i], pat, col + r * pat.ncols, row + r * pat.nrows, float(scales[r]))
+        col += m * pat.ncols
+        row += m * pat.nrows
+        nnz += m * nz
+    cat = [np.concatenate([part[f] for part in parts]) for f in range(8)]
+    lp = highspy.HighsLp()
+    lp.num_col_ = col
+    lp.num_row_ = row
+    lp.col_cost_ = cat[3]
+    lp.col_lower_ = cat[4]
+    lp.col_upper_ = cat[5]
+    lp.row_lower_ = cat[6]
+    lp.row_upper_ = cat[7]
+    lp.sense_ = highspy.ObjSense.kMaximize
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.append(cat[0], nnz).astype(np.int32)
+    lp.a_matrix_.index_ = cat[1].astype(np.int32)
+    lp.a_matrix_.value_ = cat[2]
+    if integer:
+        lp.integrality_ = [highspy.HighsVarType.kInteger] * col
+    return lp, placed
+
+
+def _read_block(pl: _Placed, col_value: np.ndarray, col_dual, row_dual) -> tuple[np.ndarray, float, dict | None]:
+    """(x (T, N), objective, duals by block or None) of one program from the joint solution."""
+    p = pl.problem
+    T, N = p.shape
+    x = np.array(col_value[pl.col:pl.col + T * N], dtype=np.float64).reshape(T, N)
+    objective = float(p.scores.ravel() @ x.ravel())
+    if row_dual is None:
+        return x, objective, None
+    duals = {}
+    for block in p.blocks:
+        if block == "token" and pl.pattern.lifted:
+            # the token multiplier is the reduced cost of the count column y_i (module notes)
+            y = col_dual[pl.col + T * N:pl.col + T * N + T]
+        else:
+            off = pl.row + pl.pattern.offsets[block]
+            y = row_dual[off:off + p.block_bounds(block)[0].size]
+        duals[block] = np.asarray(y, dtype=np.float64) / pl.scale
+    return x, objective, duals
+
+
+def solve_highs_joint(problems: Sequence[RoutingProblem], *, solver: str, presolve: str,
+                      lifted: Sequence[bool], integer: bool = False,
+                      time_limit: float | None = None) -> tuple[str, str, list[tuple]]:
+    """Solve ``problems`` as the diagonal blocks of ONE highspy model (blocks are independent, so
+    the joint optimum is optimal block by block).
+
+    Returns (status, HiGHS's message, [(x (T, N), objective, duals or None)] per problem); the
+    per-problem entries are empty unless status is ``optimal``. ``integer`` makes every variable
+    integer (HiGHS MIP, gaps 0: the 0/1 optimum of every block).
+    """
+    try:
+        import highspy
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise SolverError("backend 'highs' needs highspy>=1.15: pip install highspy") from exc
+    h = _quiet_highs(highspy)
+    h.setOptionValue("log_to_console", False)
+    h.setOptionValue("solver", solver)
+    h.setOptionValue("presolve", presolve)
+    h.setOptionValue("run_crossover", "on")
+    if any(lifted):
+        h.setOptionValue("simplex_dual_edge_weight_strategy", 1)  # devex: faster on the lifted models
+    if integer:
+        h.setOptionValue("mip_rel_gap", 0.0)
+        h.setOptionValue("mip_abs_gap", 0.0)
+    if time_limit is not None:
+        h.setOptionValue("time_limit", float(time_limit))
+    lp, placed = _build_lp(highspy, problems, lifted, integer)
+    h.passModel(lp)
+    h.run()
+    model_status = h.getModelStatus()
+    text = h.modelStatusToString(model_status)
+    status = _status(text)
+    if model_status != highspy.HighsModelStatus.kOptimal:
+        return status, text, []
+    sol = h.getSolution()
+    col_value = np.asarray(sol.col_value)
+    dual_ok = not integer and sol.dual_valid
+    col_dual = np.asarray(sol.col_dual) if dual_ok else None
+    row_dual = np.asarray(sol.row_dual) if dual_ok else None
+    return "optimal", text, [_read_block(pl, col_value, col_dual, row_dual) for pl in placed]
 
 
 def solve_highs(problem: RoutingProblem, time_limit: float | None = None,
@@ -112,59 +354,46 @@ def solve_highs(problem: RoutingProblem, time_limit: float | None = None,
 
     ``solver``: HiGHS ``solver`` option (``choose``, ``simplex``, ``ipm``) or ``auto``
     (:func:`highs_strategy`); ``presolve``: ``on``, ``off``, ``choose`` or ``auto``. IPM runs
-    crossover, so the result is a vertex whichever is used.
+    crossover, so the result is a vertex whichever is used. The model is the one-block case of
+    :func:`solve_highs_joint` (formulation: :func:`highs_formulation`); ``objective`` is
+    sum S_ij x_ij of the returned x in float64.
     """
-    auto_solver, auto_presolve = highs_strategy(problem)
-    solver = auto_solver if solver == "auto" else solver
-    presolve = auto_presolve if presolve == "auto" else presolve
-    try:
-        import highspy
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise SolverError("backend 'highs' needs highspy>=1.15: pip install highspy") from exc
     t0 = time.perf_counter()
+    solver, presolve = resolve_highs_options(problem, solver, presolve)
+    lifted = highs_formulation(problem, solver, presolve)
+    status, text, blocks = solve_highs_joint([problem], solver=solver, presolve=presolve, lifted=[lifted],
+                                             time_limit=time_limit)
     T, N = problem.shape
-    n = T * N
-    rows = constraint_rows(problem)
-    h = _quiet_highs(highspy)
-    h.setOptionValue("log_to_console", False)
-    h.setOptionValue("solver", solver)
-    h.setOptionValue("presolve", presolve)
-    h.setOptionValue("run_crossover", "on")
-    if time_limit is not None:
-        h.setOptionValue("time_limit", float(time_limit))
-    lp = highspy.HighsLp()
-    lp.num_col_ = n
-    lp.num_row_ = rows.num_rows
-    scale = _power_of_two_scale(problem.scores)
-    lp.col_cost_ = problem.scores.ravel() * scale  # exact: HiGHS's tolerances are absolute
-    lp.col_lower_ = np.zeros(n)
-    lp.col_upper_ = np.ones(n)
-    # A lower bound of 0 on a count is implied by x >= 0; stating it makes a ranged row, and
-    # HiGHS's presolve then takes ~20 s on the dense budget row at 1024x64 instead of 0.1 s.
-    lp.row_lower_ = np.where(rows.lo > 0, rows.lo, -np.inf)
-    lp.row_upper_ = rows.hi
-    lp.sense_ = highspy.ObjSense.kMaximize
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = rows.start
-    lp.a_matrix_.index_ = rows.index
-    lp.a_matrix_.value_ = np.ones(rows.index.size)
-    h.passModel(lp)
-    h.run()
-    status = h.getModelStatus()
-    text = h.modelStatusToString(status)
-    sol = h.getSolution()
-    ok = status == highspy.HighsModelStatus.kOptimal
-    x = np.asarray(sol.col_value, dtype=np.float64).reshape(T, N) if ok else np.zeros((T, N))
-    duals = None
-    if ok and sol.dual_valid:
-        duals = _split_duals(problem, rows, np.asarray(sol.row_dual) / scale)
-    obj = float(h.getInfo().objective_function_value) / scale if ok else math.nan
+    if status == "optimal":
+        x, obj, duals = blocks[0]
+    else:
+        x, obj, duals = np.zeros((T, N)), math.nan, None
+    return RawResult(x, obj, status, highs_message(problem, status, text), duals, time.perf_counter() - t0)
+
+
+def resolve_highs_options(problem: RoutingProblem, solver: str, presolve: str) -> tuple[str, str]:
+    """``auto`` replaced by :func:`highs_strategy`'s choice for ``problem``."""
+    auto_solver, auto_presolve = highs_strategy(problem)
+    return (auto_solver if solver == "auto" else solver), (auto_presolve if presolve == "auto" else presolve)
+
+
+def highs_message(problem: RoutingProblem, status: str, text: str) -> str:
+    """``HiGHS: <status>``, with advice when HiGHS failed."""
     message = f"HiGHS: {text}"
-    if _status(text) == "error":
+    if status == "error":
         message += (f" (HiGHS could not solve the LP relaxation of {problem.describe()}; scores span "
                     f"[{problem.scores.min():.3g}, {problem.scores.max():.3g}]; try backend='closed_form' "
                     "for single-block programs, 'flow' for the capped form, or 'cbc')")
-    return RawResult(x, obj, _status(text), message, duals, time.perf_counter() - t0)
+    return message
+
+
+def _power_of_two_scales(peaks: np.ndarray) -> np.ndarray:
+    """(m,) 2**-e with 2**e the binade of each peak (max |scores| of a program); 1 for a zero peak,
+    at most 2**1000 (a subnormal peak stays below 0.5 rather than overflow the scale)."""
+    peaks = np.asarray(peaks, dtype=np.float64)
+    ok = (peaks != 0.0) & np.isfinite(peaks)
+    exponent = np.maximum(np.frexp(np.where(ok, peaks, 1.0))[1], -1000)
+    return np.where(ok, np.ldexp(1.0, -exponent), 1.0)
 
 
 def _power_of_two_scale(scores: np.ndarray) -> float:
@@ -172,9 +401,7 @@ def _power_of_two_scale(scores: np.ndarray) -> float:
     HiGHS's absolute tolerances (1e-7) are relative ones; multiplying by a power of two is exact
     (barring underflow of entries ~1e-300 smaller than the largest)."""
     peak = float(np.max(np.abs(scores))) if scores.size else 0.0
-    if peak == 0.0 or not math.isfinite(peak):
-        return 1.0
-    return math.ldexp(1.0, -math.frexp(peak)[1])
+    return float(_power_of_two_scales(np.array([peak]))[0])
 
 
 def _quiet_highs(highspy):
