@@ -1,6 +1,6 @@
-"""Smoke test of ``benchmarks/bench_analyze.py --quick``: it runs, writes its table and its JSON.
+"""Smoke test of ``benchmarks/bench_analyze.py --quick``: it runs, writes its tables and its JSON.
 
-Small sizes only; no timing is asserted.
+Small sizes only; no timing is asserted (no Dask cluster: ``--quick`` skips those runs).
 """
 
 from __future__ import annotations
@@ -18,31 +18,37 @@ def test_bench_analyze_quick_writes_tables(tmp_path):
     out = tmp_path / "out" / "results.json"
     log_dir = tmp_path / "log"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--threads", "1", "--out", str(out), "--log-dir", str(log_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, str(BENCH), "--quick", "--threads", "1", "--scaling", "2048", "--out", str(out),
+         "--log-dir", str(log_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, f"bench_analyze --quick exited {proc.returncode}:\n{proc.stderr[-3000:]}"
 
     md = (out.parent / "analyze_results.md").read_text()
     assert "## Machine" in md and "Shared machine" in md
     rows = [line for line in md.splitlines() if line.startswith("| ")]
-    for needle in ("verify=none", "verify=lazy", "`analyze` load/entropy/collapse/margins", "GiB"):
+    for needle in ("verify=none", "verify=lazy", "suite, one core", "GiB", "2,048"):
         assert any(needle in line for line in rows), needle
-    assert "Counterfactual + leakage sample" in md
+    assert "Counterfactual + leakage sample" in md and "Scaling with the log length" in md
+    assert "Dask" not in md
     assert md in proc.stdout  # the table is printed too
 
     res = json.loads(out.read_text())
     layers, tokens, experts = res["size"]
-    assert res["suite"]["1"]["tokens"] == layers * tokens  # every token of every layer analysed
-    assert 0 < res["suite"]["1"]["peak_rss_bytes"] and res["sample"]["sample_tokens"] > 0
-    assert res["log_written"] is True
+    suite = res["suite"]["1"]
+    assert suite["tokens"] == layers * tokens  # every token of every layer analysed
+    assert suite["threads"] == 1 and suite["cpu"]["median_s"] > 0 and suite["time"]["median_s"] > 0
+    assert res["read"]["lazy"]["cpu"]["runs"] == 1
+    assert 0 < suite["peak_rss_bytes"] and res["sample"]["sample_tokens"] > 0
+    assert [(r["layers"], r["tokens"], r["suite"]["tokens"]) for r in res["scaling"]] == [(2, 2048, 4096)]
+    assert res["log_written"] is True and res["dask"] == {}
 
     # a second run reuses the log instead of writing it again
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--threads", "1", "--no-counterfactual", "--repeats", "1",
-         "--out", str(out), "--log-dir", str(log_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+         "--scaling", "", "--out", str(out), "--log-dir", str(log_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["log_written"] is False and "sample" not in res
+    assert res["log_written"] is False and "sample" not in res and res["scaling"] == []
