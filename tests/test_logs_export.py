@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from usmoe_lp.errors import InvalidParameter, OutputExists
 from usmoe_lp.logs import CorruptLog, LayerInfo, MissingLayer, RouterLog, RouterLogWriter
 from usmoe_lp.logs.cli import log_app
-from usmoe_lp.logs.export import COLUMNS, export_parquet
+from usmoe_lp.export import COLUMNS, export_parquet
 from usmoe_lp.logs.format import shard_file
 
 T, N, K = 23, 6, 2

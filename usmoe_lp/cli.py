@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from usmoe_lp.certify_cli import certify_command
 from usmoe_lp.cli_errors import fail
 from usmoe_lp.diagnostics.cli import analyze_command
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
@@ -43,6 +44,7 @@ app.command("import")(import_command)
 app.command("capture")(capture_command)
 app.command("analyze")(analyze_command)
 app.command("evaluate")(evaluate_command)
+app.command("certify")(certify_command)
 app.command("train-tiny")(train_tiny_command)
 console = Console()
 err = Console(stderr=True)

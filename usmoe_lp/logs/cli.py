@@ -162,7 +162,7 @@ def export(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from usmoe_lp.logs.export import export_parquet
+    from usmoe_lp.export import export_parquet
 
     console, err = _consoles()
     names = None if layers is None else [n.strip() for n in layers.split(",") if n.strip()]
