@@ -202,8 +202,7 @@ def _count_lo(lo: np.ndarray) -> np.ndarray:
 def _bounds(problems: Sequence[RoutingProblem], pattern: _Pattern):
     """Stacked (m, ncols) column bounds and (m, nrows) row bounds of same-pattern problems."""
     m = len(problems)
-    p0 = problems[0]
-    T, N = p0.shape
+    T, N = problems[0].shape
     col_lo = np.zeros((m, pattern.ncols))
     col_hi = np.ones((m, pattern.ncols))
     row_lo, row_hi = [], []
@@ -214,8 +213,12 @@ def _bounds(problems: Sequence[RoutingProblem], pattern: _Pattern):
             col_lo[:, T * N:] = np.stack([p.token_min for p in problems])
             col_hi[:, T * N:] = np.stack([p.token_max for p in problems])
             continue
-        lo = np.stack([p.block_bounds(block)[0] for p in problems])
-        hi = np.stack([p.block_bounds(block)[1] for p in problems])
+        if block == "budget":
+            hi = np.stack([p.budget for p in problems])
+            lo = np.where(np.array([p.budget_sense == "==" for p in problems])[:, None], hi, 0)
+        else:
+            lo = np.stack([getattr(p, f"{block}_min") for p in problems])
+            hi = np.stack([getattr(p, f"{block}_max") for p in problems])
         row_lo.append(_count_lo(lo))
         row_hi.append(hi.astype(np.float64))
     if not row_lo:
@@ -224,35 +227,37 @@ def _bounds(problems: Sequence[RoutingProblem], pattern: _Pattern):
 
 
 @dataclass(frozen=True, eq=False)
-class _Placed:
-    """Where one program sits in a joint HiGHS model."""
+class _Group:
+    """Same-pattern programs placed consecutively in a joint HiGHS model."""
 
-    problem: RoutingProblem
+    members: list[int]  # their positions in the input sequence
+    problems: list[RoutingProblem]
     pattern: _Pattern
-    col: int
-    row: int
-    scale: float
+    col: int  # first column of the first program
+    row: int  # first row of the first program
+    scores: np.ndarray  # (m, T*N) float64
+    scales: np.ndarray  # (m,) the power-of-two objective scale of each program
 
 
-def _build_lp(highspy, problems: Sequence[RoutingProblem], lifted: Sequence[bool], integer: bool):
+def _build_model(highspy, problems: Sequence[RoutingProblem], lifted: Sequence[bool], integer: bool):
     """One HiGHS model holding every program as a diagonal block (a block-diagonal constraint
     matrix; the objective of each block scaled by its own power of two, see
     :func:`_power_of_two_scale`). Same-pattern programs are tiled from one pattern with numpy.
 
-    Returns (HighsLp, [_Placed] in the order of ``problems``).
+    Returns (the arguments of ``Highs.passModel``'s array form, [_Group]).
     """
-    groups: dict[tuple, list[int]] = {}
+    by_key: dict[tuple, list[int]] = {}
     for i, (p, lift) in enumerate(zip(problems, lifted, strict=True)):
-        groups.setdefault(_pattern_key(p, lift), []).append(i)
-    placed: list[_Placed | None] = [None] * len(problems)
+        by_key.setdefault(_pattern_key(p, lift), []).append(i)
+    groups: list[_Group] = []
     parts = []  # (start without the last entry, index, value, cost, col lo, col hi, row lo, row hi)
     col = row = nnz = 0
-    for members in groups.values():
+    for members in by_key.values():
         ps = [problems[i] for i in members]
         pat = _pattern(ps[0], lifted[members[0]])
         m = len(ps)
         S = np.stack([p.scores for p in ps]).reshape(m, -1)
-        scales = _power_of_two_scales(np.abs(S).max(axis=1) if S.shape[1] else np.zeros(m))
+        scales = _power_of_two_scales(np.abs(S).max(axis=1))
         cost = np.zeros((m, pat.ncols))
         cost[:, :S.shape[1]] = S * scales[:, None]
         k = np.arange(m)
@@ -262,48 +267,42 @@ def _build_lp(highspy, problems: Sequence[RoutingProblem], lifted: Sequence[bool
             (pat.index[None, :] + (row + k * pat.nrows)[:, None]).ravel(),
             np.tile(pat.value, m), cost.ravel(), *(b.ravel() for b in _bounds(ps, pat)),
         ))
-        for r, i in enumerate(members):
-            placed[i] = _Placed(problems[i], pat, col + r * pat.ncols, row + r * pat.nrows, float(scales[r]))
+        groups.append(_Group(members, ps, pat, col, row, S, scales))
         col += m * pat.ncols
         row += m * pat.nrows
         nnz += m * nz
     cat = [np.concatenate([part[f] for part in parts]) for f in range(8)]
-    lp = highspy.HighsLp()
-    lp.num_col_ = col
-    lp.num_row_ = row
-    lp.col_cost_ = cat[3]
-    lp.col_lower_ = cat[4]
-    lp.col_upper_ = cat[5]
-    lp.row_lower_ = cat[6]
-    lp.row_upper_ = cat[7]
-    lp.sense_ = highspy.ObjSense.kMaximize
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = np.append(cat[0], nnz).astype(np.int32)
-    lp.a_matrix_.index_ = cat[1].astype(np.int32)
-    lp.a_matrix_.value_ = cat[2]
-    if integer:
-        lp.integrality_ = [highspy.HighsVarType.kInteger] * col
-    return lp, placed
+    integrality = np.full(col, 1 if integer else 0, dtype=np.int32)  # HighsVarType: 0 continuous, 1 integer
+    # the array form of passModel: numpy buffers straight to HiGHS (setting HighsLp's members
+    # converts index arrays element by element, ~0.1 us each)
+    model = (col, row, nnz, int(highspy.MatrixFormat.kColwise), int(highspy.ObjSense.kMaximize), 0.0,
+             cat[3], cat[4], cat[5], cat[6], cat[7], cat[0].astype(np.int32), cat[1].astype(np.int32), cat[2],
+             integrality)
+    return model, groups
 
 
-def _read_block(pl: _Placed, col_value: np.ndarray, col_dual, row_dual) -> tuple[np.ndarray, float, dict | None]:
-    """(x (T, N), objective, duals by block or None) of one program from the joint solution."""
-    p = pl.problem
-    T, N = p.shape
-    x = np.array(col_value[pl.col:pl.col + T * N], dtype=np.float64).reshape(T, N)
-    objective = float(p.scores.ravel() @ x.ravel())
-    if row_dual is None:
-        return x, objective, None
-    duals = {}
-    for block in p.blocks:
-        if block == "token" and pl.pattern.lifted:
-            # the token multiplier is the reduced cost of the count column y_i (module notes)
-            y = col_dual[pl.col + T * N:pl.col + T * N + T]
-        else:
-            off = pl.row + pl.pattern.offsets[block]
-            y = row_dual[off:off + p.block_bounds(block)[0].size]
-        duals[block] = np.asarray(y, dtype=np.float64) / pl.scale
-    return x, objective, duals
+def _read_group(g: _Group, col_value: np.ndarray, col_dual, row_dual, out: list) -> None:
+    """(x (T, N), objective, duals by block or None) of each program of ``g``, into ``out``."""
+    m = len(g.members)
+    T, N = g.problems[0].shape
+    pat = g.pattern
+    cols = np.asarray(col_value[g.col:g.col + m * pat.ncols], dtype=np.float64).reshape(m, pat.ncols)
+    x = cols[:, :T * N]
+    objective = np.einsum("bk,bk->b", g.scores, x)
+    duals: dict[str, np.ndarray] = {}
+    if row_dual is not None:
+        rows = np.asarray(row_dual[g.row:g.row + m * pat.nrows]).reshape(m, pat.nrows)
+        for block in g.problems[0].blocks:
+            if block == "token" and pat.lifted:
+                # the token multiplier is the reduced cost of the count column y_i (module notes)
+                y = np.asarray(col_dual[g.col:g.col + m * pat.ncols]).reshape(m, pat.ncols)[:, T * N:]
+            else:
+                off = pat.offsets[block]
+                y = rows[:, off:off + {"token": T, "expert": N}.get(block, g.problems[0].num_groups)]
+            duals[block] = y / g.scales[:, None]
+    for r, i in enumerate(g.members):
+        d = None if row_dual is None else {block: y[r].copy() for block, y in duals.items()}
+        out[i] = (x[r].reshape(T, N).copy(), float(objective[r]), d)
 
 
 def solve_highs_joint(problems: Sequence[RoutingProblem], *, solver: str, presolve: str,
@@ -332,8 +331,9 @@ def solve_highs_joint(problems: Sequence[RoutingProblem], *, solver: str, presol
         h.setOptionValue("mip_abs_gap", 0.0)
     if time_limit is not None:
         h.setOptionValue("time_limit", float(time_limit))
-    lp, placed = _build_lp(highspy, problems, lifted, integer)
-    h.passModel(lp)
+    model, groups = _build_model(highspy, problems, lifted, integer)
+    if h.passModel(*model) != highspy.HighsStatus.kOk:  # pragma: no cover - a malformed model is a bug
+        raise SolverError(f"HiGHS refused the model of {len(problems)} routing program(s)")
     h.run()
     model_status = h.getModelStatus()
     text = h.modelStatusToString(model_status)
@@ -345,7 +345,10 @@ def solve_highs_joint(problems: Sequence[RoutingProblem], *, solver: str, presol
     dual_ok = not integer and sol.dual_valid
     col_dual = np.asarray(sol.col_dual) if dual_ok else None
     row_dual = np.asarray(sol.row_dual) if dual_ok else None
-    return "optimal", text, [_read_block(pl, col_value, col_dual, row_dual) for pl in placed]
+    out: list = [None] * len(problems)
+    for g in groups:
+        _read_group(g, col_value, col_dual, row_dual, out)
+    return "optimal", text, out
 
 
 def solve_highs(problem: RoutingProblem, time_limit: float | None = None,

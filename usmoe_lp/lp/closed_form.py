@@ -55,9 +55,14 @@ def single_block(problem: RoutingProblem) -> str:
 
 
 # ----------------------------------------------------------------------------- row views
+def _group_index(gid: np.ndarray, G: int) -> list[np.ndarray]:
+    """The tokens of each group 0..G-1, in token order."""
+    order = np.argsort(gid, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(gid, minlength=G))[:-1])
+
+
 def _group_rows(problem: RoutingProblem) -> list[np.ndarray]:
-    order = np.argsort(problem.group_ids, kind="stable")
-    return np.split(order, np.cumsum(problem.group_sizes)[:-1])
+    return _group_index(problem.group_ids, problem.num_groups)
 
 
 def _row_views(problem: RoutingProblem, block: str, arr: np.ndarray) -> list[np.ndarray]:
@@ -69,25 +74,6 @@ def _row_views(problem: RoutingProblem, block: str, arr: np.ndarray) -> list[np.
     if problem.num_groups == 1:
         return [arr.reshape(1, -1)]
     return [arr[idx].reshape(1, -1) for idx in _group_rows(problem)]
-
-
-def _from_row_views(problem: RoutingProblem, block: str, parts: list[np.ndarray]) -> np.ndarray:
-    T, N = problem.shape
-    if block == "token":
-        return parts[0]
-    if block == "expert":
-        return np.ascontiguousarray(parts[0].T)
-    if problem.num_groups == 1:
-        return parts[0].reshape(T, N)
-    out = np.empty((T, N), dtype=parts[0].dtype)
-    for idx, part in zip(_group_rows(problem), parts, strict=True):
-        out[idx] = part.reshape(idx.size, N)
-    return out
-
-
-def _split(values: np.ndarray, blocks: list[np.ndarray]) -> list[np.ndarray]:
-    sizes = [b.shape[0] for b in blocks]
-    return np.split(values, np.cumsum(sizes)[:-1])
 
 
 # ----------------------------------------------------------------------------- order statistics
@@ -127,14 +113,58 @@ def fill_rows(M: np.ndarray, u: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> n
 
 
 def solve_blocks(problem: RoutingProblem) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The closed-form optimum: ((T, N) bool mask, {block: (B,) optimal duals})."""
+    """The closed-form optimum: ((T, N) bool mask, {block: (B,) optimal duals}); the one-program
+    case of :func:`solve_blocks_stacked`."""
     block = single_block(problem)
     lo, hi = problem.block_bounds(block)
-    views = _row_views(problem, block, problem.scores)
-    los, his = _split(lo, views), _split(hi, views)
-    us = [row_thresholds(M, a, b) for M, a, b in zip(views, los, his, strict=True)]
-    masks = [fill_rows(M, u, a, b) for M, u, a, b in zip(views, us, los, his, strict=True)]
-    return _from_row_views(problem, block, masks), {block: np.concatenate(us)}
+    masks, u = solve_blocks_stacked(problem.scores[None], block, problem.group_ids, problem.num_groups,
+                                    lo[None], hi[None])
+    return masks[0], {block: u[0]}
+
+
+def _stacked_rows(S: np.ndarray, block: str, gid: np.ndarray, G: int):
+    """The rows of ``block`` of stacked (B, T, N) arrays: [(matrix (B * R_part, L), row ids
+    (R_part,), tokens or None)] whose rows, in order, are rows ``ids`` of every program
+    (program-major); ``tokens`` lists the tokens of a budget group's rows."""
+    B, T, N = S.shape
+    if block == "token":
+        return [(S.reshape(B * T, N), np.arange(T), None)]
+    if block == "expert":
+        return [(S.transpose(0, 2, 1).reshape(B * N, T), np.arange(N), None)]
+    if G == 1:
+        return [(S.reshape(B, T * N), np.arange(1), None)]
+    return [(S[:, idx].reshape(B, -1), np.array([g]), idx) for g, idx in enumerate(_group_index(gid, G))]
+
+
+def solve_blocks_stacked(S: np.ndarray, block: str, gid: np.ndarray, G: int, lo: np.ndarray,
+                         hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Closed-form optima of B programs with the same shape, binding ``block`` and groups.
+
+    Args:
+        S: (B, T, N) float64 scores.
+        block: ``token``, ``expert`` or ``budget``.
+        gid: (T,) int64 group of each token; G: number of groups.
+        lo, hi: (B, R) int64 count bounds of each row of ``block`` (R = T, N or G).
+
+    Returns:
+        ((B, T, N) bool optimal masks, (B, R) float64 optimal duals u* per row); row by row the
+        same numbers whatever else is in the stack.
+    """
+    B, T, N = S.shape
+    u = np.empty((B, lo.shape[1]))
+    masks = np.empty((B, T, N), dtype=bool)
+    for M, ids, tokens in _stacked_rows(S, block, gid, G):
+        a, b = lo[:, ids].reshape(-1), hi[:, ids].reshape(-1)
+        th = row_thresholds(M, a, b)
+        m = fill_rows(M, th, a, b)
+        u[:, ids] = th.reshape(B, ids.size)
+        if block == "expert":
+            masks[:] = m.reshape(B, N, T).transpose(0, 2, 1)
+        elif tokens is None:
+            masks[:] = m.reshape(B, T, N)
+        else:
+            masks[:, tokens] = m.reshape(B, tokens.size, N)
+    return masks, u
 
 
 # ----------------------------------------------------------------------------- ties and margins
@@ -176,57 +206,66 @@ def _margins(min_sel, max_unsel, count, lo, hi) -> np.ndarray:
 # ----------------------------------------------------------------------------- certificate
 
 
-def _mask_stats(problem: RoutingProblem, block: str, X: np.ndarray):
-    """Per row of ``block``: (count, sum selected, min selected, max unselected).
+def _mask_stats(S: np.ndarray, X: np.ndarray, block: str, gid: np.ndarray, G: int):
+    """Per row of ``block`` of each stacked program: (count, sum selected, min selected, max
+    unselected), each (B, R). S (B, T, N) float64, X (B, T, N) bool.
 
-    Selected-side statistics come from the selected entries alone (a gather and ``bincount``);
-    only the max over unselected entries needs a dense pass, done in cache-sized row chunks with
-    the selected positions overwritten by -inf in a reused buffer. This avoids numpy's slow
-    ``where=`` reductions and boolean indexing (10-15x a plain pass at 16384 x 128).
+    Selected-side statistics come from the selected entries alone (a gather and ``bincount``,
+    which sums each row's entries in index order, so a program's numbers do not depend on the
+    others in the stack); only the max over unselected entries needs a dense pass, done in
+    cache-sized chunks (whole programs, or row ranges of one) with the selected positions
+    overwritten by -inf in a reused buffer. This avoids numpy's slow ``where=`` reductions and
+    boolean indexing (10-15x a plain pass at 16384 x 128).
     """
-    S = problem.scores
-    T, N = S.shape
+    B, T, N = S.shape
+    R = {"token": T, "expert": N}.get(block, G)
+    flat = S.reshape(-1)
     idx = np.flatnonzero(X)
-    sel = S.ravel()[idx]
-    rows = idx // N
+    sel = flat[idx]
+    prog, rem = np.divmod(idx, T * N) if B > 1 else (0, idx)
     if block == "token":
-        B, row_of = T, rows
+        row_of = prog * T + rem // N
     elif block == "expert":
-        B, row_of = N, idx - rows * N
+        row_of = prog * N + rem % N
     else:
-        B = problem.num_groups
-        row_of = np.zeros(idx.size, np.int64) if B == 1 else problem.group_ids[rows]
-    count = np.bincount(row_of, minlength=B)
-    sum_sel = np.bincount(row_of, weights=sel, minlength=B).astype(np.float64)
-    min_sel = np.full(B, np.inf)
-    if B == 1:
-        if sel.size:
-            min_sel[0] = sel.min()
-    else:
-        np.minimum.at(min_sel, row_of, sel)
+        row_of = (prog + 0 * idx) if G == 1 else prog * G + gid[rem // N]
+    count = np.bincount(row_of, minlength=B * R).reshape(B, R)
+    sum_sel = np.bincount(row_of, weights=sel, minlength=B * R).astype(np.float64).reshape(B, R)
+    min_sel = np.full(B * R, np.inf)
+    np.minimum.at(min_sel, row_of, sel)
+    min_sel = min_sel.reshape(B, R)
 
-    max_unsel = np.full(B, -np.inf)
-    chunk = max(1, 2**20 // (8 * N))  # ~1 MiB of float64 per chunk: cache-resident, few iterations
-    buf = np.empty((min(chunk, T), N))
-    bounds = np.searchsorted(idx, np.arange(0, T + chunk, chunk) * N)
-    for c, r0 in enumerate(range(0, T, chunk)):
-        r1 = min(T, r0 + chunk)
-        b = buf[: r1 - r0]
-        np.copyto(b, S[r0:r1])
-        b.ravel()[idx[bounds[c]:bounds[c + 1]] - r0 * N] = -np.inf
+    max_unsel = np.full((B, R), -np.inf)
+    rows = max(1, 2**17 // N)  # ~1 MiB of float64 per chunk: cache-resident, few iterations
+    if T >= rows:  # row ranges of one program
+        spans = [(b, b + 1, r0, min(T, r0 + rows)) for b in range(B) for r0 in range(0, T, rows)]
+    else:  # whole programs
+        m = max(1, rows // T)
+        spans = [(b0, min(B, b0 + m), 0, T) for b0 in range(0, B, m)]
+    buf = np.empty(max((b1 - b0) * (r1 - r0) * N for b0, b1, r0, r1 in spans))
+    for b0, b1, r0, r1 in spans:
+        f0, f1 = b0 * T * N + r0 * N, (b1 - 1) * T * N + r1 * N  # a contiguous range of the stack
+        chunk = buf[: f1 - f0]
+        np.copyto(chunk, flat[f0:f1])
+        lo, hi = np.searchsorted(idx, [f0, f1])
+        chunk[idx[lo:hi] - f0] = -np.inf
+        c = chunk.reshape(b1 - b0, r1 - r0, N)
+        out = max_unsel[b0:b1]
         if block == "token":
-            b.max(axis=1, out=max_unsel[r0:r1])
+            c.max(axis=2, out=out[:, r0:r1])
         elif block == "expert":
-            np.maximum(max_unsel, b.max(axis=0), out=max_unsel)
-        elif B == 1:
-            max_unsel[0] = max(max_unsel[0], b.max())
+            np.maximum(out, c.max(axis=1), out=out)
+        elif G == 1:
+            np.maximum(out[:, 0], c.max(axis=(1, 2)), out=out[:, 0])
         else:
-            np.maximum.at(max_unsel, problem.group_ids[r0:r1], b.max(axis=1))
+            per_token = c.max(axis=2)  # (m, r)
+            np.maximum.at(out, (np.arange(b1 - b0)[:, None], gid[None, r0:r1]), per_token)
     return count, sum_sel, min_sel, max_unsel
 
 
 def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
-    """Exact O(T*N) certificate that ``mask`` (T, N) bool is optimal for a single-block program.
+    """Exact O(T*N) certificate that ``mask`` (T, N) bool is optimal for a single-block program;
+    the one-program case of :func:`certify_closed_form_stacked`.
 
     Fast path: statistics of the mask alone (count, sum, min selected, max unselected per block).
     Only when the mask is not optimal, or the optimum is tied, is the closed-form optimum
@@ -242,42 +281,83 @@ def certify_closed_form(problem: RoutingProblem, mask) -> Certificate:
     (False, 0.2)
     """
     t0 = time.perf_counter()
-    block = single_block(problem)
+    single_block(problem)
     X = as_mask(problem, mask)
-    lo, hi = problem.block_bounds(block)
-    count, sum_sel, min_sel, max_unsel = _mask_stats(problem, block, X)
-    primal = float(sum_sel.sum())
-    feasible = bool(np.all((count >= lo) & (count <= hi)))
-    ordered = max_unsel <= min_sel
+    return _certify_stacked([problem], X[None], t0)[0]
+
+
+def stack_key(problem: RoutingProblem) -> tuple:
+    """Single-block programs with equal keys can be certified and solved on stacked arrays
+    (same shape, same binding block, same groups; the bounds may differ)."""
+    groups = None if problem.groups is None or single_block(problem) != "budget" else problem.groups.tobytes()
+    return problem.shape, single_block(problem), groups
+
+
+def certify_closed_form_stacked(problems, X: np.ndarray) -> list[Certificate]:
+    """The closed-form certificates of B single-block programs with one :func:`stack_key`.
+
+    Args:
+        problems: B programs (their ``stack_key`` must agree; not re-checked here).
+        X: (B, T, N) bool masks, already validated (:func:`~usmoe_lp.lp.certificate.as_mask`).
+
+    Returns:
+        One :class:`Certificate` per program, equal field by field (``seconds`` aside: the stack's
+        time split evenly) to what :func:`certify_closed_form` gives for it alone.
+    """
+    return _certify_stacked(problems, X, time.perf_counter())
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)  # one program: a view, no copy
+
+
+def _certify_stacked(problems, X: np.ndarray, t0: float) -> list[Certificate]:
+    p0 = problems[0]
+    block = single_block(p0)
+    gid, G = p0.group_ids, p0.num_groups
+    S = _stack([p.scores for p in problems])
+    lo = _stack([p.block_bounds(block)[0] for p in problems])
+    hi = _stack([p.block_bounds(block)[1] for p in problems])
+    count, sum_sel, min_sel, max_unsel = _mask_stats(S, X, block, gid, G)
+    primal = sum_sel.sum(axis=1)
+    feasible = np.all((count >= lo) & (count <= hi), axis=1)
+    ordered = np.all(max_unsel <= min_sel, axis=1)
     u = np.minimum(np.maximum(0.0, max_unsel), min_sel)
     block_gap = np.where(u > 0, u * (hi - count), np.where(u < 0, u * (lo - count), 0.0))
     margins = _margins(min_sel, max_unsel, count, lo, hi)
-    margin = float(margins.min()) if margins.size else float("inf")
-    optimal = feasible and bool(np.all(ordered)) and bool(np.all(block_gap == 0))
+    margin = margins.min(axis=1) if margins.shape[1] else np.full(len(problems), np.inf)
+    optimal = feasible & ordered & np.all(block_gap == 0, axis=1)
+    gap_sum = block_gap.sum(axis=1)
 
-    if optimal:
-        duals = {block: u}
-        dual = primal + float(block_gap.sum())
-        tied = np.flatnonzero(margins == 0)
-        ties, logm = 0, 0.0
-        if tied.size:
-            ties, logm = _ties(_row_views(problem, block, problem.scores), u, lo, hi, tied)
-        msg = "optimal" + (" (unique)" if logm == 0 else f" (tied: 10^{logm:.3g} optimal masks)")
-    else:
-        best, duals = solve_blocks(problem)
-        dual = dual_bound(problem, duals)
-        ties, logm = _ties(_row_views(problem, block, problem.scores), duals[block], lo, hi,
-                           np.arange(lo.size))
-        if not feasible:
-            msg = "infeasible: " + "; ".join(feasibility_violations(problem, X))
+    out = []
+    for b, problem in enumerate(problems):
+        p_primal = float(primal[b])
+        if optimal[b]:
+            duals = {block: u[b].copy()}
+            dual = p_primal + float(gap_sum[b])
+            tied = np.flatnonzero(margins[b] == 0)
+            ties, logm = 0, 0.0
+            if tied.size:
+                ties, logm = _ties(_row_views(problem, block, problem.scores), u[b], lo[b], hi[b], tied)
+            msg = "optimal" + (" (unique)" if logm == 0 else f" (tied: 10^{logm:.3g} optimal masks)")
         else:
-            msg = f"not optimal: objective {primal:.6g} < optimum {problem.objective(best):.6g}"
-    return Certificate(
-        primal=primal, dual=dual, gap=dual - primal, optimal=optimal, feasible=feasible,
-        integral=True, max_fractionality=0.0, ties=ties, log10_optimal_masks=logm, margin=margin,
-        backend="closed_form", seconds=time.perf_counter() - t0, tolerance=0.0, duals=duals,
-        message=msg, status="optimal" if optimal else ("not_optimal" if feasible else "infeasible"),
-    )
+            best, duals = solve_blocks(problem)
+            dual = dual_bound(problem, duals)
+            ties, logm = _ties(_row_views(problem, block, problem.scores), duals[block], lo[b], hi[b],
+                               np.arange(lo.shape[1]))
+            if not feasible[b]:
+                msg = "infeasible: " + "; ".join(feasibility_violations(problem, X[b]))
+            else:
+                msg = f"not optimal: objective {p_primal:.6g} < optimum {problem.objective(best):.6g}"
+        ok = bool(optimal[b])
+        out.append(dict(
+            primal=p_primal, dual=dual, gap=dual - p_primal, optimal=ok, feasible=bool(feasible[b]),
+            integral=True, max_fractionality=0.0, ties=ties, log10_optimal_masks=logm, margin=float(margin[b]),
+            backend="closed_form", tolerance=0.0, duals=duals, message=msg,
+            status="optimal" if ok else ("not_optimal" if feasible[b] else "infeasible"),
+        ))
+    seconds = (time.perf_counter() - t0) / len(problems)
+    return [Certificate(seconds=seconds, **fields) for fields in out]
 
 
 def _ties(Ms, u, lo, hi, which) -> tuple[int, float]:

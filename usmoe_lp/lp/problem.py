@@ -104,6 +104,7 @@ class RoutingProblem:
     groups: np.ndarray | None = None
     name: str = "custom"
     _group_sizes: np.ndarray = field(init=False, repr=False)
+    _blocks: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         s = as_float64_scores(self.scores)  # a copy: never freeze the caller's array
@@ -155,6 +156,19 @@ class RoutingProblem:
                 where = "T*N" if sizes.size == 1 else f"T_g*N for group {g}"
                 raise InvalidParameter(f"budget {int(b[g])} exceeds {where} = {int(cap[g])} token-expert pairs")
             set_(self, "budget", b)
+        for name in ("token_min", "token_max", "expert_min", "expert_max", "budget", "groups"):
+            arr = getattr(self, name)
+            if arr is not None:  # read-only, like the scores: the cached blocks below stay true
+                arr.setflags(write=False)
+        sizes.setflags(write=False)
+        blocks = []
+        if np.any(self.token_min > 0) or np.any(self.token_max < N):
+            blocks.append("token")
+        if np.any(self.expert_min > 0) or np.any(self.expert_max < T):
+            blocks.append("expert")
+        if self.budget is not None:
+            blocks.append("budget")
+        set_(self, "_blocks", tuple(blocks))
         self._check_totals()
 
     # ----------------------------------------------------------------------------- constructors
@@ -223,16 +237,9 @@ class RoutingProblem:
 
     @property
     def blocks(self) -> tuple[str, ...]:
-        """The constraint blocks that restrict anything: a subset of token, expert, budget."""
-        T, N = self.shape
-        out = []
-        if np.any(self.token_min > 0) or np.any(self.token_max < N):
-            out.append("token")
-        if np.any(self.expert_min > 0) or np.any(self.expert_max < T):
-            out.append("expert")
-        if self.budget is not None:
-            out.append("budget")
-        return tuple(out)
+        """The constraint blocks that restrict anything: a subset of token, expert, budget (in
+        that order; computed once, at construction)."""
+        return self._blocks
 
     @property
     def is_single_block(self) -> bool:

@@ -10,7 +10,11 @@ flow        any program, exactly, by min-cost flow (numpy)   node potentials
 highs       LP relaxation, HiGHS via highspy (vertex)        HiGHS row duals
 milp        0/1 program, ``scipy.optimize.milp``             certified afterwards
 cbc         0/1 program, PuLP + CBC                          certified afterwards
+exhaustive  0/1 program, every mask enumerated (T*N <= 20)   certified afterwards
 =========== ================================================ =======================
+
+``exhaustive`` (:mod:`usmoe_lp.lp.exhaustive`) shares no code with the other backends: an
+independent oracle for tiny programs, exact (no float tolerance in its comparisons).
 
 ``flow`` (:mod:`usmoe_lp.lp.flow`) solves every program of at most ``flow.MAX_NODES`` experts plus
 budget groups; it is the fast exact path of the capped program (budget + token cap + expert cap),
@@ -40,10 +44,11 @@ from usmoe_lp.lp.certificate import (
 )
 from usmoe_lp.lp.closed_form import certify_closed_form, solve_blocks
 from usmoe_lp.lp.exact import exact_sign_of_difference, proves_optimal
+from usmoe_lp.lp.exhaustive import solve_exhaustive
 from usmoe_lp.lp.flow import flow_optimum, flow_unsupported
 from usmoe_lp.lp.problem import RoutingProblem
 
-BACKENDS = ("closed_form", "flow", "highs", "milp", "cbc")
+BACKENDS = ("closed_form", "flow", "highs", "milp", "cbc", "exhaustive")
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +94,8 @@ def solve(problem: RoutingProblem, backend: str = "closed_form", *,
 
     Args:
         problem: the program.
-        backend: one of ``closed_form``, ``flow``, ``highs``, ``milp``, ``cbc`` (module table).
+        backend: one of ``closed_form``, ``flow``, ``highs``, ``milp``, ``cbc``, ``exhaustive``
+            (module table).
         time_limit: seconds, for the solver backends.
         certify_solution: attach a certificate (closed form when the program is single-block,
             else dual multipliers — the solver's own for ``flow`` and ``highs``, a flow solve
@@ -102,7 +108,8 @@ def solve(problem: RoutingProblem, backend: str = "closed_form", *,
     Raises:
         InvalidParameter: an unknown backend.
         UnsupportedProblem: ``closed_form`` on a program with two or more binding blocks;
-            ``flow`` on a program with more than ``flow.MAX_NODES`` experts plus groups.
+            ``flow`` on a program with more than ``flow.MAX_NODES`` experts plus groups;
+            ``exhaustive`` on more than ``exhaustive.EXHAUSTIVE_MAX_ENTRIES`` (20) entries.
 
     >>> import numpy as np
     >>> S = np.array([[0.5, -1.0], [-2.0, -0.2]])
@@ -121,7 +128,8 @@ def solve(problem: RoutingProblem, backend: str = "closed_form", *,
                         "closed form (threshold rule)", backend, seconds, duals, cert)
     if backend == "flow":
         return _solve_flow(problem, time_limit, certify_solution)
-    runner = {"highs": backends.solve_highs, "milp": backends.solve_milp, "cbc": backends.solve_cbc}[backend]
+    runner = {"highs": backends.solve_highs, "milp": backends.solve_milp, "cbc": backends.solve_cbc,
+              "exhaustive": solve_exhaustive}[backend]
     raw = runner(problem, time_limit=time_limit)
     mask = raw.x > 0.5
     cert = None
