@@ -306,3 +306,24 @@ def test_float32_fragility_decided_like_exact_arithmetic():
     assert fragile_sorted(srt32.astype(np.float64), 3, (e,)) == {e: exact}
     assert fragile_counts(s, 3, (e,)) == {e: exact}
     assert 5 < exact < 5 * 6  # some of the neighbours are in, some out
+
+
+def test_directed_float32_rounding_of_the_bounds():
+    """The bounds b +- eps are rounded to the float32 on their side through the integer view (fast): the same
+    values as numpy's nextafter after a round-to-nearest, across zero, subnormals and the float32 range."""
+    from usmoe_lp.diagnostics.margins import _round_down, _round_up
+
+    f32 = np.float32
+    rng = np.random.default_rng(1)
+    special = [0.0, -0.0, 1e-300, -1e-300, 1e-45, -1e-45, 7e-46, -7e-46, 1.0, -1.0, 3.5e38, -3.5e38, 3.4e38,
+               -3.4e38, float(f32(0.1)), -float(f32(0.1)), 2.0**-149, -(2.0**-149), 2.0**-126, 1.5 * 2.0**-149]
+    x = np.concatenate([special, rng.standard_normal(3000) * 10.0 ** rng.integers(-45, 38, 3000)]).reshape(-1, 2)
+    with np.errstate(over="ignore"):
+        down, up = _round_down(x, np.dtype(f32)), _round_up(x, np.dtype(f32))
+        for v, d, u in zip(x.reshape(-1).tolist(), down.reshape(-1), up.reshape(-1), strict=True):
+            r = f32(v)
+            want_d = np.nextafter(r, f32(-np.inf)) if float(r) > v else r
+            want_u = np.nextafter(r, f32(np.inf)) if float(r) < v else r
+            assert d == want_d and u == want_u, v
+            assert float(d) <= v <= float(u)
+    assert _round_down(x, np.dtype(np.float64)) is x

@@ -198,14 +198,15 @@ def _row_sums(a: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(a)).sum(dim=1).numpy()
 
 
-def mask_counts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """((T,) experts per token, (N,) tokens per expert) of a (T, N) bool numpy mask, int64, exact.
+def mask_counts(mask: np.ndarray, *, per_token: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """((T,) experts per token, (N,) tokens per expert) of a (T, N) bool numpy mask, int64, exact (the first
+    None with ``per_token=False``).
 
     Reduced over the uint8 view with int32 accumulators (numpy's bool ``sum`` is slower; exact for T < 2**31).
     """
     u8 = np.ascontiguousarray(mask).view(np.uint8)
-    return (np.add.reduce(u8, axis=1, dtype=np.int32).astype(np.int64),
-            np.add.reduce(u8, axis=0, dtype=np.int32).astype(np.int64))
+    rows = np.add.reduce(u8, axis=1, dtype=np.int32).astype(np.int64) if per_token else None
+    return rows, np.add.reduce(u8, axis=0, dtype=np.int32).astype(np.int64)
 
 
 def _normalised_rows(probs: np.ndarray) -> np.ndarray:
@@ -399,25 +400,31 @@ class LoadPartial:
             sums["lse_sq_sum"] = float((lse * lse).sum())
         self.add(t, counts, np.bincount(per_token, minlength=self.num_experts + 1), **sums)
 
-    def update_softmax(self, mask: np.ndarray, logits, probs, *, p_max=None) -> None:
+    def update_softmax(self, mask: np.ndarray, logits, probs, *, p_max=None, experts_each: int | None = None) -> None:
         """Consume one chunk whose probabilities are the softmax of its logits (the streaming analysis,
         :class:`usmoe_lp.diagnostics.stream.LayerStream`); the same statistics as :meth:`update`.
 
         mask: (T, N) bool numpy; logits, probs: (T, N) torch float32, ``probs = softmax(logits)``; p_max:
-        optionally (T,) the largest probability of each row. Trusted (finite, aligned: the log reader checked
-        them), so nothing is validated. The entropies and the logsumexp come from :func:`softmax_token_stats`;
-        the column sums of the probabilities (raw and row-normalised) are float32 sums over the chunk's
-        tokens (torch's blocked reduction and a matrix-vector product) added to the float64 state: pass
-        chunks of at most a few thousand tokens (the stream's blocks of 8192) and their relative error stays
-        below 1e-6 (tested against float64 sums in ``tests/test_diag_load.py``).
+        optionally (T,) the largest probability of each row; experts_each: optionally the number of experts
+        every row of the mask holds (a top-k mask: k), which spares counting them. Trusted (finite, aligned:
+        the log reader checked them), so nothing is validated. The entropies and the logsumexp come from
+        :func:`softmax_token_stats`; the column sums of the probabilities (raw and row-normalised) are
+        float32 sums over the chunk's tokens (torch's blocked reduction and a matrix-vector product) added
+        to the float64 state: pass chunks of at most a few thousand tokens (the stream's blocks of 8192) and
+        their relative error stays below 1e-6 (tested against float64 sums in ``tests/test_diag_load.py``).
         """
         t = mask.shape[0]
         if t == 0:
             return
-        per_token, counts = mask_counts(mask)
+        per_token, counts = mask_counts(mask, per_token=experts_each is None)
+        if experts_each is None:
+            hist = np.bincount(per_token, minlength=self.num_experts + 1)
+        else:
+            hist = np.zeros(self.num_experts + 1, dtype=np.int64)
+            hist[experts_each] = t
         entropy, lse, r = softmax_token_stats(logits, probs, p_max)
         lse = lse.double()
-        self.add(t, counts, np.bincount(per_token, minlength=self.num_experts + 1),
+        self.add(t, counts, hist,
                  prob_sum=probs.sum(dim=0).double().numpy(),
                  norm_prob_sum=(probs.T @ r.reciprocal()).double().numpy(),
                  token_entropy_sum=float(entropy.double().sum()), lse_sq_sum=float((lse * lse).sum()))

@@ -78,7 +78,8 @@ def _round_down(x: np.ndarray, dtype) -> np.ndarray:
     if dtype == np.float64:
         return x
     r = x.astype(dtype)
-    return np.where(r > x, np.nextafter(r, dtype.type(-np.inf)), r)
+    _step(r, r > x, up=False)
+    return r
 
 
 def _round_up(x: np.ndarray, dtype) -> np.ndarray:
@@ -86,7 +87,22 @@ def _round_up(x: np.ndarray, dtype) -> np.ndarray:
     if dtype == np.float64:
         return x
     r = x.astype(dtype)
-    return np.where(r < x, np.nextafter(r, dtype.type(np.inf)), r)
+    _step(r, r < x, up=True)
+    return r
+
+
+def _step(r: np.ndarray, where: np.ndarray, up: bool) -> None:
+    """Move the float32 entries of ``r`` marked by ``where`` one representable value up or down, in place
+    (``np.nextafter`` on the integer view: the same values, several times faster)."""
+    if r.dtype != np.float32:
+        r[where] = np.nextafter(r[where], r.dtype.type(np.inf if up else -np.inf))
+        return
+    bits = r.view(np.int32)
+    pos, neg = bits > 0, bits < 0  # -0.0 is the most negative int32; +0.0 is 0
+    zero = (bits == 0) if not up else (bits == np.int32(-(2**31)))
+    bits += (where & (neg if up else pos)) * np.int32(-1)  # toward 0: smaller magnitude
+    bits += (where & ((pos | (bits == 0)) if up else neg) & ~zero).astype(np.int32)  # away from 0
+    bits[where & zero] = np.int32(1) if up else np.int32(-(2**31) + 1)  # across 0: the smallest subnormal
 
 
 def fragile_sorted(sorted_rows: np.ndarray, k: int, eps: tuple[float, ...]) -> dict[float, int]:

@@ -289,7 +289,8 @@ class LayerStream:
             mask = out[a:b]
             if softmax:
                 top = srt[:, -1] if (srt is not None and scores is probs) else None
-                self.load.update_softmax(mask, z, probs, p_max=None if top is None else torch.from_numpy(top))
+                self.load.update_softmax(mask, z, probs, p_max=None if top is None else torch.from_numpy(top),
+                                         experts_each=k if captured is None else None)  # a top-k: k each
             else:
                 self.load.update(mask, probs, z)
             self.margins.update_sorted(srt if srt is not None else scores.numpy())
