@@ -109,8 +109,10 @@ class AnalyzeConfig:
     alphas, kbars, scopes: shorthands for the ``alpha``, ``kbar``, ``scope`` entries of ``sweep``
     (None: the default). capacity_factor: Expert Choice's capacity factor (e = ceil(cf * T * k / N);
     None: its default 1); capacity-TC keeps the Switch default 1.25 unless swept.
-    chunk_tokens: tokens per streamed chunk. sequence_tokens: at most this many tokens per layer
-    (whole sequences, first in the log) enter the per-sequence analyses. batch_size: sequences
+    chunk_tokens: tokens per streamed chunk (chunks are cut at the log's multiples of it and at task
+    boundaries, :func:`chunk_bounds`). sequence_tokens: the per-sequence analyses run on the first whole
+    sequences of the log until this many tokens per layer are reached (the last one taken whole,
+    :func:`choose_sample`). batch_size: sequences
     grouped for the batch/position groups. lp_sample: groups per config cross-checked by HiGHS, in
     the first ``lp_layers`` layers (the closed-form certificate covers every group of every layer;
     the LP solve is the expensive independent cross-check, a few seconds per config at 4096 x 64).
@@ -978,8 +980,13 @@ def analyze(log, *, config: AnalyzeConfig | None = None, layers: Sequence[str] |
     worker must see the log at the same absolute path (a shared filesystem: NFS, Lustre, a mounted bucket;
     a local cluster shares this machine's). The result does not depend on the client or the number of
     workers (the same tasks, the same merge order, torch on one thread per task): the reports are the
-    same bytes. A corrupted shard raises :class:`~usmoe_lp.logs.CorruptLog` naming its file, on a cluster
-    as in one process.
+    same bytes. Another cut (other task sizes) gives equal integer statistics and floats equal to float64
+    round-off where the chunks are the same rows (:func:`chunk_bounds`: always when the shards hold
+    multiples of ``chunk_tokens`` tokens, as by default); elsewhere the collapse Grams, which sum float32
+    products per chunk, move at the float32 level (~1e-8 relative). A corrupted shard raises
+    :class:`~usmoe_lp.logs.CorruptLog` naming its file, on a cluster as in one process. With
+    ``verify="lazy"`` each task checks its own shards (checksum, tensors, token order within the task);
+    the token order across tasks and duplicated shards in different tasks are checked by ``"full"``.
 
     The sequence sample (counterfactual, leakage) is decided up front from the sequence ids alone
     (:func:`choose_sample`): the first sequences in order of first appearance, taken whole, until
