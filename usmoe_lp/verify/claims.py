@@ -27,26 +27,29 @@ import torch
 
 from usmoe_lp._validate import INTEGRALITY_TOL
 from usmoe_lp.errors import InvalidParameter
-from usmoe_lp.lp import RoutingProblem, solve
-from usmoe_lp.lp.backends import RawResult
-from usmoe_lp.lp.certificate import Certificate
-from usmoe_lp.routing import expert_choice, global_topc, token_choice
-from usmoe_lp.routing.routers import expert_capacity
-from usmoe_lp.verify._lp_shim import (
+from usmoe_lp.lp import (
     EXHAUSTIVE_MAX_ENTRIES,
+    Certificate,
+    RawResult,
+    RoutingProblem,
     certify_batch,
     closed_form_batch,
+    solve,
     solve_exhaustive_batch,
     solve_highs_batch,
 )
+from usmoe_lp.routing import expert_choice, global_topc, token_choice
+from usmoe_lp.routing.routers import expert_capacity
 
 PROGRAMS = ("tc", "ec", "budget_eq", "budget_le", "capped")
 ILP_BACKENDS = ("cbc", "milp", "exhaustive")
 """Backends that solve the 0/1 program itself (``closed_form`` and ``highs`` solve its LP relaxation)."""
-DEFAULT_BACKENDS = ("closed_form", "highs", "milp")
-"""Two independent oracles for every claim at every size up to ``ilp_max_vars``, all in-process: the
-closed form and HiGHS's LP for the single-block programs, HiGHS's LP and its MIP for the capped program
-and the integer claims. CBC (a subprocess per instance) runs only when asked for."""
+DEFAULT_BACKENDS = ("closed_form", "highs", "milp", "exhaustive")
+"""Two independent oracles for every claim at every size up to ``ilp_max_vars``, all in-process, none a
+subprocess: the closed form and HiGHS's LP for the single-block programs; HiGHS's LP and its MIP for the
+capped program and the integer claims; on tiny instances (T*N <= 20, shrunk counterexamples among them)
+also every 0/1 mask enumerated, which shares no code with the others. CBC (a subprocess per program and
+instance) runs only when asked for."""
 
 
 @dataclass(frozen=True)

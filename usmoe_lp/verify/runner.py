@@ -50,10 +50,10 @@ class VerifyConfig:
         seed: master seed.
         backends: optimum backends, at least two independent ones. Default
             (:data:`usmoe_lp.verify.claims.DEFAULT_BACKENDS`): ``closed_form`` (the threshold rule),
-            ``highs`` (the LP relaxation, one HiGHS model per batch) and ``milp`` (the 0/1 program by
-            HiGHS's MIP, in-process, one model per batch). Also: ``exhaustive`` (every 0/1 mask, T*N <= 20),
-            ``cbc`` (the 0/1 program by PuLP/CBC: a subprocess per instance, slow) and ``flow`` (min-cost
-            flow, per instance).
+            ``highs`` (the LP relaxation, HiGHS on one block-diagonal model per batch), ``milp`` (the 0/1
+            program by HiGHS's MIP, in-process, likewise) and ``exhaustive`` (every 0/1 mask, only where
+            T*N <= 20). Also: ``cbc`` (the 0/1 program by PuLP/CBC: a subprocess per program and instance,
+            slow) and ``flow`` (min-cost flow, one instance at a time).
         claims: claim ids (``usmoe_lp.verify.CLAIMS``).
         ilp_max_vars: integer-program backends (milp, exhaustive, cbc) only up to this T*N.
         shrink: shrink failures to minimal counterexamples.
