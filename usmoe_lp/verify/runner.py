@@ -413,9 +413,10 @@ ILP_CLAIMS = frozenset({"ilp_eq_lp", "lp_integral_tc", "lp_integral_ec", "lp_int
 
 
 def _shrink_fast(claim, S, k, ctx: Context):
-    """Shrink with the in-process backends (CBC runs a subprocess per solve), then re-check the
-    minimal instance with every backend; fall back to the full context if that disagrees."""
-    fast = tuple(b for b in ctx.backends if b != "cbc")
+    """Shrink with the LP-side backends only (closed form, HiGHS: the cheapest per evaluation; CBC is a
+    subprocess per solve), then re-check the minimal instance with every backend; fall back to the full
+    context if that disagrees. Claims about the 0/1 program shrink with every backend."""
+    fast = tuple(b for b in ctx.backends if b not in ILP_BACKENDS)
     if claim.id in ILP_CLAIMS or len(fast) < 2 or len(fast) == len(ctx.backends):
         return shrink(claim, S, k, ctx)
     sh = shrink(claim, S, k, Context(fast, ctx.ilp_max_vars, ctx.rtol))
