@@ -284,6 +284,7 @@ def test_a_batch_checks_each_instance_as_alone():
                                                                              -np.abs(rng.standard_normal((6, 4)))])
     ctx = Context(backends=("closed_form", "highs"))
     batch = Batch(S, 2, ctx)
+    batch.prepare(list(CLAIMS.values()))  # as the runner does: programs solved together
     for claim in CLAIMS.values():
         if claim.id == "ilp_eq_lp":
             assert claim.check(batch) == [None] * 5  # no 0/1 backend in ctx
@@ -335,3 +336,32 @@ def test_tasks_are_cut_by_the_data():
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
         assert all(b - a <= batch_size(*key[1:3]) for a, b in ranges)
     assert sum(t.instances for t in tasks) == 2 * 2 * 2 * 300
+
+
+def test_prepare_solves_each_backend_once_for_all_programs(monkeypatch):
+    """One solver call per backend for every program the claims read (plus one for the IPM relaxations),
+    and nothing solved twice afterwards."""
+    import usmoe_lp.verify.claims as claims_module
+
+    calls = []
+    for name in ("solve_highs_batch", "closed_form_batch", "solve_exhaustive_batch"):
+        original = getattr(claims_module, name)
+
+        def counted(problems, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, kwargs.get("solver"), kwargs.get("integer", False),
+                          sorted({p.name for p in problems}), len(problems)))
+            return _original(problems, *args, **kwargs)
+
+        monkeypatch.setattr(claims_module, name, counted)
+    S = np.random.default_rng(3).standard_normal((6, 4, 3))
+    batch = Batch(S, 1, Context(backends=("closed_form", "highs", "milp", "exhaustive")))
+    batch.prepare(list(CLAIMS.values()))
+    programs = ["budget", "capped", "expert_choice", "token_choice"]  # RoutingProblem.name (budget: == and <=)
+    assert calls == [("closed_form_batch", None, False, programs[:1] + programs[2:], 6 * 4),
+                     ("solve_highs_batch", "simplex", False, programs, 6 * 5),
+                     ("solve_highs_batch", None, True, programs, 6 * 5),
+                     ("solve_exhaustive_batch", None, False, programs, 6 * 5),
+                     ("solve_highs_batch", "ipm", False, programs, 6 * 4)]
+    for claim in CLAIMS.values():
+        assert all(chk is not None for chk in claim.check(batch))
+    assert len(calls) == 5  # the checks solve nothing again

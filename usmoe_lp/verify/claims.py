@@ -212,26 +212,37 @@ class Batch:
 
     def lp(self, name: str, solver: str) -> list[RawResult]:
         """HiGHS's LP relaxation of program ``name`` for every instance (``solver``: simplex or ipm),
-        one highspy model for the batch."""
-        key = (name, solver)
-        if key not in self._lp:
-            self._lp[key] = solve_highs_batch(self.problems(name), solver=solver)
-        return self._lp[key]
+        the batch's programs as diagonal blocks of few highspy models."""
+        self._solve_lp([name], solver)
+        return self._lp[(name, solver)]
+
+    def _solve_lp(self, names: Sequence[str], solver: str) -> None:
+        """One ``solve_highs_batch`` call for the relaxations of every program in ``names`` not solved yet."""
+        names = [n for n in dict.fromkeys(names) if (n, solver) not in self._lp]
+        if names:
+            raws = solve_highs_batch([p for n in names for p in self.problems(n)], solver=solver)
+            for i, n in enumerate(names):
+                self._lp[(n, solver)] = raws[i * self.B:(i + 1) * self.B]
 
     def optimum(self, name: str, backend: str) -> np.ndarray:
         """(B,) optimal value of program ``name`` by ``backend`` (the LP value for highs; otherwise the
         objective of the backend's 0/1 mask); NaN where the backend did not solve it."""
-        key = (name, backend)
-        if key not in self._optima:
-            if backend == "highs":
-                vals = np.array([r.objective if r.status == "optimal" else math.nan
-                                 for r in self.lp(name, "simplex")])
-            else:
-                vals = self._mask_optima(self.problems(name), backend)
-            self._optima[key] = vals
-        return self._optima[key]
+        self._solve_optima([name], backend)
+        return self._optima[(name, backend)]
 
-    def _mask_optima(self, problems: list[RoutingProblem], backend: str) -> np.ndarray:
+    def _solve_optima(self, names: Sequence[str], backend: str) -> None:
+        """The optima of every program in ``names`` by ``backend``, in one call of the backend's batch
+        function (one HiGHS model / MIP / enumeration / closed-form stack for them all)."""
+        names = [n for n in dict.fromkeys(names) if (n, backend) not in self._optima]
+        if not names:
+            return
+        if backend == "highs":
+            self._solve_lp(names, "simplex")
+            for n in names:
+                self._optima[(n, backend)] = np.array([r.objective if r.status == "optimal" else math.nan
+                                                       for r in self._lp[(n, "simplex")]])
+            return
+        problems = [p for n in names for p in self.problems(n)]
         if backend == "milp":
             raws = solve_highs_batch(problems, integer=True)
         elif backend == "exhaustive":
@@ -241,9 +252,22 @@ class Batch:
         else:  # cbc, flow: one solve per instance
             sols = [solve(p, backend, certify_solution=False) for p in problems]
             raws = [RawResult(s.x, s.objective, s.status, s.message, s.duals, s.seconds) for s in sols]
-        ok = np.array([r.status == "optimal" for r in raws])
-        masks = np.stack([r.x > 0.5 for r in raws])
-        return np.where(ok, mask_objectives(self.S, masks), math.nan)
+        for i, n in enumerate(names):
+            part = raws[i * self.B:(i + 1) * self.B]
+            ok = np.array([r.status == "optimal" for r in part])
+            masks = np.stack([r.x > 0.5 for r in part])
+            self._optima[(n, backend)] = np.where(ok, mask_objectives(self.S, masks), math.nan)
+
+    def prepare(self, claims: Sequence[Claim]) -> None:
+        """Solve what ``claims`` read in few solver calls: each backend's optima of every program they name
+        (:attr:`Claim.programs`) in one call, and the IPM relaxations (:attr:`Claim.ipm_programs`) in one.
+        An optimisation only (a fixed cost of ~10 ms per HiGHS MIP call is paid once instead of once per
+        program): whatever is not prepared is solved when first read, by the same functions."""
+        claims = [c for c in claims if c.applies(self)]
+        programs = [p for c in claims for p in c.programs]
+        for backend in self.ctx.backends:
+            self._solve_optima([p for p in programs if backend in self.backends_for(p)], backend)
+        self._solve_lp([p for c in claims for p in c.ipm_programs], "ipm")
 
     def optima(self, name: str) -> dict[str, np.ndarray]:
         """{backend: (B,) optimum} over :meth:`backends_for`."""
@@ -479,12 +503,24 @@ def _integral(program: str) -> Callable[[Batch], list[Check]]:
     return check
 
 
+ILP_EQ_LP_PROGRAMS = ("tc", "ec", "budget_le", "capped")
+
+
+def _ilp_backends(batch: Batch) -> dict[str, list[str]]:
+    return {p: [b for b in batch.backends_for(p) if b in ILP_BACKENDS] for p in ILP_EQ_LP_PROGRAMS}
+
+
+def ilp_eq_lp_applies(batch: Batch) -> bool:
+    """``ilp_eq_lp`` needs HiGHS's LP and a 0/1 backend that solves some program at this size."""
+    return "highs" in batch.ctx.backends and any(_ilp_backends(batch).values())
+
+
 def check_ilp_eq_lp(batch: Batch) -> list[Check | None]:
     """The 0/1 optimum equals the LP-relaxation optimum (TC, EC, budget, capped)."""
-    programs = ("tc", "ec", "budget_le", "capped")
-    ilp = {p: [b for b in batch.backends_for(p) if b in ILP_BACKENDS] for p in programs}
-    if not any(ilp.values()) or "highs" not in batch.ctx.backends:
+    if not ilp_eq_lp_applies(batch):
         return [None] * batch.B  # not applicable: no ILP backend at this size
+    programs = ILP_EQ_LP_PROGRAMS
+    ilp = _ilp_backends(batch)
     columns: dict[str, np.ndarray] = {}
     notes: list[list[str]] = [[] for _ in range(batch.B)]
     gap = np.zeros(batch.B)
@@ -598,6 +634,10 @@ def check_capped_greedy(batch: Batch) -> list[Check]:
 
 
 # ----------------------------------------------------------------------------- registry
+def _always(batch: Batch) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Claim:
     """A checkable statement.
@@ -609,6 +649,11 @@ class Claim:
         expectation: what the theory predicts (papers/routing-as-lp.md §2-4), so a reader can compare.
         check: ``check(batch) -> list[Check | None]``, one per instance of the :class:`Batch`
             (None: not applicable to that instance).
+        programs: the programs whose optima (by every backend of the context) the check reads.
+        ipm_programs: the programs whose LP relaxation it also solves with HiGHS's interior point method.
+        applies: whether the check applies to a batch at all (it returns None for every instance
+            otherwise). ``programs``, ``ipm_programs`` and ``applies`` only let :meth:`Batch.prepare`
+            solve a batch's programs together; the check reads what it needs either way.
     """
 
     id: str
@@ -616,6 +661,9 @@ class Claim:
     source: str
     expectation: str
     check: Callable[[Batch], list[Check | None]]
+    programs: tuple[str, ...] = ()
+    ipm_programs: tuple[str, ...] = ()
+    applies: Callable[[Batch], bool] = _always
 
     def check_one(self, scores, k: int, ctx: Context | None = None) -> Check | None:
         """The check on one instance, scores (T, N) float64: a batch of one."""
@@ -627,32 +675,39 @@ CLAIMS: dict[str, Claim] = {
     for c in [
         Claim("topc_optimal_eq", "Global top-c is optimal for max <S,x> s.t. sum x = c",
               "Prop. 3.1 with equality (papers/routing-as-lp.md §3)", "holds for every S (exchange argument)",
-              check_topc_optimal_eq),
+              check_topc_optimal_eq, programs=("budget_eq",)),
         Claim("topc_optimal_le", "Global top-c is optimal for max <S,x> s.t. sum x <= c, S real",
               "Prop. 3.1 as stated (arXiv 2503.22996 v2 §3)",
-              "fails when the c-th largest score is negative (signed scores)", check_topc_optimal_le),
+              "fails when the c-th largest score is negative (signed scores)", check_topc_optimal_le,
+              programs=("budget_le",)),
         Claim("usmoe_ge_tc", "obj(USMoE top-c, c = T k) >= obj(TC, k) on the same S",
               "Prop. 3.1 / Lemma A.2 (relaxation)", "holds: TC is feasible for the budget program",
-              check_usmoe_ge_tc),
+              check_usmoe_ge_tc, programs=("tc",)),
         Claim("usmoe_ge_ec", "obj(USMoE top-c, c = T k) >= obj(EC, e = ceil(T k / N)) on the same S",
               "Prop. 3.1 / Lemma A.2 (relaxation)",
-              "holds when N e = T k; can fail when rounding gives EC a larger budget", check_usmoe_ge_ec),
+              "holds when N e = T k; can fail when rounding gives EC a larger budget", check_usmoe_ge_ec,
+              programs=("ec",)),
         Claim("greedy_tc_eq_lp", "Row-wise top-k equals the Token Choice LP optimum",
-              "papers/routing-as-lp.md §3 (threshold dual)", "holds (rows are independent)", check_greedy_tc),
+              "papers/routing-as-lp.md §3 (threshold dual)", "holds (rows are independent)", check_greedy_tc,
+              programs=("tc",)),
         Claim("greedy_ec_eq_lp", "Column-wise top-e equals the Expert Choice LP optimum",
-              "papers/routing-as-lp.md §3 (threshold dual)", "holds (columns are independent)", check_greedy_ec),
+              "papers/routing-as-lp.md §3 (threshold dual)", "holds (columns are independent)", check_greedy_ec,
+              programs=("ec",)),
         Claim("lp_integral_tc", "The TC LP relaxation has an integral optimal vertex",
               "papers/routing-as-lp.md §2 (single family)", "holds (interval matrix, totally unimodular)",
-              _integral("tc")),
+              _integral("tc"), programs=("tc",), ipm_programs=("tc",)),
         Claim("lp_integral_ec", "The EC LP relaxation has an integral optimal vertex",
-              "papers/routing-as-lp.md §2 (single family)", "holds (totally unimodular)", _integral("ec")),
+              "papers/routing-as-lp.md §2 (single family)", "holds (totally unimodular)", _integral("ec"),
+              programs=("ec",), ipm_programs=("ec",)),
         Claim("lp_integral_budget", "The budget (<= c) LP relaxation has an integral optimal vertex",
-              "papers/routing-as-lp.md §2 (single family)", "holds (one all-ones row)", _integral("budget_le")),
+              "papers/routing-as-lp.md §2 (single family)", "holds (one all-ones row)", _integral("budget_le"),
+              programs=("budget_le",), ipm_programs=("budget_le",)),
         Claim("lp_integral_capped", "The capped (budget + token + expert caps) LP has an integral vertex",
               "papers/routing-as-lp.md §2 (laminar families, flow)", "holds (b-matching / network flow)",
-              _integral("capped")),
+              _integral("capped"), programs=("capped",), ipm_programs=("capped",)),
         Claim("ilp_eq_lp", "The 0/1 optimum equals the LP optimum for TC, EC, budget and capped",
-              "papers/routing-as-lp.md §2", "holds (integral relaxations)", check_ilp_eq_lp),
+              "papers/routing-as-lp.md §2", "holds (integral relaxations)", check_ilp_eq_lp,
+              programs=ILP_EQ_LP_PROGRAMS, applies=ilp_eq_lp_applies),
         Claim("tc_row_invariance", "TC masks are invariant to row-wise strictly increasing transforms",
               "papers/routing-as-lp.md §1 (invariances)",
               "holds in exact arithmetic; float saturation can tie entries", _invariance(axis=1)),
@@ -662,7 +717,7 @@ CLAIMS: dict[str, Claim] = {
         Claim("capped_greedy_optimal", "Greedy top-c with token and expert caps is optimal for the capped program",
               "capacity-aware USMoE, defined in this project; papers/routing-as-lp.md §1",
               "fails: greedy is only a 1/2-approximation for b-matching; see the gap distribution",
-              check_capped_greedy),
+              check_capped_greedy, programs=("capped",)),
     ]
 }
 

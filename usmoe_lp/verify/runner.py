@@ -326,6 +326,7 @@ def run_batch(task: BatchTask) -> list[TrialRecord]:
     batch = Batch(S, k, Context(backends=task.backends, ilp_max_vars=task.ilp_max_vars))
     claims = get_claims(task.claims)
     with one_torch_thread():  # thousands of small torch calls: a thread pool costs more than it saves
+        batch.prepare(claims)
         results = [claim.check(batch) for claim in claims]
     records = []
     for i, (t, seed) in enumerate(zip(trials, seeds, strict=True)):
