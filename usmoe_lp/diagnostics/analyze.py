@@ -48,7 +48,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ import torch
 
 from usmoe_lp._threads import one_torch_thread
 from usmoe_lp._validate import check_int, check_padding_mask
-from usmoe_lp.cluster import check_cluster, map_tasks, split_range, tree_merge
+from usmoe_lp.cluster import check_cluster, map_reduce, map_tasks, split_range, tree_merge
 from usmoe_lp.diagnostics.collapse import CollapseStats
 from usmoe_lp.diagnostics.counterfactual import CounterfactualPartial, CounterfactualStats, config_scores
 from usmoe_lp.diagnostics.leakage import (
@@ -811,6 +811,20 @@ class _StreamOut:
     read_seconds: float
 
 
+def _merge_stream_outs(a: _StreamOut, b: _StreamOut) -> _StreamOut:
+    """Two consecutive ranges' results as one: each layer's streams merged, sampled rows concatenated."""
+    return _StreamOut(range=TokenRange(a.range.index, a.range.start, b.range.stop),
+                      streams=tuple(x.merge(y) for x, y in zip(a.streams, b.streams, strict=True)),
+                      rows=tuple(_concat_rows(x, y) for x, y in zip(a.rows, b.rows, strict=True)),
+                      read_seconds=a.read_seconds + b.read_seconds)
+
+
+def _concat_rows(a: _SampledRows | None, b: _SampledRows | None) -> _SampledRows | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return _SampledRows(*(torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in fields(a)))
+
+
 def _stream_task(task: _StreamTask) -> _StreamOut:
     """Stream one token range of every layer (module-level: Dask workers import it).
 
@@ -1054,11 +1068,12 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client) 
         if progress is not None:
             progress("stream", done, total)
 
-    outs = map_tasks(_stream_task, tasks, client=client, progress=streamed, key="usmoe-lp-analyze-stream")
-    read_seconds = sum(o.read_seconds for o in outs)
-
-    streams = [tree_merge([o.streams[j] for o in outs]) for j in range(len(names))]
-    samples = [_sample_sequences([o.rows[j] for o in outs], sample) if sampling else [] for j in range(len(names))]
+    # merged as they arrive, in the tree of tree_merge over range order: the driver holds O(log tasks) partials
+    merged = map_reduce(_stream_task, tasks, _merge_stream_outs, client=client, progress=streamed,
+                        key="usmoe-lp-analyze-stream")
+    read_seconds = merged.read_seconds
+    streams = list(merged.streams)
+    samples = [_sample_sequences([merged.rows[j]], sample) if sampling else [] for j in range(len(names))]
     sample_tasks = [_SampleTask(info, k, cfg, cfg.lp_sample if j < cfg.lp_layers else 0, samples[j])
                     for j, (info, k, _) in enumerate(layer_specs)]
     finished = 0
