@@ -265,18 +265,21 @@ def test_lifted_formulation_equals_the_direct_one(seed, solver):
             got = solve_highs(p, solver=solver, presolve="off")
         finally:
             backends.LIFT_MIN_ENTRIES = old
-        assert lifted
+        assert lifted == ("expert" if p.num_groups == 1 and "expert" in p.blocks else "token")
         _check_highs_block(got, p, solve_highs(p, solver=solver, presolve="off"))
 
 
 def test_lifted_formulation_on_a_large_budget_row():
-    """Above LIFT_MIN_ENTRIES the simplex gets the lifted model by default; it agrees with the
-    closed form (== c) and the flow solver (capped), duals included."""
+    """Above LIFT_MIN_ENTRIES the simplex gets a lifted model by default (expert counts for the
+    capped program with one group, token counts otherwise); it agrees with the closed form (== c)
+    and the flow solver (capped), duals included."""
     rng = np.random.default_rng(11)
     S = rng.normal(size=(160, 32))  # 5120 > 4096 entries
-    for p, ref in [(RoutingProblem.budget(S, 320, sense="=="), "closed_form"),
-                   (RoutingProblem.capped(S, 320, 3, 13), "flow")]:
-        assert backends.highs_formulation(p, "simplex", "off")
+    two_groups = (np.arange(160) >= 140).astype(int)  # group 0: 140 x 32 > 4096 entries
+    for p, ref, side in [(RoutingProblem.budget(S, 320, sense="=="), "closed_form", "token"),
+                         (RoutingProblem.capped(S, 320, 3, 13), "flow", "expert"),
+                         (RoutingProblem.capped(S, [280, 40], 3, 13, groups=two_groups), "flow", "token")]:
+        assert backends.highs_formulation(p, "simplex", "off") == side
         raw = solve_highs(p)
         assert raw.status == "optimal"
         assert close(raw.objective, solve(p, ref, certify_solution=False).objective)

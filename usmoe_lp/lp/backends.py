@@ -10,11 +10,12 @@ takes 0.2 s (benchmarks/results.md).
 HiGHS models are built by :func:`solve_highs_joint` for one program or many: each program is one
 diagonal block of one model (``usmoe_lp.lp.batch.solve_highs_batch``: 256 programs of 8x4 in one
 call instead of 256), its objective scaled by its own power of two. A program with a large budget
-group solved by the simplex method gets the *lifted* formulation (:func:`highs_formulation`):
-token-count columns y_i = sum_j x_ij, with the budget rows over y, so that no row is dense. Its
-token multipliers are then the reduced costs of y: with w_i the link row's multiplier, the
-reduced cost of x_ij is S_ij - w_i - v_j and that of y_i is w_i - lam_g(i), so u_i = w_i - lam_g(i)
-recovers the original reduced costs S_ij - u_i - v_j - lam_g(i).
+group solved by the simplex method gets a *lifted* formulation (:func:`highs_formulation`):
+count columns y_i = sum_j x_ij per token (or z_j = sum_i x_ij per expert), with the budget rows
+over the counts, so that no row is dense. That side's multipliers are then the reduced costs of
+the count columns: with w_i the link row's multiplier, the reduced cost of x_ij is
+S_ij - w_i - v_j and that of y_i is w_i - lam_g(i), so u_i = w_i - lam_g(i) recovers the original
+reduced costs S_ij - u_i - v_j - lam_g(i) (on the expert side likewise v_j = w_j - lam).
 """
 
 from __future__ import annotations
@@ -111,47 +112,55 @@ def highs_strategy(problem: RoutingProblem) -> tuple[str, str]:
     """(solver, presolve) for HiGHS on this program, chosen from measurements (highspy 1.15.1,
     2 cores, Gaussian scores; benchmarks/results.md; the lifted formulation measured by hand).
 
-    HiGHS's presolve is fast on sparse rows (Token Choice) and removes a lone ``<= c`` budget
-    row entirely (16384x128: 8 s; 23 s without presolve), but it is pathological on dense rows
-    that it cannot remove: Expert Choice at 4096x64 took 13 s (0.5 s without), ``== 2T`` 335 s
-    (1.2 s without, IPM), the capped program 14.6 s (1.6 s without, IPM). The rest go without
-    presolve: up to :data:`SIMPLEX_MAX_ENTRIES` variables to the dual simplex on the lifted
+    HiGHS's presolve removes a lone ``<= c`` budget row entirely (16384x128: 8 s; 23 s without
+    presolve), but it is pathological on dense rows that it cannot remove: Expert Choice at
+    4096x64 took 13 s (0.5 s without), ``== 2T`` 335 s (1.2 s without, IPM), the capped program
+    14.6 s (1.6 s without, IPM); on Token Choice it costs more than it saves (CPU time without /
+    with: 0.09 / 0.22 s at 1024x64, 0.5 / 1.0 s at 4096x64, 6.1 / 9.0 s at 16384x128). The rest
+    go without presolve: up to :data:`SIMPLEX_MAX_ENTRIES` variables to the dual simplex on the lifted
     formulation (:func:`highs_formulation`; 1024x64: ``== c`` 0.18 s, capped 0.21 s, where IPM
     takes 0.5 s and 0.65 s), beyond to IPM, whose work grows about linearly (the simplex's grows
     with iterations x columns). IPM runs crossover, so the solution is still a vertex.
     """
     blocks = problem.blocks
-    if not blocks or blocks == ("token",) or (blocks == ("budget",) and problem.budget_sense == "<="):
+    if not blocks or (blocks == ("budget",) and problem.budget_sense == "<="):
         return "choose", "choose"
-    if blocks == ("expert",):
+    if blocks in (("token",), ("expert",)):
         return "choose", "off"
     T, N = problem.shape
     return ("simplex", "off") if T * N <= SIMPLEX_MAX_ENTRIES else ("ipm", "off")
 
 
-def highs_formulation(problem: RoutingProblem, solver: str, presolve: str) -> bool:
-    """True when HiGHS gets the *lifted* formulation of ``problem``: one extra column per token,
-    y_i = sum_j x_ij (a row per token), carrying the token bounds as column bounds, and the budget
-    rows over y (T_g entries each) instead of over x (T_g * N entries).
+def highs_formulation(problem: RoutingProblem, solver: str, presolve: str) -> str | None:
+    """How HiGHS gets ``problem``: None for the direct model (rows over x), or the side of a
+    *lifted* one, ``"token"`` or ``"expert"``: one count column per token, y_i = sum_j x_ij (a
+    link row per token), or per expert, z_j = sum_i x_ij (a link row per expert), carrying that
+    side's bounds as column bounds, and the budget rows over the counts (T_g or N entries each)
+    instead of over x (T_g * N entries).
 
-    The lifted polytope is the image of the original under x -> (x, rowsums(x)), so vertices,
+    The lifted polytope is the image of the original under x -> (x, counts(x)), so vertices,
     optima and integrality are the same. It matters for the simplex method: on a dense budget row
-    HiGHS's dual ratio test takes ~1.3 s for one iteration at 1024x64 (``== c``), the lifted model
-    0.18 s in all. Used when a budget group has more than :data:`LIFT_MIN_ENTRIES` pairs, the
-    solver is a simplex method and presolve cannot simply drop the row (a lone ``<= c`` budget).
+    HiGHS's dual ratio test takes ~1.3 s for one iteration at 1024x64 (``== c``), the lifted
+    model 0.18 s in all. Used when a budget group has more than :data:`LIFT_MIN_ENTRIES` pairs,
+    the solver is a simplex method and presolve cannot simply drop the row (a lone ``<= c``
+    budget); on the expert side when the expert block binds under one budget group (the capped
+    program: 2x faster than the token side, 0.1 s at 1024x64, 0.28 s at 2048x64), else on the
+    token side.
     """
     if problem.budget is None or solver == "ipm":
-        return False
+        return None
     if problem.blocks == ("budget",) and problem.budget_sense == "<=" and presolve != "off":
-        return False
-    return int(problem.group_sizes.max()) * problem.shape[1] > LIFT_MIN_ENTRIES
+        return None
+    if int(problem.group_sizes.max()) * problem.shape[1] <= LIFT_MIN_ENTRIES:
+        return None
+    return "expert" if problem.num_groups == 1 and "expert" in problem.blocks else "token"
 
 
 @dataclass(frozen=True, eq=False)
 class _Pattern:
     """The constraint matrix of one program in a HiGHS model: CSC ``start`` (ncols+1,), ``index``
-    and ``value`` (nnz,), row offsets of each block; x columns first (row-major), then the token
-    counts y when ``lifted``."""
+    and ``value`` (nnz,), first row of each block (``link``: the lifted side's link rows); x
+    columns first (row-major), then the counts of the ``lifted`` side (T or N), if any."""
 
     ncols: int
     nrows: int
@@ -159,35 +168,41 @@ class _Pattern:
     index: np.ndarray
     value: np.ndarray
     offsets: dict[str, int]
-    lifted: bool
+    lifted: str | None
 
 
-def _pattern(problem: RoutingProblem, lifted: bool) -> _Pattern:
+def _pattern(problem: RoutingProblem, lifted: str | None) -> _Pattern:
     T, N = problem.shape
-    if not lifted:
+    if lifted is None:
         rows = constraint_rows(problem)
         return _Pattern(T * N, rows.num_rows, rows.start.astype(np.int64), rows.index.astype(np.int64),
-                        np.ones(rows.index.size), dict(rows.offsets), False)
-    # rows: one link row per token (sum_j x_ij - y_i = 0), the expert rows if they bind, the budget rows
-    expert = "expert" in problem.blocks
-    offsets = {"link": 0}
-    row = T
-    if expert:
-        offsets["expert"] = row
-        row += N
+                        np.ones(rows.index.size), dict(rows.offsets), None)
+    # rows, in order: the other side's rows if they bind, the link rows (sum x - count = 0), the budget rows
+    other = "expert" if lifted == "token" else "token"
+    tok, exp = np.repeat(np.arange(T), N), np.tile(np.arange(N), T)
+    own, their = (tok, exp) if lifted == "token" else (exp, tok)
+    sizes = {"token": T, "expert": N}
+    offsets, row, per_x = {}, 0, [own]
+    if other in problem.blocks:  # each x column: its row of the other side, then its link row
+        offsets[other] = 0
+        row = sizes[other]
+        per_x = [their, own + row]
+    offsets["link"] = row
+    row += sizes[lifted]
     offsets["budget"] = row
     nrows = row + problem.num_groups
-    per_x = 2 if expert else 1
-    tok = np.repeat(np.arange(T), N)
-    x_index = np.stack([tok, T + np.tile(np.arange(N), T)], axis=1).ravel() if expert else tok
-    y_index = np.stack([np.arange(T), offsets["budget"] + problem.group_ids], axis=1).ravel()
-    index = np.concatenate([x_index, y_index]).astype(np.int64)
-    value = np.concatenate([np.ones(x_index.size), np.tile([-1.0, 1.0], T)])
-    start = np.concatenate([np.arange(0, T * N * per_x, per_x), T * N * per_x + np.arange(0, 2 * T + 1, 2)])
-    return _Pattern(T * N + T, nrows, start.astype(np.int64), index, value, offsets, True)
+    x_index = np.stack(per_x, axis=1).ravel() if len(per_x) > 1 else per_x[0]
+    k = len(per_x)
+    L = sizes[lifted]
+    gid = problem.group_ids if lifted == "token" else np.zeros(N, dtype=np.int64)  # expert side: one group
+    c_index = np.stack([offsets["link"] + np.arange(L), offsets["budget"] + gid], axis=1).ravel()
+    index = np.concatenate([x_index, c_index]).astype(np.int64)
+    value = np.concatenate([np.ones(x_index.size), np.tile([-1.0, 1.0], L)])
+    start = np.concatenate([np.arange(0, T * N * k, k), T * N * k + np.arange(0, 2 * L + 1, 2)])
+    return _Pattern(T * N + L, nrows, start.astype(np.int64), index, value, offsets, lifted)
 
 
-def _pattern_key(problem: RoutingProblem, lifted: bool) -> tuple:
+def _pattern_key(problem: RoutingProblem, lifted: str | None) -> tuple:
     """Problems with equal keys have the same constraint matrix (bounds may differ)."""
     groups = None if problem.groups is None else problem.groups.tobytes()
     return problem.shape, problem.blocks, groups, lifted
@@ -208,10 +223,12 @@ def _bounds(problems: Sequence[RoutingProblem], pattern: _Pattern):
     row_lo, row_hi = [], []
     for block in pattern.offsets:
         if block == "link":
-            row_lo.append(np.zeros((m, T)))
-            row_hi.append(np.zeros((m, T)))
-            col_lo[:, T * N:] = np.stack([p.token_min for p in problems])
-            col_hi[:, T * N:] = np.stack([p.token_max for p in problems])
+            side = pattern.lifted
+            L = pattern.ncols - T * N
+            row_lo.append(np.zeros((m, L)))
+            row_hi.append(np.zeros((m, L)))
+            col_lo[:, T * N:] = np.stack([getattr(p, f"{side}_min") for p in problems])
+            col_hi[:, T * N:] = np.stack([getattr(p, f"{side}_max") for p in problems])
             continue
         if block == "budget":
             hi = np.stack([p.budget for p in problems])
@@ -293,8 +310,8 @@ def _read_group(g: _Group, col_value: np.ndarray, col_dual, row_dual, out: list)
     if row_dual is not None:
         rows = np.asarray(row_dual[g.row:g.row + m * pat.nrows]).reshape(m, pat.nrows)
         for block in g.problems[0].blocks:
-            if block == "token" and pat.lifted:
-                # the token multiplier is the reduced cost of the count column y_i (module notes)
+            if block == pat.lifted:
+                # the side's multiplier is the reduced cost of its count column (module notes)
                 y = np.asarray(col_dual[g.col:g.col + m * pat.ncols]).reshape(m, pat.ncols)[:, T * N:]
             else:
                 off = pat.offsets[block]
@@ -324,8 +341,8 @@ def solve_highs_joint(problems: Sequence[RoutingProblem], *, solver: str, presol
     h.setOptionValue("solver", solver)
     h.setOptionValue("presolve", presolve)
     h.setOptionValue("run_crossover", "on")
-    if any(lifted):
-        h.setOptionValue("simplex_dual_edge_weight_strategy", 1)  # devex: faster on the lifted models
+    if "token" in lifted:
+        h.setOptionValue("simplex_dual_edge_weight_strategy", 1)  # devex: faster on token-lifted models
     if integer:
         h.setOptionValue("mip_rel_gap", 0.0)
         h.setOptionValue("mip_abs_gap", 0.0)
