@@ -21,6 +21,7 @@ reduced costs S_ij - u_i - v_j - lam_g(i) (on the expert side likewise v_j = w_j
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -336,8 +337,7 @@ def solve_highs_joint(problems: Sequence[RoutingProblem], *, solver: str, presol
         import highspy
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise SolverError("backend 'highs' needs highspy>=1.15: pip install highspy") from exc
-    h = _quiet_highs(highspy)
-    h.setOptionValue("log_to_console", False)
+    h = _highs(highspy)
     h.setOptionValue("solver", solver)
     h.setOptionValue("presolve", presolve)
     h.setOptionValue("run_crossover", "on")
@@ -422,6 +422,26 @@ def _power_of_two_scale(scores: np.ndarray) -> float:
     (barring underflow of entries ~1e-300 smaller than the largest)."""
     peak = float(np.max(np.abs(scores))) if scores.size else 0.0
     return float(_power_of_two_scales(np.array([peak]))[0])
+
+
+_LOCAL = threading.local()
+
+
+def _highs(highspy):
+    """This thread's ``Highs`` instance, emptied and with default options (quiet): re-using one
+    saves ~0.2 ms per solve over a new instance (measured on 8x4 programs, where a whole solve
+    takes ~0.4 ms); every option a solve needs is set after the reset, so results do not depend on
+    earlier solves."""
+    h = getattr(_LOCAL, "highs", None)
+    if h is None:
+        h = _LOCAL.highs = _quiet_highs(highspy)
+    else:
+        h.clearModel()
+        h.clearSolver()
+        h.resetOptions()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("log_to_console", False)
+    return h
 
 
 def _quiet_highs(highspy):
