@@ -349,19 +349,22 @@ def solve_highs_joint(problems: Sequence[RoutingProblem], *, solver: str, presol
     if time_limit is not None:
         h.setOptionValue("time_limit", float(time_limit))
     model, groups = _build_model(highspy, problems, lifted, integer)
-    if h.passModel(*model) != highspy.HighsStatus.kOk:  # pragma: no cover - a malformed model is a bug
-        raise SolverError(f"HiGHS refused the model of {len(problems)} routing program(s)")
-    h.run()
-    model_status = h.getModelStatus()
-    text = h.modelStatusToString(model_status)
-    status = _status(text)
-    if model_status != highspy.HighsModelStatus.kOptimal:
-        return status, text, []
-    sol = h.getSolution()
-    col_value = np.asarray(sol.col_value)
-    dual_ok = not integer and sol.dual_valid
-    col_dual = np.asarray(sol.col_dual) if dual_ok else None
-    row_dual = np.asarray(sol.row_dual) if dual_ok else None
+    try:
+        if h.passModel(*model) != highspy.HighsStatus.kOk:  # pragma: no cover - a malformed model is a bug
+            raise SolverError(f"HiGHS refused the model of {len(problems)} routing program(s)")
+        h.run()
+        model_status = h.getModelStatus()
+        text = h.modelStatusToString(model_status)
+        status = _status(text)
+        if model_status != highspy.HighsModelStatus.kOptimal:
+            return status, text, []
+        sol = h.getSolution()
+        col_value = np.asarray(sol.col_value)
+        dual_ok = not integer and sol.dual_valid
+        col_dual = np.asarray(sol.col_dual) if dual_ok else None
+        row_dual = np.asarray(sol.row_dual) if dual_ok else None
+    finally:
+        h.clearModel()  # the re-used instance keeps no large model alive between solves
     out: list = [None] * len(problems)
     for g in groups:
         _read_group(g, col_value, col_dual, row_dual, out)
