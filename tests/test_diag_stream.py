@@ -189,3 +189,30 @@ def test_captured_selection_and_native_agreement_with_replay():
     got, ref = stream.native.result(), alone.result()
     assert (got.tokens, got.agreeing_tokens, got.tied_tokens) == (ref.tokens, ref.agreeing_tokens, ref.tied_tokens)
     assert got.agreeing_tokens < got.tokens
+
+
+def test_collapse_thread_and_pickling_leave_the_numbers_unchanged():
+    """The collapse Grams on a worker thread (logits in two buffers taken in turn) give the same bytes as on
+    this thread, over chunks of odd and even numbers of blocks; a pickled stream carries no work buffers and
+    merges as the original."""
+    import pickle
+
+    from usmoe_lp.diagnostics.stream import stream_chunks
+
+    g = torch.Generator().manual_seed(11)
+    sizes = (2 * BLOCK_TOKENS + 5, 7, BLOCK_TOKENS + 1)  # 3, 1 and 2 blocks
+    zs = [(2.0 * torch.randn(n, N, generator=g)).to(torch.bfloat16) for n in sizes]
+    info = SEMANTICS["softmax"]
+    results = []
+    for threads in (False, True):
+        stream = stream_chunks(LayerStream.empty(info, K, EPS), [_chunk(z) for z in zs], threads=threads)
+        results.append(stream)
+    a, b = (s.result() for s in results)
+    assert a["collapse"].to_dict() == b["collapse"].to_dict()
+    assert a["load"].to_dict() == b["load"].to_dict() and a["margins"].to_dict() == b["margins"].to_dict()
+    blob = pickle.dumps(results[0])
+    assert len(blob) < 100_000  # no work buffers (several MB) travel with the state
+    back = pickle.loads(blob)
+    assert back.result()["collapse"].to_dict() == a["collapse"].to_dict()
+    merged = back.merge(results[1]).result()
+    assert merged["tokens"] == 2 * sum(sizes) and merged["load"].counts.sum() == 2 * K * sum(sizes)

@@ -234,13 +234,14 @@ def _logsumexp_rows(z: np.ndarray) -> np.ndarray:
     return m + np.log(_row_sums(np.exp(z - m[:, None])))
 
 
-def softmax_token_stats(logits, probs, p_max=None):
+def softmax_token_stats(logits, probs, p_max=None, scratch=None):
     """Per token, for rows of probs that are the softmax of the logits: ``(H(q_t) in nats, logsumexp_e z_{t,e},
     r_t = sum_e p_{t,e})``, each (T,) torch, in the dtype of the inputs.
 
     logits, probs: (T, N) torch float32 (or float64), ``probs = softmax(logits)`` row by row (as
     :func:`usmoe_lp.routing.probabilities` computes it), finite; p_max: optionally (T,) the largest
-    probability of each row, when the caller has it (the last column of the sorted rows).
+    probability of each row, when the caller has it (the last column of the sorted rows); scratch: optionally
+    a (T, N) tensor of the logits' dtype to work in (the caller's reused memory).
 
     One exp per entry (the softmax's) serves the three, with no log per entry: the softmax computes
     p_e = exp(x_e) / S with x = z - max_e z, so its largest entry is p_max = 1 / S and log p_e = x_e + log p_max.
@@ -253,7 +254,8 @@ def softmax_token_stats(logits, probs, p_max=None):
 
     z, p = logits, probs
     m = z.amax(dim=1, keepdim=True)
-    dot = torch.linalg.vecdot(p, z - m, dim=1)
+    x = z - m if scratch is None else torch.sub(z, m, out=scratch)
+    dot = x.mul_(p).sum(dim=1)  # sum_e p_e x_e, in place (vecdot makes a temporary of the same size)
     r = p.sum(dim=1)
     pm = p.amax(dim=1) if p_max is None else torch.as_tensor(p_max)
     entropy = torch.log(r / pm) - dot / r
@@ -336,6 +338,8 @@ class LoadPartial:
     histogram, ``num_tokens``, ``prob_sum`` (N,) float64 sum of raw probs, ``norm_prob_sum`` (N,)
     float64 sum of row-normalised probs, ``token_entropy_sum`` (nats), ``prob_tokens`` (tokens
     that came with probs), ``lse_sq_sum`` (sum of squared logsumexp), ``logit_tokens``.
+    :meth:`update` forms the probability sums in float64; :meth:`update_softmax` (the streaming
+    analysis) adds float32 sums of blocks of at most 8192 tokens, within 1e-6 relative of them.
 
     Mixing chunks with and without probs (or logits) is allowed; the probability-based (resp.
     logit-based) fields of the result are then None, since they would cover only part of the tokens.
@@ -400,13 +404,15 @@ class LoadPartial:
             sums["lse_sq_sum"] = float((lse * lse).sum())
         self.add(t, counts, np.bincount(per_token, minlength=self.num_experts + 1), **sums)
 
-    def update_softmax(self, mask: np.ndarray, logits, probs, *, p_max=None, experts_each: int | None = None) -> None:
+    def update_softmax(self, mask: np.ndarray, logits, probs, *, p_max=None, experts_each: int | None = None,
+                       scratch=None) -> None:
         """Consume one chunk whose probabilities are the softmax of its logits (the streaming analysis,
         :class:`usmoe_lp.diagnostics.stream.LayerStream`); the same statistics as :meth:`update`.
 
         mask: (T, N) bool numpy; logits, probs: (T, N) torch float32, ``probs = softmax(logits)``; p_max:
         optionally (T,) the largest probability of each row; experts_each: optionally the number of experts
-        every row of the mask holds (a top-k mask: k), which spares counting them. Trusted (finite, aligned:
+        every row of the mask holds (a top-k mask: k), which spares counting them; scratch: optionally a
+        (T, N) float32 tensor to work in (see :func:`softmax_token_stats`). Trusted (finite, aligned:
         the log reader checked them), so nothing is validated. The entropies and the logsumexp come from
         :func:`softmax_token_stats`; the column sums of the probabilities (raw and row-normalised) are
         float32 sums over the chunk's tokens (torch's blocked reduction and a matrix-vector product) added
@@ -422,7 +428,7 @@ class LoadPartial:
         else:
             hist = np.zeros(self.num_experts + 1, dtype=np.int64)
             hist[experts_each] = t
-        entropy, lse, r = softmax_token_stats(logits, probs, p_max)
+        entropy, lse, r = softmax_token_stats(logits, probs, p_max, scratch)
         lse = lse.double()
         self.add(t, counts, hist,
                  prob_sum=probs.sum(dim=0).double().numpy(),

@@ -105,23 +105,27 @@ def _step(r: np.ndarray, where: np.ndarray, up: bool) -> None:
     bits[where & zero] = np.int32(1) if up else np.int32(-(2**31) + 1)  # across 0: the smallest subnormal
 
 
-def fragile_sorted(sorted_rows: np.ndarray, k: int, eps: tuple[float, ...]) -> dict[float, int]:
+def fragile_sorted(sorted_rows: np.ndarray, k: int, eps: tuple[float, ...],
+                   buffer: np.ndarray | None = None) -> dict[float, int]:
     """{eps: #{(t, e) : |s_{t,e} - b_t| <= eps}} (:func:`fragile_counts`) from the (T, N) rows sorted ascending
     (float32 or float64 numpy, k < N), b_t = (s_(k) + s_(k+1)) / 2 in float64 (exact for float32 scores).
 
     The k scores above the boundary (s >= s_(k) >= b) are fragile when s <= b + eps, the N - k below when
     s >= b - eps: N comparisons per row and eps, against the bound b +- eps rounded once to float64 (then, for
     float32 rows, to the float32 on its side, which decides every float32 score exactly as the float64 bound
-    does); counted over the whole chunk without a per-row sum.
+    does); counted over the whole chunk without a per-row sum. buffer: optionally a bool array of at least
+    T * N entries to compare into (reused by :class:`MarginPartial` from chunk to chunk).
     """
     srt = sorted_rows
-    n = srt.shape[1]
+    t, n = srt.shape
     kth = srt[:, n - k].astype(np.float64)
     nxt = srt[:, n - k - 1].astype(np.float64)
     b = (kth + nxt) / 2
     top, low = srt[:, n - k:], srt[:, :n - k]
-    buf_top = np.empty(top.shape, dtype=bool)
-    buf_low = np.empty(low.shape, dtype=bool)
+    if buffer is None or buffer.size < t * n:
+        buffer = np.empty(t * n, dtype=bool)
+    buf_top = buffer[: t * k].reshape(t, k)
+    buf_low = buffer[t * k : t * n].reshape(t, n - k)
     e = np.asarray(eps, dtype=np.float64)
     his = _round_down(b[:, None] + e, srt.dtype)
     los = _round_up(b[:, None] - e, srt.dtype)
@@ -378,6 +382,12 @@ class MarginPartial:
         self.relative_tokens = 0
         self.fragile = dict.fromkeys(self.eps, 0)
         self.hist = np.zeros(edges.size + 1, dtype=np.int64)
+        self._buffer = np.zeros(0, dtype=bool)  # work memory of fragile_sorted, reused; not state
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_buffer"] = np.zeros(0, dtype=bool)
+        return state
 
     @classmethod
     def empty(cls, k: int, eps=DEFAULT_EPS, bins=None, *, num_experts: int | None = None) -> MarginPartial:
@@ -438,7 +448,9 @@ class MarginPartial:
         pos = kth > 0
         self.relative_sum += float((m[pos] / kth[pos]).sum())
         self.relative_tokens += int(np.count_nonzero(pos))
-        for e, cnt in fragile_sorted(srt, self.k, self.eps).items():
+        if self._buffer.size < srt.size:
+            self._buffer = np.empty(srt.size, dtype=bool)
+        for e, cnt in fragile_sorted(srt, self.k, self.eps, self._buffer).items():
             self.fragile[e] += cnt
         self.hist += np.bincount(np.searchsorted(self.edges, m, side="right"), minlength=self.hist.size)
 
