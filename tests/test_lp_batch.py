@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from usmoe_lp.errors import InvalidParameter, ShapeMismatch, UnsupportedProblem
+from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch, UnsupportedProblem
 from usmoe_lp.lp import (
     EXHAUSTIVE_MAX_ENTRIES,
     RoutingProblem,
@@ -408,3 +408,51 @@ def test_certify_batch_rejects_bad_masks():
         certify_batch([p], [np.ones((3, 2), bool)])
     with pytest.raises(ShapeMismatch, match="0/1"):
         certify_batch([p], [np.full((2, 3), 0.5)])
+
+
+# ----------------------------------------------------------------------------- RoutingProblem.for_scores
+PROBLEM_FIELDS = ("scores", "token_min", "token_max", "expert_min", "expert_max", "budget", "groups", "group_sizes")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_for_scores_equals_construction(seed):
+    """B programs from one template equal B constructions field by field (dtypes and blocks too),
+    with read-only scores."""
+    rng = np.random.default_rng(seed)
+    template = make_batch(seed, SINGLE + COMBINED, families=1, per_family=1)[0]
+    kind = str(rng.choice(KINDS))
+    S = np.stack([make_scores(kind, template.shape, rng) for _ in range(int(rng.integers(0, 5)))]
+                 or [np.zeros(template.shape)])
+    got = template.for_scores(S.astype(np.float32) if kind == "bf16" else S)
+    for p, s in zip(got, S, strict=True):
+        ref = RoutingProblem(s, token_min=template.token_min, token_max=template.token_max,
+                             expert_min=template.expert_min, expert_max=template.expert_max,
+                             budget=template.budget, budget_sense=template.budget_sense, groups=template.groups,
+                             name=template.name)
+        for f in PROBLEM_FIELDS:
+            a, b = getattr(p, f), getattr(ref, f)
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype and np.array_equal(a, b), f
+        assert (p.budget_sense, p.name, p.blocks, p.shape) == (ref.budget_sense, ref.name, ref.blocks, ref.shape)
+        assert not p.scores.flags.writeable and p.scores.flags.c_contiguous
+        a, b = (solve(q, "flow", certify_solution=False) for q in (p, ref))
+        assert a.status == b.status and same(a.objective, b.objective)
+
+
+def test_for_scores_rejects_bad_stacks():
+    p = RoutingProblem.token_choice(np.zeros((3, 2)), 1)
+    with pytest.raises(ShapeMismatch, match=r"expected \(B, 3, 2\)"):
+        p.for_scores(np.zeros((4, 2, 3)))
+    with pytest.raises(ShapeMismatch, match=r"expected \(B, 3, 2\)"):
+        p.for_scores(np.zeros((3, 2)))
+    bad = np.zeros((4, 3, 2))
+    bad[2, 1, 0] = np.nan
+    with pytest.raises(InvalidScores, match="NaN"):
+        p.for_scores(bad)
+    huge = np.zeros((4, 3, 2))
+    huge[3, 0, 0] = 1e307
+    with pytest.raises(InvalidScores, match=r"scores\[3\]"):
+        p.for_scores(huge)
+    assert p.for_scores(np.zeros((0, 3, 2))) == []

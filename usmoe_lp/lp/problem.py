@@ -40,6 +40,12 @@ BLOCKS = ("token", "expert", "budget")
 def _as_bounds(value, length: int, name: str, default: int) -> np.ndarray:
     if value is None:
         return np.full(length, default, dtype=np.int64)
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):  # the common case, fast
+        if value < 0:
+            raise InvalidParameter(f"{name}[0] = {value} is negative")
+        if value > INT64_MAX:
+            raise InvalidParameter(f"{name}[0] = {value} is beyond the int64 range")
+        return np.full(length, value, dtype=np.int64)
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     arr = np.asarray(value)
@@ -206,6 +212,42 @@ class RoutingProblem:
             scores, token_max=token_max, expert_max=expert_max, budget=c_arr,
             budget_sense=sense, groups=groups, name="capped",
         )
+
+    def for_scores(self, scores) -> list[RoutingProblem]:
+        """This program's constraints on each score matrix of a stack: B programs at once.
+
+        Args:
+            scores: (B, T, N), any real dtype accepted by the constructor (converted exactly).
+
+        Returns:
+            B programs equal field by field to ``RoutingProblem(scores[b], <this program's bounds,
+            budget, sense, groups, name>)``; the bounds are validated once (they are this
+            program's) and shared (read-only), the scores validated together, each program's
+            scores a read-only view of one float64 copy of the stack. ~100x cheaper than B
+            constructions at 8x4 (per-program validation is a dozen small numpy calls).
+
+        Raises:
+            ShapeMismatch: ``scores`` not (B, T, N) with this program's (T, N).
+            InvalidScores: a non-finite or too large score (the message names the program b).
+        """
+        S = as_float64_scores(scores)
+        if S.ndim != 3 or S.shape[1:] != self.shape:
+            raise ShapeMismatch(f"scores has shape {S.shape}; expected (B, {self.shape[0]}, {self.shape[1]}), "
+                                "a stack of this program's score matrices")
+        if S.shape[0] == 0:
+            return []
+        check_finite_numpy(S)
+        b = int(np.argmax(np.abs(S).reshape(S.shape[0], -1).max(axis=1)))
+        check_summable(S[b], name=f"scores[{b}]")
+        S.setflags(write=False)
+        fields = dict(self.__dict__)
+        out = []
+        for b in range(S.shape[0]):
+            p = object.__new__(RoutingProblem)
+            p.__dict__.update(fields)
+            p.__dict__["scores"] = S[b]
+            out.append(p)
+        return out
 
     # ----------------------------------------------------------------------------- properties
     @property
