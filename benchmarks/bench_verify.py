@@ -7,8 +7,9 @@ Three measurements, each repeated ``--repeats`` times (median reported, with the
 
 1. **Throughput at 8x4**: every claim with the default backends (``usmoe_lp.verify.DEFAULT_BACKENDS``: two
    independent oracles for every claim, all in-process), every matrix family, k = 1 and 2, checked by
-   ``run_verify`` in this process without shrinking. CPU time is ``time.process_time()`` of this process
-   (every thread it runs), so instances per CPU second is instances per second per core. The same instances
+   ``run_verify`` in this process without shrinking. CPU time is user + system time of this process
+   (every thread it runs) and of its child processes (CBC's), so instances per CPU second is instances per
+   second per core. The same instances
    checked one at a time (batches of one, ``runner.run_batch`` per trial) give the per-instance path: with
    the default backends, and with the former default ``closed_form,highs,cbc`` (a CBC subprocess per
    program and instance), on ``--per-instance`` instances.
@@ -27,6 +28,7 @@ and no ``--out``, a new temporary directory).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -35,8 +37,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
-
-import os  # noqa: E402
 
 from common import machine_info, machine_markdown, markdown_table, results_dir  # noqa: E402
 
@@ -57,11 +57,17 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _cpu() -> float:
+    """CPU seconds of this process (every thread) and of its finished child processes (CBC's)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _timed(fn):
-    """(result, CPU seconds of this process, wall seconds)."""
-    c0, w0 = time.process_time(), time.perf_counter()
+    """(result, CPU seconds of this process and its children, wall seconds)."""
+    c0, w0 = _cpu(), time.perf_counter()
     out = fn()
-    return out, time.process_time() - c0, time.perf_counter() - w0
+    return out, _cpu() - c0, time.perf_counter() - w0
 
 
 def _spread(values: list[float]) -> str:
@@ -169,9 +175,10 @@ def to_markdown(res: dict) -> str:
     info = res["machine"]
     lines = ["# `usmoe-lp verify` at scale", "",
              "Measured by `benchmarks/bench_verify.py`" + (" --quick" if res["quick"] else "")
-             + f" ({res['repeats']} runs each, median; the range in brackets). CPU time is `time.process_time()` "
-             "of the process doing the work (all its threads); instances per CPU second = instances per second "
-             "per core. Timings on a shared machine: compare CPU times, and read the load average.", "",
+             + f" ({res['repeats']} runs each, median; the range in brackets). CPU time is the user + system time "
+             "of the process doing the work (all its threads) and of its child processes (CBC); instances per CPU "
+             "second = instances per second per core. Timings on a shared machine: compare CPU times, and read "
+             "the load average.", "",
              "## Machine", "", machine_markdown(info), ""]
     lines += ["## Throughput (every claim, two independent oracles per claim)", "",
               f"Target: at least {TARGET_RATE:.0f} instances per second per core at 8x4 with the default backends "
