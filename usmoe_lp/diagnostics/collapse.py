@@ -297,25 +297,7 @@ def _symmetric(upper: torch.Tensor) -> np.ndarray:
     return g
 
 
-class _Scratch:
-    """Work tensors reused from one update to the next, by name (never pickled, never merged).
-
-    A fresh 2 MB temporary per block of 8192 rows costs a page fault per 4 KB page where glibc hands every
-    large free back to the operating system, as in Dask's workers (``MALLOC_TRIM_THRESHOLD_``): reusing the
-    buffers measured 40% less CPU there."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        """A (rows, cols) contiguous tensor of ``dtype`` (uninitialised), the same memory on each call."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
-            buf = self._buffers[name] = torch.empty((rows, cols), dtype=dtype)
-        return buf[:rows]
-
-
-def _chunk_gram(x, scratch: _Scratch | None = None, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+def _chunk_gram(x, scratch=None, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(X^T X, X^T 1) in float64 for one chunk X (n, m): torch or numpy, float32 or float64.
 
     float64: one float64 product. float32: in blocks of _BLOCK_ROWS rows, each block shifted by its own
@@ -325,7 +307,7 @@ def _chunk_gram(x, scratch: _Scratch | None = None, name: str = "") -> tuple[np.
     float32 round-off is then relative to the spread of X around its block means, not to the means. The
     float32 products run in torch (its BLAS honours ``torch.set_num_threads``; numpy's OpenBLAS spins up its
     own threads, which on a shared machine was an order of magnitude slower and erratic). scratch, name: where
-    to keep the shifted block between calls.
+    to write the shifted block (:meth:`CollapsePartial.update`'s scratch), else a new tensor.
     """
     xt = torch.as_tensor(x)
     n, m = xt.shape
@@ -454,16 +436,6 @@ class CollapsePartial:
         self._hidden_gram = None if d is None else np.zeros((d, d))
         self._hidden_sum = None if d is None else np.zeros(d)
         self._hidden_f32 = False
-        self._scratch = _Scratch()
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_scratch", None)  # work memory, not state
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._scratch = _Scratch()
 
     @classmethod
     def empty(cls, num_experts: int, hidden_dim: int | None = None) -> CollapsePartial:
@@ -471,7 +443,7 @@ class CollapsePartial:
         passed to every :meth:`update`, else None."""
         return cls(num_experts, hidden_dim)
 
-    def update(self, logits, probs=None, hidden=None, *, checked: bool = False) -> None:
+    def update(self, logits, probs=None, hidden=None, *, checked: bool = False, scratch=None) -> None:
         """Add one chunk of tokens. Mutates self, returns None.
 
         logits: (n, N) float router logits (numpy or torch, any float dtype incl. bfloat16);
@@ -480,10 +452,12 @@ class CollapsePartial:
         otherwise. A chunk of 0 tokens is allowed (a no-op). Everything is validated before any state
         changes. checked: the inputs are already valid (float32 or float64 torch tensors, finite, aligned,
         probs given: the streaming analysis, whose log reader checked them) — skip the checks and their
-        passes over the data.
+        passes over the data. scratch: where to work, an object whose ``get(name, rows, cols, dtype)`` returns a
+        (rows, cols) tensor to overwrite, the same memory from call to call (the streaming analysis passes its
+        block buffers: see :mod:`usmoe_lp.diagnostics.stream`); None: new tensors.
         """
         if checked:
-            self._add(logits, probs, hidden)
+            self._add(logits, probs, hidden, scratch=scratch)
             return
         z = _as_array(logits, "logits")
         n, big_n = z.shape
@@ -517,19 +491,21 @@ class CollapsePartial:
         self._add(torch.from_numpy(np.ascontiguousarray(z)), torch.from_numpy(np.ascontiguousarray(p)),
                   None if h is None else torch.from_numpy(np.ascontiguousarray(h)), given)
 
-    def _add(self, zt: torch.Tensor, pt: torch.Tensor, ht: torch.Tensor | None, given: bool = True) -> None:
+    def _add(self, zt: torch.Tensor, pt: torch.Tensor, ht: torch.Tensor | None, given: bool = True,
+             scratch=None) -> None:
         """Accumulate valid (n, N) logits, probabilities and (n, d) hidden states (torch float32/float64)."""
         n, big_n = zt.shape
         if n == 0:
             return
         m = zt.mean(dim=1)  # torch: numpy's row reductions / gemv are several times slower here
-        aug = self._scratch.get("aug", n, big_n + 1, zt.dtype)
+        shape = (n, big_n + 1)
+        aug = torch.empty(shape, dtype=zt.dtype) if scratch is None else scratch.get("aug", *shape, zt.dtype)
         torch.sub(zt, m[:, None], out=aug[:, :big_n])
         aug[:, big_n] = m
-        g, s = _chunk_gram(aug, self._scratch, "logits")
-        pg, ps = _chunk_gram(pt, self._scratch, "probs")
+        g, s = _chunk_gram(aug, scratch, "logits")
+        pg, ps = _chunk_gram(pt, scratch, "probs")
         if ht is not None:
-            hg, hs = _chunk_gram(ht, self._scratch, "hidden")
+            hg, hs = _chunk_gram(ht, scratch, "hidden")
             self._hidden_gram += hg
             self._hidden_sum += hs
             if ht.dtype != torch.float64:

@@ -114,7 +114,7 @@ def fragile_sorted(sorted_rows: np.ndarray, k: int, eps: tuple[float, ...],
     s >= b - eps: N comparisons per row and eps, against the bound b +- eps rounded once to float64 (then, for
     float32 rows, to the float32 on its side, which decides every float32 score exactly as the float64 bound
     does); counted over the whole chunk without a per-row sum. buffer: optionally a bool array of at least
-    T * N entries to compare into (reused by :class:`MarginPartial` from chunk to chunk).
+    T * N entries to compare into (the caller's reused memory).
     """
     srt = sorted_rows
     t, n = srt.shape
@@ -382,12 +382,6 @@ class MarginPartial:
         self.relative_tokens = 0
         self.fragile = dict.fromkeys(self.eps, 0)
         self.hist = np.zeros(edges.size + 1, dtype=np.int64)
-        self._buffer = np.zeros(0, dtype=bool)  # work memory of fragile_sorted, reused; not state
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_buffer"] = np.zeros(0, dtype=bool)
-        return state
 
     @classmethod
     def empty(cls, k: int, eps=DEFAULT_EPS, bins=None, *, num_experts: int | None = None) -> MarginPartial:
@@ -420,12 +414,13 @@ class MarginPartial:
                 raise ShapeMismatch(f"sorted_rows has shape {tuple(srt.shape)} but scores have {tuple(s.shape)}")
         self.update_sorted(srt)
 
-    def update_sorted(self, sorted_rows: np.ndarray) -> None:
+    def update_sorted(self, sorted_rows: np.ndarray, buffer: np.ndarray | None = None) -> None:
         """Consume one chunk given by its (T, N) score rows sorted ascending: numpy float32 or float64, finite,
         each row sorted (``np.sort(scores, axis=1)``; trusted, only N is checked). Every statistic of the
         partial is a function of each row's sorted values; :meth:`update` sorts and calls this, the streaming
         analysis (:class:`usmoe_lp.diagnostics.stream.LayerStream`) calls it with the rows it sorted once for
-        the model's top-k. Margins m_t = s_(k) - s_(k+1) are formed in float64 (exact for float32 scores)."""
+        the model's top-k. Margins m_t = s_(k) - s_(k+1) are formed in float64 (exact for float32 scores).
+        buffer: optionally a bool array of at least T * N entries to work in (:func:`fragile_sorted`)."""
         srt = sorted_rows
         t, n = srt.shape
         if self.num_experts is None:
@@ -448,9 +443,7 @@ class MarginPartial:
         pos = kth > 0
         self.relative_sum += float((m[pos] / kth[pos]).sum())
         self.relative_tokens += int(np.count_nonzero(pos))
-        if self._buffer.size < srt.size:
-            self._buffer = np.empty(srt.size, dtype=bool)
-        for e, cnt in fragile_sorted(srt, self.k, self.eps, self._buffer).items():
+        for e, cnt in fragile_sorted(srt, self.k, self.eps, buffer).items():
             self.fragile[e] += cnt
         self.hist += np.bincount(np.searchsorted(self.edges, m, side="right"), minlength=self.hist.size)
 

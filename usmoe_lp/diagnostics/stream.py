@@ -27,18 +27,19 @@ margin statistic: :meth:`~usmoe_lp.diagnostics.margins.MarginPartial.update_sort
 (:meth:`~usmoe_lp.diagnostics.collapse.CollapsePartial.update`), with no validation pass (the log reader
 checked the logits; the probabilities are computed here).
 
-Memory. A stream keeps its blocks' work buffers (the float32 logits, twice for the collapse thread, the sorted
-rows, the softmax's scratch) from block to block and chunk to chunk, as the partials keep theirs: a fresh
-2 MB temporary per block costs a page fault per 4 KB page where glibc hands large frees back to the
-operating system at once, as Dask's workers make it (``MALLOC_TRIM_THRESHOLD_``; measured +40% CPU). They
-are not part of the state: never pickled, never merged. Peak memory is a few chunks whatever the log length.
+Memory. An update allocates its blocks' work buffers once and reuses them from block to block (the float32
+logits, twice for the collapse thread, the sorted rows, the entropy's scratch, the comparisons of the fragile
+counts, the collapse partial's shifted blocks): a fresh 2 MB temporary per block costs a page fault per 4 KB
+page where glibc hands large frees back to the operating system at once, as in Dask's workers
+(``MALLOC_TRIM_THRESHOLD_``; measured +40% CPU). The buffers are freed with the update, so a stream's state
+stays its sums (a few Gram matrices) however many streams a task keeps; peak memory is a few chunks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -192,6 +193,20 @@ def native_selection(logits: torch.Tensor, info: LayerInfo, k: int, scores: torc
     return torch.from_numpy(mask)
 
 
+class _Work:
+    """The block buffers of one :meth:`LayerStream.update` (module docstring: Memory), by name."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (rows, cols) contiguous tensor of ``dtype`` to overwrite, the same memory on each call."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty((rows, cols), dtype=dtype)  # the first block is the largest
+        return buf[:rows]
+
+
 def _captured_mask(sel: torch.Tensor, n: int, N: int) -> torch.Tensor:
     """A captured selection as an (n, N) bool mask: from a bool mask, or from (n, k) indices (-1: none)."""
     if sel.dtype == torch.bool:
@@ -249,19 +264,6 @@ class LayerStream:
     native: NativeAgreementPartial | None
     source: str
     tokens: int = 0
-    _work: dict = field(default_factory=dict, repr=False, compare=False)  # reused block buffers, never pickled
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_work"] = {}
-        return state
-
-    def _buffer(self, name: str, rows: int, cols: int, dtype) -> torch.Tensor:
-        """A (rows, cols) work tensor of ``dtype`` kept from block to block (module docstring: Memory)."""
-        buf = self._work.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
-            buf = self._work[name] = torch.empty((max(rows, BLOCK_TOKENS), cols), dtype=dtype)
-        return buf[:rows]
 
     @classmethod
     def empty(cls, info: LayerInfo, k: int, eps) -> LayerStream:
@@ -291,24 +293,26 @@ class LayerStream:
         self.source = "captured" if captured is not None else "recomputed native" if replay else "recomputed top-k"
         if captured is not None and self.native is not None and not replay:  # a capacity counts whole sequences
             self.native.update(chunk.logits, captured, info, sequence_ids=chunk.sequence_ids)
-        h = chunk.hidden.float() if (hidden and chunk.hidden is not None) else None
+        h = chunk.hidden if (hidden and chunk.hidden is not None) else None
         if self.collapse is None:
             self.collapse = CollapsePartial.empty(N, hidden_dim=None if h is None else int(h.shape[1]))
         collapse = self.collapse
         softmax = info.score_function != "sigmoid"  # probabilities() is the softmax of the logits
         out = captured.numpy() if captured is not None else np.empty((n, N), dtype=bool)
-        for a in range(0, n, BLOCK_TOKENS):
+        work, main = _Work(), _Work()  # the collapse update's (maybe on a thread) and this thread's
+        flags = np.empty(min(n, BLOCK_TOKENS) * N, dtype=bool)
+        for i, a in enumerate(range(0, n, BLOCK_TOKENS)):
             b = min(n, a + BLOCK_TOKENS)
             logits = chunk.logits[a:b]
-            # two buffers in turn, from block to block across chunks: the collapse thread may still read the
-            # previous block's logits (it is waited for before the next block's collapse update is submitted)
-            turn = self._work["turn"] = 1 - self._work.get("turn", 1)
-            z = self._buffer(f"z{turn}", b - a, N, torch.float32).copy_(logits)
+            # two buffers in turn: the collapse thread may still read the previous block's logits (it is waited
+            # for before the next block's collapse update is submitted; this call's buffers stay alive as long
+            # as a pending update refers to them)
+            z = main.get(f"z{i % 2}", b - a, N, torch.float32).copy_(logits)
             probs = probabilities(z, info.score_function)
             scores, tolerance = stream_scores(logits, z, probs, info)
             srt = None
             if k < N:
-                srt = self._buffer("sorted", b - a, N, scores.dtype).numpy()
+                srt = main.get("sorted", b - a, N, scores.dtype).numpy()
                 np.copyto(srt, scores.numpy())
                 srt.sort(axis=1)
             if captured is None:
@@ -319,20 +323,21 @@ class LayerStream:
             elif self.native is not None and replay:
                 self.native.update(logits, captured[a:b], info,
                                    replay=native_selection(logits, info, k, scores, srt, tolerance))
-            hb = None if h is None else h[a:b]
+            hb = None if h is None else h[a:b].float()  # by block: a chunk of hidden states in float32 is large
             if collapse_update is None:
-                collapse.update(z, probs, hb, checked=True)
+                collapse.update(z, probs, hb, checked=True, scratch=work)
             else:
-                collapse_update(lambda z=z, probs=probs, hb=hb: collapse.update(z, probs, hb, checked=True))
+                collapse_update(lambda z=z, probs=probs, hb=hb: collapse.update(z, probs, hb, checked=True,
+                                                                                 scratch=work))
             mask = out[a:b]
             if softmax:
                 top = srt[:, -1] if (srt is not None and scores is probs) else None
                 self.load.update_softmax(mask, z, probs, p_max=None if top is None else torch.from_numpy(top),
                                          experts_each=k if captured is None else None,  # a top-k: k each
-                                         scratch=self._buffer("work", b - a, N, torch.float32))
+                                         scratch=main.get("x", b - a, N, torch.float32))
             else:
                 self.load.update(mask, probs, z)
-            self.margins.update_sorted(srt if srt is not None else scores.numpy())
+            self.margins.update_sorted(srt if srt is not None else scores.numpy(), flags)
         self.tokens += n
         return captured if captured is not None else torch.from_numpy(out)
 
