@@ -301,7 +301,7 @@ def run(layers: int, tokens: int, experts: int, *, repeats: int = 3, threads: tu
         res["suite"][str(th)] = _suite_child(log_dir, th, repeats)
     res["scaling"] = []
     for n_tok in scaling:
-        sdir = log_dir.parent / f"{log_dir.name}-scaling-L{scaling_layers}-T{n_tok}"
+        sdir = log_dir.parent / default_log_dir(scaling_layers, n_tok, experts, seq_len).name  # beside the log
         ensure_log(sdir, scaling_layers, n_tok, experts, log, seq_len)
         log(f"scaling: {scaling_layers} layers x {n_tok} tokens, {repeats} runs ...")
         row = {"layers": scaling_layers, "tokens": n_tok,
