@@ -220,6 +220,18 @@ def test_highs_batch_equals_single_solves(seed, solver):
         _check_highs_block(got, p, solve_highs(p, solver=solver))
 
 
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_highs_batch_blocks_of_different_magnitudes(seed):
+    """Blocks scaled by 10^-8 .. 10^8 in one joint model: each block is scaled by its own power of
+    two, so every block still matches its single solve to 1e-9 relative."""
+    rng = np.random.default_rng(seed)
+    problems = [p.for_scores(p.scores[None] * 10.0 ** rng.uniform(-8, 8))[0]
+                for p in make_batch(seed, SINGLE + COMBINED)]
+    for got, p in zip(solve_highs_batch(problems), problems, strict=True):
+        _check_highs_block(got, p, solve_highs(p, solver="simplex"))
+
+
 @settings(max_examples=6, deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_highs_batch_mip_equals_milp(seed):
