@@ -189,9 +189,10 @@ class Batch:
         raise InvalidParameter(f"unknown program {name!r}; expected one of {PROGRAMS}")
 
     def problems(self, name: str) -> list[RoutingProblem]:
-        """Program ``name`` of every instance (B ``RoutingProblem`` s, built once)."""
+        """Program ``name`` of every instance (B ``RoutingProblem`` s, built once: the constraints of the
+        first instance's program on every score matrix, ``RoutingProblem.for_scores``)."""
         if name not in self._problems:
-            self._problems[name] = [self._problem(name, S) for S in self.S]
+            self._problems[name] = self._problem(name, self.S[0]).for_scores(self.S)
         return self._problems[name]
 
     def backends_for(self, name: str) -> list[str]:
