@@ -322,10 +322,10 @@ def run_batch(task: BatchTask) -> list[TrialRecord]:
     T, N, k = task.T, task.N, task.k
     trials = range(task.start, task.stop)
     seeds = [trial_seed(task.seed, family.name, T, N, k, t) for t in trials]
-    S = np.stack([family.generate(np.random.default_rng(s), T, N) for s in seeds])
-    batch = Batch(S, k, Context(backends=task.backends, ilp_max_vars=task.ilp_max_vars))
     claims = get_claims(task.claims)
     with one_torch_thread():  # thousands of small torch calls: a thread pool costs more than it saves
+        S = np.stack([family.generate(np.random.default_rng(s), T, N) for s in seeds])
+        batch = Batch(S, k, Context(backends=task.backends, ilp_max_vars=task.ilp_max_vars))
         batch.prepare(claims)
         results = [claim.check(batch) for claim in claims]
     records = []
@@ -352,8 +352,9 @@ class ShrinkTask:
 def shrink_record(task: ShrinkTask) -> Counterexample:
     """Rebuild the failing instance of ``task.record`` from its seed and shrink it."""
     r = task.record
-    S = FAMILIES[r.family].generate(np.random.default_rng(r.seed), r.T, r.N)
-    sh = _shrink_fast(CLAIMS[r.claim], S, r.k, Context(backends=task.backends, ilp_max_vars=task.ilp_max_vars))
+    with one_torch_thread():
+        S = FAMILIES[r.family].generate(np.random.default_rng(r.seed), r.T, r.N)
+        sh = _shrink_fast(CLAIMS[r.claim], S, r.k, Context(backends=task.backends, ilp_max_vars=task.ilp_max_vars))
     return Counterexample(r.claim, r.family, r.T, r.N, r.k, r.trial, r.seed, sh.scores, sh.k, float(sh.check.gap),
                           {key: json_ready(float(v)) for key, v in sh.check.values.items()}, sh.check.note,
                           sh.evaluations)
