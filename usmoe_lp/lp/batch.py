@@ -1,20 +1,20 @@
 """Many routing programs at once: HiGHS on one block-diagonal model, stacked closed forms and
 certificates, exhaustive enumeration.
 
-Checking a claim on 10^5 small instances cannot pay a solver call (~0.3 ms of HiGHS set-up and
-Python per 8x4 program) or a per-program Python path each time, so every function here takes a
-sequence of :class:`~usmoe_lp.lp.problem.RoutingProblem` and returns one result per program, in
+Checking a claim on 10^5 small instances cannot pay a solver call (~0.6 ms of HiGHS set-up, run
+and Python per 8x4 program) or a per-program Python path each time, so every function here takes
+a sequence of :class:`~usmoe_lp.lp.problem.RoutingProblem` and returns one result per program, in
 order, equal to what the per-program function gives:
 
-============================ ================================================ ======================
-function                     per program equivalent                           how
-============================ ================================================ ======================
-:func:`solve_highs_batch`    ``backends.solve_highs(p, solver=...)`` (LP) or  diagonal blocks of one
-                             the 0/1 optimum (``integer=True``, HiGHS MIP)    highspy model
-:func:`closed_form_batch`    ``solve(p, "closed_form")``                      stacked (B, T, N) arrays
-:func:`certify_batch`        ``certify(p, mask)``                             stacked (B, T, N) arrays
-:func:`solve_exhaustive_batch` ``solve(p, "exhaustive")``                     enumeration, T*N <= 20
-============================ ================================================ ======================
+============================== =============================================== ========================
+function                       per program equivalent                          how
+============================== =============================================== ========================
+:func:`solve_highs_batch`      ``backends.solve_highs(p, solver=...)`` (LP) or diagonal blocks of one
+                               the 0/1 optimum (``integer=True``, HiGHS MIP)   highspy model
+:func:`closed_form_batch`      ``solve(p, "closed_form")``                     stacked (B, T, N) arrays
+:func:`certify_batch`          ``certify(p, mask)``                            stacked (B, T, N) arrays
+:func:`solve_exhaustive_batch` ``solve(p, "exhaustive")``                      enumeration, T*N <= 20
+============================== =============================================== ========================
 
 The diagonal-block model: programs share no variable and no row, so the joint optimum is
 optimal in every block, and each block's solution is read from its slice of x. Every block's
@@ -22,6 +22,12 @@ objective is scaled by its own power of two, exactly as :func:`~usmoe_lp.lp.back
 scales one program, so HiGHS's absolute tolerances mean the same thing in a block as alone. A
 joint model that is not optimal (a block infeasible) is split in halves until the failing
 programs stand alone, and those report their own status.
+
+Measured (highspy 1.15.1, 2 shared cores, CPU time, best of 3, 256 Gaussian 8x4 programs of
+``usmoe-lp verify``, per program): LP 640-800 us alone, 45-100 us batched (7-17x); IPM 0.8-1.4 ms,
+110-280 us (5-10x); the 0/1 program 3.5-17 ms by ``scipy.optimize.milp``, 115-230 us by the
+batched HiGHS MIP (22-110x); closed form 200-260 us, 25-32 us (6-10x); certificates 240-260 us,
+29-38 us (7-8x).
 """
 
 from __future__ import annotations
@@ -44,12 +50,10 @@ __all__ = ["EXHAUSTIVE_MAX_ENTRIES", "HIGHS_BATCH_COLUMNS", "HIGHS_BATCH_PRESOLV
 
 HIGHS_BATCH_COLUMNS = 8192
 """Variables per joint HiGHS model (a program with more is solved alone, exactly as
-``solve_highs``). Measured (highspy 1.15.1, 2 shared cores, CPU time, Gaussian scores, the five
-programs of ``usmoe-lp verify``): a single HiGHS call costs ~1 ms of fixed overhead, so at 8x4 a
-joint model of 256 programs is 13-25x faster than 256 calls (LP; 12-48x for the 0/1 program against
-``scipy.optimize.milp``), ~5-8x at 16x8, ~2-3.5x at 64x8. The simplex's work per iteration grows
-with the model's columns, so beyond ~8k-16k columns joint models stop gaining (at 8x4, 1024
-programs: 2048 to 32768 columns per model within 10% of each other)."""
+``solve_highs``). The gain of a joint model is the fixed cost of a call; the simplex's work per
+iteration grows with the model's columns, so beyond ~8k-16k columns joint models stop gaining
+(8x4, 1024 programs: 2048 to 32768 columns per model within 10% of each other; 16x8: 5-8x over
+single calls, 64x8: 2-3.5x)."""
 
 HIGHS_BATCH_PRESOLVE = "off"
 """HiGHS presolve for a joint model of several programs: off is 1.2-1.7x faster than ``choose`` on
