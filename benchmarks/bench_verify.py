@@ -12,7 +12,8 @@ Three measurements, each repeated ``--repeats`` times (median reported, with the
    second per core. The same instances
    checked one at a time (batches of one, ``runner.run_batch`` per trial) give the per-instance path: with
    the default backends, and with the former default ``closed_form,highs,cbc`` (a CBC subprocess per
-   program and instance), on ``--per-instance`` instances.
+   program and instance), on ``--per-instance`` instances; and the code before batching itself (its
+   claims module read from git at commit 2e8fe86, run on today's ``usmoe_lp.lp``, former default backends).
 2. **One 1024x64 instance**: every claim but ``ilp_eq_lp`` (beyond ``--ilp-max-vars``: no 0/1 backend),
    default backends, CPU and wall time per instance; then each claim alone on a fresh batch (cold caches),
    which shows where the time goes.
@@ -30,14 +31,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
+import numpy as np  # noqa: E402
 from common import machine_info, machine_markdown, markdown_table, results_dir  # noqa: E402
 
 from usmoe_lp._threads import one_torch_thread  # noqa: E402
@@ -51,6 +55,8 @@ TARGET_RATE = 500.0  # instances per second per core at 8x4
 TARGET_LARGE_S = 1.0  # one 1024x64 instance
 TARGET_SCALING = 1.8  # "near-linear" 1 -> 2 workers
 FORMER_BACKENDS = ("closed_form", "highs", "cbc")
+BEFORE_BATCHING = "2e8fe86"
+"""The last commit whose claims checked one instance at a time (``usmoe_lp/verify/claims.py`` there)."""
 
 
 def _log(msg: str) -> None:
@@ -111,6 +117,45 @@ def per_instance(size: tuple[int, int], count: int, backends: tuple[str, ...], r
             "cpu_runs": [c for c, _ in runs], "wall_runs": [w for _, w in runs]}
 
 
+def _claims_before_batching():
+    """The claims module of :data:`BEFORE_BATCHING`, read from git and run on today's ``usmoe_lp.lp``
+    (None without git history)."""
+    proc = subprocess.run(["git", "show", f"{BEFORE_BATCHING}:usmoe_lp/verify/claims.py"], cwd=HERE.parent,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    module = types.ModuleType("claims_before_batching")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(proc.stdout, f"{BEFORE_BATCHING}:usmoe_lp/verify/claims.py", "exec"), module.__dict__)
+    return module
+
+
+def per_instance_before(size: tuple[int, int], count: int) -> dict | None:
+    """Today's per-instance path: the pre-batching claims (their ``Instance``, one check per claim and
+    instance) with their default backends closed_form,highs,cbc, on the same kind of instances."""
+    old = _claims_before_batching()
+    if old is None:
+        _log("  (no git history: the pre-batching path is not measured)")
+        return None
+    T, N = size
+    fams = list(FAMILIES)
+    ctx = old.Context(backends=FORMER_BACKENDS, ilp_max_vars=4096)
+
+    def run():
+        for i in range(count):
+            fam, k = fams[i % len(fams)], 1 + i % 2
+            S = FAMILIES[fam].generate(np.random.default_rng(trial_seed(0, fam, T, N, k, i)), T, N)
+            inst = old.Instance(S, k, ctx)
+            for claim in old.CLAIMS.values():
+                claim.check(inst)
+
+    _, cpu, wall = _timed(run)
+    _log(f"  before batching ({BEFORE_BATCHING}) {T}x{N}: {count} instances, cpu {cpu:.2f} s, wall {wall:.2f} s")
+    return {"path": f"one at a time, code of {BEFORE_BATCHING}", "size": f"{T}x{N}",
+            "backends": list(FORMER_BACKENDS), "instances": count, "batch_size": 1, "cpu_s": cpu, "wall_s": wall,
+            "rate_per_core": count / cpu, "cpu_runs": [cpu], "wall_runs": [wall]}
+
+
 def large_instance(size: tuple[int, int], repeats: int, breakdown: bool) -> dict:
     """One instance at a time (trials 0..repeats-1, gaussian, k = 2), every claim but ilp_eq_lp."""
     T, N = size
@@ -127,8 +172,6 @@ def large_instance(size: tuple[int, int], repeats: int, breakdown: bool) -> dict
            "wall_runs": [w for _, w in runs], "breakdown": {}}
     if breakdown:
         seed = trial_seed(0, "gaussian", T, N, 2, 0)
-        import numpy as np
-
         S = FAMILIES["gaussian"].generate(np.random.default_rng(seed), T, N)
         ctx = Context(backends=DEFAULT_BACKENDS)
         for cid in claims:
@@ -259,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                              per_instance(size, count, DEFAULT_BACKENDS, repeats)]
         if not args.quick:
             res["throughput"].append(per_instance(size, count, FORMER_BACKENDS, 1))
+            before = per_instance_before(size, count)
+            if before is not None:
+                res["throughput"].append(before)
     _log("large instance")
     res["large"] = large_instance(large, repeats, breakdown=True)
     if not args.quick:
