@@ -119,7 +119,7 @@ def highs_strategy(problem: RoutingProblem) -> tuple[str, str]:
     14.6 s (1.6 s without, IPM); on Token Choice it costs more than it saves (CPU time without /
     with: 0.09 / 0.22 s at 1024x64, 0.5 / 1.0 s at 4096x64, 6.1 / 9.0 s at 16384x128). The rest
     go without presolve: up to :data:`SIMPLEX_MAX_ENTRIES` variables to the dual simplex on the lifted
-    formulation (:func:`highs_formulation`; 1024x64: ``== c`` 0.18 s, capped 0.21 s, where IPM
+    formulation (:func:`highs_formulation`; 1024x64: ``== c`` 0.18 s, capped 0.1 s, where IPM
     takes 0.5 s and 0.65 s), beyond to IPM, whose work grows about linearly (the simplex's grows
     with iterations x columns). IPM runs crossover, so the solution is still a vertex.
     """
