@@ -14,6 +14,7 @@ from usmoe_lp.certify_cli import certify_command
 from usmoe_lp.cli_errors import fail
 from usmoe_lp.diagnostics.cli import analyze_command
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
+from usmoe_lp.export_cli import export_command
 from usmoe_lp.live.cli import evaluate_command
 from usmoe_lp.logs.cli import capture_command, import_command, log_app
 from usmoe_lp.tiny.cli import train_tiny_command
@@ -39,6 +40,7 @@ def _app(version: bool = typer.Option(False, "--version", callback=_print_versio
     """Routing analysis and theory verification for sparse Mixture-of-Experts."""
 
 
+log_app.command("export")(export_command)
 app.add_typer(log_app, name="log")
 app.command("import")(import_command)
 app.command("capture")(capture_command)

@@ -1,5 +1,5 @@
-"""Command line for router logs: ``usmoe-lp log info LOG``, ``usmoe-lp log export LOG --out FILE.parquet``,
-``usmoe-lp import SRC --out LOG`` and ``usmoe-lp capture --model M --text FILE --out LOG``.
+"""Command line for router logs: ``usmoe-lp log info LOG``, ``usmoe-lp import SRC --out LOG`` and
+``usmoe-lp capture --model M --text FILE --out LOG`` (``usmoe-lp log export`` lives in ``usmoe_lp/export_cli.py``).
 
 ``log_app``, ``import_command`` and ``capture_command`` are mounted on the main app by
 ``usmoe_lp/cli.py``; this module only parses arguments, calls the API and prints. Every error
@@ -136,53 +136,6 @@ def info(
                   f"sequences; checked {what}")
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
-
-
-@log_app.command("export")
-def export(
-    log: Annotated[Path, typer.Argument(help="router log directory")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write (e.g. log.parquet)")],
-    layers: Annotated[str | None, typer.Option("--layers", help="comma-separated layers to export (default: all)")]
-    = None,
-    logits: Annotated[bool, typer.Option("--logits", help="also export the raw router logits (a fixed-size list "
-                                                          "column of N values per row)")] = False,
-    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="the model's experts per token, for a log "
-                                                                     "that does not record it")] = None,
-    chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", min=1, help="tokens per chunk (and rows per row "
-                                                                            "group)")] = 65536,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing Parquet file at --out")]
-    = False,
-) -> None:
-    """Export the per-token routing table of a router log to a Parquet file (pandas, polars, DuckDB).
-
-    One row per (layer, token), sorted by layer then token: layer_index, layer, token_index,
-    sequence_id, position, token_id, experts (the model's selected experts, most probable first),
-    probabilities (their routing probabilities) and with --logits the raw logits. The log is
-    streamed a chunk at a time; the file appears only once complete.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from usmoe_lp.export import export_parquet
-
-    console, err = _consoles()
-    names = None if layers is None else [n.strip() for n in layers.split(",") if n.strip()]
-    t0 = time.perf_counter()
-    try:
-        opened = RouterLog.open(log)
-        total = opened.num_tokens * len(opened.layers if names is None else names)
-        with Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                      TimeElapsedColumn(), console=err, transient=True) as progress:
-            task = progress.add_task("export", total=total)
-            result = export_parquet(opened, out, layers=names, include_logits=logits, top_k=top_k,
-                                    chunk_tokens=chunk_tokens, overwrite=overwrite,
-                                    progress=lambda rows: progress.advance(task, rows))
-    except (UsmoeLpError, OSError) as exc:
-        raise fail(exc) from None
-    seconds = time.perf_counter() - t0
-    sources = ", ".join(sorted(set(result.selection_source.values()))) or "-"
-    console.print(f"wrote {escape(str(result.path))}: {result.rows:,} rows ({len(result.layers)} layers x "
-                  f"{result.num_tokens:,} tokens), {result.row_groups} row groups, {result.bytes:,} bytes in "
-                  f"{seconds:.2f} s; selection: {escape(sources)}")
 
 
 _IMPORT_HELP = f"""Import router logits from another tool as a router log (the file type is chosen by extension).
