@@ -196,18 +196,20 @@ def scaling(trials: int, repeats: int) -> dict:
             client.wait_for_workers(workers, timeout=120)
             # every worker imports usmoe_lp and runs its first solves before the clock starts
             client.run(run_batch, BatchTask("gaussian", 8, 4, 2, 0, 4, 0, tuple(CLAIMS), DEFAULT_BACKENDS, 4096))
-            runs = []
+            runs, loads = [], []
             for r in range(repeats):
                 c0 = _worker_cpu(client)
                 _, main_cpu, wall = _timed(lambda client=client: run_verify(cfg, progress=False, client=client))
                 cpu = _worker_cpu(client) - c0
                 runs.append((cpu, wall, main_cpu))
+                loads.append(os.getloadavg()[0])
                 _log(f"  {workers} worker(s): {n} instances, wall {wall:.2f} s, workers' cpu {cpu:.2f} s, "
                      f"scheduler and client cpu {main_cpu:.2f} s (run {r + 1}/{repeats}, load "
                      f"{os.getloadavg()[0]:.2f})")
         out["workers"][workers] = {"wall_s": statistics.median(w for _, w, _ in runs),
                                    "cpu_s": statistics.median(c for c, _, _ in runs),
                                    "main_cpu_s": statistics.median(m for _, _, m in runs),
+                                   "load_after_runs": loads,
                                    "wall_runs": [w for _, w, _ in runs], "cpu_runs": [c for c, _, _ in runs]}
     out["speedup"] = out["workers"][1]["wall_s"] / out["workers"][2]["wall_s"]
     out["cpu_ratio"] = out["workers"][2]["cpu_s"] / out["workers"][1]["cpu_s"]
@@ -263,9 +265,11 @@ def to_markdown(res: dict) -> str:
                   "imports excluded), the workers' CPU time, and the CPU time of this process (scheduler and "
                   "client threads).", ""]
         rows = [[w, f"{v['wall_s']:.2f} ({_spread(v['wall_runs'])})", f"{v['cpu_s']:.2f}", f"{v['main_cpu_s']:.2f}",
-                 f"{sc['instances'] / v['wall_s']:.0f}"] for w, v in sc["workers"].items()]
+                 f"{sc['instances'] / v['wall_s']:.0f}", "/".join(f"{x:.1f}" for x in v["load_after_runs"])]
+                for w, v in sc["workers"].items()]
         lines.append(markdown_table(["workers", "wall s", "workers' CPU s", "scheduler + client CPU s",
-                                     "instances / s"], rows, ["r", "r", "r", "r", "r"]))
+                                     "instances / s", "1-min load after each run"], rows,
+                                    ["r", "r", "r", "r", "r", "r"]))
         verdict = "met" if sc["speedup"] >= TARGET_SCALING else "**not met**"
         lines += ["", f"Speed-up 1 -> 2 workers: {sc['speedup']:.2f}x in wall time (near-linear: >= {TARGET_SCALING}x; "
                   f"{verdict}); the workers' CPU time for the same work is {sc['cpu_ratio']:.2f}x that of one "
