@@ -71,7 +71,7 @@ def test_info_on_corrupt_logs_exits_2_naming_the_file(log_path, tmp_path):
     (log_path / MANIFEST_NAME).write_text(json.dumps(manifest))
     result = runner.invoke(app, ["log", "info", str(log_path)])
     assert result.exit_code == 2
-    assert "written by format version 3; this usmoe-lp reads up to 1: upgrade" in result.stderr
+    assert "written by format version 3; this usmoe-lp reads up to 2: upgrade" in result.stderr
     result = runner.invoke(app, ["log", "info", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no such router log" in result.stderr
 

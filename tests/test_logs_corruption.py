@@ -95,7 +95,7 @@ def test_deleted_shard(log_path, verify):
 def test_version_too_new(log_path, verify):
     edit_manifest(log_path, lambda m: m.update(format_version=99))
     with pytest.raises(UnsupportedVersion, match=rf"{re.escape(str(log_path / MANIFEST_NAME))} was written by "
-                                                 "format version 99; this usmoe-lp reads up to 1: upgrade"):
+                                                 "format version 99; this usmoe-lp reads up to 2: upgrade"):
         RouterLog.open(log_path, verify=verify)
 
 

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.logs import (
-    FORMAT_VERSION,
     Chunk,
     InvalidLogInput,
     LayerInfo,
@@ -25,7 +24,7 @@ from usmoe_lp.logs import (
     RouterLog,
     RouterLogWriter,
 )
-from usmoe_lp.logs.format import MANIFEST_NAME, shard_file
+from usmoe_lp.logs.format import CONTENT_VERSIONS, MANIFEST_NAME, shard_file
 
 LAYERS = (LayerInfo("l0", num_experts=8, top_k=2, module_path="model.layers.0.mlp.gate", score_function="softmax"),
           LayerInfo("l1", num_experts=8, top_k=2, score_function="sigmoid", selection_bias=[0.5] * 8),
@@ -88,7 +87,7 @@ def test_manifest_content(tmp_path):
     write(tmp_path / "log", make_data(20), [20], shard_tokens=8, model={"name": "tiny", "family": "mixtral"},
           capture={"batch_size": 2, "prompts": ["a", "b"]})
     m = json.loads((tmp_path / "log" / MANIFEST_NAME).read_text())
-    assert m["format_version"] == FORMAT_VERSION and m["model"] == {"name": "tiny", "family": "mixtral",
+    assert m["format_version"] == CONTENT_VERSIONS["logits"] and m["model"] == {"name": "tiny", "family": "mixtral",
                                                                     "revision": None}
     assert [layer["name"] for layer in m["layers"]] == ["l0", "l1", "l2"]
     assert m["layers"][0]["module_path"] == "model.layers.0.mlp.gate" and m["layers"][1]["selection_bias"] == [0.5] * 8

@@ -9,6 +9,13 @@ A router log is a directory::
       ...                            selected.<layer>, weights.<layer>, hidden.<layer> (n0, ...)
       router_weights.safetensors     optional: <layer> -> (N, d) router weight per layer
 
+A *selection log* (``manifest.content == "selection"``, format version 2) holds no logits: only the experts
+each token was routed to, ``selected.<layer>`` (n0, k) integer expert ids (best first where the source
+ranks them, -1 for an empty slot), optionally ``weights.<layer>``, beside the token metadata. It is what
+serving and training stacks record (SGLang, vLLM, Megatron-Core, the OLMoE scripts): every statistic that
+needs no logits can be computed from it (:mod:`usmoe_lp.logs.foreign` imports them). Logits logs keep
+format version 1, so the logs of earlier versions of usmoe-lp and the logs they read are unchanged.
+
 Shards cover consecutive, non-overlapping token ranges ``[token_start, token_stop)`` from 0 to
 ``num_tokens``. The manifest lists each shard with its sha256 and size in bytes; a shard file on
 disk that the manifest does not list (one in flight at a crash) is not part of the log.
@@ -38,7 +45,12 @@ import torch
 from usmoe_lp.logs.errors import CorruptLog, InvalidLogInput, UnsupportedVersion
 from usmoe_lp.staging import fsync_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The highest format version this usmoe-lp reads: 1 (logits logs) and 2 (selection logs)."""
+CONTENTS = ("logits", "selection")
+"""What a router log holds per layer (``Manifest.content``): the router logits, or only the selected experts."""
+CONTENT_VERSIONS = {"logits": 1, "selection": 2}
+"""The format version a log of each content is written with (the oldest usmoe-lp that reads it)."""
 FORMAT_NAME = "usmoe-lp router log"
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -311,9 +323,10 @@ class FileInfo:
 class Manifest:
     """The content of ``manifest.json``.
 
-    ``dtype`` is the logits dtype name (None before the first token); ``tensors`` maps tensor name
-    -> :class:`TensorSpec`; ``shards`` are contiguous from token 0 to ``num_tokens``;
-    ``complete`` is False until the writer closed cleanly (a crashed capture leaves it False).
+    ``dtype`` is the logits dtype name (None before the first token, and always for a selection log);
+    ``tensors`` maps tensor name -> :class:`TensorSpec`; ``shards`` are contiguous from token 0 to
+    ``num_tokens``; ``complete`` is False until the writer closed cleanly (a crashed capture leaves it
+    False). ``content``: ``"logits"`` or ``"selection"`` (:data:`CONTENTS`; the module docstring).
     """
 
     model: ModelInfo
@@ -328,7 +341,13 @@ class Manifest:
     device: str | None = None
     created: str | None = None
     complete: bool = False
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
+    content: str = "logits"
+
+    @property
+    def has_logits(self) -> bool:
+        """False for a selection log (no ``logits.<layer>`` tensors)."""
+        return self.content == "logits"
 
     def layer(self, name: str) -> LayerInfo:
         for layer in self.layers:
@@ -340,6 +359,7 @@ class Manifest:
         return {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
+            "content": self.content,
             "model": dataclasses.asdict(self.model),
             "layers": [{**dataclasses.asdict(layer),
                         "selection_bias": None if layer.selection_bias is None else list(layer.selection_bias)}
@@ -458,6 +478,7 @@ MANIFEST_FIELDS = (
     Field("device", STRING.optional(), required=False),
     Field("created", TIMESTAMP.optional(), required=False),
     Field("complete", BOOLEAN, required=False, default=False),
+    Field("content", one_of(CONTENTS), required=False, default="logits"),
 )
 MODEL_FIELDS = tuple(Field(key, STRING.optional(), required=False) for key in ("name", "family", "revision"))
 LAYER_FIELDS = (
@@ -537,7 +558,10 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     if not layers or len(set(names)) != len(names):
         raise bad(f"field layers must be a non-empty list of distinct names, got {names}")
 
-    num_tokens, dtype = top["num_tokens"], top["dtype"]
+    num_tokens, dtype, content = top["num_tokens"], top["dtype"], top["content"]
+    if top["format_version"] < CONTENT_VERSIONS[content]:
+        raise bad(f"field content is {content!r} but format_version is {top['format_version']}; a {content} log is "
+                  f"format version {CONTENT_VERSIONS[content]}")
     tensors: dict[str, TensorSpec] = {}
     for name, spec in top["tensors"].items():
         fields = _read_fields(spec, TENSOR_FIELDS, f"tensors.{name}.", bad)
@@ -546,7 +570,9 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
             raise bad(f"field tensors.{name} names no tensor of this log (expected {', '.join(METADATA_TENSORS)} "
                       f"or logits./selected./weights./hidden.<layer>)")
         tensors[name] = TensorSpec(fields["dtype"], tuple(fields["row_shape"]))
-    if tensors or num_tokens:
+    if content == "selection":
+        _check_selection_schema(tensors, layers, dtype, num_tokens, bad)
+    elif tensors or num_tokens:
         if dtype is None:
             raise bad("field dtype is null but the log has tensors")
         for layer in layers:
@@ -582,7 +608,37 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     return Manifest(model=model_info, layers=layers, dtype=dtype, num_tokens=num_tokens, tensors=tensors,
                     shards=tuple(shards), router_weights=router_weights, capture=top["capture"] or {},
                     versions=top["versions"] or {}, device=top["device"], created=top["created"],
-                    complete=top["complete"], format_version=top["format_version"])
+                    complete=top["complete"], format_version=top["format_version"], content=content)
+
+
+SELECTION_DTYPES = ("int16", "int32", "int64")
+"""Integer dtypes a selection log stores expert ids in."""
+
+
+def _check_selection_schema(tensors: dict[str, TensorSpec], layers: tuple[LayerInfo, ...], dtype: str | None,
+                            num_tokens: int, bad: Callable[[str], CorruptLog]) -> None:
+    """The schema rules of a selection log: no logits nor hidden states, no dtype, and per layer
+    ``selected.<layer>`` (k,) integer ids (k = the layer's top_k where recorded)."""
+    if dtype is not None:
+        raise bad(f"field dtype is {dtype!r} but a selection log has no logits (dtype must be null)")
+    for name in tensors:
+        if name.startswith((LOGITS, HIDDEN)):
+            raise bad(f"field tensors holds {name!r} but a selection log has no logits nor hidden states")
+    if not (tensors or num_tokens):
+        return
+    for layer in layers:
+        spec = tensors.get(SELECTED + layer.name)
+        if spec is None:
+            raise bad(f"field tensors lacks {SELECTED + layer.name!r} for layer {layer.name!r}")
+        if spec.dtype not in SELECTION_DTYPES or len(spec.row_shape) != 1 or spec.row_shape[0] < 1:
+            raise bad(f"tensor {SELECTED + layer.name!r} is {spec}; a selection log stores (k,) expert ids in one "
+                      f"of {', '.join(SELECTION_DTYPES)}")
+        if layer.top_k is not None and spec.row_shape[0] != layer.top_k:
+            raise bad(f"tensor {SELECTED + layer.name!r} holds {spec.row_shape[0]} experts per token but layer "
+                      f"{layer.name!r} says top_k = {layer.top_k}")
+    for name in METADATA_TENSORS:
+        if tensors.get(name) != TensorSpec("int64", ()):
+            raise bad(f"tensor {name!r} must be int64 with one value per token, got {tensors.get(name)}")
 
 
 ROUTER_LOG_OWNED: tuple[str, ...] = (

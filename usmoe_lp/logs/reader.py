@@ -135,12 +135,13 @@ class _LogFile:
 class Chunk:
     """Tokens ``[token_start, token_start + n)`` of one layer.
 
-    ``logits``: (n, N) in the captured dtype (bf16 included). ``token_ids``, ``sequence_ids``,
+    ``logits``: (n, N) in the captured dtype (bf16 included); None in a selection log (then
+    ``selected`` is (n, k) integer expert ids, -1 = an empty slot). ``token_ids``, ``sequence_ids``,
     ``positions``: (n,) int64. ``selected`` / ``weights``: what the model used, (n, k) or (n, N),
     when captured. ``hidden``: (n, d) pre-router hidden states, when captured and asked for.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     token_ids: torch.Tensor
     sequence_ids: torch.Tensor
     positions: torch.Tensor
@@ -152,7 +153,7 @@ class Chunk:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.logits.shape[0])
+        return int(self.token_ids.shape[0])
 
     @property
     def token_stop(self) -> int:
@@ -303,8 +304,19 @@ class RouterLog:
         return self._manifest.num_tokens
 
     @property
+    def content(self) -> str:
+        """``"logits"``, or ``"selection"`` for a log of selected experts without logits
+        (:mod:`usmoe_lp.logs.format`)."""
+        return self._manifest.content
+
+    @property
+    def has_logits(self) -> bool:
+        """False for a selection log: its chunks have ``logits=None`` and (n, k) ``selected`` ids."""
+        return self._manifest.has_logits
+
+    @property
     def dtype(self) -> torch.dtype | None:
-        """The logits dtype (None for a log without tokens)."""
+        """The logits dtype (None for a log without tokens, and for a selection log)."""
         return None if self._manifest.dtype is None else torch_dtype(self._manifest.dtype)
 
     @property
@@ -346,7 +358,8 @@ class RouterLog:
         names = {"logits": LOGITS + layer, "selected": SELECTED + layer, "weights": WEIGHTS + layer}
         if with_hidden:
             names["hidden"] = HIDDEN + layer
-        names = {k: v for k, v in names.items() if k == "logits" or v in self._manifest.tensors}
+        required = "logits" if self.has_logits else "selected"
+        names = {k: v for k, v in names.items() if k == required or v in self._manifest.tensors}
         names.update({m: m for m in METADATA_TENSORS})
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         first = max(bisect.bisect_right(self._starts, start) - 1, 0)
@@ -361,6 +374,8 @@ class RouterLog:
         out = {key: self._concat(names[key], chunks) for key, chunks in parts.items()}
         if with_hidden and "hidden" not in out:
             raise MissingLayer(f"{self._path}: layer {layer!r} has no hidden states (not captured)")
+        if not self.has_logits:
+            out["logits"] = None
         return Chunk(token_start=start, layer=layer, **out)
 
     def iter_chunks(self, layer: str, chunk_tokens: int = 65536, *, start: int = 0, stop: int | None = None,
@@ -386,7 +401,10 @@ class RouterLog:
     def check_finite(self, chunk: Chunk) -> Chunk:
         """Return ``chunk`` (read from this log) if its logits are finite; else raise :class:`NonFiniteLog`
         naming the shard file, the layer and the first bad token. Every consumer that needs finite
-        logits (the analysis driver) checks through this, so the message is the same everywhere."""
+        logits (the analysis driver) checks through this, so the message is the same everywhere.
+        A chunk without logits (a selection log) passes as it is."""
+        if chunk.logits is None:
+            return chunk
         self._raise_non_finite(chunk.layer, chunk.token_start, chunk.logits)
         return chunk
 
@@ -565,7 +583,7 @@ class RouterLog:
                                      f"{getattr(shard, key)}; the shard is in the wrong place")
             if self._manifest.tensors:
                 self._check_tokens(i, *(self._slice(f, i, name, 0, n) for name in METADATA_TENSORS))
-            if finite:
+            if finite and self.has_logits:
                 for layer in self._layer_info:
                     self._raise_non_finite(layer, shard.token_start, self._slice(f, i, LOGITS + layer, 0, n))
             extra = sorted(keys - set(self._manifest.tensors))
@@ -642,5 +660,7 @@ class RouterLog:
             return torch.empty((0, *spec.row_shape), dtype=torch_dtype(spec.dtype))
         if name in METADATA_TENSORS:
             return torch.empty(0, dtype=torch.int64)
+        if name.startswith(SELECTED):  # a selection log without tokens: no schema yet
+            return torch.empty((0, self._layer_info[name.removeprefix(SELECTED)].top_k or 1), dtype=torch.int64)
         layer = self._layer_info[name.removeprefix(LOGITS)]  # a log without tokens: no schema yet
         return torch.empty((0, layer.num_experts), dtype=torch.float32)

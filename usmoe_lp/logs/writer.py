@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 
 from usmoe_lp.logs.errors import OVERWRITE_FLAG, InvalidLogInput, LogExists, NonFiniteLogits
 from usmoe_lp.logs.format import (
-    FORMAT_VERSION,
+    CONTENT_VERSIONS,
+    CONTENTS,
     HIDDEN,
     LOGITS,
     MANIFEST_NAME,
@@ -35,6 +36,7 @@ from usmoe_lp.logs.format import (
     ROUTER_LOG_OWNED,
     ROUTER_WEIGHTS_NAME,
     SELECTED,
+    SELECTION_DTYPES,
     SHARDS_DIR,
     TMP_SUFFIX,
     WEIGHTS,
@@ -71,7 +73,8 @@ class RouterLogWriter:
     The replacement is written aside and swapped in by :meth:`close`; until then, and for good if
     the run fails, ``path`` keeps the old log. ``overwrite_flag``: how the caller's interface spells
     ``overwrite=True`` in messages (the CLI passes ``"--overwrite"``). ``fsync=False`` skips fsync
-    (tests only: not crash-safe).
+    (tests only: not crash-safe). ``content``: ``"logits"`` (default) or ``"selection"``, a log of the
+    selected experts without logits (format version 2; :mod:`usmoe_lp.logs.format`).
 
     Token metadata follows :class:`~usmoe_lp.logs.format.TokenOrder` (positions and sequence ids
     >= 0, each sequence's positions increasing through the log); :meth:`append` refuses a batch
@@ -104,8 +107,13 @@ class RouterLogWriter:
         overwrite: bool = False,
         fsync: bool = True,
         overwrite_flag: str = OVERWRITE_FLAG,
+        content: str = "logits",
     ) -> None:
         layers = tuple(layers)
+        if content not in CONTENTS:
+            raise InvalidLogInput(f"content must be one of {', '.join(CONTENTS)}, got {content!r}")
+        if content == "selection" and dtype is not None:
+            raise InvalidLogInput("dtype casts logits; a selection log has none (leave dtype=None)")
         if not layers or not all(isinstance(layer, LayerInfo) for layer in layers):
             raise InvalidLogInput("layers must be a non-empty sequence of LayerInfo")
         names = [layer.name for layer in layers]
@@ -148,7 +156,8 @@ class RouterLogWriter:
         self._dir = self._prepare_directory(overwrite)   # where the files go: path, or a sibling to swap in
         self._manifest = Manifest(
             model=model, layers=layers, capture=capture, versions=library_versions(), device=device,
-            created=datetime.now(UTC).isoformat(timespec="seconds"), format_version=FORMAT_VERSION)
+            created=datetime.now(UTC).isoformat(timespec="seconds"), format_version=CONTENT_VERSIONS[content],
+            content=content)
         try:
             (self._dir / SHARDS_DIR).mkdir()
             self._write_manifest()
@@ -204,7 +213,7 @@ class RouterLogWriter:
     # ------------------------------------------------------------------ writing
     def append(
         self,
-        logits: Mapping[str, Any],
+        logits: Mapping[str, Any] | None,
         token_ids: Any,
         sequence_ids: Any,
         positions: Any,
@@ -214,7 +223,9 @@ class RouterLogWriter:
     ) -> None:
         """Buffer n tokens; write every shard that fills up.
 
-        ``logits``: layer name -> (n, N) floating tensor, every layer of the log, finite.
+        ``logits``: layer name -> (n, N) floating tensor, every layer of the log, finite (None for a
+        selection log, ``content="selection"``: then ``selected`` holds every layer, (n, k) integer expert
+        ids in [-1, N), -1 = an empty slot, and ``hidden`` is None).
         ``token_ids``, ``sequence_ids``, ``positions``: (n,) integers (token id -1 if unknown).
         ``selected``: layer -> what the model used, (n, k) expert indices or an (n, N) bool mask.
         ``weights``: layer -> (n, k) or (n, N) gate weights. ``hidden``: layer -> (n, d) pre-router
@@ -324,6 +335,8 @@ class RouterLogWriter:
         self._write_manifest()
 
     def _validate(self, logits, token_ids, sequence_ids, positions, selected, weights, hidden):
+        if self._manifest.content == "selection":
+            return self._validate_selection(logits, token_ids, sequence_ids, positions, selected, weights, hidden)
         if not isinstance(logits, Mapping):
             raise InvalidLogInput(f"logits must be a mapping layer name -> (n, N) tensor, got {type(logits).__name__}")
         expected = [layer.name for layer in self._layers]
@@ -401,6 +414,78 @@ class RouterLogWriter:
                 device=self._manifest.device or _device_name(batch[LOGITS + expected[0]].device))
         return batch, n
 
+    def _validate_selection(self, logits, token_ids, sequence_ids, positions, selected, weights, hidden):
+        """:meth:`_validate` for a selection log: ``selected`` of every layer, (n, k) integer ids in [-1, N)."""
+        if logits is not None:
+            raise InvalidLogInput("this is a selection log (content='selection'): pass logits=None and the experts "
+                                  "in selected=")
+        if hidden is not None:
+            raise InvalidLogInput("a selection log holds no hidden states (hidden must be None)")
+        expected = [layer.name for layer in self._layers]
+        if not isinstance(selected, Mapping):
+            raise InvalidLogInput(f"selected must be a mapping layer name -> (n, k) expert ids, got "
+                                  f"{type(selected).__name__}")
+        missing = [name for name in expected if name not in selected]
+        extra = [name for name in selected if name not in expected]
+        if missing or extra:
+            raise InvalidLogInput(f"selected must hold exactly the log's layers {expected}; missing {missing}, "
+                                  f"unknown {extra}")
+        batch: dict[str, torch.Tensor] = {}
+        n = None
+        for layer in self._layers:
+            t = _as_tensor(selected[layer.name], f"selected of layer {layer.name!r}")
+            if t.ndim != 2 or t.shape[1] < 1:
+                raise InvalidLogInput(f"selected of layer {layer.name!r} must be (n, k) expert ids, got "
+                                      f"{tuple(t.shape)}")
+            if layer.top_k is not None and t.shape[1] != layer.top_k:
+                raise InvalidLogInput(f"selected of layer {layer.name!r} has {t.shape[1]} experts per token but the "
+                                      f"layer says top_k = {layer.top_k}")
+            if str(t.dtype).removeprefix("torch.") not in SELECTION_DTYPES:
+                raise InvalidLogInput(f"selected of layer {layer.name!r} must be integer expert ids "
+                                      f"({', '.join(SELECTION_DTYPES)}), got {t.dtype}")
+            if n is None:
+                n = t.shape[0]
+            elif t.shape[0] != n:
+                raise InvalidLogInput(f"selected of layer {layer.name!r} has {t.shape[0]} tokens but layer "
+                                      f"{self._layers[0].name!r} has {n}; every layer must cover the same tokens")
+            if t.numel():
+                lo, hi = int(t.min()), int(t.max())
+                if lo < -1 or hi >= layer.num_experts:
+                    bad = lo if lo < -1 else hi
+                    raise InvalidLogInput(f"selected of layer {layer.name!r} holds expert id {bad}; ids must be in "
+                                          f"[0, {layer.num_experts}) or -1 for an empty slot")
+            batch[SELECTED + layer.name] = t
+        for name, value in zip(METADATA_TENSORS, (token_ids, sequence_ids, positions), strict=True):
+            t = _as_tensor(value, name)
+            if t.ndim != 1 or t.shape[0] != n:
+                raise InvalidLogInput(f"{name} must be ({n},) to match the selections, got {tuple(t.shape)}")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise InvalidLogInput(f"{name} must be integers, got {t.dtype}")
+            batch[name] = t.to(torch.int64)
+        for name, value in (weights or {}).items():
+            if name not in expected:
+                raise InvalidLogInput(f"weights for unknown layer {name!r}; layers: {expected}")
+            t = _as_tensor(value, f"weights of layer {name!r}")
+            shape = tuple(batch[SELECTED + name].shape)
+            if tuple(t.shape) != shape or not t.dtype.is_floating_point:
+                raise InvalidLogInput(f"weights of layer {name!r} must be floating {shape} like its selection, "
+                                      f"got {tuple(t.shape)} {t.dtype}")
+            batch[WEIGHTS + name] = t
+        schema = {name: TensorSpec(dtype_name(t.dtype), tuple(t.shape[1:])) for name, t in batch.items()}
+        first = not self._manifest.tensors and n
+        if self._manifest.tensors and schema != self._manifest.tensors:
+            raise InvalidLogInput(_schema_difference(self._manifest.tensors, schema, self._path))
+        problem = self._order.check(batch["sequence_ids"].cpu().numpy(), batch["positions"].cpu().numpy())
+        if problem is not None:
+            row, what = problem
+            raise InvalidLogInput(f"token {row} of this batch {what}; a router log holds each token of a sequence "
+                                  f"once, in order ({self._path})")
+        if first:
+            self._manifest = dataclasses.replace(
+                self._manifest, tensors=schema,
+                device=self._manifest.device or _device_name(batch[SELECTED + expected[0]].device))
+        return batch, n
+
     def _flush(self, n: int) -> None:
         tensors: dict[str, torch.Tensor] = {}
         remaining_bytes = 0
@@ -413,8 +498,8 @@ class RouterLogWriter:
         index = len(self._manifest.shards)
         start = self._manifest.num_tokens
         relative = shard_file(index)
-        meta = {"format": "pt", "usmoe_lp_format_version": str(FORMAT_VERSION), "shard_index": str(index),
-                "token_start": str(start), "token_stop": str(start + n)}
+        meta = {"format": "pt", "usmoe_lp_format_version": str(self._manifest.format_version),
+                "shard_index": str(index), "token_start": str(start), "token_stop": str(start + n)}
         sha, size = self._write_safetensors(tensors, self._dir / relative, meta)
         del tensors
         self._buffered_tokens -= n
