@@ -15,7 +15,7 @@ TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*),--find-links $(TO
 UV_PIP  = $(UV) pip install --python $(1)/bin/python -q $(TORCH_SOURCE)
 LOCK_ARGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --constraint lock/constraints.in
 
-.PHONY: demo test lint bench lock compat clean-venv
+.PHONY: demo test lint bench lock compat clean-venv report-check
 
 $(UV): lock/uv.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml $(LOCK) $(UV)
 
 demo: $(STAMP)          ## the main job on the embedded default
 	$(BIN)/usmoe-lp demo --out out/demo
+
+# Every report.html under out/ rendered at 1280 px in headless Chromium (apt-get install chromium): screenshots in
+# out/report-check/, and a non-zero exit naming each problem (overflow, raw Markdown, images, broken links).
+report-check: $(STAMP)  ## render and check every report under out/ (builds out/demo when missing)
+	test -f out/demo/report.html || $(BIN)/usmoe-lp demo --out out/demo
+	$(BIN)/python tools/report_check.py out --shots out/report-check
 
 test: $(STAMP)          ## the whole test suite (doctests and notebooks included)
 	$(BIN)/python -m pytest
