@@ -154,11 +154,11 @@ class RoutingStatsCallback(TrainerCallback):
         self._active = True
 
     def _router_hook(self, spec):
-        from usmoe_lp.logs.capture import _logits_of
+        from usmoe_lp.logs.capture import router_logits
 
         def hook(module, args, output) -> None:
             if self._active:
-                self._buffers.setdefault(spec.name, []).append(_logits_of(output, spec).detach())
+                self._buffers.setdefault(spec.name, []).append(router_logits(output, spec).detach())
         return hook
 
     def _end(self, module, args, output) -> None:

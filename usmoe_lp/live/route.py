@@ -44,7 +44,7 @@ from usmoe_lp.live.dispatch import pack
 from usmoe_lp.live.selectors import CallableSelector, LiveContext, RegistrySelector, ReplaySelector, Selection
 from usmoe_lp.live.stats import RouteStats, _Counter
 from usmoe_lp.live.weights import get_weight_rule
-from usmoe_lp.logs.capture import RouterNotFound, RouterSpec, find_routers
+from usmoe_lp.logs.capture import RouterNotFound, RouterSpec, find_routers, router_logits
 from usmoe_lp.logs.stream import Batch, Tokens, TokenStream
 from usmoe_lp.routers.config import RouterConfig
 
@@ -301,7 +301,7 @@ class Route:
                 raise RouteFailed(f"router {spec.path!r} ran outside a forward of the model route() was given (or "
                                   "of its stack), so its tokens' padding and sequences are unknown: call the model "
                                   "itself, with input_ids= or inputs_embeds= (and route.set_batch(...))")
-            logits = _logits_of(output, spec)
+            logits = router_logits(output, spec, RouteFailed)
             B, T = tokens.real.shape
             if logits.numel() != B * T * spec.num_experts:
                 raise RouteFailed(f"router {spec.path!r} gave {logits.numel() // spec.num_experts} rows for a batch of "
@@ -367,15 +367,6 @@ class Route:
             out[i_at] = torch.cat([index, index.new_full((index.shape[0], 1), N)], dim=1).to(i_dtype)
             return type(output)(out) if isinstance(output, tuple) else out
         return None
-
-
-def _logits_of(output: Any, spec: RouterSpec) -> torch.Tensor:
-    value = output
-    if isinstance(output, tuple | list):
-        value = output[spec.index if spec.index is not None else 0] if output else None
-    if not isinstance(value, torch.Tensor):
-        raise RouteFailed(f"router {spec.path!r} returned {type(value).__name__}, not its logits")
-    return value
 
 
 def route(model: nn.Module, router: Any, *, k: int | None = None, weights: str = "model", log: Any = None,

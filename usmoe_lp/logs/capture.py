@@ -681,7 +681,7 @@ class Capture:
         def hook(module, args, output) -> None:
             if not self._active:
                 return  # the router was called outside a forward of the captured model
-            logits = _logits_of(output, spec)
+            logits = router_logits(output, spec)
             self._sync = self._sync or logits.is_cuda
             self._outputs.setdefault(spec.name, []).append(_to_cpu(logits))
             if spec.selection is not None and self.selections and spec.selection_source != "experts":
@@ -779,13 +779,18 @@ class Capture:
         self._stream.finish(batch, tokens)
 
 
-def _logits_of(output: Any, spec: RouterSpec) -> torch.Tensor:
+def router_logits(output: Any, spec: RouterSpec, error: type[Exception] | None = None) -> torch.Tensor:
+    """The router logits tensor (tokens, N) in the output of ``spec``'s router module: the output itself, or
+    its element ``spec.index`` (0 when None) of a tuple/list. Raises ``error`` (default :class:`CaptureFailed`)
+    naming the module when that is not a tensor. Capture, live routing and the Trainer callback read the
+    router's output through this one function."""
     value = output
     if isinstance(output, tuple | list):
         value = output[spec.index if spec.index is not None else 0] if output else None
     if not isinstance(value, torch.Tensor):
-        raise CaptureFailed(f"router {spec.path!r} returned {type(value).__name__}, not the logits tensor; point "
-                            "module_pattern= at the module (e.g. the gate's Linear) that returns them")
+        raise (error or CaptureFailed)(
+            f"router {spec.path!r} returned {type(value).__name__}, not the logits tensor; point module_pattern= "
+            "at the module (e.g. the gate's Linear) that returns them")
     return value
 
 
