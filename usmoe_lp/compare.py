@@ -625,9 +625,10 @@ def _agreement(logs: Sequence[RouterLog], labels, rows, ks, chunk_tokens: int, c
     spec = tuple(tuple((log.layer_info(row[j]), ks[j][row[j]]) for j, log in enumerate(logs)) for row in rows)
     length_reason = None
     if len(set(counts)) > 1:
-        longest = int(np.argmax(counts))
-        length_reason = (f"the logs hold different numbers of tokens ({', '.join(f'{lb}: {c}' for lb, c in zip(labels, counts, strict=True))}); "
-                         f"token {common} is in {labels[longest]} only")
+        shortest = labels[int(np.argmin(counts))]
+        sizes = ", ".join(f"{lb}: {c}" for lb, c in zip(labels, counts, strict=True))
+        length_reason = (f"the logs hold different numbers of tokens ({sizes}); token {common} is past the end of "
+                         f"{shortest}")
     if common == 0:
         reason = length_reason or "the logs hold no tokens"
         return Alignment(False, 0, 0, reason), ()
