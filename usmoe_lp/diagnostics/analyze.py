@@ -271,6 +271,30 @@ def check_sweep(config: AnalyzeConfig, infos: Sequence[LayerInfo], *, names: Map
                     f"N = {info.num_experts} of layer {info.name!r}; {'/'.join(bounded)}'s {param} must be <= N")
 
 
+NEEDS_LOGITS: Mapping[str, str] = {
+    "routing_entropies": "token_entropy and mean_prob_entropy are entropies of the routing probabilities",
+    "aux_loss": "the Switch aux loss and importance_cv2 weigh the load by the routing probabilities",
+    "z_loss": "the z-loss is the mean squared logsumexp of the logits",
+    "collapse": "effective ranks and expert cosines are those of the logits and probabilities",
+    "margins": "a margin is a difference of the selection scores",
+    "native_agreement": "the native router is replayed on the logits",
+    "counterfactual": "every router setting re-routes the logits",
+    "leakage": "prefix consistency re-routes the logits of every prefix",
+}
+"""The analyses that need the router logits -> what of the logits they use. On a selection log (the experts each
+token was routed to, no logits: :attr:`usmoe_lp.logs.RouterLog.has_logits` False) :func:`analyze` computes the
+rest (the load of the recorded selection, the routing patterns) and records these as unavailable."""
+
+NO_LOGITS = "not computed: the log holds no router logits (a selection log: the experts each token was routed to)"
+
+
+def unavailable_without_logits(cfg: AnalyzeConfig) -> dict[str, str]:
+    """analysis -> the reason it was not computed, for a log without logits (:data:`NEEDS_LOGITS`; re-routing and
+    leakage only where ``cfg`` asks for them)."""
+    off = {"counterfactual": not cfg.counterfactual, "leakage": not cfg.leakage}
+    return {name: f"{NO_LOGITS}; {why}" for name, why in NEEDS_LOGITS.items() if not off.get(name, False)}
+
+
 @dataclass(frozen=True)
 class LayerAnalysis:
     """Everything measured on one layer (None / empty where an analysis was off or impossible).
@@ -284,6 +308,10 @@ class LayerAnalysis:
     the layer's recorded routing semantics, selects exactly the experts the log records
     (:class:`~usmoe_lp.diagnostics.native.NativeAgreement`); None where the log records no selection
     or the layer's semantics are unknown.
+    unavailable: analysis -> why it was not computed, for the analyses of :data:`NEEDS_LOGITS` on a selection
+    log (the log holds the experts each token was routed to, not the router logits); empty otherwise. Their
+    fields are None (``collapse``, ``margins``, ``counterfactual``, ``native_agreement``; the probability- and
+    logit-based fields of ``load``) or empty (``leakage`` and the other per-sequence analyses).
     """
 
     layer: str
@@ -293,8 +321,8 @@ class LayerAnalysis:
     num_tokens: int
     selection_source: str  # "captured", "recomputed native" or "recomputed top-k"
     load: LoadStats
-    collapse: CollapseStats
-    margins: MarginStats
+    collapse: CollapseStats | None
+    margins: MarginStats | None
     counterfactual: CounterfactualStats | None
     leakage: dict[str, LeakageStats]
     cross_sequence: dict[str, dict[str, Any]]
@@ -303,6 +331,7 @@ class LayerAnalysis:
     sample_tokens: int
     decode: dict[str, DecodeStats] = field(default_factory=dict)
     native_agreement: NativeAgreement | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -311,6 +340,7 @@ class AnalyzeResult:
 
     ``pooled_load`` merges every layer's load partial (transformers' pooled convention);
     ``aux_loss_per_layer_mean`` is the OLMoE-scripts convention (mean of per-layer losses).
+    ``unavailable``: analysis -> why it was not computed (a selection log: :data:`NEEDS_LOGITS`).
     """
 
     source: str
@@ -322,6 +352,7 @@ class AnalyzeResult:
     pooled_leakage: dict[str, LeakageStats]
     seconds: float
     read_seconds: float = 0.0
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -441,6 +472,8 @@ class AnalyzeResult:
         rows = []
         for la in self.layers:
             c, m = la.collapse, la.margins
+            if c is None or m is None:  # a selection log: no logits
+                continue
             rows.append({"layer": la.layer, "logit_effective_rank": c.logit_effective_rank,
                          "logit_effective_rank_centered": c.logit_effective_rank_centered,
                          "max_rank": c.max_rank, "mean_expert_cosine": c.mean_expert_cosine,
@@ -467,6 +500,8 @@ class AnalyzeResult:
 
         rows = []
         for la in self.layers:
+            if la.collapse is None:  # a selection log: no logits
+                continue
             s = np.asarray(la.collapse.logit_spectrum_centered, dtype=float)
             top = s[0] if len(s) and s[0] > 0 else 1.0
             rows += [{"layer": la.layer, "index": i + 1, "sigma": float(v), "sigma_rel": float(v / top)}
@@ -604,6 +639,7 @@ class _Source:
     router_weights: Callable[[], dict[str, torch.Tensor] | None]
     model: dict[str, Any]
     in_memory: bool = False
+    has_logits: bool = True
 
 
 _TASK_VERIFY = {"lazy": "lazy", "full": "none", "none": "none"}
@@ -618,7 +654,8 @@ def _log_source(log: RouterLog, verify: str, name: str) -> _Source:
                    shards=tuple((s.token_start, s.token_stop) for s in log.shards),
                    data=LogRef(path, _TASK_VERIFY[verify]), scan=LogRef(path, "none"),
                    has_hidden=lambda layer: log.has(layer, "hidden"), router_weights=log.router_weights,
-                   model={"name": m.name, "family": m.family, "revision": m.revision} if m else {})
+                   model={"name": m.name, "family": m.family, "revision": m.revision} if m else {},
+                   has_logits=log.has_logits)
 
 
 def _memory_source(logits, *, top_k: int, padding_mask=None, score_function: str = "softmax",
@@ -1056,7 +1093,8 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client) 
     weights = src.router_weights() if cfg.hidden else None
 
     ranges = plan_ranges(src.shards, cfg.chunk_tokens)
-    sampling = cfg.counterfactual or cfg.leakage
+    unavailable = {} if src.has_logits else unavailable_without_logits(cfg)
+    sampling = (cfg.counterfactual or cfg.leakage) and src.has_logits
     sample = _decide_sample(src, cfg, ranges, client) if sampling else None
     layer_specs = tuple((infos[n], ks[n], cfg.hidden and src.has_hidden(n)) for n in names)
     tasks = [_StreamTask(src.data, r, layer_specs, cfg.chunk_tokens, cfg.eps, cfg.threads, sample) for r in ranges]
@@ -1098,7 +1136,7 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client) 
             margins=st["margins"], counterfactual=cf_part.result() if cf_part is not None else None,
             leakage={label: p.result() for label, p in leaks.items()}, cross_sequence=cross, topc_margins=topc,
             sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs), decode=decode,
-            native_agreement=st["native"]))
+            native_agreement=st["native"], unavailable=dict(unavailable)))
         if cf_part is not None:
             cf_parts.append(cf_part)
         for label, part in leaks.items():
@@ -1113,7 +1151,7 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client) 
                    if len(parts) == len(results)} if same_n else {}
     return AnalyzeResult(source=src.name, model=src.model, config=cfg, layers=tuple(results),
                          pooled_load=pooled_load, pooled_counterfactual=pooled_cf, pooled_leakage=pooled_leak,
-                         seconds=time.perf_counter() - t0, read_seconds=read_seconds)
+                         seconds=time.perf_counter() - t0, read_seconds=read_seconds, unavailable=unavailable)
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,8 @@ class LayerStream:
         source: where the model's selection came from (``captured``, ``recomputed native``,
             ``recomputed top-k``; see :func:`model_mask`).
         tokens: tokens seen.
+        selection_only: chunks without logits were seen (a selection log): only the load of the recorded
+            selection is measured; collapse and margins need logits (:meth:`result` gives None for them).
     """
 
     info: LayerInfo
@@ -264,6 +266,7 @@ class LayerStream:
     native: NativeAgreementPartial | None
     source: str
     tokens: int = 0
+    selection_only: bool = False
 
     @classmethod
     def empty(cls, info: LayerInfo, k: int, eps) -> LayerStream:
@@ -288,6 +291,8 @@ class LayerStream:
         """
         info, k, N = self.info, self.k, self.info.num_experts
         n = chunk.num_tokens
+        if chunk.logits is None:
+            return self._update_selection(chunk)
         captured = None if chunk.selected is None else _captured_mask(chunk.selected, n, N)
         replay = _replays_native(info)
         self.source = "captured" if captured is not None else "recomputed native" if replay else "recomputed top-k"
@@ -341,6 +346,18 @@ class LayerStream:
         self.tokens += n
         return captured if captured is not None else torch.from_numpy(out)
 
+    def _update_selection(self, chunk: Chunk) -> torch.Tensor:
+        """A chunk of a selection log (no logits; ``selected`` (n, k) expert ids, -1 = empty slot): the load of
+        the recorded selection only (its probability- and logit-based fields stay None: :class:`LoadPartial`)."""
+        if chunk.selected is None:
+            raise ShapeMismatch(f"layer {self.info.name!r}: a chunk with neither logits nor a selection")
+        mask = _captured_mask(chunk.selected, chunk.num_tokens, self.info.num_experts)
+        self.load.update(mask.numpy())
+        self.source = "captured"
+        self.selection_only = True
+        self.tokens += chunk.num_tokens
+        return mask
+
     def merge(self, other: LayerStream) -> LayerStream:
         """A new stream holding both (``self``'s tokens first)."""
         if (self.info.name, self.k) != (other.info.name, other.k):
@@ -353,12 +370,17 @@ class LayerStream:
         native = None if self.native is None else self.native.merge(other.native)
         return LayerStream(info=self.info, k=self.k, load=self.load.merge(other.load), collapse=collapse,
                            margins=self.margins.merge(other.margins), native=native,
-                           source=self.source if self.tokens else other.source, tokens=self.tokens + other.tokens)
+                           source=self.source if self.tokens else other.source, tokens=self.tokens + other.tokens,
+                           selection_only=self.selection_only or other.selection_only)
 
     def result(self, router_weights: torch.Tensor | None = None) -> dict:
         """The layer's streaming statistics: ``load``, ``collapse``, ``margins``, ``native`` (None unless a
         captured selection was compared), ``source``, ``tokens``. router_weights: (N, d) for the collapse
-        statistics of the router's weight rows."""
+        statistics of the router's weight rows. ``collapse`` and ``margins`` are None for a selection log
+        (:attr:`selection_only`: they need the logits)."""
+        if self.selection_only:
+            return {"load": self.load.result(), "collapse": None, "margins": None, "native": None,
+                    "source": self.source, "tokens": self.tokens}
         collapse = self.collapse if self.collapse is not None else CollapsePartial.empty(self.info.num_experts)
         return {"load": self.load.result(), "collapse": collapse.result(router_weights=router_weights),
                 "margins": self.margins.result(),
