@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import time
 from dataclasses import dataclass
@@ -26,8 +25,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from usmoe_lp.report.analyze_report import ANALYZE_OWNED
-from usmoe_lp.report.evaluate_report import EVALUATE_OWNED, HTML_STYLE, png_figure
+from usmoe_lp.report.analyze_report import ANALYZE_OWNED, BEST_MEANS, best_at_matched_budget
+from usmoe_lp.report.evaluate_report import EVALUATE_OWNED
+from usmoe_lp.report.markup import Bullets, Code, Figure, Heading, Paragraph, Table, render_html, render_markdown
 from usmoe_lp.report.outputs import ROUTER_LOG_OWNED, check_report_location, foreign_check, prefixed
 from usmoe_lp.report.verify_report import VERIFY_OWNED
 from usmoe_lp.staging import staged_directory
@@ -194,7 +194,7 @@ def _run_into(out: Path, *, progress: bool, max_tokens: int):
     summary = tuple(_summary(vres, ares, seconds, eres))
     lines = summary_lines(ares)
     (out / "report.html").write_text(_report_html(out, vres, ares, summary, lines, eres))
-    (out / "report.md").write_text(_report_md(vres, summary, lines, eres))
+    (out / "report.md").write_text(_report_md(out, vres, summary, lines, eres))
     (out / "summary.json").write_text(json.dumps({"summary": list(summary)}, indent=1) + "\n")
     # the only file that varies between identical runs: how long each step took
     (out / "timings.json").write_text(json.dumps({"seconds": seconds}, indent=1) + "\n")
@@ -218,13 +218,13 @@ def _summary(vres, ares, seconds, eres=None) -> list[str]:
     pooled = cf[cf["layer"] == "pooled"] if not cf.empty else cf
     if not pooled.empty:
         tc = pooled[pooled["router"] == "tc"].iloc[0]
-        usm = pooled[(pooled["router"] == "usmoe") & (pooled["kbar"] == la0.top_k) & (pooled["scope"] == "sequence")]
+        u = best_at_matched_budget(pooled, la0.top_k, router="usmoe")
         ec = pooled[pooled["router"] == "ec"]
-        if not usm.empty:
-            u = usm.loc[usm["coverage"].idxmax()]
-            lines.append(f"re-routing at k-bar = k: USMoE ({u['label']}) covers {u['coverage']:.3f} of the probability "
-                         f"mass vs TC {tc['coverage']:.3f}, dropping {u['drop_rate']:.1%} of tokens")
-            both = pd.concat([f for f in (ec, usm.loc[[u.name]]) if not f.empty])
+        if u is not None:
+            lines.append(f"re-routing at the matched budget: the best USMoE setting ({u['label']}; best = "
+                         f"{BEST_MEANS}) covers {u['coverage']:.3f} of the probability mass vs TC "
+                         f"{tc['coverage']:.3f}, dropping {u['drop_rate']:.1%} of tokens")
+            both = pd.concat([f for f in (ec, pooled.loc[[u.name]]) if not f.empty])
             leak = [f"{r['label']} {r['flip_rate']:.2%}" for _, r in both.iterrows() if pd.notna(r.get("flip_rate"))]
             kv = u.get("kv_decode_token_flip_rate")
             kv_text = f"; KV-cache decoding of that USMoE changes the experts of {kv:.1%} of tokens" \
@@ -251,46 +251,58 @@ def _evaluate_line(eres) -> str:
     return text
 
 
-def _img(path: Path, alt: str) -> str:
-    return png_figure(path.read_bytes(), alt) if path.exists() else ""
+def _figure(path: Path, caption: str) -> list[Figure]:
+    """The figure at ``path`` (relative to the demo directory in both reports), or nothing when it was not drawn."""
+    return [Figure(f"{path.parent.name}/{path.name}", path.read_bytes(), caption)] if path.exists() else []
+
+
+def _matrix_text(rows) -> str:
+    """A small score matrix on one line, rows separated by semicolons: ``[1 0.5; 0 2]``."""
+    return "[" + "; ".join(" ".join(f"{float(v):g}" for v in row) for row in rows) + "]"
+
+
+def report_blocks(out: Path, vres, summary, analysis_lines, eres) -> list:
+    """The demo page as blocks (:mod:`usmoe_lp.report.markup`): the one text of report.md and report.html."""
+    from usmoe_lp.report.evaluate_report import front_sentence
+
+    claims = pd.DataFrame([{"claim": c["claim"], "verdict": c["verdict"],
+                            "failures / trials": f"{c['failures']} / {c['trials']}",
+                            "minimal counterexample (scores)": "–" if c["minimal_counterexample"] is None
+                            else f"k = {c['minimal_counterexample']['k']}: "
+                                 f"{_matrix_text(c['minimal_counterexample']['scores'])}"}
+                           for c in vres.claim_summary()])
+    a = out / "analysis"
+    return [
+        Heading("usmoe-lp demo", 1), Paragraph(INTRO),
+        Heading("Summary"), Bullets(tuple(summary), ordered=True),
+        Heading("1. Theory verification"), Paragraph("Command:"), Code(VERIFY_COMMAND),
+        Paragraph("Full report: [verify/report.md](verify/report.md); numbers in "
+                  "[verify/report.json](verify/report.json)."),
+        Table(claims),
+        *_figure(out / "verify" / "usmoe_minus_tc.png", "Objective of USMoE minus TC at matched budget (verify)"),
+        Heading("2. Router-log analysis of the embedded model"),
+        Paragraph("Full report: [analysis/report.html](analysis/report.html) (also "
+                  "[analysis/report.md](analysis/report.md)); every number: "
+                  "[analysis/metrics.json](analysis/metrics.json); "
+                  "the router log: `router-log/` (`usmoe-lp log info router-log`)."),
+        Bullets(tuple(analysis_lines)),
+        *_figure(a / "load_heatmap.png", "Expert load per layer"),
+        *_figure(a / "sweeps.png", "Every counterfactual router setting against realised k-bar (USMoE alpha x k-bar "
+                                   "x scope sweep vs TC, EC and the other routers)"),
+        *_figure(a / "leakage_per_offset.png", "Leakage per offset"),
+        *_figure(a / "experts_per_token.png", "Experts per token per router setting"),
+        Heading("3. Live evaluation: each router routes the model"),
+        Paragraph(f"{EVALUATE_INTRO} Full report: [evaluate/report.html](evaluate/report.html) (also "
+                  "[evaluate/report.md](evaluate/report.md)); every number: "
+                  "[evaluate/evaluate.json](evaluate/evaluate.json)."),
+        Paragraph(front_sentence(eres)),
+        *_figure(out / "evaluate" / "quality_vs_cost.png", "Quality vs cost of each router setting (live evaluation)"),
+        Paragraph("How long each step took: [timings.json](timings.json)."),
+    ]
 
 
 def _report_html(out: Path, vres, ares, summary, analysis_lines, eres) -> str:
-    from usmoe_lp.report.evaluate_report import front_sentence
-
-    esc = html.escape
-    rows = "".join(
-        f"<tr><td>{esc(c['claim'])}</td><td>{esc(c['verdict'])}</td><td>{c['failures']} / {c['trials']}</td>"
-        f"<td>{esc('' if c['minimal_counterexample'] is None else str(c['minimal_counterexample']['scores']))}</td>"
-        "</tr>" for c in vres.claim_summary())
-    a = out / "analysis"
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>usmoe-lp demo</title><style>{HTML_STYLE}"
-        "</style></head><body><h1>usmoe-lp demo</h1>",
-        f"<p>{esc(INTRO)}</p>",
-        "<h2>Summary</h2><ol>", *[f"<li>{esc(s)}</li>" for s in summary], "</ol>",
-        "<h2>1. Theory verification</h2>",
-        f"<p>Command: <code>{esc(VERIFY_COMMAND)}</code>. Full report: <a href='verify/report.md'>verify/report.md"
-        "</a>, numbers in <a href='verify/report.json'>verify/report.json</a>.</p>",
-        "<table><tr><th>claim</th><th>verdict</th><th>failures / trials</th><th>minimal counterexample</th></tr>",
-        rows, "</table>",
-        _img(out / "verify" / "usmoe_minus_tc.png", "Objective of USMoE minus TC at matched budget (verify)"),
-        "<h2>2. Router-log analysis of the embedded model</h2>",
-        "<p>Full report: <a href='analysis/report.html'>analysis/report.html</a>; every number: "
-        "<a href='analysis/metrics.json'>analysis/metrics.json</a>; the router log: <code>router-log/</code> "
-        "(<code>usmoe-lp log info</code>).</p><ul>", *[f"<li>{esc(s)}</li>" for s in analysis_lines], "</ul>",
-        _img(a / "load_heatmap.png", "Expert load per layer"),
-        _img(a / "sweeps.png", "USMoE alpha x k-bar sweep vs TC and EC"),
-        _img(a / "leakage_per_offset.png", "Leakage per offset"),
-        _img(a / "experts_per_token.png", "Experts per token per router"),
-        "<h2>3. Live evaluation: each router routes the model</h2>",
-        f"<p>{esc(EVALUATE_INTRO)} Full report: <a href='evaluate/report.html'>evaluate/report.html</a>; every "
-        "number: <a href='evaluate/evaluate.json'>evaluate/evaluate.json</a>.</p>",
-        f"<p>{esc(front_sentence(eres))}</p>",
-        _img(out / "evaluate" / "quality_vs_cost.png", "Quality vs cost of each router setting (live evaluation)"),
-        "<p>How long each step took: <a href='timings.json'>timings.json</a>.</p>",
-        "</body></html>"]
-    return "\n".join(parts) + "\n"
+    return render_html(report_blocks(out, vres, summary, analysis_lines, eres), title="usmoe-lp demo")
 
 
 INTRO = ("Routing as a linear program, checked on random matrices, then applied to the router logits of a small MoE "
@@ -301,20 +313,5 @@ EVALUATE_INTRO = ("Each setting replaces the model's router in every MoE layer (
                   "computed) and the model scores held-out text; native is the model's own routing.")
 
 
-def _report_md(vres, summary, analysis_lines, eres) -> str:
-    from usmoe_lp.report.evaluate_report import front_sentence
-
-    claims = "".join(f"| {c['claim']} | {c['verdict']} | {c['failures']} / {c['trials']} |\n"
-                     for c in vres.claim_summary())
-    lines = ["# usmoe-lp demo", "", INTRO, "", "## Summary", "", *[f"{i}. {s}" for i, s in enumerate(summary, 1)],
-             "", "## 1. Theory verification", "", f"Command: `{VERIFY_COMMAND}`. Full report: "
-             "[verify/report.md](verify/report.md).", "", "| claim | verdict | failures / trials |", "|---|---|---|",
-             claims, "## 2. Router-log analysis of the embedded model", "",
-             "Full report: [analysis/report.md](analysis/report.md); the router log: `router-log/`.", "",
-             *[f"- {s}" for s in analysis_lines], "", "![Expert load per layer](analysis/load_heatmap.png)", "",
-             "![USMoE alpha x k-bar sweep vs TC and EC](analysis/sweeps.png)", "",
-             "## 3. Live evaluation: each router routes the model", "",
-             f"{EVALUATE_INTRO} Full report: [evaluate/report.md](evaluate/report.md).", "", front_sentence(eres), "",
-             "![Quality vs cost of each router setting](evaluate/quality_vs_cost.png)", "",
-             "How long each step took: `timings.json`."]
-    return "\n".join(lines) + "\n"
+def _report_md(out: Path, vres, summary, analysis_lines, eres) -> str:
+    return render_markdown(report_blocks(out, vres, summary, analysis_lines, eres))

@@ -17,23 +17,49 @@ import pandas as pd
 import seaborn as sns
 
 
-def plot_load_heatmap(expert_load: pd.DataFrame) -> plt.Figure | None:
+def plot_load_heatmap(expert_load: pd.DataFrame, tokens: int | None = None) -> plt.Figure | None:
     """Heatmap of each expert's share of the layer's token-expert assignments (layer x expert).
 
-    expert_load: columns layer, expert, share. The colour scale is centred on the uniform share 1/N.
+    expert_load: columns layer, expert, share. The colour scale is centred on the uniform share 1/N. Dead experts
+    (share exactly 0: no assignment) are drawn as black cells, named in the legend, so they stand out instead of
+    looking like a pale low share. tokens: tokens per layer behind each share (title).
     """
     if expert_load.empty:
         return None
     table = expert_load.pivot(index="layer", columns="expert", values="share")
     table = table.loc[list(dict.fromkeys(expert_load["layer"]))]
     n = table.shape[1]
-    width = min(max(6.0, 0.45 * n + 2.5), 22.0)
-    fig, ax = plt.subplots(figsize=(width, 0.45 * len(table) + 1.8))
-    sns.heatmap(table, ax=ax, cmap="RdBu_r", center=1.0 / n, annot=n <= 16, fmt=".2f",
-                cbar_kws={"label": f"share of assignments (uniform = 1/{n} = {1 / n:.3f})"})
+    width = min(max(7.0, 0.45 * n + 3.5), 22.0)
+    fig, ax = plt.subplots(figsize=(width, 0.45 * len(table) + 2.2))
+    from usmoe_lp.diagnostics.load import COLD_SHARE
+
+    values = table.to_numpy(dtype=float)
+    dead = values == 0
+    cold = (values > 0) & (values <= COLD_SHARE)
+    annot = table.map(lambda v: "" if v == 0 else "cold" if v <= COLD_SHARE else f"{v:.3f}" if v < 0.01
+                      else f"{v:.2f}") if n <= 16 else False
+    sns.heatmap(table, ax=ax, cmap="RdBu_r", center=1.0 / n, annot=annot, fmt="", mask=dead,
+                cbar_kws={"label": f"share of assignments\n(uniform = 1/{n} = {1 / n:.3f})"})
+    handles, labels = [], []
+    if dead.any():
+        for r, c in zip(*np.nonzero(dead), strict=True):
+            ax.add_patch(plt.Rectangle((c, r), 1, 1, facecolor="black", edgecolor="white", lw=0.5))
+            if n <= 16:
+                ax.text(c + 0.5, r + 0.5, "dead", ha="center", va="center", color="white", fontsize=8)
+        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="black"))
+        labels.append(f"dead expert (no assignment): {int(dead.sum())}")
+    if cold.any():
+        for r, c in zip(*np.nonzero(cold), strict=True):
+            ax.add_patch(plt.Rectangle((c, r), 1, 1, fill=False, hatch="///", edgecolor="black", lw=0.8))
+        handles.append(plt.Rectangle((0, 0), 1, 1, fill=False, hatch="///", edgecolor="black"))
+        labels.append(f"cold expert (share <= {COLD_SHARE:g}, moewatch): {int(cold.sum())}")
+    if handles:
+        ax.legend(handles=handles, labels=labels, loc="upper left", bbox_to_anchor=(0, -0.16), fontsize=8,
+                  frameon=False, ncol=2)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title("Expert load per layer (model's own selection)")
+    n_text = f", {tokens:,} tokens per layer" if tokens else ""
+    ax.set_title(f"Expert load per layer (model's own selection{n_text})", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -41,26 +67,39 @@ def plot_load_heatmap(expert_load: pd.DataFrame) -> plt.Figure | None:
 def plot_layer_balance(load: pd.DataFrame) -> plt.Figure | None:
     """Per layer: normalised entropies (left) and MaxVio / Gini (right) of the model's selection.
 
-    load: :meth:`AnalyzeResult.load_frame` (the ``pooled`` row is drawn as a dashed line).
+    load: :meth:`AnalyzeResult.load_frame` (the ``pooled`` row is left out). Every series has its own marker and
+    line style and is shifted slightly sideways, so a series equal to another stays visible. The title states the
+    tokens per layer (the ``tokens`` column).
     """
     per = load[load["layer"] != "pooled"]
     if per.empty:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    ent = per.melt(id_vars="layer", value_vars=[c for c in ("load_entropy", "token_entropy_normalised",
-                                                           "mean_prob_entropy") if c in per],
-                   var_name="metric", value_name="value").dropna()
-    sns.pointplot(data=ent, x="layer", y="value", hue="metric", ax=axes[0], markers="o", errorbar=None)
-    axes[0].set_ylim(0, 1.05)
-    axes[0].set_ylabel("entropy / log N (1 = uniform)")
-    axes[0].set_title("Routing entropy per layer")
-    bal = per.melt(id_vars="layer", value_vars=["maxvio", "gini"], var_name="metric", value_name="value").dropna()
-    sns.pointplot(data=bal, x="layer", y="value", hue="metric", ax=axes[1], markers="o", errorbar=None)
-    axes[1].set_ylabel("MaxVio = max/mean - 1; Gini (0 = balanced)")
-    axes[1].set_title("Load imbalance per layer")
-    for ax in axes:
+    layers = list(dict.fromkeys(per["layer"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    panels = ((axes[0], [c for c in ("load_entropy", "token_entropy_normalised", "mean_prob_entropy") if c in per],
+               "entropy / log N (1 = uniform)", "Routing entropy per layer"),
+              (axes[1], [c for c in ("maxvio", "gini") if c in per],
+               "MaxVio = max/mean - 1; Gini (0 = balanced)", "Load imbalance per layer"))
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
+    x = np.arange(len(layers), dtype=float)
+    for ax, cols, ylabel, title in panels:
+        for i, col in enumerate(cols):
+            marker, ls = styles[i % len(styles)]
+            offset = (i - (len(cols) - 1) / 2) * 0.06
+            y = per.set_index("layer").loc[layers, col].astype(float).to_numpy()
+            ax.plot(x + offset, y, marker=marker, ls=ls, lw=1.6, ms=6, label=col)
+        ax.set_xticks(x, layers, rotation=45 if len(layers) > 6 else 0)
         ax.set_xlabel("layer")
-        ax.tick_params(axis="x", rotation=45)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, title="metric",
+                  title_fontsize=8)
+    axes[0].set_ylim(0, 1.05)
+    tokens = int(per["tokens"].max()) if "tokens" in per and per["tokens"].notna().any() else None
+    if tokens is not None:
+        fig.suptitle(f"Model's own selection, {tokens:,} tokens per layer (points shifted sideways so equal values "
+                     "stay visible)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -403,10 +442,11 @@ def plot_sweeps(cf: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
-def plot_spectra(spectra: pd.DataFrame) -> plt.Figure | None:
+def plot_spectra(spectra: pd.DataFrame, tokens: int | None = None) -> plt.Figure | None:
     """Singular spectra of the (row-centred) router logits per layer, normalised to the largest.
 
-    spectra: :meth:`AnalyzeResult.spectrum_frame` (layer, index, sigma_rel).
+    spectra: :meth:`AnalyzeResult.spectrum_frame` (layer, index, sigma_rel). tokens: the rows T of each layer's
+    logit matrix (title).
     """
     spectra = spectra[spectra["sigma_rel"] > 1e-12] if not spectra.empty else spectra  # row-centring: rank <= N-1
     if spectra.empty:
@@ -416,6 +456,7 @@ def plot_spectra(spectra: pd.DataFrame) -> plt.Figure | None:
     ax.set_yscale("log")
     ax.set_xlabel("singular value index")
     ax.set_ylabel("sigma_i / sigma_1 (log scale)")
-    ax.set_title("Spectrum of the row-centred router logits per layer (collapse = fast decay)")
+    n_text = f"\n{tokens:,} tokens per layer" if tokens else ""
+    ax.set_title(f"Spectrum of the row-centred router logits per layer (collapse = fast decay){n_text}", fontsize=10)
     fig.tight_layout()
     return fig

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 import json
 import re
 from pathlib import Path
@@ -25,6 +23,17 @@ from usmoe_lp.report.analyze_figures import (
     pooled_rows,
     representative_labels,
     sweep_omissions,
+)
+from usmoe_lp.report.markup import (
+    Bullets,
+    Figure,
+    Heading,
+    Paragraph,
+    Table,
+    list_text,
+    md_table,
+    render_html,
+    render_markdown,
 )
 from usmoe_lp.report.outputs import check_report_location, foreign_check, write_figures
 from usmoe_lp.staging import check_destination, staged_directory
@@ -451,13 +460,13 @@ def make_figures(result) -> dict[str, Any]:
     routers = dict(zip(pooled["label"], pooled["router"], strict=True)) if not pooled.empty else None
     tokens = int(pooled["tokens"].max()) if not pooled.empty and "tokens" in pooled else None
     figs = {
-        "load_heatmap.png": plot_load_heatmap(result.expert_load_frame()),
+        "load_heatmap.png": plot_load_heatmap(result.expert_load_frame(), tokens=result.layers[0].num_tokens),
         "layer_balance.png": plot_layer_balance(result.load_frame()),
         "experts_per_token.png": plot_experts_per_token(result.experts_per_token_frame(shown), routers=routers,
                                                         tokens=tokens),
         "leakage_per_offset.png": plot_leakage_offsets(result.leakage_offset_frame(), labels=shown, routers=routers),
         "sweeps.png": plot_sweeps(cf) if not cf.empty else None,
-        "collapse_spectra.png": plot_spectra(result.spectrum_frame()),
+        "collapse_spectra.png": plot_spectra(result.spectrum_frame(), tokens=result.layers[0].num_tokens),
     }
     return {k: v for k, v in figs.items() if v is not None}
 
@@ -485,7 +494,8 @@ def figure_notes(result, names) -> dict[str, str]:
 
 
 CAPTIONS = {
-    "load_heatmap.png": "Expert load per layer: each expert's share of the layer's token-expert assignments.",
+    "load_heatmap.png": "Expert load per layer: each expert's share of the layer's token-expert assignments (black "
+                        "cells: dead experts, no assignment at all).",
     "layer_balance.png": "Routing entropy and load imbalance (MaxVio, Gini) per layer.",
     "experts_per_token.png": "Experts per token under each counterfactual router setting (0 = dropped token).",
     "leakage_per_offset.png": "Leakage: how often the routing of token t changes once later tokens are seen.",
@@ -585,15 +595,14 @@ def summary_lines(result) -> list[str]:
     pooled = pooled_rows(cf) if not cf.empty else cf
     if not pooled.empty:
         k = result.layers[0].top_k
-        kbar = pooled["realised_kbar"].astype(float)
-        matched = pooled[(kbar - k).abs() <= MATCHED_TOLERANCE * k].dropna(subset=["coverage"])
+        matched = matched_budget_rows(pooled, k)
         if not matched.empty:
-            best = matched.loc[matched["coverage"].astype(float).idxmax()]
+            best = best_at_matched_budget(pooled, k)
             low = matched.loc[matched["coverage"].astype(float).idxmin()]
             lines.append(f"re-routing at the matched budget (realised k-bar within {MATCHED_TOLERANCE:.0%} of k = {k}, "
                          f"{len(matched)} of {len(pooled)} settings): coverage of the probability mass from "
-                         f"{low['coverage']:.3f} ({low['label']}) to {best['coverage']:.3f} ({best['label']}, "
-                         f"{_as_share(best.get('drop_rate'))} tokens dropped)")
+                         f"{low['coverage']:.3f} ({low['label']}) to {best['coverage']:.3f} ({best['label']}, the "
+                         f"best: {BEST_MEANS}; {_as_share(best.get('drop_rate'))} tokens dropped)")
         leaky = pooled.dropna(subset=["flip_rate"]) if "flip_rate" in pooled else pooled.iloc[:0]
         if not leaky.empty:
             w = leaky.loc[leaky["flip_rate"].astype(float).idxmax()]
@@ -606,6 +615,29 @@ def summary_lines(result) -> list[str]:
 MATCHED_TOLERANCE = 0.02
 """Settings whose realised k-bar is within this share of the model's k count as at the matched budget."""
 
+BEST_MEANS = "highest coverage of the probability mass at the matched budget"
+"""What "best" means wherever a report names the best router setting (:func:`best_at_matched_budget`)."""
+
+
+def matched_budget_rows(pooled: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The rows of a (pooled) counterfactual frame at the matched budget: realised k-bar within
+    :data:`MATCHED_TOLERANCE` of ``k`` (|k-bar - k| <= 0.02 k), with a coverage."""
+    if pooled.empty:
+        return pooled
+    kbar = pooled["realised_kbar"].astype(float)
+    return pooled[(kbar - k).abs() <= MATCHED_TOLERANCE * k].dropna(subset=["coverage"])
+
+
+def best_at_matched_budget(pooled: pd.DataFrame, k: int, router: str | None = None) -> pd.Series | None:
+    """The best router setting of a (pooled) counterfactual frame, the one definition of "best" of every report:
+    among the settings at the matched budget (:func:`matched_budget_rows`), of ``router`` only when given, the one
+    with the highest ``coverage`` (share of the probability mass its selection covers; the first on ties).
+    None when no setting qualifies."""
+    rows = matched_budget_rows(pooled, k)
+    if router is not None and not rows.empty:
+        rows = rows[rows["router"] == router]
+    return None if rows.empty else rows.loc[rows["coverage"].astype(float).idxmax()]
+
 
 def _as_share(v) -> str:
     try:
@@ -615,20 +647,9 @@ def _as_share(v) -> str:
 
 
 # ------------------------------------------------------------------------------- rendering
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "–"
-    if isinstance(v, float | np.floating):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _md_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "_(none)_\n"
-    head = "| " + " | ".join(map(str, frame.columns)) + " |\n|" + "---|" * len(frame.columns) + "\n"
-    body = "".join("| " + " | ".join(_fmt(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
-    return head + body
+    """A Markdown table (:func:`usmoe_lp.report.markup.md_table`; kept for the reports that import it here)."""
+    return md_table(frame)
 
 
 def _report_definitions(tables) -> list[tuple[str, Definition]]:
@@ -641,6 +662,33 @@ DEFINITIONS_INTRO = (f"Definitions of the columns above; every key of metrics.js
                      f"and, with formulas and sources, in {DOCS} of the usmoe-lp repository (the section is named "
                      f"after each definition).")
 
+LOAD_NOTE = ("Row `pooled`: balance metrics are averaged over layers (expert e of one layer is not expert e of "
+             "another); `aux_loss` there is transformers' pooled loss.")
+
+COLLAPSE_NOTE = ("Per layer: effective ranks of the router logits and hidden states, expert and router-row cosines, "
+                 "the top-k decision margin and the share of decisions within each eps of the top-k boundary "
+                 "(`fragile@eps`).")
+
+COUNTERFACTUAL_NOTE = ("Each router setting re-routes the captured logits; `coverage` is the share of probability "
+                       "mass its selection covers, `flip_rate` its leakage, `certified_optimal` of "
+                       "`certified_total` the groups whose selection the dual certificate proves optimal for the "
+                       "router's own program. The table is cut in two (the label repeated) so it fits the page.")
+
+COUNTERFACTUAL_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Budget, coverage and load balance", ("realised_kbar", "coverage", "drop_rate", "agreement", "gini", "maxvio")),
+    ("Leakage and optimality certificates", ("flip_rate", "displacement_mean", "kv_decode_token_flip_rate",
+                                             "cross_flip_rate", "topc_margin_mean", "certified_optimal",
+                                             "certified_total", "max_lp_gap")),
+)
+"""The column groups of the counterfactual table: one table each, the label repeated (a 1280 px page holds it)."""
+
+SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("load", "Load balance (model's own selection)", LOAD_NOTE),
+    ("collapse", "Collapse and margins", COLLAPSE_NOTE),
+    ("counterfactual", "Counterfactual re-routing (pooled over layers)", COUNTERFACTUAL_NOTE),
+)
+"""The table sections of the report: table key, heading, the paragraph above the table (Markdown and HTML)."""
+
 
 def _router_settings(result) -> str:
     """The counterfactual settings, per router: its label, or the values of the parameters it swept."""
@@ -651,11 +699,11 @@ def _router_settings(result) -> str:
     parts = []
     for router, g in pooled.groupby("router", sort=False):
         if len(g) == 1:
-            parts.append(str(g["label"].iloc[0]))
+            parts.append(f"`{g['label'].iloc[0]}`")
             continue
         swept = [(p, list(dict.fromkeys(_value_text(v) for v in g[p]))) for p in g.columns
                  if p in router_parameter_definitions() and len({_value_text(v) for v in g[p]}) > 1]
-        parts.append(f"{router} ({len(g)} settings: " + "; ".join(f"{p} {', '.join(v)}" for p, v in swept) + ")")
+        parts.append(f"`{router}` ({len(g)} settings: " + "; ".join(f"{p} {list_text(v)}" for p, v in swept) + ")")
     return "Counterfactual routers (registry names and labels): " + ", ".join(parts) + "."
 
 
@@ -666,7 +714,8 @@ def _value_text(v) -> str:
 def _intro(result) -> list[str]:
     cfg = result.config
     la0 = result.layers[0]
-    return [f"Source: `{result.source}`" + (f" (model {result.model.get('name')})" if result.model.get("name") else ""),
+    return [f"Source: `{result.source}`" + (f" (model {result.model.get('name')})." if result.model.get("name")
+                                            else "."),
             f"Layers: {len(result.layers)}; tokens per layer: {la0.num_tokens}; experts: {la0.num_experts}; "
             f"top-k: {la0.top_k}; score function: {la0.score_function}; selection: {la0.selection_source}.",
             f"Counterfactual and leakage sample: {la0.sample_sequences} sequences, {la0.sample_tokens} tokens per "
@@ -674,53 +723,28 @@ def _intro(result) -> list[str]:
             _router_settings(result)]
 
 
-def _markdown(result, tables, pngs, title) -> str:
-    notes = figure_notes(result, pngs)
-    lines = [f"# {title}", "", *[f"{s}  " for s in _intro(result)], "", "## Summary", ""]
-    lines += [f"- {s}" for s in summary_lines(result)] + [""]
-    lines += ["## Load balance (model's own selection)", "",
-              "Row `pooled`: balance metrics are averaged over layers (expert e of one layer is not expert e of "
-              "another); `aux_loss` there is transformers' pooled loss.", "", _md_table(tables["load"])]
-    lines += ["## Collapse and margins", "", _md_table(tables["collapse"])]
-    lines += ["## Counterfactual re-routing (pooled over layers)", "",
-              "Each router setting re-routes the captured logits; `coverage` is the share of probability mass its "
-              "selection covers, `flip_rate` its leakage, `certified_optimal/total` the groups whose selection the "
-              "dual certificate proves optimal for the router's own program.", "", _md_table(tables["counterfactual"])]
-    lines += ["## Figures", ""]
+def report_blocks(result, tables, pngs, title) -> list:
+    """The report as blocks (:mod:`usmoe_lp.report.markup`), the one text both report.md and report.html render.
+    ``pngs``: figure name -> PNG bytes (or just the names, for Markdown)."""
+    notes = figure_notes(result, list(pngs))
+    blocks: list = [Heading(title, 1), *[Paragraph(s) for s in _intro(result)],
+                    Heading("Summary"), Bullets(tuple(summary_lines(result)))]
+    for key, heading, note in SECTIONS:
+        blocks += [Heading(heading), Paragraph(note),
+                   Table(tables[key], COUNTERFACTUAL_GROUPS if key == "counterfactual" else ())]
+    blocks.append(Heading("Figures"))
     for n in pngs:
-        lines += [f"![{CAPTIONS.get(n, n)}]({n})", "", CAPTIONS.get(n, "")]
-        lines += ["", notes[n]] if n in notes else []
-        lines.append("")
-    lines += ["## Definitions", "", DEFINITIONS_INTRO, ""]
-    lines += [f"- `{k}`: {d.definition} [{d.unit}] ({d.source}; {d.see})" for k, d in _report_definitions(tables)]
-    return "\n".join(lines) + "\n"
+        data = pngs[n] if isinstance(pngs, dict) else b""
+        blocks.append(Figure(n, data, CAPTIONS.get(n, n), notes.get(n, "")))
+    blocks += [Heading("Definitions"), Paragraph(DEFINITIONS_INTRO),
+               Bullets(tuple(f"`{k}`: {d.definition} [{d.unit}] ({d.source}; {d.see})"
+                             for k, d in _report_definitions(tables)))]
+    return blocks
+
+
+def _markdown(result, tables, pngs, title) -> str:
+    return render_markdown(report_blocks(result, tables, pngs, title))
 
 
 def _html(result, tables, pngs, title) -> str:
-    esc = html.escape
-    notes = figure_notes(result, pngs)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;"
-             "border:1px solid #eee;margin:.5em 0}figcaption{color:#555;font-size:13px}code{background:#f5f5f5}"
-             "</style></head><body>", f"<h1>{esc(title)}</h1>"]
-    parts += [f"<p>{esc(s)}</p>" for s in _intro(result)]
-    parts += ["<h2>Summary</h2><ul>", *[f"<li>{esc(s)}</li>" for s in summary_lines(result)], "</ul>"]
-    for key, heading in (("load", "Load balance (model's own selection)"), ("collapse", "Collapse and margins"),
-                         ("counterfactual", "Counterfactual re-routing (pooled over layers)")):
-        frame = tables[key]
-        parts.append(f"<h2>{esc(heading)}</h2>")
-        parts.append(frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0)
-                     if not frame.empty else "<p>(none)</p>")
-    parts.append("<h2>Figures</h2>")
-    for name, data in pngs.items():
-        b64 = base64.b64encode(data).decode("ascii")
-        note = f"<br>{esc(notes[name])}" if name in notes else ""
-        parts.append(f"<figure><img alt='{esc(CAPTIONS.get(name, name))}' src='data:image/png;base64,{b64}'>"
-                     f"<figcaption>{esc(CAPTIONS.get(name, ''))} ({esc(name)}){note}</figcaption></figure>")
-    parts.append(f"<h2>Definitions</h2><p>{esc(DEFINITIONS_INTRO)}</p><ul>")
-    parts += [f"<li><code>{esc(k)}</code>: {esc(d.definition)} [{esc(d.unit)}] ({esc(d.source)}; {esc(d.see)})</li>"
-              for k, d in _report_definitions(tables)]
-    parts.append("</ul></body></html>")
-    return "\n".join(parts) + "\n"
+    return render_html(report_blocks(result, tables, pngs, title), title=title)

@@ -13,8 +13,6 @@ never, and the run's inputs (a model directory, a text file) are never inside it
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import re
 from collections.abc import Sequence
@@ -26,8 +24,18 @@ import pandas as pd
 
 from usmoe_lp._json import json_ready
 from usmoe_lp.logs.format import library_versions
-from usmoe_lp.report.analyze_report import _md_table
 from usmoe_lp.report.evaluate_figures import NATIVE, flop_scale, plot_corruption, plot_quality_vs_cost, quality_at
+from usmoe_lp.report.markup import (
+    BASE_STYLE,
+    Bullets,
+    Figure,
+    Heading,
+    Paragraph,
+    Table,
+    figure_html,
+    render_html,
+    render_markdown,
+)
 from usmoe_lp.report.outputs import check_report_location, foreign_check, write_figures
 from usmoe_lp.staging import check_destination, staged_directory
 
@@ -53,11 +61,8 @@ EVALUATE_OWNED: tuple[str, ...] = (r"evaluate\.json", r"report\.md", r"report\.h
                                    *(re.escape(name) for name in CAPTIONS))
 """What an evaluate report directory holds (see :func:`usmoe_lp.report.outputs.foreign_entries`)."""
 
-HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
-              "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
-              "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;"
-              "border:1px solid #eee;margin:.5em 0}figcaption{color:#555;font-size:13px}code{background:#f5f5f5}")
-"""The stylesheet of the evaluate report and the demo page (inline: the pages load nothing)."""
+HTML_STYLE = BASE_STYLE
+"""The stylesheet of the evaluate report (every report's, :data:`usmoe_lp.report.markup.BASE_STYLE`)."""
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -361,45 +366,31 @@ TABLE_HEADINGS = (("quality", "Quality and cost per setting"),
                   ("generation", "Greedy generation against native"))
 
 
-def _markdown(result, tables, pngs: list[str], title: str) -> str:
-    lines = [f"# {title}", "", *[f"{s}  " for s in _intro(result)], "", "## Summary", ""]
-    lines += [f"- {s}" for s in summary_lines(result)] + [""]
+def report_blocks(result, tables, pngs, title: str) -> list:
+    """The report as blocks (:mod:`usmoe_lp.report.markup`), the one text of report.md and report.html.
+    ``pngs``: figure name -> PNG bytes (or just the names, for Markdown)."""
+    blocks: list = [Heading(title, 1), *[Paragraph(s) for s in _intro(result)],
+                    Heading("Summary"), Bullets(tuple(summary_lines(result)))]
     if "quality_vs_cost.png" in pngs:
-        lines += [front_sentence(result), ""]
+        blocks.append(Paragraph(front_sentence(result)))
     for key, heading in TABLE_HEADINGS:
         if not tables[key].empty:
-            lines += [f"## {heading}", "", _md_table(tables[key])]
-    lines += ["## Figures", ""]
-    for n in pngs:
-        lines += [f"![{CAPTIONS.get(n, n)}]({n})", "", CAPTIONS.get(n, ""), ""]
-    lines += ["## Definitions", "", DEFINITIONS_INTRO, ""]
-    lines += [f"- `{k}`: {d}" for k, d in _definitions(result, tables)]
-    return "\n".join(lines) + "\n"
+            blocks += [Heading(heading), Table(tables[key])]
+    blocks.append(Heading("Figures"))
+    blocks += [Figure(n, pngs[n] if isinstance(pngs, dict) else b"", CAPTIONS.get(n, n)) for n in pngs]
+    blocks += [Heading("Definitions"), Paragraph(DEFINITIONS_INTRO),
+               Bullets(tuple(f"`{k}`: {d}" for k, d in _definitions(result, tables)))]
+    return blocks
+
+
+def _markdown(result, tables, pngs, title: str) -> str:
+    return render_markdown(report_blocks(result, tables, pngs, title))
 
 
 def png_figure(data: bytes, caption: str, name: str | None = None) -> str:
     """An HTML figure with the PNG ``data`` inlined as base64 (the page loads nothing)."""
-    b64 = base64.b64encode(data).decode("ascii")
-    suffix = f" ({html.escape(name)})" if name else ""
-    return (f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>"
-            f"<figcaption>{html.escape(caption)}{suffix}</figcaption></figure>")
+    return figure_html(data, caption, name)
 
 
 def _html(result, tables, pngs: dict[str, bytes], title: str) -> str:
-    esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
-             f"<style>{HTML_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
-    parts += [f"<p>{esc(s)}</p>" for s in _intro(result)]
-    parts += ["<h2>Summary</h2><ul>", *[f"<li>{esc(s)}</li>" for s in summary_lines(result)], "</ul>"]
-    if "quality_vs_cost.png" in pngs:
-        parts.append(f"<p>{esc(front_sentence(result))}</p>")
-    for key, heading in TABLE_HEADINGS:
-        frame = tables[key]
-        if not frame.empty:
-            parts += [f"<h2>{esc(heading)}</h2>", frame.to_html(index=False, border=0, na_rep="–")]
-    parts.append("<h2>Figures</h2>")
-    parts += [png_figure(data, CAPTIONS.get(name, name), name) for name, data in pngs.items()]
-    parts.append(f"<h2>Definitions</h2><p>{esc(DEFINITIONS_INTRO)}</p><ul>")
-    parts += [f"<li><code>{esc(k)}</code>: {esc(d)}</li>" for k, d in _definitions(result, tables)]
-    parts.append("</ul></body></html>")
-    return "\n".join(parts) + "\n"
+    return render_html(report_blocks(result, tables, pngs, title), title=title, style=HTML_STYLE)

@@ -41,7 +41,8 @@ def plot_gap_distributions(frame: pd.DataFrame) -> plt.Figure | None:
     claims = list(dict.fromkeys(fails["claim"]))
     sizes = _size_order(frame)
     palette = dict(zip(sizes, sns.color_palette("viridis", len(sizes)), strict=True))
-    fig, axes = plt.subplots(1, len(claims), figsize=(4.2 * len(claims), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(claims), figsize=(4.2 * len(claims) + 0.9, 4.2), squeeze=False)
+    shown: dict = {}
     for ax, claim in zip(axes[0], claims, strict=True):
         sub = fails[fails["claim"] == claim]
         families = list(dict.fromkeys(sub["family"]))
@@ -54,37 +55,75 @@ def plot_gap_distributions(frame: pd.DataFrame) -> plt.Figure | None:
         ax.set_xticks(range(len(families)), families)
         ax.set_xlim(-0.5, len(families) - 0.5)
         ax.set_yscale("log")
-        ax.set_title(f"{claim}\n{len(sub)} failing instances", fontsize=10)
+        total = int((frame["claim"] == claim).sum())
+        ax.set_title(f"{claim}\n{len(sub)} failing of {total} instances", fontsize=10)
         ax.set_xlabel("matrix family")
         ax.set_ylabel("violation (optimum - claimed, score units)")
         ax.tick_params(axis="x", rotation=45)
-        ax.legend(title="T x N", fontsize=7, title_fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        shown.update({lb: h for h, lb in zip(handles, labels, strict=True) if lb not in shown})
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    # one legend for every panel, outside them (a size has one colour in every panel)
+    fig.legend([shown[s] for s in sizes if s in shown], [s for s in sizes if s in shown], title="T x N",
+               loc="center right", fontsize=7, title_fontsize=8, frameon=False)
     fig.suptitle("Where the claims fail: size of each violation", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig.get_size_inches()[0], 1))
     return fig
+
+
+MIN_TRIALS_FOR_INTERVAL = 5
+"""Fewer trials per point than this: the point is drawn without an interval (a 90% interval of 2 numbers says
+nothing)."""
+
+
+def _gain_rtol() -> float:
+    """The verifier's default relative tolerance for equal objectives (``Context.rtol``)."""
+    from usmoe_lp.verify.claims import Context
+
+    return float(Context.rtol)
+
+
+def usmoe_gain_per_token(frame: pd.DataFrame) -> pd.Series:
+    """obj(USMoE) - obj(TC) per token of the ``usmoe_ge_tc`` rows of a :func:`records_frame`, with differences
+    the verifier counts as equal set to 0: |diff| <= rtol * max(1, |obj(USMoE)|, |obj(TC)|), rtol the verifier's
+    default 1e-9 (floating-point noise such as -3e-16 on all-equal scores is no negative gain)."""
+    diff = frame["value_usmoe_minus_tc"].astype(float)
+    usmoe = frame["value_usmoe"].astype(float) if "value_usmoe" in frame else pd.Series(0.0, index=frame.index)
+    scale = np.maximum(1.0, np.maximum(usmoe.abs(), (usmoe - diff).abs()))
+    return diff.where(diff.abs() > _gain_rtol() * scale, 0.0) / frame["T"].astype(float)
 
 
 def plot_usmoe_minus_tc(frame: pd.DataFrame) -> plt.Figure | None:
     """obj(USMoE) - obj(TC) per token vs N, one line per k, one panel per matrix family.
 
-    Uses the ``usmoe_ge_tc`` records; returns None when that claim was not run.
+    Uses the ``usmoe_ge_tc`` records; returns None when that claim was not run. Differences within the verifier's
+    tolerance are drawn as 0 (:func:`usmoe_gain_per_token`). Points are medians over the trials; the 90% interval
+    is drawn only with at least :data:`MIN_TRIALS_FOR_INTERVAL` trials per point, and the title says how many.
     """
     sub = frame[frame["claim"] == "usmoe_ge_tc"].copy()
     if sub.empty or "value_usmoe_minus_tc" not in sub:
         return None
-    sub["gain_per_token"] = sub["value_usmoe_minus_tc"] / sub["T"]
+    sub["gain_per_token"] = usmoe_gain_per_token(sub)
     sub["k"] = sub["k"].astype(str)
     sub["size"] = pd.Categorical(sub["size"], categories=_size_order(sub), ordered=True)
+    trials = sub.groupby(["family", "size", "k"], observed=True).size()
+    lo, hi = int(trials.min()), int(trials.max())
+    n_text = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    interval = lo >= MIN_TRIALS_FOR_INTERVAL
     g = sns.catplot(data=sub, x="size", y="gain_per_token", hue="k", col="family", col_wrap=3,
-                    kind="point", estimator="median", errorbar=("pi", 90), height=2.6, aspect=1.3,
-                    dodge=0.25 if sub["k"].nunique() > 1 else False,  # seaborn divides by #k - 1
-                    sharey=False)
+                    kind="point", estimator="median", errorbar=("pi", 90) if interval else None, height=2.6,
+                    aspect=1.3, dodge=0.25 if sub["k"].nunique() > 1 else False,  # seaborn divides by #k - 1
+                    sharey=False, legend_out=True)
     g.set_axis_labels("size T x N (sorted by N)", "gain per token (score units)")
     g.set_titles("matrix family {col_name}")
     for ax in g.axes.flat:
         ax.axhline(0.0, color="grey", lw=0.8)
-    g.figure.suptitle("obj(USMoE global top-c, c = T k) - obj(TC, k), per token, vs N and k "
-                      "(median and 90% interval over trials)", fontsize=11)
+    spread = ("median and 90% interval over trials" if interval else
+              f"median over trials; no interval below {MIN_TRIALS_FOR_INTERVAL} trials")
+    g.figure.suptitle(f"obj(USMoE global top-c, c = T k) - obj(TC, k), per token, vs N and k\n{spread}; {n_text} "
+                      f"trials per point; |gain| <= {_gain_rtol():g} x max(1, |obj|) drawn as 0 (equal objectives)",
+                      fontsize=10)
     g.figure.tight_layout()
     return g.figure
 
@@ -99,8 +138,8 @@ def plot_capped_gap(frame: pd.DataFrame) -> plt.Figure | None:
     sns.ecdfplot(data=sub, x="relative gap", hue="size", hue_order=_size_order(sub), ax=ax,
                  palette="viridis")
     share = float(np.mean(~sub["passed"].astype(bool)))
-    ax.set_title(f"Greedy capped top-c vs the b-matching optimum\n"
-                 f"{share:.1%} of instances suboptimal; worst {sub['relative gap'].max():.2%}")
+    ax.set_title(f"Greedy capped top-c vs the b-matching optimum ({len(sub)} instances)\n"
+                 f"{share:.1%} of instances suboptimal; worst {sub['relative gap'].max():.2%}", fontsize=10)
     ax.set_xlabel("(optimum - greedy) / optimum")
     ax.set_ylabel("fraction of instances")
     fig.tight_layout()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-__all__ = ["BASE_STYLE", "Bullets", "Code", "Figure", "Heading", "Paragraph", "Table", "column_groups",
+__all__ = ["BASE_STYLE", "Bullets", "Code", "Figure", "Heading", "Paragraph", "Table", "column_groups", "figure_html",
            "html_table", "inline_html", "list_text", "md_table", "render_html", "render_markdown"]
 
 BASE_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222;"
@@ -135,7 +135,8 @@ def _fmt(v, digits: int) -> str:
     return str(v)
 
 
-def column_groups(frame: pd.DataFrame, groups: Sequence[tuple[str, Sequence[str]]] = ()) -> list[tuple[str, pd.DataFrame]]:
+def column_groups(frame: pd.DataFrame,
+                  groups: Sequence[tuple[str, Sequence[str]]] = ()) -> list[tuple[str, pd.DataFrame]]:
     """The frame cut into (title, sub-frame) pairs: one per group (its columns present in the frame, after the key
     column, the frame's first), then the columns of no group; without groups, the frame itself (title '')."""
     if not groups or frame.shape[1] <= 1:
