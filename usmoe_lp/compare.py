@@ -62,8 +62,8 @@ __all__ = ["AgreementPartial", "AgreementStats", "Alignment", "CompareResult", "
            "default_labels", "match_layers", "write_compare"]
 
 Progress = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``: stage ``"analyze <label>"`` (analyze's own stages, tokens x layers) or
-``"agreement"`` (tokens x layers compared)."""
+"""``progress(stage, done, total)``: stage ``"analyze <label>: stream"`` / ``"analyze <label>: sample"`` (analyze's
+stages on that log: tokens x layers, then layers) or ``"agreement"`` (tokens x layers compared)."""
 
 
 # ============================================================================ per-token selections
@@ -582,20 +582,20 @@ def compare(logs: Sequence[Any], *, labels: Sequence[str] | None = None, layers:
         names = [row[j] for row in rows]
         ks.append(resolve_top_k([log.layer_info(n) for n in names], top_k))
 
-    def staged(stage: str) -> Progress | None:
-        return None if progress is None else (lambda _s, done, total: progress(stage, done, total))
+    def staged(prefix: str) -> Progress | None:
+        return None if progress is None else (lambda s, done, total: progress(f"{prefix}{s}", done, total))
 
     analyses, loads = [], []
     for j, (label, log) in enumerate(zip(labels, opened, strict=True)):
         names = [row[j] for row in rows]
         if getattr(log, "has_logits", True):
             analyses.append(analyze(log, config=cfg, layers=names, top_k=top_k, client=client,
-                                    progress=staged(f"analyze {label}")))
+                                    progress=staged(f"analyze {label}: ")))
             loads.append(None)
         else:
             analyses.append(None)
             loads.append(_selection_loads(log, names, ks[j], cfg.chunk_tokens, client))
-    alignment, agreement = _agreement(opened, labels, rows, ks, cfg.chunk_tokens, client, staged("agreement"))
+    alignment, agreement = _agreement(opened, labels, rows, ks, cfg.chunk_tokens, client, staged(""))
     return CompareResult(labels=tuple(labels), sources=tuple(paths), layers=rows, matched_by=matched_by,
                          analyses=tuple(analyses), selection_loads=tuple(loads), alignment=alignment,
                          agreement=agreement, config=cfg, seconds=time.perf_counter() - t0)
