@@ -286,6 +286,7 @@ def _chunk_partial(r: Routed, mask: np.ndarray | None) -> LocalityPartial:
         return out
     # ts: a timestamp per access, larger = more recent; ranked[t, 0] is the most recent of token t
     dt = np.int32 if n * kw < 2**31 - 1 else np.int64
+    span = n * kw + 1  # timestamps lie in [-1, n kw): a row offset of span keeps the rows apart
     slot_ts = (kw - 1 - np.arange(kw, dtype=dt))[None, :]
     carry = np.full((1, n_exp), -1, dtype=dt)
     final = np.empty((s, n_exp), dtype=dt)
@@ -301,14 +302,20 @@ def _chunk_partial(r: Routed, mask: np.ndarray | None) -> LocalityPartial:
         th = (seg_first[seg[a:b]] * kw).astype(dt)[:, None]  # timestamps below: an earlier sequence
         last = np.take_along_axis(excl, np.where(v, e, 0), axis=1)
         seen = v & (last >= th)
-        rank = (excl[:, None, :] > last[:, :, None]).sum(axis=2)
+        # rank = #{x : excl[x] > last}: a search in the block's rows, sorted and offset to one sorted array
+        # (distinct experts used in the sequence have distinct timestamps)
+        off = np.arange(b - a, dtype=np.int64)[:, None] * span
+        flat = (np.sort(excl, axis=1) + off).ravel()
+        row_n = np.arange(b - a, dtype=np.int64)[:, None] * n_exp
+        rank = n_exp + row_n - np.searchsorted(flat, last + off, side="right")
         out.hist += np.bincount(rank[seen], minlength=n_exp)
         pend = v & ~seen
         if pend.any():
             tok, slot = np.nonzero(pend)
             pend_g.append(tok + a)
             pend_e.append(e[tok, slot])
-            pend_start.append((excl >= th).sum(axis=1)[tok])
+            earlier = n_exp + row_n[:, 0] - np.searchsorted(flat, (th + off)[:, 0], side="left")
+            pend_start.append(earlier[tok])
         ends = np.flatnonzero((seg_last >= a) & (seg_last < b))
         final[ends] = incl[seg_last[ends] - a + 1]
     g = np.concatenate(pend_g)
