@@ -7,10 +7,12 @@ a second write of the same result (the same bytes), and the errors a user must g
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import typer
 from test_compare import CHEAP, _logits, _meta, write
+from test_definitions import ROOT, _check_target
 from typer.testing import CliRunner
 
 from usmoe_lp.compare import compare, write_compare
@@ -69,6 +71,10 @@ def test_cli_writes_the_report_of_the_api(logs, tmp_path):
     undefined = {k for _, k in _keys(data) if definition(k) is None}
     assert not undefined, undefined
     assert set(data["definitions"]) >= {k for _, k in _keys(data)}
+    problems = [p for d in data["definitions"].values() if (p := _check_target(d["see"], ROOT)) is not None]
+    assert not problems, problems
+    cited = re.findall(r"(docs/[\w./-]+#[\w-]+)", (out / "report.md").read_text())
+    assert cited and all(_check_target(c, ROOT) is None for c in cited)
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "src='agreement.png'" not in html  # self-contained
     md = (out / "report.md").read_text()

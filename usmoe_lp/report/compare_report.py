@@ -27,6 +27,7 @@ from usmoe_lp.staging import check_destination, staged_directory
 SCHEMA = "usmoe-lp/compare/1"
 DOCS = "docs/compare.md"
 THIS = "this project"
+LAYOUT = "layout-of-comparejson"
 OLMOE = "OLMoE, Muennighoff et al. 2024, arXiv 2409.02060 §4.1 (router saturation)"
 STABLEMOE = "StableMoE, Dai et al. 2022, arXiv 2204.08396 §2.2 (routing fluctuation)"
 
@@ -36,16 +37,16 @@ def _d(definition: str, unit: str, source: str, anchor: str) -> Definition:
 
 
 DEFINITIONS: dict[str, Definition] = {
-    "schema": _d("format name and version of compare.json", "string", THIS, "compare-json"),
-    "logs": _d("the compared logs, in order: label, source, content, model", "list of objects", THIS, "compare-json"),
-    "label": _d("the log's label (as given, else its directory name)", "string", THIS, "compare-json"),
-    "source": _d("the log's path as given", "string", THIS, "compare-json"),
+    "schema": _d("format name and version of compare.json", "string", THIS, LAYOUT),
+    "logs": _d("the compared logs, in order: label, source, content, model", "list of objects", THIS, LAYOUT),
+    "label": _d("the log's label (as given, else its directory name)", "string", THIS, LAYOUT),
+    "source": _d("the log's path as given", "string", THIS, LAYOUT),
     "content": _d("what the log records: logits, or selection (expert ids only; load metrics only)", "string",
                   THIS, "selection-only-logs"),
-    "model": _d("the captured model as the log records it: name, family, revision", "object", THIS, "compare-json"),
-    "name": _d("the model's name in `model`", "string", THIS, "compare-json"),
-    "family": _d("the model family (transformers model_type) in `model`", "string", THIS, "compare-json"),
-    "revision": _d("the model's revision in `model`", "string", THIS, "compare-json"),
+    "model": _d("the captured model as the log records it: name, family, revision", "object", THIS, LAYOUT),
+    "name": _d("the model's name in `model`", "string", THIS, LAYOUT),
+    "family": _d("the model family (transformers model_type) in `model`", "string", THIS, LAYOUT),
+    "revision": _d("the model's revision in `model`", "string", THIS, LAYOUT),
     "layers": _d("the matched layers: per row, the layer's name in each log (in the logs' order)",
                  "list of lists of strings", THIS, "layer-matching"),
     "matched_by": _d("how layers were matched: name (every log has the names) or order (the names differ, the "
@@ -63,7 +64,7 @@ DEFINITIONS: dict[str, Definition] = {
     "layer": _d("the matched layer by the first log's name (`pooled`: every layer's tokens together)", "string",
                 THIS, "layer-matching"),
     "log_layer": _d("the layer's name in this row's log", "string", THIS, "layer-matching"),
-    "log": _d("the label of the log the row describes", "string", THIS, "compare-json"),
+    "log": _d("the label of the log the row describes", "string", THIS, LAYOUT),
     "a": _d("label of the first log of the pair", "string", THIS, "routing-agreement"),
     "b": _d("label of the second log of the pair", "string", THIS, "routing-agreement"),
     "tokens": _d("tokens the row's numbers cover: the tokens compared (agreement) or the layer's tokens "
@@ -100,8 +101,8 @@ DEFINITIONS: dict[str, Definition] = {
     "config": _d("the analyze settings every log ran with (usmoe_lp.diagnostics.AnalyzeConfig)", "object", THIS,
                  "side-by-side"),
     "library_versions": _d("versions of Python and of the libraries the numbers depend on", "object of strings",
-                           THIS, "compare-json"),
-    "definitions": _d("this table: key -> definition, unit, source, see", "object", THIS, "compare-json"),
+                           THIS, LAYOUT),
+    "definitions": _d("this table: key -> definition, unit, source, see", "object", THIS, LAYOUT),
 }
 
 
