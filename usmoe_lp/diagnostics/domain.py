@@ -54,14 +54,8 @@ class DomainStats:
     mean_tv_distance: float
 
     def to_dict(self) -> dict:
-        """Plain JSON values keyed by field name; per-domain arrays become objects keyed by domain name."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, np.ndarray):
-                v = dict(zip(self.domain_names, v.tolist(), strict=True))
-            out[f.name] = v
-        return json_ready(out)
+        """Plain JSON values keyed by field name (arrays as lists in ``domain_names`` order, NaN -> None)."""
+        return json_ready({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 class DomainPartial:
