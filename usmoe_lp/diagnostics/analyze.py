@@ -71,6 +71,8 @@ from usmoe_lp.diagnostics.leakage import (
 from usmoe_lp.diagnostics.load import BALANCE_KEYS, LoadStats
 from usmoe_lp.diagnostics.margins import MarginStats, topc_margin
 from usmoe_lp.diagnostics.native import NativeAgreement
+from usmoe_lp.diagnostics.patterns import PatternStats
+from usmoe_lp.diagnostics.routed import Routed
 from usmoe_lp.diagnostics.stream import (  # noqa: F401  (model_mask & co. re-exported: the driver's public helpers)
     LayerStream,
     model_mask,
@@ -79,6 +81,7 @@ from usmoe_lp.diagnostics.stream import (  # noqa: F401  (model_mask & co. re-ex
     selection_scores,
     stream_chunks,
 )
+from usmoe_lp.diagnostics.transitions import TransitionPartial, TransitionStats
 from usmoe_lp.errors import InvalidParameter, InvalidScores, ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk, RouterLog
@@ -121,6 +124,9 @@ class AnalyzeConfig:
     and of the per-token decode routing (longer sequences are sampled at that many positions).
     hidden: use captured hidden states and router weights for the collapse metrics. threads: run the
     collapse Grams in a worker thread, overlapping the rest of each chunk (results are identical).
+    patterns: measure the routing patterns of the model's selection in the streaming pass (co-activation,
+    vocabulary and domain specialisation, locality per layer: :mod:`usmoe_lp.diagnostics.patterns`; the
+    transitions between consecutive analysed layers: :mod:`usmoe_lp.diagnostics.transitions`).
     """
 
     routers: tuple[str, ...] = field(default_factory=default_routers)
@@ -140,6 +146,7 @@ class AnalyzeConfig:
     hidden: bool = True
     threads: bool = True
     max_recompute_tokens: int = DEFAULT_MAX_RECOMPUTE_TOKENS
+    patterns: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -157,7 +164,7 @@ class AnalyzeConfig:
         if not eps or not all(_is_real(e) and np.isfinite(e) and e > 0 for e in eps):
             raise InvalidParameter(f"eps must be finite thresholds > 0, got {self.eps}")
         set_(self, "eps", eps)
-        for name in ("leakage", "counterfactual", "hidden", "threads"):
+        for name in ("leakage", "counterfactual", "hidden", "threads", "patterns"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(f"{name} must be True or False, got {getattr(self, name)!r}")
         # a grid that is asked for but empty would silently drop its routers
@@ -312,6 +319,8 @@ class LayerAnalysis:
     log (the log holds the experts each token was routed to, not the router logits); empty otherwise. Their
     fields are None (``collapse``, ``margins``, ``counterfactual``, ``native_agreement``; the probability- and
     logit-based fields of ``load``) or empty (``leakage`` and the other per-sequence analyses).
+    patterns: the routing patterns of the model's selection over every token of the layer
+    (:class:`~usmoe_lp.diagnostics.patterns.PatternStats`; None with ``AnalyzeConfig.patterns`` off).
     """
 
     layer: str
@@ -332,6 +341,7 @@ class LayerAnalysis:
     decode: dict[str, DecodeStats] = field(default_factory=dict)
     native_agreement: NativeAgreement | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
+    patterns: PatternStats | None = None
 
 
 @dataclass(frozen=True)
@@ -341,6 +351,9 @@ class AnalyzeResult:
     ``pooled_load`` merges every layer's load partial (transformers' pooled convention);
     ``aux_loss_per_layer_mean`` is the OLMoE-scripts convention (mean of per-layer losses).
     ``unavailable``: analysis -> why it was not computed (a selection log: :data:`NEEDS_LOGITS`).
+    ``transitions``: (layer l, layer l+1) -> the dependence of layer l+1's selection on layer l's
+    (:class:`~usmoe_lp.diagnostics.transitions.TransitionStats`), for each pair of consecutive analysed layers
+    (empty with ``AnalyzeConfig.patterns`` off or one layer).
     """
 
     source: str
@@ -353,6 +366,7 @@ class AnalyzeResult:
     seconds: float
     read_seconds: float = 0.0
     unavailable: dict[str, str] = field(default_factory=dict)
+    transitions: dict[tuple[str, str], TransitionStats] = field(default_factory=dict)
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -568,6 +582,58 @@ def _merge_decode(per_layer: Sequence[Mapping[str, DecodeStats]]) -> dict[str, D
             elif out[label].num_experts == stats.num_experts:
                 out[label] = out[label].merge(stats)
     return out
+
+
+# ============================================================================ domain labels
+@dataclass(frozen=True, eq=False)
+class DomainLabels:
+    """Domain labels of sequences, as the tasks carry them (picklable numpy arrays).
+
+    names: the distinct labels, sorted (domain index d = position in ``names``); ids: (S,) int64 the labelled
+    sequence ids, ascending; index: (S,) int64 the domain index of each."""
+
+    names: tuple[str, ...]
+    ids: np.ndarray
+    index: np.ndarray
+
+    def of(self, sequence_ids: np.ndarray) -> np.ndarray:
+        """(n,) int64 domain index of each of (n,) ``sequence_ids`` (-1: the sequence has no label)."""
+        seq = np.asarray(sequence_ids, dtype=np.int64)
+        if not self.ids.size:
+            return np.full(seq.shape, -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.ids, seq), self.ids.size - 1)
+        return np.where(self.ids[at] == seq, self.index[at], -1)
+
+
+def domain_labels(domains: Mapping, *, name: str = "domains") -> DomainLabels:
+    """:class:`DomainLabels` of a mapping sequence id (int >= 0, or its decimal string) -> domain label (a
+    non-empty str). Anything else raises :class:`InvalidParameter` naming the entry; ``name``: how the caller's
+    interface names the mapping (``--domains FILE`` on the command line).
+
+    >>> d = domain_labels({3: "code", "1": "web", 7: "code"})
+    >>> d.names, d.of(np.array([1, 2, 3, 7])).tolist()
+    (('code', 'web'), [1, -1, 0, 0])
+    """
+    if not isinstance(domains, Mapping):
+        raise InvalidParameter(f"{name} must map sequence ids to domain labels, got {type(domains).__name__}")
+    pairs: dict[int, str] = {}
+    for key, label in domains.items():
+        sid = key
+        if isinstance(key, str) and re.fullmatch(r"\s*\d+\s*", key):
+            sid = int(key)
+        if isinstance(sid, np.integer):
+            sid = int(sid)
+        if not isinstance(sid, int) or isinstance(sid, bool) or sid < 0:
+            raise InvalidParameter(f"{name}: {key!r} is not a sequence id (an integer >= 0)")
+        if not isinstance(label, str) or not label.strip():
+            raise InvalidParameter(f"{name}: the label of sequence {sid} must be a non-empty string, got {label!r}")
+        if sid in pairs and pairs[sid] != label:
+            raise InvalidParameter(f"{name}: sequence {sid} is labelled twice ({pairs[sid]!r} and {label!r})")
+        pairs[sid] = label
+    names = tuple(sorted(set(pairs.values())))
+    ids = np.array(sorted(pairs), dtype=np.int64)
+    of = {lb: i for i, lb in enumerate(names)}
+    return DomainLabels(names, ids, np.array([of[pairs[i]] for i in ids.tolist()], dtype=np.int64))
 
 
 # ============================================================================ sources
@@ -827,6 +893,8 @@ class _StreamTask:
     eps: tuple[float, ...]
     threads: bool
     sample: np.ndarray | None
+    patterns: bool = False
+    domains: DomainLabels | None = None
 
 
 @dataclass(frozen=True)
@@ -846,14 +914,17 @@ class _StreamOut:
     streams: tuple[LayerStream, ...]
     rows: tuple[_SampledRows | None, ...]
     read_seconds: float
+    transitions: tuple[TransitionPartial, ...] = ()  # layers (0, 1), (1, 2), ... with patterns on
 
 
 def _merge_stream_outs(a: _StreamOut, b: _StreamOut) -> _StreamOut:
-    """Two consecutive ranges' results as one: each layer's streams merged, sampled rows concatenated."""
+    """Two consecutive ranges' results as one: each layer's streams and each layer pair's transitions merged,
+    sampled rows concatenated."""
     return _StreamOut(range=TokenRange(a.range.index, a.range.start, b.range.stop),
                       streams=tuple(x.merge(y) for x, y in zip(a.streams, b.streams, strict=True)),
                       rows=tuple(_concat_rows(x, y) for x, y in zip(a.rows, b.rows, strict=True)),
-                      read_seconds=a.read_seconds + b.read_seconds)
+                      read_seconds=a.read_seconds + b.read_seconds,
+                      transitions=tuple(x.merge(y) for x, y in zip(a.transitions, b.transitions, strict=True)))
 
 
 def _concat_rows(a: _SampledRows | None, b: _SampledRows | None) -> _SampledRows | None:
@@ -881,11 +952,17 @@ def _stream_task(task: _StreamTask) -> _StreamOut:
 
     r = task.range
     sample = None if task.sample is None else torch.from_numpy(task.sample)
-    streams, rows = [], []
+    streams, rows, transitions = [], [], []
+    domains = task.domains
+    names = None if domains is None else domains.names
+    domains_of = None if domains is None else (lambda chunk: domains.of(chunk.sequence_ids.numpy()))
+    prev: tuple[list[np.ndarray], int] | None = None  # the previous layer's ranked ids per chunk (int16), its N
     with one_torch_thread():
         reader = task.data.open()
         for info, k, hidden in task.layers:
             picked: list[tuple[torch.Tensor, ...]] = []
+            ranked: list[np.ndarray] = []
+            trans = None if prev is None else TransitionPartial.empty(prev[1], info.num_experts)
 
             def keep_sampled(chunk: Chunk, mask: torch.Tensor, picked=picked) -> None:
                 if sample is None or not sample.numel():
@@ -895,11 +972,22 @@ def _stream_task(task: _StreamTask) -> _StreamOut:
                     picked.append((chunk.sequence_ids[sel], chunk.positions[sel], chunk.logits[sel].float(),
                                    mask[sel]))
 
+            def transition(routed: Routed, ranked=ranked, trans=trans, prev=prev) -> None:
+                if trans is not None:  # the same chunk (the same tokens) of the previous layer
+                    before = Routed(prev[0][len(ranked)].astype(np.int64), prev[1], token_ids=routed.token_ids,
+                                    sequence_ids=routed.sequence_ids, positions=routed.positions)
+                    trans.update(before, routed)
+                ranked.append(routed.ranked.astype(np.int16))  # N < 2**15 (Routed's bound)
+
             chunks = timed(reader.chunks(info.name, r.start, r.stop, task.chunk_tokens, hidden))
-            streams.append(stream_chunks(LayerStream.empty(info, k, task.eps), chunks, hidden=hidden,
-                                         threads=task.threads, on_chunk=keep_sampled))
+            stream = LayerStream.empty(info, k, task.eps, patterns=task.patterns, domain_names=names)
+            streams.append(stream_chunks(stream, chunks, hidden=hidden, threads=task.threads, on_chunk=keep_sampled,
+                                         domains_of=domains_of, on_routed=transition if task.patterns else None))
             rows.append(_SampledRows(*(torch.cat(parts) for parts in zip(*picked, strict=True))) if picked else None)
-    return _StreamOut(r, tuple(streams), tuple(rows), read_seconds)
+            if trans is not None:
+                transitions.append(trans)
+            prev = (ranked, info.num_experts) if task.patterns else None
+    return _StreamOut(r, tuple(streams), tuple(rows), read_seconds, tuple(transitions))
 
 
 # ============================================================================ the sequence sample
@@ -1013,7 +1101,8 @@ def _batches(seqs, batch_size: int):
 
 # ============================================================================ the driver
 def analyze(log, *, config: AnalyzeConfig | None = None, layers: Sequence[str] | None = None, top_k: int | None = None,
-            progress: Progress | None = None, client=None, verify: str = "lazy") -> AnalyzeResult:
+            progress: Progress | None = None, client=None, verify: str = "lazy",
+            domains: Mapping[int, str] | None = None) -> AnalyzeResult:
     """Analyse a router log: load, collapse, margins, counterfactual re-routing and leakage per layer.
 
     log: a :class:`~usmoe_lp.logs.RouterLog`, the path of one, or a ``file://`` URL (other URL schemes
@@ -1039,6 +1128,14 @@ def analyze(log, *, config: AnalyzeConfig | None = None, layers: Sequence[str] |
     ``verify="lazy"`` each task checks its own shards (checksum, tensors, token order within the task);
     the token order across tasks and duplicated shards in different tasks are checked by ``"full"``.
 
+    domains: sequence id -> domain label (str), for the domain shares of the routing patterns
+    (:func:`domain_labels`); sequences without a label are left out of them (and counted there). Labels of
+    sequence ids the log does not hold are allowed (a corpus-wide table). Ignored with ``config.patterns`` off.
+
+    A selection log (the experts each token was routed to, no logits: ``log.has_logits`` False) gives the load
+    of the recorded selection and the routing patterns; the analyses that need logits are listed in the
+    result's ``unavailable`` with the reason (:data:`NEEDS_LOGITS`) and their fields are None or empty.
+
     The sequence sample (counterfactual, leakage) is decided up front from the sequence ids alone
     (:func:`choose_sample`): the first sequences in order of first appearance, taken whole, until
     ``config.sequence_tokens`` tokens are reached. Where sequences interleave (decode steps) this counts
@@ -1055,7 +1152,9 @@ def analyze(log, *, config: AnalyzeConfig | None = None, layers: Sequence[str] |
         name, mode = str(path), verify
         log = RouterLog.open(path, verify=verify)
     check_cluster(client=client)
-    return _analyze(_log_source(log, mode, name), config or AnalyzeConfig(), layers, top_k, progress, client)
+    labels = None if domains is None else domain_labels(domains)
+    return _analyze(_log_source(log, mode, name), config or AnalyzeConfig(), layers, top_k, progress, client,
+                    labels)
 
 
 def analyze_logits(router_logits, *, top_k: int, padding_mask=None, score_function: str = "softmax",
@@ -1077,7 +1176,8 @@ def analyze_logits(router_logits, *, top_k: int, padding_mask=None, score_functi
     return _analyze(src, config or AnalyzeConfig(), None, top_k, None, None)
 
 
-def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client) -> AnalyzeResult:
+def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client,
+             domains: DomainLabels | None = None) -> AnalyzeResult:
     t0 = time.perf_counter()
     infos = {i.name: i for i in src.infos}
     names = tuple(layers) if layers is not None else tuple(infos)
@@ -1097,7 +1197,8 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client) 
     sampling = (cfg.counterfactual or cfg.leakage) and src.has_logits
     sample = _decide_sample(src, cfg, ranges, client) if sampling else None
     layer_specs = tuple((infos[n], ks[n], cfg.hidden and src.has_hidden(n)) for n in names)
-    tasks = [_StreamTask(src.data, r, layer_specs, cfg.chunk_tokens, cfg.eps, cfg.threads, sample) for r in ranges]
+    tasks = [_StreamTask(src.data, r, layer_specs, cfg.chunk_tokens, cfg.eps, cfg.threads, sample, cfg.patterns,
+                         domains if cfg.patterns else None) for r in ranges]
     total, done = src.num_tokens * len(names), 0
 
     def streamed(i: int, out: _StreamOut) -> None:
@@ -1136,7 +1237,8 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client) 
             margins=st["margins"], counterfactual=cf_part.result() if cf_part is not None else None,
             leakage={label: p.result() for label, p in leaks.items()}, cross_sequence=cross, topc_margins=topc,
             sample_sequences=len(seqs), sample_tokens=sum(z.shape[0] for _, z, _ in seqs), decode=decode,
-            native_agreement=st["native"], unavailable=dict(unavailable)))
+            native_agreement=st["native"], unavailable=dict(unavailable),
+            patterns=None if stream.patterns is None else stream.patterns.result()))
         if cf_part is not None:
             cf_parts.append(cf_part)
         for label, part in leaks.items():
@@ -1151,7 +1253,9 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client) 
                    if len(parts) == len(results)} if same_n else {}
     return AnalyzeResult(source=src.name, model=src.model, config=cfg, layers=tuple(results),
                          pooled_load=pooled_load, pooled_counterfactual=pooled_cf, pooled_leakage=pooled_leak,
-                         seconds=time.perf_counter() - t0, read_seconds=read_seconds, unavailable=unavailable)
+                         seconds=time.perf_counter() - t0, read_seconds=read_seconds, unavailable=unavailable,
+                         transitions={pair: t.result() for pair, t in zip(zip(names[:-1], names[1:], strict=True),
+                                                                          merged.transitions, strict=True)})
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ is available here with no edit.
 
 from __future__ import annotations
 
+import csv
+import json
 import re
 import time
 from pathlib import Path
@@ -96,6 +98,54 @@ def _cli_words(exc: InvalidParameter) -> InvalidParameter:
     return InvalidParameter(text)
 
 
+_DOMAINS_JSON = '{"<sequence id>": "label"}'
+
+
+def read_domains(path: Path, flag: str = "--domains") -> dict[int, str]:
+    """The sequence id -> domain label table of a ``--domains`` file: a JSON object ``{"<sequence id>": "label"}``
+    or a CSV file with the header ``sequence_id,domain`` (one row per sequence). A file that is neither, a
+    sequence id that is not an integer >= 0, an empty label or a sequence labelled twice raises
+    :class:`InvalidParameter` naming the flag, the file and the entry."""
+    where = f"{flag} {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidParameter(f"{where}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    if text.lstrip().startswith("{"):
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidParameter(f"{where}: not valid JSON ({exc}); expected {_DOMAINS_JSON}") from None
+        rows = [(key, value, f"key {key!r}") for key, value in table.items()]
+    else:
+        lines = text.splitlines()
+        reader = csv.reader(lines)
+        header = [h.strip() for h in next(reader, [])]
+        if header[:2] != ["sequence_id", "domain"] or len(header) != 2:
+            first = lines[0] if lines else ""
+            raise InvalidParameter(f"{where}: expected a JSON object {_DOMAINS_JSON} or a CSV file whose header is "
+                                   f"sequence_id,domain; the first line is {first!r}")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != 2:
+                raise InvalidParameter(f"{where}: line {line} has {len(row)} fields; expected sequence_id,domain")
+            rows.append((row[0].strip(), row[1].strip(), f"line {line}"))
+    out: dict[int, str] = {}
+    for key, label, at in rows:
+        if not isinstance(key, str) or not re.fullmatch(r"\d+", key.strip()):
+            raise InvalidParameter(f"{where}: {at}: {key!r} is not a sequence id (an integer >= 0)")
+        sid = int(key)
+        if not isinstance(label, str) or not label.strip():
+            raise InvalidParameter(f"{where}: {at}: the domain label of sequence {sid} must be a non-empty string, "
+                                   f"got {label!r}")
+        if sid in out and out[sid] != label:
+            raise InvalidParameter(f"{where}: {at}: sequence {sid} is labelled twice ({out[sid]!r} and {label!r})")
+        out[sid] = label
+    return out
+
+
 def analyze_command(
     log: Annotated[str, typer.Argument(help="Router log directory (manifest.json + shards/), a path or a file:// "
                                             "URL. With --workers/--scheduler every worker reads it at this path: "
@@ -121,6 +171,13 @@ def analyze_command(
     chunk_tokens: Annotated[int, typer.Option(help="Tokens per streamed chunk (bounds memory).")] = 65536,
     no_leakage: Annotated[bool, typer.Option("--no-leakage", help="Skip prefix-consistency leakage.")] = False,
     no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip re-routing.")] = False,
+    domains: Annotated[Path | None, typer.Option(
+        "--domains", help="Domain label of each sequence, for the routing patterns' domain shares: a JSON object "
+                          "{\"<sequence id>\": \"label\"} or a CSV file with header sequence_id,domain. Unlabelled "
+                          "sequences are left out of the domain shares (and counted).")] = None,
+    no_patterns: Annotated[bool, typer.Option("--no-patterns", help="Skip the routing patterns (co-activation, "
+                                              "layer transitions, vocabulary and domain specialisation, expert "
+                                              "reuse and LRU hit rates).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier analyze report at --out "
                                             "(never other files).")] = False,
     workers: Annotated[int | None, typer.Option(
@@ -131,7 +188,11 @@ def analyze_command(
                             "Its workers open LOG by its absolute path: it must be on a filesystem they all "
                             "see (NFS, Lustre, a mounted bucket).")] = None,
 ) -> None:
-    """Analyse a router log: load balance, collapse, margins, leakage and counterfactual re-routing.
+    """Analyse a router log: load balance, collapse, margins, leakage, counterfactual re-routing and routing
+    patterns.
+
+    A selection log (experts per token, no logits) gives the load and the routing patterns; the report says
+    which analyses need logits and were not computed.
 
     Writes metrics.json, report.md, report.html and PNG figures into --out. The report is built
     aside and replaces --out only when complete; an existing report needs --overwrite.
@@ -157,11 +218,15 @@ def analyze_command(
                                 kbars=_floats(kbar, "kbar") or None, scopes=_names(scope) or None,
                                 capacity_factor=capacity_factor, chunk_tokens=chunk_tokens,
                                 sequence_tokens=sequence_tokens, leakage=not no_leakage,
-                                counterfactual=not no_counterfactual)
+                                counterfactual=not no_counterfactual, patterns=not no_patterns)
         except InvalidParameter as exc:
             raise _cli_words(exc) from None
         if top_k < 0:
             raise InvalidParameter(f"--top-k must be >= 0 (0: the k the log records), got {top_k}")
+        if domains is not None and no_patterns:
+            raise InvalidParameter("--domains labels the routing patterns' domain shares; it cannot go with "
+                                   "--no-patterns")
+        domain_table = None if domains is None else read_domains(domains)
         check_analyze_destination(out, log=log, overwrite=overwrite, overwrite_flag="--overwrite",
                                   out_flag="--out")
         rlog = RouterLog.open(log)
@@ -188,7 +253,7 @@ def analyze_command(
                 bar.update(bars[stage], completed=done)
 
             result = analyze(rlog, config=cfg, layers=layer_names, top_k=top_k or None, progress=progress,
-                             client=client)
+                             client=client, domains=domain_table)
         written = write_analyze_report(result, out, overwrite=overwrite, overwrite_flag="--overwrite")
     except (UsmoeLpError, LogError) as exc:
         raise fail(exc) from None

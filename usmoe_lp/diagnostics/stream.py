@@ -7,7 +7,9 @@
   when captured, hidden states;
 * margins (:class:`~usmoe_lp.diagnostics.margins.MarginPartial`) of the model's top-k decisions;
 * agreement of the registry's ``native`` replay with a captured selection
-  (:class:`~usmoe_lp.diagnostics.native.NativeAgreementPartial`)
+  (:class:`~usmoe_lp.diagnostics.native.NativeAgreementPartial`);
+* the routing patterns (:class:`~usmoe_lp.diagnostics.patterns.PatternStream`: co-activation, vocabulary and
+  domain specialisation, locality) of the model's selection, ranked best first (:func:`ranked_selection`)
 
 — and is itself a mergeable partial (:mod:`usmoe_lp.diagnostics.partial`): a token range of a layer is
 streamed into one ``LayerStream``, and the streams of consecutive ranges merge into the layer's. That is
@@ -48,14 +50,16 @@ from usmoe_lp.diagnostics.collapse import CollapsePartial
 from usmoe_lp.diagnostics.load import LoadPartial
 from usmoe_lp.diagnostics.margins import MarginPartial
 from usmoe_lp.diagnostics.native import NativeAgreementPartial
+from usmoe_lp.diagnostics.patterns import PatternStream
+from usmoe_lp.diagnostics.routed import Routed
 from usmoe_lp.errors import ShapeMismatch
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk
 from usmoe_lp.routing import probabilities
 from usmoe_lp.routing.routers import select_top
 
-__all__ = ["LayerStream", "model_mask", "native_selection", "native_semantics", "recompute_model_selection",
-           "selection_scores", "stream_chunks", "stream_scores"]
+__all__ = ["LayerStream", "model_mask", "native_selection", "native_semantics", "ranked_selection",
+           "recompute_model_selection", "selection_scores", "stream_chunks", "stream_scores"]
 
 BLOCK_TOKENS = 8192
 """Tokens of a chunk processed together (all their statistics while they are in cache); also the float32
@@ -193,6 +197,47 @@ def native_selection(logits: torch.Tensor, info: LayerInfo, k: int, scores: torc
     return torch.from_numpy(mask)
 
 
+def ranked_selection(mask: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+    """(n, w) int64 expert ids of each row's selection, best first: by descending ``scores`` ((n, N) float, the
+    selection scores the model ranks), ties (and every row without scores) to the lowest expert index; w is the
+    largest row count, -1 after the experts of a shorter row (the rule of
+    :meth:`usmoe_lp.diagnostics.routed.Routed.from_mask`, tested against it).
+
+    mask: (n, N) bool numpy. Where every row holds w experts (a top-k: always), only the (n, w) selected scores
+    are sorted (stably, the ids ascending), not the rows.
+
+    >>> ranked_selection(np.array([[1, 0, 1, 1]], dtype=bool), np.array([[.2, .9, .5, .5]])).tolist()
+    [[2, 3, 0]]
+    """
+    n = mask.shape[0]
+    per_row = np.add.reduce(np.ascontiguousarray(mask).view(np.uint8), axis=1, dtype=np.int32)
+    w = int(per_row.max()) if n else 0
+    if not n or (per_row == w).all():
+        ids = np.nonzero(mask)[1].reshape(n, w)  # each row's experts, ascending
+        if scores is None or w < 2:
+            return ids.astype(np.int64, copy=False)
+        order = np.argsort(-np.take_along_axis(scores, ids, axis=1), axis=1, kind="stable")
+        return np.take_along_axis(ids, order, axis=1)
+    key = (~mask).view(np.uint8) if scores is None else np.where(mask, -scores, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")[:, :w]
+    return np.where(np.take_along_axis(mask, order, axis=1), order, -1)
+
+
+def _captured_ranked(sel: torch.Tensor, scores: np.ndarray | None) -> np.ndarray:
+    """A captured selection as ranked ids: (n, k) ids in their given order; a bool mask ranked by ``scores``."""
+    if sel.dtype == torch.bool:
+        return ranked_selection(sel.numpy(), scores)
+    return sel.numpy().astype(np.int64, copy=False)
+
+
+def _concat_ranked(parts: list[np.ndarray]) -> np.ndarray:
+    """The blocks' ranked ids as one (n, w) array, shorter blocks padded with -1 (empty slots)."""
+    if len(parts) == 1:
+        return parts[0]
+    w = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, ((0, 0), (0, w - p.shape[1])), constant_values=-1) for p in parts])
+
+
 class _Work:
     """The block buffers of one :meth:`LayerStream.update` (module docstring: Memory), by name."""
 
@@ -256,6 +301,7 @@ class LayerStream:
         tokens: tokens seen.
         selection_only: chunks without logits were seen (a selection log): only the load of the recorded
             selection is measured; collapse and margins need logits (:meth:`result` gives None for them).
+        patterns: the routing patterns of the model's selection (None: not measured).
     """
 
     info: LayerInfo
@@ -267,32 +313,45 @@ class LayerStream:
     source: str
     tokens: int = 0
     selection_only: bool = False
+    patterns: PatternStream | None = None
 
     @classmethod
-    def empty(cls, info: LayerInfo, k: int, eps) -> LayerStream:
+    def empty(cls, info: LayerInfo, k: int, eps, *, patterns: bool = False,
+              domain_names: tuple[str, ...] | None = None) -> LayerStream:
         """A stream of ``info``'s layer with nothing seen; ``eps``: the margin tolerances
-        (:class:`~usmoe_lp.diagnostics.margins.MarginPartial`)."""
+        (:class:`~usmoe_lp.diagnostics.margins.MarginPartial`); patterns: also measure the routing patterns
+        (:class:`~usmoe_lp.diagnostics.patterns.PatternStream`), with ``domain_names`` the domain labels of
+        :meth:`update`'s ``domains`` indices (None: no domains)."""
         N = info.num_experts
         if info.top_k is None:
             info = replace(info, top_k=k)
         return cls(info=info, k=k, load=LoadPartial.empty(N, top_k=k), collapse=None,
                    margins=MarginPartial.empty(k, eps=eps),
                    native=NativeAgreementPartial.empty(N) if native_semantics(info) else None,
-                   source="recomputed top-k")
+                   source="recomputed top-k",
+                   patterns=PatternStream.empty(N, k, domain_names=domain_names) if patterns else None)
 
     def update(self, chunk: Chunk, *, hidden: bool = False,
-               collapse_update: Callable[[Callable[[], None]], None] | None = None) -> torch.Tensor:
+               collapse_update: Callable[[Callable[[], None]], None] | None = None, domains: np.ndarray | None = None,
+               on_routed: Callable[[Routed], None] | None = None) -> torch.Tensor:
         """Add one chunk; return its (n, N) bool model selection (for the sequence sample).
 
         The chunk is processed in blocks of :data:`BLOCK_TOKENS` tokens (module docstring).
         hidden: feed the chunk's hidden states (when present) to the collapse partial.
         collapse_update: how to run the collapse partial's update of a block (a callable taking a thunk),
         e.g. on a worker thread; default: now, on this thread.
+        domains: (n,) int64 domain index of each token (-1: unlabelled), for the patterns' domain shares.
+        on_routed: called with the chunk's :class:`~usmoe_lp.diagnostics.routed.Routed` (the model's selection,
+        ranked best first: captured ids in their given order, else by the selection scores, ties to the lowest
+        index) when the stream measures patterns (the driver's layer-to-layer transitions).
         """
         info, k, N = self.info, self.k, self.info.num_experts
         n = chunk.num_tokens
         if chunk.logits is None:
-            return self._update_selection(chunk)
+            mask = self._update_selection(chunk)
+            self._patterns(chunk, _captured_ranked(chunk.selected, None), domains, on_routed)
+            return mask
+        ranks: list[np.ndarray] | None = [] if self.patterns is not None else None
         captured = None if chunk.selected is None else _captured_mask(chunk.selected, n, N)
         replay = _replays_native(info)
         self.source = "captured" if captured is not None else "recomputed native" if replay else "recomputed top-k"
@@ -328,6 +387,8 @@ class LayerStream:
             elif self.native is not None and replay:
                 self.native.update(logits, captured[a:b], info,
                                    replay=native_selection(logits, info, k, scores, srt, tolerance))
+            if ranks is not None and (captured is None or chunk.selected.dtype == torch.bool):
+                ranks.append(ranked_selection(out[a:b], scores.numpy()))
             hb = None if h is None else h[a:b].float()  # by block: a chunk of hidden states in float32 is large
             if collapse_update is None:
                 collapse.update(z, probs, hb, checked=True, scratch=work)
@@ -344,7 +405,26 @@ class LayerStream:
                 self.load.update(mask, probs, z)
             self.margins.update_sorted(srt if srt is not None else scores.numpy(), flags)
         self.tokens += n
+        if ranks is not None:
+            if ranks:
+                ranked = _concat_ranked(ranks)
+            elif chunk.selected is not None:
+                ranked = _captured_ranked(chunk.selected, None)
+            else:  # no token
+                ranked = np.zeros((0, k), dtype=np.int64)
+            self._patterns(chunk, ranked, domains, on_routed)
         return captured if captured is not None else torch.from_numpy(out)
+
+    def _patterns(self, chunk: Chunk, ranked: np.ndarray, domains: np.ndarray | None,
+                  on_routed: Callable[[Routed], None] | None) -> None:
+        """Feed the chunk's ranked selection to the pattern partials (and ``on_routed``)."""
+        if self.patterns is None:
+            return
+        r = Routed(ranked, self.info.num_experts, token_ids=chunk.token_ids.numpy(),
+                   sequence_ids=chunk.sequence_ids.numpy(), positions=chunk.positions.numpy(), domains=domains)
+        self.patterns.update(r)
+        if on_routed is not None:
+            on_routed(r)
 
     def _update_selection(self, chunk: Chunk) -> torch.Tensor:
         """A chunk of a selection log (no logits; ``selected`` (n, k) expert ids, -1 = empty slot): the load of
@@ -368,10 +448,11 @@ class LayerStream:
         else:
             collapse = self.collapse.merge(other.collapse)
         native = None if self.native is None else self.native.merge(other.native)
+        patterns = None if self.patterns is None else self.patterns.merge(other.patterns)
         return LayerStream(info=self.info, k=self.k, load=self.load.merge(other.load), collapse=collapse,
                            margins=self.margins.merge(other.margins), native=native,
                            source=self.source if self.tokens else other.source, tokens=self.tokens + other.tokens,
-                           selection_only=self.selection_only or other.selection_only)
+                           selection_only=self.selection_only or other.selection_only, patterns=patterns)
 
     def result(self, router_weights: torch.Tensor | None = None) -> dict:
         """The layer's streaming statistics: ``load``, ``collapse``, ``margins``, ``native`` (None unless a
@@ -389,12 +470,15 @@ class LayerStream:
 
 
 def stream_chunks(stream: LayerStream, chunks: Iterable[Chunk], *, hidden: bool = False, threads: bool = True,
-                  on_chunk: Callable[[Chunk, torch.Tensor], None] | None = None) -> LayerStream:
+                  on_chunk: Callable[[Chunk, torch.Tensor], None] | None = None,
+                  domains_of: Callable[[Chunk], np.ndarray] | None = None,
+                  on_routed: Callable[[Routed], None] | None = None) -> LayerStream:
     """Feed ``chunks`` to ``stream`` in order (in place; returned for chaining).
 
     threads: run the collapse Grams (torch matmuls, which release the GIL) on a worker thread while this
     thread does the sort, the mask, the load and the margins of the same chunk. on_chunk: called with each
-    chunk and its model selection (the sequence sample, progress).
+    chunk and its model selection (the sequence sample, progress). domains_of: a chunk -> its (n,) domain
+    indices (:meth:`LayerStream.update`'s ``domains``); on_routed: as in :meth:`LayerStream.update`.
     """
     pool = ThreadPoolExecutor(max_workers=1) if threads else None
     pending = []
@@ -406,7 +490,8 @@ def stream_chunks(stream: LayerStream, chunks: Iterable[Chunk], *, hidden: bool 
 
     try:
         for chunk in chunks:
-            mask = stream.update(chunk, hidden=hidden, collapse_update=submit if pool is not None else None)
+            mask = stream.update(chunk, hidden=hidden, collapse_update=submit if pool is not None else None,
+                                 domains=None if domains_of is None else domains_of(chunk), on_routed=on_routed)
             if on_chunk is not None:
                 on_chunk(chunk, mask)
         if pending:
