@@ -191,13 +191,14 @@ def test_selection_only_log_against_its_logits_log(tmp_path, pair):
     result = compare([a, tmp_path / "sel"], config=CHEAP)
     f = result.agreement_frame()
     assert (f["exact_agreement"] == 1.0).all() and (f["top1_agreement"] == 1.0).all()
-    assert result.analyses[1] is None and result.selection_loads[0] is None
+    assert result.contents == ("logits", "selection")
+    assert "collapse" in result.analyses[1].unavailable and not result.analyses[0].unavailable
     side = result.side_by_side_frame().set_index(["layer", "log"])
     alone = analyze(a, config=CHEAP)
     for la in alone.layers:
         assert side.loc[(la.layer, "sel"), "load_entropy"] == la.load.entropy
         assert side.loc[(la.layer, "sel"), "gini"] == la.load.gini
-        np.testing.assert_array_equal(result.selection_loads[1][la.layer].counts, la.load.counts)
+        np.testing.assert_array_equal(result.analyses[1].layer(la.layer).load.counts, la.load.counts)
         assert np.isnan(side.loc[(la.layer, "sel"), "mean_margin"])  # no logits: no margins
 
 

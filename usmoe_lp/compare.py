@@ -23,6 +23,9 @@ a selection-only log (no logits) gives its recorded ``selected`` ids. The top-1 
 selected expert with the largest selection score (ties to the lowest index), and in a selection-only log
 its first non-empty slot (the serving stack's rank order).
 
+A selection log (the experts each token was routed to, no logits) is analysed as ``analyze`` analyses it (the
+load of its recorded selection; the rest in its ``unavailable``) and compared token by token like any log.
+
 The agreement pass is cut into token ranges by the first log's shards
 (:func:`usmoe_lp.diagnostics.analyze.plan_ranges`) and runs in this process or on a Dask cluster
 (:mod:`usmoe_lp.cluster`); its partials hold integer counts only, so any cut gives the same numbers.
@@ -46,13 +49,11 @@ from usmoe_lp.diagnostics.analyze import (
     AnalyzeResult,
     LogRef,
     TokenRange,
-    _load_row,
     analyze,
     log_path,
     plan_ranges,
     resolve_top_k,
 )
-from usmoe_lp.diagnostics.load import LoadPartial, LoadStats
 from usmoe_lp.diagnostics.stream import _captured_mask, model_mask, selection_scores
 from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.logs.format import LayerInfo
@@ -352,10 +353,10 @@ class CompareResult:
     """The result of :func:`compare`.
 
     labels, sources: each log's label and path. layers: one tuple per matched layer with its name in each log
-    (row names: the first log's). matched_by: ``"name"`` or ``"order"``. analyses: each log's
-    :class:`~usmoe_lp.diagnostics.AnalyzeResult` (None for a selection-only log, which has no logits to
-    analyse); selection_loads: for those, layer -> :class:`~usmoe_lp.diagnostics.load.LoadStats` of the recorded
-    selection (None for the others). alignment: whether the logs share their tokens. agreement: per matched
+    (row names: the first log's). matched_by: ``"name"`` or ``"order"``. contents: each log's ``content``
+    (``"logits"``, or ``"selection"`` for a log of selected experts only). analyses: each log's
+    :class:`~usmoe_lp.diagnostics.AnalyzeResult` (of a selection log: the load of its recorded selection, the
+    rest in its ``unavailable``). alignment: whether the logs share their tokens. agreement: per matched
     layer (in order), per pair of logs (i < j, in order), an :class:`AgreementStats`; empty when the tokens are
     not shared. config: the analyze settings each log ran with. seconds: wall time (not in the report files).
     """
@@ -364,8 +365,8 @@ class CompareResult:
     sources: tuple[str, ...]
     layers: tuple[tuple[str, ...], ...]
     matched_by: str
-    analyses: tuple[AnalyzeResult | None, ...]
-    selection_loads: tuple[dict[str, LoadStats] | None, ...]
+    contents: tuple[str, ...]
+    analyses: tuple[AnalyzeResult, ...]
     alignment: Alignment
     agreement: tuple[AgreementStats, ...]
     config: AnalyzeConfig
@@ -385,18 +386,18 @@ class CompareResult:
         """Tidy per-layer metrics of every log: one row per matched layer x log (columns ``layer`` (the first
         log's name), ``log`` (label), ``log_layer`` (the name in that log), then the columns of
         :meth:`AnalyzeResult.load_frame` and :meth:`AnalyzeResult.collapse_frame`, equal to ``analyze``'s on
-        that log; a selection-only log has the load columns of its selection only, NaN elsewhere)."""
+        that log; NaN where a log lacks a column, e.g. a selection log's logit-based ones)."""
         import pandas as pd
 
         rows = []
-        for j, label in enumerate(self.labels):
-            analysis, loads = self.analyses[j], self.selection_loads[j]
-            if analysis is not None:
-                per = analysis.load_frame().merge(analysis.collapse_frame(), on="layer", how="left").set_index("layer")
+        for j, (label, analysis) in enumerate(zip(self.labels, self.analyses, strict=True)):
+            per = analysis.load_frame()
+            collapse = analysis.collapse_frame()
+            if not collapse.empty:
+                per = per.merge(collapse, on="layer", how="left")
+            per = per.set_index("layer")
             for row in self.layers:
-                own = row[j]
-                values = per.loc[own].to_dict() if analysis is not None else _load_row(loads[own])
-                rows.append({"layer": row[0], "log": label, "log_layer": own, **values})
+                rows.append({"layer": row[0], "log": label, "log_layer": row[j], **per.loc[row[j]].to_dict()})
         return pd.DataFrame(rows)
 
     def counterfactual_frame(self):
@@ -406,8 +407,6 @@ class CompareResult:
 
         frames = []
         for j, (label, analysis) in enumerate(zip(self.labels, self.analyses, strict=True)):
-            if analysis is None:
-                continue
             f = analysis.counterfactual_frame()
             if f.empty:
                 continue
@@ -515,30 +514,6 @@ def _merge_agree(a: _AgreeOut, b: _AgreeOut) -> _AgreeOut:
                      a.mismatch if a.mismatch is not None else b.mismatch, a.known + b.known)
 
 
-@dataclass(frozen=True)
-class _LoadTask:
-    log: LogRef
-    range: TokenRange
-    layers: tuple[tuple[LayerInfo, int], ...]
-    chunk_tokens: int
-
-
-def _load_task(task: _LoadTask) -> tuple[LoadPartial, ...]:
-    """The load partial of each layer of a selection-only log over one token range (module-level: Dask)."""
-    reader = task.log.open()
-    out = []
-    for info, k in task.layers:
-        part = LoadPartial.empty(info.num_experts, top_k=k)
-        for chunk in reader.chunks(info.name, task.range.start, task.range.stop, task.chunk_tokens, False):
-            part.update(chunk_selection(chunk, info, k)[0])
-        out.append(part)
-    return tuple(out)
-
-
-def _merge_loads(a: tuple[LoadPartial, ...], b: tuple[LoadPartial, ...]) -> tuple[LoadPartial, ...]:
-    return tuple(x.merge(y) for x, y in zip(a, b, strict=True))
-
-
 # ============================================================================ the driver
 def compare(logs: Sequence[Any], *, labels: Sequence[str] | None = None, layers: Sequence[str] | None = None,
             config: AnalyzeConfig | None = None, client=None, progress: Progress | None = None,
@@ -585,36 +560,17 @@ def compare(logs: Sequence[Any], *, labels: Sequence[str] | None = None, layers:
     def staged(prefix: str) -> Progress | None:
         return None if progress is None else (lambda s, done, total: progress(f"{prefix}{s}", done, total))
 
-    analyses, loads = [], []
-    for j, (label, log) in enumerate(zip(labels, opened, strict=True)):
-        names = [row[j] for row in rows]
-        if getattr(log, "has_logits", True):
-            analyses.append(analyze(log, config=cfg, layers=names, top_k=top_k, client=client,
-                                    progress=staged(f"analyze {label}: ")))
-            loads.append(None)
-        else:
-            analyses.append(None)
-            loads.append(_selection_loads(log, names, ks[j], cfg.chunk_tokens, client))
+    analyses = tuple(analyze(log, config=cfg, layers=[row[j] for row in rows], top_k=top_k, client=client,
+                             progress=staged(f"analyze {label}: "))
+                     for j, (label, log) in enumerate(zip(labels, opened, strict=True)))
     alignment, agreement = _agreement(opened, labels, rows, ks, cfg.chunk_tokens, client, staged(""))
     return CompareResult(labels=tuple(labels), sources=tuple(paths), layers=rows, matched_by=matched_by,
-                         analyses=tuple(analyses), selection_loads=tuple(loads), alignment=alignment,
+                         contents=tuple(log.content for log in opened), analyses=analyses, alignment=alignment,
                          agreement=agreement, config=cfg, seconds=time.perf_counter() - t0)
 
 
 def _ref(log: RouterLog) -> LogRef:
     return LogRef(str(Path(log.path).absolute()), "lazy" if log.verify == "lazy" else "none")
-
-
-def _selection_loads(log: RouterLog, names, ks: dict[str, int], chunk_tokens: int, client) -> dict[str, LoadStats]:
-    """LoadStats of the recorded selection of each layer of a selection-only log."""
-    specs = tuple((log.layer_info(n), ks[n]) for n in names)
-    if log.num_tokens == 0:
-        return {n: LoadPartial.empty(info.num_experts, top_k=k).result() for n, (info, k) in zip(names, specs,
-                                                                                                    strict=True)}
-    ranges = plan_ranges(tuple((s.token_start, s.token_stop) for s in log.shards), chunk_tokens)
-    parts = map_reduce(_load_task, [_LoadTask(_ref(log), r, specs, chunk_tokens) for r in ranges], _merge_loads,
-                       client=client, key="usmoe-lp-compare-load")
-    return {n: p.result() for n, p in zip(names, parts, strict=True)}
 
 
 def _agreement(logs: Sequence[RouterLog], labels, rows, ks, chunk_tokens: int, client,

@@ -44,6 +44,8 @@ DEFINITIONS: dict[str, Definition] = {
     "content": _d("what the log records: logits, or selection (expert ids only; load metrics only)", "string",
                   THIS, "selection-only-logs"),
     "model": _d("the captured model as the log records it: name, family, revision", "object", THIS, LAYOUT),
+    "unavailable": _d("the analyses analyze could not compute on this log (a selection log: those that need the "
+                      "router logits)", "list of analysis names", THIS, "selection-only-logs"),
     "name": _d("the model's name in `model`", "string", THIS, LAYOUT),
     "family": _d("the model family (transformers model_type) in `model`", "string", THIS, LAYOUT),
     "revision": _d("the model's revision in `model`", "string", THIS, LAYOUT),
@@ -124,12 +126,10 @@ def _keys(obj: Any, out: dict[str, None]) -> None:
 def compare_dict(result) -> dict[str, Any]:
     """Every number of a :class:`~usmoe_lp.compare.CompareResult` as JSON-safe plain data, with ``definitions``
     for every key that occurs (no timings and no output paths: the same result gives the same bytes)."""
-    logs = []
-    for label, source, analysis, loads in zip(result.labels, result.sources, result.analyses,
-                                              result.selection_loads, strict=True):
-        model = analysis.model if analysis is not None else {}
-        logs.append({"label": label, "source": source, "content": "logits" if loads is None else "selection",
-                     "model": model})
+    logs = [{"label": label, "source": source, "content": content, "model": analysis.model,
+             "unavailable": sorted(analysis.unavailable)}
+            for label, source, content, analysis in zip(result.labels, result.sources, result.contents,
+                                                        result.analyses, strict=True)]
     cf = result.counterfactual_frame()
     body = {
         "schema": SCHEMA,
@@ -240,8 +240,8 @@ def report_tables(result) -> dict[str, pd.DataFrame]:
 
 def _intro(result) -> list[str]:
     lines = []
-    for label, source, loads in zip(result.labels, result.sources, result.selection_loads, strict=True):
-        kind = "selection only: load metrics only" if loads is not None else "logits"
+    for label, source, content in zip(result.labels, result.sources, result.contents, strict=True):
+        kind = "logits" if content == "logits" else f"{content} only: the load of its recorded selection"
         lines.append(f"Log `{label}`: {source} ({kind}).")
     how = ("by name" if result.matched_by == "name" else
            "by order (the logs' layer names differ; each row gives the first log's name, the side-by-side table "
