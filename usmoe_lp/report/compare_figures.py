@@ -63,10 +63,13 @@ def plot_agreement(agreement: pd.DataFrame) -> plt.Figure | None:
         return None
     pairs = list(dict.fromkeys(zip(per["a"], per["b"], strict=True)))
     layers = list(dict.fromkeys(per["layer"]))
-    panels = (0.35 * max(len(layers), 8) + 1.2) * len(pairs)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(panels + LEGEND_INCHES, 4.2), squeeze=False, sharey=True)
+    cols = min(3, len(pairs))
+    rows = -(-len(pairs) // cols)
+    panels = (0.35 * max(len(layers), 8) + 1.2) * cols
+    fig, axes = plt.subplots(rows, cols, figsize=(panels + LEGEND_INCHES, 3.6 * rows + 0.6), squeeze=False,
+                             sharey=True)
     colours = plt.get_cmap("tab10")
-    for ax, (a, b) in zip(axes[0], pairs, strict=True):
+    for ax, (a, b) in zip(axes.flat, pairs, strict=False):
         sub = per[(per["a"] == a) & (per["b"] == b)].set_index("layer").loc[layers]
         x = np.arange(len(layers))
         for i, (col, text) in enumerate(AGREEMENT_SERIES.items()):
@@ -79,7 +82,10 @@ def plot_agreement(agreement: pd.DataFrame) -> plt.Figure | None:
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         _layer_axis(ax, layers)
-    axes[0][0].set_ylabel("share of tokens (Jaccard, overlap: mean)")
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of tokens (Jaccard, overlap: mean)")
     handles, texts = axes[0][0].get_legend_handles_labels()
     _legend_outside(fig, handles, texts, panels)
     fig.suptitle("Routing agreement per layer, token by token", fontsize=11)
