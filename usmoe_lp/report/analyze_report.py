@@ -36,6 +36,15 @@ from usmoe_lp.report.markup import (
     render_markdown,
 )
 from usmoe_lp.report.outputs import check_report_location, foreign_check, write_figures
+from usmoe_lp.report.pattern_report import (
+    PATTERN_CAPTIONS,
+    layer_metrics,
+    pattern_blocks,
+    pattern_definitions,
+    pattern_figures,
+    result_metrics,
+    unavailable_lines,
+)
 from usmoe_lp.staging import check_destination, staged_directory
 
 SCHEMA = "usmoe-lp/analyze/1"
@@ -355,6 +364,9 @@ DEFINITIONS: dict[str, Definition] = {
 }
 
 
+DEFINITIONS.update(pattern_definitions(DEFINITIONS, _d))  # the routing patterns' keys (usmoe_lp.report.pattern_report)
+
+
 def router_parameter_definitions() -> dict[str, Definition]:
     """A definition for every parameter of the registry routers (keys of counterfactual records, of a
     leakage setting's ``params`` and of ``config.sweep``), from the routers' own
@@ -422,6 +434,7 @@ def metrics_dict(result) -> dict[str, Any]:
         native = getattr(la, "native_agreement", None)
         if native is not None:
             layers[la.layer]["native_agreement"] = _plain(native)
+        layers[la.layer].update(layer_metrics(la))  # routing patterns, what was not computed
     lf = result.load_frame()
     mean_row = lf[lf["layer"] == "pooled"].drop(columns=["layer"]).to_dict(orient="records")
     pooled = {
@@ -444,6 +457,7 @@ def metrics_dict(result) -> dict[str, Any]:
         "definitions": {k: d._asdict() for k, d in all_definitions().items()},
         "layers": layers,
         "pooled": pooled,
+        **result_metrics(result),
     })
 
 
@@ -468,6 +482,7 @@ def make_figures(result) -> dict[str, Any]:
         "sweeps.png": plot_sweeps(cf) if not cf.empty else None,
         "collapse_spectra.png": plot_spectra(result.spectrum_frame(), tokens=result.layers[0].num_tokens),
     }
+    figs.update(pattern_figures(result))
     return {k: v for k, v in figs.items() if v is not None}
 
 
@@ -506,7 +521,7 @@ CAPTIONS = {
 
 
 ANALYZE_OWNED: tuple[str, ...] = (r"metrics\.json", r"report\.md", r"report\.html",
-                                  *(re.escape(name) for name in CAPTIONS))
+                                  *(re.escape(name) for name in (*CAPTIONS, *PATTERN_CAPTIONS)))
 """What an analyze report directory holds (see :func:`usmoe_lp.report.outputs.foreign_entries`)."""
 
 
@@ -728,12 +743,14 @@ def report_blocks(result, tables, pngs, title) -> list:
     ``pngs``: figure name -> PNG bytes (or just the names, for Markdown)."""
     notes = figure_notes(result, list(pngs))
     blocks: list = [Heading(title, 1), *[Paragraph(s) for s in _intro(result)],
+                    *[Paragraph(f"Not computed: {s}") for s in unavailable_lines(result)],
                     Heading("Summary"), Bullets(tuple(summary_lines(result)))]
     for key, heading, note in SECTIONS:
         blocks += [Heading(heading), Paragraph(note),
                    Table(tables[key], COUNTERFACTUAL_GROUPS if key == "counterfactual" else ())]
+    blocks += pattern_blocks(result, pngs)
     blocks.append(Heading("Figures"))
-    for n in pngs:
+    for n in (n for n in pngs if n not in PATTERN_CAPTIONS):  # those of the routing patterns: in their section
         data = pngs[n] if isinstance(pngs, dict) else b""
         blocks.append(Figure(n, data, CAPTIONS.get(n, n), notes.get(n, "")))
     blocks += [Heading("Definitions"), Paragraph(DEFINITIONS_INTRO),
