@@ -63,7 +63,7 @@ def plot_coactivation_lift(layers: Sequence[tuple[str, object]]) -> plt.Figure |
     im = None
     for ax, (name, s) in zip(axes[0], picked, strict=True):
         im = _heatmap(ax, _log2_ratio(np.asarray(s.lift, dtype=float)))
-        ax.set_title(f"layer {name}\nT = {s.tokens:,} tokens, {s.pairs:,} pairs", fontsize=10)
+        ax.set_title(f"{name}\nT = {s.tokens:,} tokens, {s.pairs:,} co-activated pairs", fontsize=10)
         ax.set_xlabel("expert j")
         ax.set_ylabel("expert i")
         _expert_ticks(ax, s.num_experts, "x")
@@ -93,15 +93,17 @@ def plot_transition_mi(pairs: Sequence[tuple[str, str, object]]) -> plt.Figure |
     bias = [(s.num_experts_a - 1) * (s.num_experts_b - 1) / (2 * s.tokens) for _, _, s in pairs]
     left.plot(x, bias, ":", color="grey", label="plug-in bias of independent layers\n(N_a-1)(N_b-1)/(2T)")
     left.set_ylabel("mutual information (nats)")
-    right.set_ylabel("I / min(H_a, H_b) (0 = independent, 1 = determined)")
+    right.set_ylabel("normalised MI = I / min(H_a, H_b)")
     right.set_ylim(0, max(1.0, np.nanmax([float(s.mi_normalised) for _, _, s in pairs] + [0.0])) * 1.05)
+    tilt = len(pairs) > 2 or max(len(lb) for lb in labels) > 12
     for ax in (left, right):
-        ax.set_xticks(x, labels, rotation=45 if len(pairs) > 4 else 0, ha="right" if len(pairs) > 4 else "center")
+        ax.set_xticks(x, labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
         ax.set_xlabel("layer pair (l → l+1)")
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
     tokens = min(s.tokens for _, _, s in pairs)
-    fig.suptitle(f"Layer-to-layer expert transitions (T ≥ {tokens:,} tokens per pair)", fontsize=11)
+    fig.suptitle(f"Layer-to-layer expert transitions (T ≥ {tokens:,} tokens per pair; right: 0 = independent, "
+                 f"1 = determined)", fontsize=11)
     return fig
 
 
@@ -122,7 +124,7 @@ def plot_vocab_specialisation(layers: Sequence[tuple[str, object]]) -> plt.Figur
     left.plot(x, [s.specialisation_weighted for _, s in layers], "s--", label="weighted by occurrences")
     left.plot(x, [1.0 / s.num_experts for _, s in layers], ":", color="grey", label="1/N (no specialisation)")
     left.set_ylim(0, 1.02)
-    left.set_xticks(x, names, rotation=45 if len(layers) > 6 else 0)
+    left.set_xticks(x, names, rotation=45 if len(layers) > 6 else 0, ha="right" if len(layers) > 6 else "center")
     left.set_xlabel("layer")
     left.set_ylabel("share of an id's occurrences on its top-1 expert")
     left.legend(fontsize=8)
@@ -140,8 +142,8 @@ def plot_vocab_specialisation(layers: Sequence[tuple[str, object]]) -> plt.Figur
     right.set_title("per expert: mean over the ids that favour it", fontsize=10)
     fig.colorbar(im, ax=right, label="specialisation (share on the favourite expert)")
     s0 = layers[0][1]
-    fig.suptitle(f"Vocabulary specialisation ({s0.eligible_ids:,} token ids seen ≥ {s0.min_count} times of "
-                 f"{s0.usable_tokens:,} usable tokens in layer {names[0]})", fontsize=11)
+    fig.suptitle(f"Vocabulary specialisation ({s0.eligible_ids:,} token ids seen ≥ {s0.min_count} times among the "
+                 f"{s0.usable_tokens:,} usable tokens of {names[0]})", fontsize=11)
     return fig
 
 
@@ -162,7 +164,7 @@ def plot_domain_shares(layers: Sequence[tuple[str, object]]) -> plt.Figure | Non
         uniform = np.asarray(s.uniform_share, dtype=float)[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             im = _heatmap(ax, _log2_ratio(share / uniform))
-        ax.set_title(f"layer {name}\n{s.tokens:,} labelled tokens ({s.unlabelled_tokens:,} unlabelled)", fontsize=10)
+        ax.set_title(f"{name}\n{s.tokens:,} labelled tokens ({s.unlabelled_tokens:,} unlabelled)", fontsize=10)
         ax.set_xlabel("expert")
         _expert_ticks(ax, s.num_experts, "x")
         tokens = np.asarray(s.domain_tokens)
@@ -209,7 +211,8 @@ def plot_locality(layers: Sequence[tuple[str, object]], top_k: Sequence[int]) ->
     right.plot(x, [s.expert_reuse_rate for _, s, _ in pairs], "o-", label="reuse rate |S_t ∩ S_t-1| / |S_t|")
     right.plot(x, [s.reuse_baseline for _, s, _ in pairs], "s--", color="grey",
                label="independent draws: Σ c_e² / (T Σ c_e)")
-    right.set_xticks(x, [n for n, _, _ in pairs], rotation=45 if len(pairs) > 6 else 0)
+    right.set_xticks(x, [n for n, _, _ in pairs], rotation=45 if len(pairs) > 6 else 0,
+                     ha="right" if len(pairs) > 6 else "center")
     right.set_xlabel("layer")
     right.set_ylabel("share of a token's experts used by the previous token")
     right.set_ylim(0, 1.02)

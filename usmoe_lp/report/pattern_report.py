@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from usmoe_lp.report.markup import Figure, Heading, Paragraph, Table
+from usmoe_lp.report.markup import Bullets, Figure, Heading, Paragraph, Table
 from usmoe_lp.report.pattern_figures import (
     plot_coactivation_lift,
     plot_domain_shares,
@@ -260,13 +260,24 @@ DOMAINS_NOTE = ("Per domain: its tokens (in every layer), `tv_distance` (mean ov
                 "the share of the domain's tokens on an expert to the uniform k/N.")
 
 
+PATTERN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Co-activation and vocabulary", ("tokens", "mean_lift", "max_lift", "mean_top_conditional", "specialisation",
+                                      "eligible_ids")),
+    ("Locality and domains", ("expert_reuse_rate", "reuse_baseline", "lru_hit_rate_at_k", "mean_tv_distance")),
+)
+"""The column groups of the per-layer table (one table each, the layer repeated: a 1280 px page holds it)."""
+
+
 def pattern_blocks(result, pngs) -> list:
     """The section as report blocks (none when the patterns were not measured). ``pngs``: figure name -> PNG bytes
-    (or just the names, for Markdown); only this section's figures are taken."""
+    (or just the names, for Markdown); only this section's figures are taken. Ends with the definitions of the
+    section's columns."""
+    from usmoe_lp.report.analyze_report import definition_of  # the registry (it imports this module)
+
     tables = pattern_tables(result)
     if tables["patterns"].empty:
         return []
-    blocks: list = [Heading("Routing patterns"), Paragraph(INTRO), Table(tables["patterns"])]
+    blocks: list = [Heading("Routing patterns"), Paragraph(INTRO), Table(tables["patterns"], PATTERN_GROUPS)]
     if not tables["transitions"].empty:
         blocks += [Paragraph(TRANSITIONS_NOTE), Table(tables["transitions"])]
     if not tables["domains"].empty:
@@ -274,4 +285,7 @@ def pattern_blocks(result, pngs) -> list:
     for name in (n for n in PATTERN_CAPTIONS if n in pngs):
         data = pngs[name] if isinstance(pngs, dict) else b""
         blocks.append(Figure(name, data, PATTERN_CAPTIONS[name]))
+    keys = dict.fromkeys(c for frame in tables.values() for c in frame.columns if c not in ("layer", "tokens"))
+    defs = [(k, d) for k in keys if (d := definition_of(k)) is not None]
+    blocks.append(Bullets(tuple(f"`{k}`: {d.definition} [{d.unit}] ({d.source}; {d.see})" for k, d in defs)))
     return blocks
