@@ -25,7 +25,7 @@ def _names(text: str) -> tuple[str, ...]:
 def compare_command(
     logs: Annotated[list[str], typer.Argument(help="Two or more router log directories (paths or file:// URLs). "
                                                    "With --workers/--scheduler every worker reads them at these "
-                                                   "paths.", show_default=False)],
+                                                   "paths.", show_default=False, metavar="LOG...")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (created).")] = Path("comparison"),
     label: Annotated[list[str] | None, typer.Option(
         "--label", help="A name for each log, in the order of the logs (repeatable; default: the directory "
