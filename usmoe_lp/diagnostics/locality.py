@@ -17,6 +17,7 @@ import numpy as np
 
 from usmoe_lp._json import json_ready
 from usmoe_lp._validate import check_int
+from usmoe_lp.diagnostics.load import mask_counts
 from usmoe_lp.diagnostics.routed import Routed
 from usmoe_lp.errors import InvalidScores, ShapeMismatch
 
@@ -186,8 +187,8 @@ class LocalityPartial:
 
 def _add_pairs(out: LocalityPartial, prev: np.ndarray, cur: np.ndarray) -> None:
     """Reuse of consecutive token pairs: (P, N) bool selections of the earlier and the later token."""
-    size = cur.sum(axis=1)
-    inter = (prev & cur).sum(axis=1)
+    size = mask_counts(cur)[0]
+    inter = mask_counts(prev & cur)[0]
     n1 = out.num_experts + 1
     out.reuse_num += np.bincount(size, weights=inter, minlength=n1).astype(np.int64)
     out.reuse_pairs += np.bincount(size, minlength=n1)
@@ -269,7 +270,7 @@ def _chunk_partial(r: Routed, mask: np.ndarray | None) -> LocalityPartial:
     kw = rk.shape[1]
     m = (r.mask() if mask is None else mask)[order]
     out.tokens = n
-    out.counts = m.sum(axis=0, dtype=np.int64)
+    out.counts = mask_counts(m, per_token=False)[1]
     cont = ~new
     _add_pairs(out, m[:-1][cont[1:]], m[1:][cont[1:]])
     out.seq = sseq[seg_first]

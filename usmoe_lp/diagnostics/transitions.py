@@ -14,6 +14,7 @@ import numpy as np
 
 from usmoe_lp._json import json_ready
 from usmoe_lp._validate import check_int
+from usmoe_lp.diagnostics.load import mask_counts
 from usmoe_lp.diagnostics.routed import Routed, pair_counts
 from usmoe_lp.errors import ShapeMismatch
 
@@ -123,15 +124,19 @@ class TransitionPartial:
             raise ShapeMismatch(f"the two layers' chunks are not the same tokens ({a.num_tokens} and {b.num_tokens} "
                                 "tokens, or different sequence ids / positions); pass one chunk of the log to both")
         ma, mb = a.mask(), b.mask()
-        ka, kb = ma.sum(axis=1), mb.sum(axis=1)
+        ka, kb = mask_counts(ma)[0], mask_counts(mb)[0]
         ok = (ka > 0) & (kb > 0)
         self.skipped += int((~ok).sum())
         self.tokens += int(ok.sum())
         key = ka * (self.num_experts_b + 1) + kb
-        for c in np.unique(key[ok]):
-            rows = key == c
+        classes = np.unique(key[ok])
+        for c in classes:
             cls = (int(c) // (self.num_experts_b + 1), int(c) % (self.num_experts_b + 1))
-            add = pair_counts(ma[rows], mb[rows])
+            if classes.size == 1 and ok.all():  # a top-k in both layers: one class, every token
+                add = pair_counts(ma, mb)
+            else:
+                rows = key == c
+                add = pair_counts(ma[rows], mb[rows])
             self.classes[cls] = self.classes[cls] + add if cls in self.classes else add
         ta, tb = a.ranked[:, :1], b.ranked[:, :1]
         if ta.shape[1] and tb.shape[1]:
