@@ -38,8 +38,7 @@ def _log2_ratio(ratio: np.ndarray) -> np.ndarray:
 
 
 def _heatmap(ax, values: np.ndarray, *, cmap: str = "RdBu_r"):
-    cm = plt.get_cmap(cmap).copy()
-    cm.set_bad("#d9d9d9")
+    cm = plt.get_cmap(cmap).with_extremes(bad="#d9d9d9")
     return ax.imshow(np.ma.masked_invalid(values), cmap=cm, norm=TwoSlopeNorm(0.0, -LIFT_RANGE, LIFT_RANGE),
                      interpolation="nearest", aspect="auto")
 
@@ -132,8 +131,7 @@ def plot_vocab_specialisation(layers: Sequence[tuple[str, object]]) -> plt.Figur
     grid = np.full((len(layers), n_exp), np.nan)
     for i, (_, s) in enumerate(layers):
         grid[i, :s.num_experts] = s.expert_specialisation
-    cm = plt.get_cmap("viridis").copy()
-    cm.set_bad("#d9d9d9")
+    cm = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
     im = right.imshow(np.ma.masked_invalid(grid), cmap=cm, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     right.set_yticks(x, names)
     _expert_ticks(right, n_exp, "x")
