@@ -28,6 +28,15 @@ TEXTS = ["def f(x):\n    return 2 * x\n", "import os", "héllo wörld, a longer 
 FAST = AnalyzeConfig(routers=("tc",), leakage=False, lp_sample=0)
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small forwards: one thread is faster than two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope="module")
 def tiny():
     return load_tiny()
