@@ -35,7 +35,7 @@ LRU = "Eliseev & Mazur 2023, arXiv 2312.17238 §3.1 (LRU expert cache); Mattson 
 THIS = "this project"
 ANCHOR = "routing-patterns"
 
-# key -> (definition, unit, source); every entry cites the docs section "Routing patterns" (ANCHOR)
+# key -> (definition, unit, source); each cites its subsection of docs/definitions.md's "Routing patterns"
 _NEW: dict[str, tuple[str, str, str]] = {
     "patterns": ("in a layer: the routing patterns of the model's own selection over every token (co-activation, "
                  "vocabulary and domain specialisation, locality); in `config`: whether they were measured",
@@ -133,11 +133,30 @@ _SHARED: dict[str, str] = {
 }
 
 
+_SECTIONS: dict[str, tuple[str, ...]] = {
+    "co-activation": ("coactivation_lift", "mean_lift", "max_lift", "max_lift_pair", "top_partner",
+                      "top_partner_conditional", "mean_top_conditional"),
+    "layer-transitions": ("layer_transition_mi", "pair", "num_experts_a", "num_experts_b", "skipped_tokens",
+                          "mutual_information", "entropy_a", "entropy_b", "mi_normalised", "top1_tokens",
+                          "top1_mutual_information", "top1_mi_normalised"),
+    "vocabulary-specialisation": ("vocab_specialisation", "min_count", "usable_tokens", "unknown_tokens",
+                                  "no_expert_tokens", "vocab_size", "eligible_ids", "eligible_tokens",
+                                  "specialisation", "specialisation_weighted", "expert_ids", "expert_specialisation",
+                                  "expert_token_entropy", "expert_token_entropy_normalised"),
+    "domain-specialisation": ("domain_specialisation", "domain_names", "unlabelled_tokens", "domain_tokens", "share",
+                              "uniform_share", "max_share_ratio", "tv_distance", "mean_tv_distance"),
+    "locality": ("locality", "expert_reuse_rate", "reuse_baseline", "reuse_pairs", "reuse_skipped", "lru_hit_rate",
+                 "lru_hit_rate_at_k", "recency_histogram", "cold_misses", "accesses"),
+}
+"""The subsection of docs/definitions.md's "Routing patterns" defining each key (the others: the section)."""
+_ANCHOR_OF = {key: anchor for anchor, keys in _SECTIONS.items() for key in keys}
+
+
 def pattern_definitions(existing: dict, make: Callable[[str, str, str, str], Any]) -> dict:
     """The definitions of the keys of this section: the new ones, and the existing ``existing`` entries of the keys
     it shares (their definition extended by the meaning here). ``make(definition, unit, source, anchor)`` builds an
-    entry (:func:`usmoe_lp.report.analyze_report._d`)."""
-    out = {key: make(text, unit, source, ANCHOR) for key, (text, unit, source) in _NEW.items()}
+    entry (:func:`usmoe_lp.report.analyze_report._d`; the anchor: a heading of docs/definitions.md)."""
+    out = {key: make(text, unit, source, _ANCHOR_OF.get(key, ANCHOR)) for key, (text, unit, source) in _NEW.items()}
     for key, where in _SHARED.items():
         if key in existing:
             d = existing[key]
