@@ -22,6 +22,7 @@ from rich.table import Table
 from usmoe_lp.cli_errors import DTYPE_METAVAR, fail, parse_dtype
 from usmoe_lp.errors import UsmoeLpError
 from usmoe_lp.logs.errors import LogError
+from usmoe_lp.logs.foreign import FORMATS, import_foreign
 from usmoe_lp.logs.format import SCORE_FUNCTIONS, Manifest
 from usmoe_lp.logs.importers import LAYOUTS, check_log_destination, import_file
 from usmoe_lp.logs.reader import RouterLog
@@ -58,11 +59,13 @@ def _summary_table(log: RouterLog) -> Table:
     model = ", ".join(f"{k} {escape(str(v))}" for k, v in (("name", m.model.name), ("family", m.model.family),
                                                             ("revision", m.model.revision)) if v)
     extras = sorted({name.split(".", 1)[0] for name in m.tensors} - {"logits", "token_ids", "sequence_ids",
-                                                                      "positions"})
+                                                                      "positions"} - ({"selected"} if not
+                                                                                      m.has_logits else set()))
     rows = [
         ("format version", str(m.format_version)),
+        ("content", "logits" if m.has_logits else "selection (no logits): the experts each token was routed to"),
         ("model", model or "unknown"),
-        ("dtype", m.dtype or "- (no tokens)"),
+        ("dtype", m.dtype or ("- (no tokens)" if m.has_logits else "- (no logits)")),
         ("tokens", f"{m.num_tokens:,}"),
         ("shards", str(len(m.shards))),
         ("complete", "yes" if m.complete else "[yellow]no[/] (writer did not close: crashed or still running)"),
@@ -133,12 +136,15 @@ def info(
     what = "sizes, sha256 checksums, tensor names, shapes and dtypes" if checksums else \
         "sizes, tensor names, shapes and dtypes (checksums skipped)"
     console.print(f"[green]valid[/]: {report.shards_checked} shards, {report.num_tokens:,} tokens in {sequences:,} "
-                  f"sequences; checked {what}")
+                  f"sequences{'' if opened.has_logits else ' (content: selection, no logits)'}; checked {what}")
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
-_IMPORT_HELP = f"""Import router logits from another tool as a router log (the file type is chosen by extension).
+_IMPORT_HELP = f"""Import router logits from another tool, or the experts a serving or training stack routed
+each token to, as a router log.
+
+--format auto (the default): router logits, the file type chosen by extension.
 
 .pt/.pth/.bin: the tuple transformers returns with output_router_logits=True (per layer (B*T, N)
 or (B, T, N)), with --attention-mask (drops padding, gives the sequences) and --input-ids.
@@ -156,15 +162,26 @@ metadata keys as .npz.
 
 Sequence boundaries (leakage is computed per sequence) come from sequence_ids, --layout btn (one
 sequence per row), --sequence-length L (rows of L tokens) or the attention mask; without any, all
-tokens are one sequence and a warning says so. Integer arrays of chosen expert ids (vLLM, SGLang)
-cannot be imported: router logits are needed (capture them with `usmoe-lp capture`).
+tokens are one sequence and a warning says so.
+
+--format {'|'.join(FORMATS)}: the experts each token was routed to, written as a selection log
+(no logits; docs/importing.md): {'; '.join(f"{f.name} = {f.summary} ({f.accepts})" for f in FORMATS.values())}.
+One sequence per request (per step for megatron, per line for olmoe), positions 0.. in order. Pass
+--num-experts N (the dumps do not say N; a Megatron trace with its logits sidecar does, and is
+imported as a logits log); --top-k is checked against the dump (and splits SGLang's flat bytes).
 """
 
 
 def import_command(
     src: Annotated[Path, typer.Argument(help="router logits: .pt/.pth (transformers tuple), .npy, .npz, "
-                                              ".safetensors")],
+                                              ".safetensors; or, with --format, a serving/training stack's dump")],
     out: Annotated[Path, typer.Option("--out", "-o", help="router log directory to write")],
+    format: Annotated[str, typer.Option(
+        "--format", metavar="|".join(("auto", *FORMATS)), parser=_choice(("auto", *FORMATS), "format"),
+        help="what SRC is: auto = router logits by file extension; "
+             + "; ".join(f"{f.name} = {f.summary}" for f in FORMATS.values()))] = "auto",
+    num_experts: Annotated[int | None, typer.Option(
+        "--num-experts", min=1, help="experts per MoE layer (N), for --format dumps that do not say it")] = None,
     layout: Annotated[str | None, typer.Option(
         "--layout", metavar="|".join(LAYOUTS), parser=_choice(tuple(LAYOUTS), "layout"),
         help="what the axes of a 3-D .npy (or the .npz layers) are: ltn = (layers, tokens, experts), btn = "
@@ -190,6 +207,15 @@ def import_command(
     import torch
 
     console, err = _consoles()
+    if format != "auto":
+        _import_foreign(format, src, out, console, num_experts=num_experts, top_k=top_k, model_name=model_name,
+                        score_function=score_function, shard_tokens=shard_tokens, dtype=dtype, overwrite=overwrite,
+                        refused={"--layout": layout, "--sequence-length": sequence_length,
+                                 "--attention-mask": attention_mask, "--input-ids": input_ids})
+        return
+    if num_experts is not None:
+        raise fail(f"--num-experts applies to --format {'|'.join(FORMATS)} (expert-id dumps); router logits give N "
+                   "themselves")
     try:
         log = import_file(src, out, attention_mask=attention_mask, input_ids=input_ids, layout=layout,
                           sequence_length=sequence_length, model_name=model_name, top_k=top_k,
@@ -210,6 +236,33 @@ def import_command(
 
 
 import_command.__doc__ = _IMPORT_HELP
+
+
+def _import_foreign(format: str, src: Path, out: Path, console: Console, *, refused: dict, dtype: str | None,
+                    **kwargs) -> None:
+    """``usmoe-lp import --format FMT``: refuse the flags of router-logit files, import, print a summary."""
+    import torch
+
+    given = [flag for flag, value in refused.items() if value is not None]
+    if given:
+        raise fail(f"{' and '.join(given)} apply to router-logit files (--format auto), not to --format {format}, "
+                   "whose dump says where each request's tokens are")
+    if dtype is not None and not FORMATS[format].logits:
+        raise fail(f"--dtype casts router logits; a --format {format} dump holds none")
+    try:
+        log = import_foreign(src, out, format=format, dtype=None if dtype is None else getattr(torch, dtype),
+                             **kwargs)
+    except (UsmoeLpError, OSError) as exc:
+        raise fail(exc) from None
+    capture = log.manifest.capture
+    what = "router logits and the recorded selection" if log.has_logits else "selection (no logits)"
+    console.print(f"wrote {escape(str(log.path))} from {format}: {len(log.layers)} layers x "
+                  f"{'/'.join(map(str, sorted(set(log.num_experts.values()))))} experts, top-"
+                  f"{log.layer_info(log.layers[0]).top_k}, {log.num_tokens:,} tokens in {len(log.sequences):,} "
+                  f"sequences, {len(log.shards)} shards; {what}")
+    if capture.get("dense_layers_dropped"):
+        console.print(f"left out {len(capture['dense_layers_dropped'])} layers whose ids are all 0 (dense layers the "
+                      f"stack records too): {escape(', '.join(capture['dense_layers_dropped']))}")
 
 
 # ----------------------------------------------------------------------------- usmoe-lp capture
