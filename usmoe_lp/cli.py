@@ -12,6 +12,7 @@ from rich.table import Table
 
 from usmoe_lp.certify_cli import certify_command
 from usmoe_lp.cli_errors import fail
+from usmoe_lp.compare_cli import compare_command
 from usmoe_lp.diagnostics.cli import analyze_command
 from usmoe_lp.errors import InvalidParameter, UsmoeLpError
 from usmoe_lp.export_cli import export_command
@@ -45,6 +46,7 @@ app.add_typer(log_app, name="log")
 app.command("import")(import_command)
 app.command("capture")(capture_command)
 app.command("analyze")(analyze_command)
+app.command("compare")(compare_command)
 app.command("evaluate")(evaluate_command)
 app.command("certify")(certify_command)
 app.command("train-tiny")(train_tiny_command)
