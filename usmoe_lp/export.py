@@ -19,6 +19,12 @@ logits         fixed_size_list<float32>[N] (optional)  the raw router logits (fl
                                                        a variable-size list when the layers' N differ)
 ============== ======================================= ==================================================
 
+A *selection log* (``RouterLog.has_logits`` False: the experts a serving or training stack recorded,
+:mod:`usmoe_lp.logs.foreign`) has no logits, so its table has no ``probabilities`` nor ``logits``
+column: ``experts`` holds the recorded ids in the log's order (empty slots, -1, left out), and a
+``weights`` column (list<float32>, the recorded gate weights in the same order) is added when the log
+records weights. ``include_logits`` is refused for it.
+
 ``experts`` is the model's selection as :func:`usmoe_lp.analyze` defines it
 (:func:`usmoe_lp.diagnostics.stream.model_mask`): the selection the log captured, else the registry's
 ``native`` router replayed on the logits where the layer's routing semantics are recorded, else the
@@ -76,7 +82,8 @@ __all__ = ["COLUMNS", "ExportResult", "ParquetUnavailable", "export_parquet", "p
 
 COLUMNS = ("layer_index", "layer", "token_index", "sequence_id", "position", "token_id", "experts",
            "probabilities", "logits")
-"""The columns of the exported table, in order (``logits`` only with ``include_logits``)."""
+"""The columns of the exported table, in order (``logits`` only with ``include_logits``; a selection log's
+table ends with ``experts`` and, where it records weights, ``weights``)."""
 
 METADATA_KEY = b"usmoe_lp"
 TABLE_FORMAT = "usmoe-lp per-token routing table"
@@ -122,11 +129,13 @@ def _pyarrow():
 
 
 def parquet_schema(layers: Sequence[str], num_experts: Sequence[int], *, include_logits: bool = False,
-                   float64_logits: bool = False) -> pa.Schema:
+                   float64_logits: bool = False, selection: bool = False, weights: bool = False) -> pa.Schema:
     """The Arrow schema of the table (module docstring) for layers with ``num_experts`` experts each.
 
     ``logits`` is a fixed-size list of N when every layer has the same N, else a list; float64 for a
     float64 log (``float64_logits``), float32 otherwise (exact for bfloat16 and float16 logs).
+    ``selection``: the table of a selection log (no ``probabilities`` / ``logits``; a ``weights`` list
+    column with ``weights``).
     """
     pa, _ = _pyarrow()
     fields = [
@@ -137,8 +146,11 @@ def parquet_schema(layers: Sequence[str], num_experts: Sequence[int], *, include
         pa.field("position", pa.int64(), nullable=False),
         pa.field("token_id", pa.int64(), nullable=False),
         pa.field("experts", pa.list_(pa.field("item", pa.int32(), nullable=False)), nullable=False),
-        pa.field("probabilities", pa.list_(pa.field("item", pa.float32(), nullable=False)), nullable=False),
     ]
+    floats = pa.list_(pa.field("item", pa.float32(), nullable=False))
+    if selection:
+        return pa.schema(fields + ([pa.field("weights", floats, nullable=False)] if weights else []))
+    fields.append(pa.field("probabilities", floats, nullable=False))
     if include_logits:
         value = pa.field("item", pa.float64() if float64_logits else pa.float32(), nullable=False)
         sizes = set(num_experts)
@@ -253,6 +265,9 @@ def export_parquet(log: RouterLog | str | os.PathLike, out: str | os.PathLike, *
     _check_out(out, overwrite)
     if not isinstance(log, RouterLog):
         log = RouterLog.open(log)
+    if include_logits and not log.has_logits:
+        raise InvalidParameter(f"{log.path} is a selection log (the recorded experts, no router logits); "
+                               "include_logits=True has no logits to export")
     names = tuple(log.layers if layers is None else layers)
     if not names:
         raise InvalidParameter("layers is empty: name at least one layer to export")
@@ -264,7 +279,9 @@ def export_parquet(log: RouterLog | str | os.PathLike, out: str | os.PathLike, *
     infos = [log.layer_info(n) for n in names]
     ks = resolve_top_k(infos, top_k)
     experts = [info.num_experts for info in infos]
-    schema = parquet_schema(names, experts, include_logits=include_logits, float64_logits=log.dtype == torch.float64)
+    weights = not log.has_logits and all(f"weights.{n}" in log.manifest.tensors for n in names)
+    schema = parquet_schema(names, experts, include_logits=include_logits, float64_logits=log.dtype == torch.float64,
+                            selection=not log.has_logits, weights=weights)
     dictionary = pa.array(list(log.layers), pa.string())
     order = {n: i for i, n in enumerate(log.layers)}
 
@@ -280,7 +297,11 @@ def export_parquet(log: RouterLog | str | os.PathLike, out: str | os.PathLike, *
                 if info.top_k is None:
                     info = replace(info, top_k=k)
                 for chunk in log.iter_chunks(name, chunk_tokens, check_finite=True):
-                    batch = _batch(pa, chunk, info, k, order[name], dictionary, schema, include_logits, sources)
+                    if log.has_logits:
+                        batch = _batch(pa, chunk, info, k, order[name], dictionary, schema, include_logits, sources)
+                    else:
+                        batch = _selection_batch(pa, chunk, order[name], dictionary, schema)
+                        sources[name] = "captured"
                     writer.write_batch(batch)
                     rows += batch.num_rows
                     groups += 1
@@ -297,25 +318,49 @@ def export_parquet(log: RouterLog | str | os.PathLike, out: str | os.PathLike, *
                         bytes=out.stat().st_size, selection_source=sources)
 
 
-def _batch(pa, chunk, info, k: int, layer_index: int, dictionary, schema, include_logits: bool,
-           sources: dict[str, str]) -> Any:
-    """One chunk of one layer as a record batch (the same steps as the analysis's LayerStream.update)."""
-    from usmoe_lp.diagnostics.stream import model_mask, selection_scores
-    from usmoe_lp.routing import probabilities
-
+def _token_columns(pa, chunk, layer_index: int, dictionary) -> list:
+    """The columns every table has before ``experts``: layer, token index and token metadata."""
     n = chunk.num_tokens
-    logits = chunk.logits.float()
-    probs = probabilities(logits, info.score_function)
-    mask, sources[info.name] = model_mask(chunk, selection_scores(logits, info), k, None, info)
-    offsets, experts, values = _ranked(mask, probs)
-    offsets = pa.array(offsets)
-    columns = [
+    return [
         pa.array(np.full(n, layer_index, dtype=np.int32)),
         pa.DictionaryArray.from_arrays(pa.array(np.full(n, layer_index, dtype=np.int32)), dictionary),
         pa.array(np.arange(chunk.token_start, chunk.token_stop, dtype=np.int64)),
         pa.array(chunk.sequence_ids.numpy().astype(np.int64, copy=False)),
         pa.array(chunk.positions.numpy().astype(np.int64, copy=False)),
         pa.array(chunk.token_ids.numpy().astype(np.int64, copy=False)),
+    ]
+
+
+def _selection_batch(pa, chunk, layer_index: int, dictionary, schema) -> Any:
+    """One chunk of one layer of a selection log: the recorded (n, k) ids in their order, -1 slots left out,
+    and the recorded weights at the same slots where the table has a ``weights`` column."""
+    ids = chunk.selected.numpy()
+    keep = ids >= 0
+    offsets = np.zeros(ids.shape[0] + 1, dtype=np.int32)
+    np.cumsum(keep.sum(axis=1), out=offsets[1:])
+    offsets = pa.array(offsets)
+    columns = _token_columns(pa, chunk, layer_index, dictionary)
+    columns.append(pa.ListArray.from_arrays(offsets, pa.array(ids[keep].astype(np.int32)),
+                                            type=schema.field("experts").type))
+    if "weights" in schema.names:
+        values = chunk.weights.float().numpy()[keep]
+        columns.append(pa.ListArray.from_arrays(offsets, pa.array(values), type=schema.field("weights").type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _batch(pa, chunk, info, k: int, layer_index: int, dictionary, schema, include_logits: bool,
+           sources: dict[str, str]) -> Any:
+    """One chunk of one layer as a record batch (the same steps as the analysis's LayerStream.update)."""
+    from usmoe_lp.diagnostics.stream import model_mask, selection_scores
+    from usmoe_lp.routing import probabilities
+
+    logits = chunk.logits.float()
+    probs = probabilities(logits, info.score_function)
+    mask, sources[info.name] = model_mask(chunk, selection_scores(logits, info), k, None, info)
+    offsets, experts, values = _ranked(mask, probs)
+    offsets = pa.array(offsets)
+    columns = [
+        *_token_columns(pa, chunk, layer_index, dictionary),
         pa.ListArray.from_arrays(offsets, pa.array(experts), type=schema.field("experts").type),
         pa.ListArray.from_arrays(offsets, pa.array(values), type=schema.field("probabilities").type),
     ]
@@ -330,7 +375,7 @@ def _metadata(log: RouterLog, names: Sequence[str], ks: dict[str, int], sources:
     m = log.manifest
     return {
         "format": TABLE_FORMAT, "version": TABLE_VERSION, "usmoe_lp": __version__,
-        "log": str(log.path), "num_tokens": log.num_tokens, "dtype": m.dtype,
+        "log": str(log.path), "num_tokens": log.num_tokens, "dtype": m.dtype, "content": log.content,
         "model": {"name": m.model.name, "family": m.model.family, "revision": m.model.revision},
         "row_order": ["layer_index", "token_index"],
         "layers": {name: {"index": list(log.layers).index(name), "num_experts": log.num_experts[name],

@@ -38,8 +38,10 @@ def export_command(
 
     One row per (layer, token), sorted by layer then token: layer_index, layer, token_index,
     sequence_id, position, token_id, experts (the model's selected experts, most probable first),
-    probabilities (their routing probabilities) and with --logits the raw logits. The log is
-    streamed a chunk at a time; the file appears only once complete.
+    probabilities (their routing probabilities) and with --logits the raw logits. A selection log
+    (imported expert ids, no logits) gives experts as recorded, plus weights where it records them,
+    and no probabilities or logits. The log is streamed a chunk at a time; the file appears only
+    once complete.
     """
     console, err = Console(), Console(stderr=True)
     names = None if layers is None else [n.strip() for n in layers.split(",") if n.strip()]
@@ -54,7 +56,7 @@ def export_command(
                                     chunk_tokens=chunk_tokens, overwrite=overwrite,
                                     progress=lambda rows: progress.advance(task, rows))
     except (UsmoeLpError, OSError) as exc:
-        raise fail(exc) from None
+        raise fail(exc, aliases={"include_logits": "--logits"}) from None
     seconds = time.perf_counter() - t0
     sources = ", ".join(sorted(set(result.selection_source.values()))) or "-"
     console.print(f"wrote {escape(str(result.path))}: {result.rows:,} rows ({len(result.layers)} layers x "

@@ -4,7 +4,8 @@ A router log is a directory with ``manifest.json`` and ``shards/NNNNN.safetensor
 :mod:`usmoe_lp.logs.format`). Capture one from a live model with :func:`capture`, write one with
 :class:`RouterLogWriter`, read it with :meth:`RouterLog.open`, or turn a foreign dump into one
 with :func:`import_hf_router_logits`, :func:`import_array`, :func:`import_safetensors` or
-:func:`import_file`.
+:func:`import_file`; import the experts a serving or training stack recorded (SGLang, vLLM,
+Megatron-Core, the OLMoE scripts) as a selection log with :func:`import_foreign` (formats: :data:`FORMATS`).
 """
 
 from usmoe_lp.logs.capture import CaptureFailed, RouterNotFound, RouterSpec, capture, find_routers
@@ -19,6 +20,7 @@ from usmoe_lp.logs.errors import (
     NonFiniteLogits,
     UnsupportedVersion,
 )
+from usmoe_lp.logs.foreign import FORMATS, ForeignFormat, import_foreign
 from usmoe_lp.logs.format import FORMAT_VERSION, LayerInfo, Manifest, ModelInfo, ShardInfo, TensorSpec
 from usmoe_lp.logs.importers import (
     import_array,
@@ -32,7 +34,8 @@ from usmoe_lp.logs.writer import RouterLogWriter
 
 __all__ = [
     "CaptureFailed", "RouterNotFound", "RouterSpec", "capture", "find_routers",
-    "FORMAT_VERSION", "Chunk", "CorruptLog", "ImportFailed", "InvalidLogInput", "LayerInfo", "LogError",
+    "FORMAT_VERSION", "FORMATS", "ForeignFormat", "import_foreign",
+    "Chunk", "CorruptLog", "ImportFailed", "InvalidLogInput", "LayerInfo", "LogError",
     "LogExists", "LogNotFound", "Manifest", "MissingLayer", "ModelInfo", "NonFiniteLogits", "RouterLog",
     "RouterLogWriter", "ShardInfo", "TensorSpec", "UnsupportedVersion", "ValidationReport", "import_array",
     "import_file", "import_hf_router_logits", "import_safetensors", "load_tensor",

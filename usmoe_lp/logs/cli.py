@@ -245,7 +245,8 @@ def _import_foreign(format: str, src: Path, out: Path, console: Console, *, refu
 
     given = [flag for flag, value in refused.items() if value is not None]
     if given:
-        raise fail(f"{' and '.join(given)} apply to router-logit files (--format auto), not to --format {format}, "
+        raise fail(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to router-logit files "
+                   f"(--format auto), not to --format {format}, "
                    "whose dump says where each request's tokens are")
     if dtype is not None and not FORMATS[format].logits:
         raise fail(f"--dtype casts router logits; a --format {format} dump holds none")
