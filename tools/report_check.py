@@ -77,7 +77,8 @@ window.addEventListener('load', function () {
     var el = all[i], r = el.getBoundingClientRect();
     if (r.width > 0 && r.right > W + 0.5 && !clipped(el)) {
       var parent = el.parentElement, pr = parent ? parent.getBoundingClientRect() : null;
-      if (!pr || pr.right <= W + 0.5 || parent === document.body) out.overflow.push(name(el) + ' reaches ' + Math.round(r.right) + ' px');
+      if (!pr || pr.right <= W + 0.5 || parent === document.body)
+        out.overflow.push(name(el) + ' reaches ' + Math.round(r.right) + ' px');
     }
   }
   out.wrapped = [];
@@ -168,10 +169,10 @@ def broken_links(page: Path, source: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ browser
 def find_chromium(path: str | None = None) -> str:
-    """The Chromium executable: ``path``, else /usr/bin/chromium, else ``chromium`` on PATH.
-
-    Raises :class:`ChromiumMissing` (with the apt-get command) when there is none."""
-    for candidate in (path, CHROMIUM, shutil.which("chromium"), shutil.which("chromium-browser")):
+    """The Chromium executable: ``path`` when given (it must exist), else /usr/bin/chromium, else ``chromium`` on
+    PATH. Raises :class:`ChromiumMissing` (with the apt-get command) when there is none."""
+    candidates = (path,) if path else (CHROMIUM, shutil.which("chromium"), shutil.which("chromium-browser"))
+    for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return candidate
     raise ChromiumMissing(f"Chromium not found ({path or CHROMIUM}); {INSTALL_HINT}")
