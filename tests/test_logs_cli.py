@@ -171,3 +171,24 @@ def test_import_layout_boundaries_score_function_and_the_one_sequence_warning(tm
                                  "--sequence-length", "3"])
     assert result.exit_code == 0 and "6 tokens in 2 sequences" in result.output and "warning" not in result.output
     assert RouterLog.open(tmp_path / "l3").read("layer0", 0, 6).positions.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_info_on_a_selection_log(tmp_path):
+    path = tmp_path / "sel"
+    with RouterLogWriter(path, [LayerInfo("l0", num_experts=8, top_k=2)], content="selection", fsync=False) as w:
+        w.append(None, token_ids=[1, 2, 3], sequence_ids=[0, 0, 1], positions=[0, 1, 0],
+                 selected={"l0": np.array([[1, 2], [3, 4], [5, -1]], dtype=np.int32)})
+    result = runner.invoke(app, ["log", "info", str(path)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "content │ selection (no logits)" in text and "dtype │ - (no logits)" in text
+    assert "3 tokens in 2 sequences (content: selection, no logits)" in text
+    assert "also captured │ -" in text  # the selection is the content, not an extra
+
+
+def test_import_help_lists_the_formats():
+    result = runner.invoke(app, ["import", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for name in ("sglang", "vllm", "megatron", "olmoe", "--num-experts", "auto"):
+        assert name in text

@@ -232,3 +232,48 @@ def test_cli_exports_and_refuses_to_overwrite(log, tmp_path):
     assert bad.exit_code == 2 and "--top-k = 3, but the log records k = 2" in bad.output
     missing = runner.invoke(app, ["log", "export", str(tmp_path / "nolog"), "--out", str(tmp_path / "y.parquet")])
     assert missing.exit_code == 2 and "no such router log" in missing.output
+
+
+# ----------------------------------------------------------------------------- selection logs
+def _selection_log(path, *, with_weights: bool):
+    """A selection log (imported expert ids, no logits) over two layers, with -1 (empty) slots."""
+    sel = {"a": np.array([[3, 1], [0, -1], [5, 2], [-1, -1], [4, 0]], dtype=np.int32),
+           "b": np.array([[1, 2], [2, 1], [0, 3], [3, 0], [5, 4]], dtype=np.int32)}
+    weights = {name: np.where(ids >= 0, 0.25 + 0.5 * (ids % 2), 0.0).astype(np.float32) for name, ids in sel.items()}
+    layers = [LayerInfo("a", num_experts=N, top_k=2), LayerInfo("b", num_experts=N, top_k=2)]
+    with RouterLogWriter(path, layers, content="selection", shard_tokens=2, fsync=False) as w:
+        w.append(None, token_ids=[9, 8, 7, 6, 5], sequence_ids=[0, 0, 0, 1, 1], positions=[0, 1, 2, 0, 1],
+                 selected=sel, weights=weights if with_weights else None)
+    return RouterLog.open(path), sel, weights
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_a_selection_log_exports_its_recorded_experts(tmp_path, with_weights):
+    log, sel, weights = _selection_log(tmp_path / "log", with_weights=with_weights)
+    result = export_parquet(log, tmp_path / "s.parquet", chunk_tokens=3)
+    assert result.selection_source == {"a": "captured", "b": "captured"} and result.rows == 10
+    table = pq.read_table(tmp_path / "s.parquet")
+    expected = ["layer_index", "layer", "token_index", "sequence_id", "position", "token_id", "experts"]
+    assert table.column_names == expected + (["weights"] if with_weights else [])
+    rows = table.to_pylist()
+    for row in rows:  # oracle: the written arrays, slot by slot, empty (-1) slots left out
+        ids = sel[row["layer"]][row["token_index"]]
+        assert row["experts"] == [int(e) for e in ids if e >= 0]
+        if with_weights:
+            assert row["weights"] == [float(w) for e, w in zip(ids, weights[row["layer"]][row["token_index"]],
+                                                                strict=True) if e >= 0]
+    assert [r["token_id"] for r in rows[:5]] == [9, 8, 7, 6, 5]
+    assert [(r["sequence_id"], r["position"]) for r in rows[:5]] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    meta = json.loads(pq.read_metadata(tmp_path / "s.parquet").metadata[b"usmoe_lp"])
+    assert meta["content"] == "selection" and meta["dtype"] is None
+
+
+def test_a_selection_log_has_no_logits_to_export(tmp_path):
+    log, _, _ = _selection_log(tmp_path / "log", with_weights=False)
+    with pytest.raises(InvalidParameter, match="selection log"):
+        export_parquet(log, tmp_path / "s.parquet", include_logits=True)
+    result = runner.invoke(app, ["log", "export", str(log.path), "--out", str(tmp_path / "s.parquet"), "--logits"])
+    assert result.exit_code == 2 and "--logits has no logits to export" in " ".join(result.output.split())
+    assert not (tmp_path / "s.parquet").exists()
+    ok = runner.invoke(app, ["log", "export", str(log.path), "--out", str(tmp_path / "s.parquet")])
+    assert ok.exit_code == 0 and "selection: captured" in ok.output
