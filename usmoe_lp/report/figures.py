@@ -124,7 +124,10 @@ def plot_usmoe_minus_tc(frame: pd.DataFrame) -> plt.Figure | None:
     g.figure.suptitle(f"obj(USMoE global top-c, c = T k) - obj(TC, k), per token, vs N and k\n{spread}; {n_text} "
                       f"trials per point; |gain| <= {_gain_rtol():g} x max(1, |obj|) drawn as 0 (equal objectives)",
                       fontsize=10)
-    g.figure.tight_layout()
+    if g.legend is not None:   # one legend, right of every panel (tight_layout alone pulls it over the last column)
+        g.legend.set_title("k (experts\nper token)")
+        sns.move_legend(g, "center right", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    g.figure.tight_layout(rect=(0, 0, 1 - 1.1 / g.figure.get_size_inches()[0], 1))
     return g.figure
 
 
