@@ -165,6 +165,8 @@ def test_megatron_trace_without_logits_is_a_selection_log(tmp_path):
     assert not log.has_logits and log.layers == ("layer1", "layer3")
     assert log.manifest.capture["skipped_mtp_records"] == 1
     _check(log, steps, [[-1] * 4, [-1] * 3])
+    with pytest.raises(ImportFailed, match="dtype= casts router logits; this megatron dump holds none"):
+        import_foreign(tmp_path / "trace", tmp_path / "log2", format="megatron", num_experts=16, dtype=torch.float32)
 
 
 def test_megatron_trace_with_logits_is_a_logits_log(tmp_path):
@@ -173,6 +175,9 @@ def test_megatron_trace_with_logits_is_a_logits_log(tmp_path):
     _megatron_trace(tmp_path / "trace", steps, logits=logits)
     log = import_foreign(tmp_path / "trace" / "router_trace_rank0.jsonl", tmp_path / "log", format="megatron")
     assert log.has_logits and log.dtype == torch.bfloat16 and set(log.num_experts.values()) == {5}
+    cast = import_foreign(tmp_path / "trace", tmp_path / "f32", format="megatron", dtype=torch.float32)
+    assert cast.dtype == torch.float32 and torch.equal(cast.read("layer1", 0, 7).logits,
+                                                       torch.cat([g[:, 0] for g in logits]).float())
     for j, name in enumerate(log.layers):
         chunk = log.read(name, 0, log.num_tokens)
         assert torch.equal(chunk.logits, torch.cat([g[:, j] for g in logits]))  # bit-exact bfloat16

@@ -617,6 +617,8 @@ def import_foreign(
     if survey.tokens == 0:
         raise ImportFailed(f"{src}: no tokens to import ({survey.sequences} requests, all empty)")
     logits = survey.num_logit_experts is not None
+    if dtype is not None and not logits:
+        raise ImportFailed(f"{src}: dtype= casts router logits; this {format} dump holds none (leave dtype out)")
     N = dump.num_experts
     if N is not None and num_experts is not None and num_experts != N:
         raise ImportFailed(f"{src}: num_experts={num_experts} but the dump's router logits are over {N} experts")
