@@ -139,7 +139,9 @@ def test_report_files_match_the_api(log_and_result, tmp_path):
         rows = {r["label"]: r for r in m["counterfactual"]}
         assert rows["tc k=2"]["agreement"] == 1.0
     html = (tmp_path / "rep" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6  # self-contained: every figure embedded
+    pngs = [n for n in written if n.endswith(".png")]
+    assert {"coactivation_lift.png", "layer_transitions.png", "expert_locality.png"} <= set(pngs)  # routing patterns
+    assert html.count("data:image/png;base64,") == len(pngs)  # self-contained: every figure embedded
     assert "src='http" not in html and 'src="http' not in html
 
 
