@@ -8,6 +8,9 @@ The router registry: :func:`list_routers`, :func:`get_router`, :class:`RouterCon
 (captured logits re-routed by any registered router).
 Live routing: :func:`route` puts any registered router into a transformers MoE model
 (``with route(model, "usmoe", kbar=1.5) as r: model(**batch)``).
+Analysis: :func:`analyze` a router log; :func:`analyze_model` captures a model's routing on texts and
+analyses it in one call (both imported on first use: they pull in the analysis stack);
+:func:`usmoe_lp.compare.compare` puts several logs side by side.
 """
 
 from usmoe_lp.errors import (
@@ -36,8 +39,23 @@ from usmoe_lp.routing import (
 
 __version__ = "0.1.0"
 
+_LAZY = {"analyze": "usmoe_lp.diagnostics", "analyze_model": "usmoe_lp.model_analysis"}
+
+
+def __getattr__(name: str):
+    """The analysis entry points of :data:`_LAZY`, imported when first asked for."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'usmoe_lp' has no attribute {name!r}")
+
+
 __all__ = [
-    "Certificate", "RouterLog", "capture", "InfeasibleProblem", "InvalidParameter", "InvalidScores", "Routing",
+    "Certificate", "RouterLog", "analyze", "analyze_model", "capture",
+    "InfeasibleProblem", "InvalidParameter", "InvalidScores", "Routing",
     "RouterConfig", "RoutingProblem", "ShapeMismatch", "Solution", "SolverError", "UnsupportedProblem",
     "UsmoeLpError", "capacity_token_choice", "certify", "expert_choice", "get_router", "global_topc", "list_routers",
     "reroute", "route", "sigmoid_score", "softmax_score", "solve", "token_choice", "unified_score",

@@ -120,6 +120,12 @@ class EvaluateResult:
     config: dict
     documents: Any = None
 
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display (:func:`usmoe_lp.report.notebook_html.evaluate_result_html`)."""
+        from usmoe_lp.report.notebook_html import evaluate_result_html
+
+        return evaluate_result_html(self)
+
     def to_json(self) -> dict:
         """The JSON-ready dict: keys ``model``, ``settings``, ``quality``, ``layers``, ``generation``,
         ``documents``, ``definitions``, ``config`` (frames as lists of records; NaN as None)."""
