@@ -12,7 +12,13 @@ Implemented by :class:`~usmoe_lp.diagnostics.load.LoadPartial`,
 :class:`~usmoe_lp.diagnostics.margins.MarginPartial`,
 :class:`~usmoe_lp.diagnostics.counterfactual.CounterfactualPartial`,
 :class:`~usmoe_lp.diagnostics.leakage.LeakagePartial` and
-:class:`~usmoe_lp.diagnostics.native.NativeAgreementPartial` (checked in ``tests/test_registry_consumers.py``).
+:class:`~usmoe_lp.diagnostics.native.NativeAgreementPartial` (checked in ``tests/test_registry_consumers.py``);
+by the routing-pattern partials :class:`~usmoe_lp.diagnostics.coactivation.CoactivationPartial`,
+:class:`~usmoe_lp.diagnostics.transitions.TransitionPartial`, :class:`~usmoe_lp.diagnostics.vocab.VocabPartial`,
+:class:`~usmoe_lp.diagnostics.domain.DomainPartial`, :class:`~usmoe_lp.diagnostics.locality.LocalityPartial`
+and their container :class:`~usmoe_lp.diagnostics.patterns.PatternStream` (checked in
+``tests/test_diag_patterns*.py``); and by :class:`usmoe_lp.compare.AgreementPartial` (routing agreement of two
+logs, token by token).
 """
 
 from __future__ import annotations
