@@ -307,3 +307,18 @@ def test_registry_is_typed_entries():
     assert set(FORMATS) == {"sglang", "vllm", "megatron", "olmoe"}
     assert all(f.name == name and callable(f.read) for name, f in FORMATS.items())
     assert [name for name, f in FORMATS.items() if f.logits] == ["megatron"]
+
+
+def test_pretty_printed_json_and_broken_lines(tmp_path):
+    routes = _routes(4, 2, 2, 8, 22)
+    (tmp_path / "pretty.json").write_text(json.dumps([_sglang_response(routes, [1, 2], [3, 4, 5])], indent=2))
+    log = import_foreign(tmp_path / "pretty.json", tmp_path / "log", format="sglang", num_experts=8, top_k=2)
+    _check(log, [routes], [[1, 2, 3, 4]])
+    good = json.dumps(_sglang_response(routes, [1, 2], [3, 4, 5]))
+    (tmp_path / "broken.jsonl").write_text(good + "\n" + good[:-5] + "\n")
+    with pytest.raises(ImportFailed, match="broken.jsonl line 2: not JSON"):
+        import_foreign(tmp_path / "broken.jsonl", tmp_path / "log2", format="sglang", num_experts=8, top_k=2)
+    (tmp_path / "other.jsonl").write_text(json.dumps({"text": "no routing"}) + "\n")
+    with pytest.raises(ImportFailed, match="no meta_info.routed_experts; .*--enable-return-routed-experts"):
+        import_foreign(tmp_path / "other.jsonl", tmp_path / "log3", format="sglang", num_experts=8, top_k=2)
+    assert not (tmp_path / "log2").exists() and not (tmp_path / "log3").exists()

@@ -93,30 +93,34 @@ class ForeignFormat:
 
 # ----------------------------------------------------------------------------- shared helpers
 def _json_items(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, object) for each record of a JSON file (one object, or a list of them) or of JSONL (one
-    object, or a list, per line)."""
+    """(where, object) for each record of JSONL (one object, or a list of them, per line; read line by line)
+    or of a JSON file (one object, or a list of them, over any number of lines)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            first = True
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    if first:  # not JSONL: one JSON document over several lines
+                        break
+                    raise ImportFailed(f"{path} line {n}: not JSON ({exc.msg}); expected one JSON object per "
+                                       "line") from None
+                first = False
+                for i, item in enumerate(obj if isinstance(obj, list) else [obj]):
+                    yield (f"{path} line {n}" + (f" item {i}" if isinstance(obj, list) else "")), item
+            else:
+                return
+        whole = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ImportFailed(f"{path}: not UTF-8 text; expected JSON or JSONL") from None
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        whole = None
-    if whole is not None:
-        items = whole if isinstance(whole, list) else [whole]
-        for i, item in enumerate(items):
-            yield (f"{path} item {i}" if isinstance(whole, list) else str(path)), item
-        return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ImportFailed(f"{path} line {n}: not JSON ({exc.msg}); expected one JSON object per line") from None
-        for i, item in enumerate(obj if isinstance(obj, list) else [obj]):
-            yield (f"{path} line {n}" + (f" item {i}" if isinstance(obj, list) else "")), item
+    except json.JSONDecodeError as exc:
+        raise ImportFailed(f"{path}: not JSON or JSONL ({exc.msg} at line {exc.lineno})") from None
+    items = whole if isinstance(whole, list) else [whole]
+    for i, item in enumerate(items):
+        yield (f"{path} item {i}" if isinstance(whole, list) else str(path)), item
 
 
 def _b64(text: str, where: str) -> bytes:
