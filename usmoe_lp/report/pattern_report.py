@@ -189,8 +189,21 @@ def result_metrics(result) -> dict[str, Any]:
 
 
 def unavailable_lines(result) -> list[str]:
-    """One sentence per analysis that was not computed, and why (empty when everything ran)."""
-    return [f"`{name}`: {why}." for name, why in (getattr(result, "unavailable", None) or {}).items()]
+    """What was not computed and why, one line per cause (empty when everything ran): the analyses that share a
+    cause (the reason's text before ``; ``, e.g. a selection log's missing logits) are named together, each with
+    what of the missing input it needs.
+
+    >>> from types import SimpleNamespace
+    >>> unavailable_lines(SimpleNamespace(unavailable={"margins": "not computed: no logits; scores differ",
+    ...                                                "collapse": "not computed: no logits; ranks"}))
+    ['no logits: `margins` (scores differ), `collapse` (ranks).']
+    """
+    causes: dict[str, list[str]] = {}
+    for name, why in (getattr(result, "unavailable", None) or {}).items():
+        text = why[len("not computed: "):] if why.lower().startswith("not computed: ") else why
+        cause, _, detail = text.partition("; ")
+        causes.setdefault(cause, []).append(f"`{name}` ({detail})" if detail else f"`{name}`")
+    return [f"{cause}: {', '.join(items)}." for cause, items in causes.items()]
 
 
 # ------------------------------------------------------------------------------- tables
