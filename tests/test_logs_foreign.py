@@ -322,3 +322,24 @@ def test_pretty_printed_json_and_broken_lines(tmp_path):
     with pytest.raises(ImportFailed, match="no meta_info.routed_experts; .*--enable-return-routed-experts"):
         import_foreign(tmp_path / "other.jsonl", tmp_path / "log3", format="sglang", num_experts=8, top_k=2)
     assert not (tmp_path / "log2").exists() and not (tmp_path / "log3").exists()
+
+
+def test_megatron_inconsistent_traces_are_refused(tmp_path):
+    steps = [_routes(3, 2, 2, 8, 23), _routes(3, 2, 2, 8, 24)]
+    _megatron_trace(tmp_path / "t", steps)
+    trace = tmp_path / "t" / "router_trace_rank0.jsonl"
+    lines = trace.read_text().splitlines()
+    trace.write_text("\n".join(lines[:3] + lines[4:]) + "\n")  # step 1 loses its layer-3 record
+    with pytest.raises(ImportFailed, match="step 1 has no record of layer3"):
+        import_foreign(trace, tmp_path / "log", format="megatron", num_experts=8)
+    rec = json.loads(lines[1])
+    rec["top_indices"] = [[0, 1, 2]] * 3
+    trace.write_text("\n".join([lines[0], json.dumps(rec), *lines[2:]]) + "\n")
+    with pytest.raises(ImportFailed, match="different numbers of experts per token"):
+        import_foreign(trace, tmp_path / "log", format="megatron", num_experts=8)
+    _megatron_trace(tmp_path / "u", steps, rank=0)
+    _megatron_trace(tmp_path / "u", steps, rank=1)
+    with pytest.raises(ImportFailed, match="expected one router_trace_rank<N>.jsonl, found router_trace_rank0.jsonl, "
+                                           "router_trace_rank1.jsonl"):
+        import_foreign(tmp_path / "u", tmp_path / "log", format="megatron", num_experts=8)
+    assert not (tmp_path / "log").exists()

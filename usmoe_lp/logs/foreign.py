@@ -439,8 +439,13 @@ def read_megatron(src: Path, top_k: int | None) -> ForeignDump:
             if len(counts) > 1:
                 raise ImportFailed(f"{where0}: step {step_key}: the layers route different numbers of tokens "
                                    f"({sorted(counts)})")
-            experts = np.stack([_int_array(group[i][0], group[i][1], 2, "top_indices")
-                                if len(group[i][0]) else np.zeros((0, 1), np.int64) for i in order], axis=1)
+            per_layer = [_int_array(group[i][0], group[i][1], 2, "top_indices") if len(group[i][0]) else
+                         np.zeros((0, 1), np.int64) for i in order]
+            ks = {a.shape[1] for a in per_layer}
+            if len(ks) > 1:
+                raise ImportFailed(f"{where0}: step {step_key}: the layers record different numbers of experts per "
+                                   f"token ({sorted(ks)}); k must be equal")
+            experts = np.stack(per_layer, axis=1)
             logits = None
             if with_logits:
                 logits = torch.stack([_megatron_logits(trace, group[i][2], group[i][1]) for i in order], dim=1)
@@ -623,6 +628,23 @@ def import_foreign(
     logits = survey.num_logit_experts is not None
     if dtype is not None and not logits:
         raise ImportFailed(f"{src}: dtype= casts router logits; this {format} dump holds none (leave dtype out)")
+    N, keep, dense = _resolve(dump, survey, num_experts, src, format)
+    infos = [LayerInfo(dump.layers[i], num_experts=N, top_k=survey.k, score_function=score_function) for i in keep]
+    capture = {"source": f"import {format}", "file": str(src), "format": format, **dump.capture,
+               "sequences": "one per request" if format in ("sglang", "vllm") else
+               "one per step" if format == "megatron" else "one per line",
+               "empty_sequences_skipped": survey.empty,
+               "dense_layers_dropped": [dump.layers[i] for i in dense]}
+    _write_dump(dump, out, infos, keep, capture, logits=logits, model=ModelInfo(model_name, family),
+                shard_tokens=shard_tokens, dtype=dtype, overwrite=overwrite)
+    return RouterLog.open(out)
+
+
+def _resolve(dump: ForeignDump, survey: _Survey, num_experts: int | None, src: Path,
+             format: str) -> tuple[int, list[int], list[int]]:
+    """(N, indices of the layers to keep, indices of the dense layers left out), or :class:`ImportFailed`:
+    N from the dump or ``num_experts`` (never from the ids), every id below it, no repeated expert in a
+    token of a kept layer."""
     N = dump.num_experts
     if N is not None and num_experts is not None and num_experts != N:
         raise ImportFailed(f"{src}: num_experts={num_experts} but the dump's router logits are over {N} experts")
@@ -640,30 +662,29 @@ def import_foreign(
     keep = [i for i in range(len(dump.layers)) if i not in dense]
     if not keep:
         raise ImportFailed(f"{src}: every layer's ids are all 0: no MoE layer recorded")
-    infos = [LayerInfo(dump.layers[i], num_experts=N, top_k=survey.k, score_function=score_function) for i in keep]
-    capture = {"source": f"import {format}", "file": str(src), "format": format, **dump.capture,
-               "sequences": "one per request" if format in ("sglang", "vllm") else
-               "one per step" if format == "megatron" else "one per line",
-               "empty_sequences_skipped": survey.empty,
-               "dense_layers_dropped": [dump.layers[i] for i in dense]}
+    return N, keep, dense
+
+
+def _write_dump(dump: ForeignDump, out, infos: list[LayerInfo], keep: list[int], capture: dict, *, logits: bool,
+                model: ModelInfo, shard_tokens: int, dtype: torch.dtype | None, overwrite: bool) -> None:
+    """The write pass: each sequence in pieces of at most ``shard_tokens`` rows, sequence id = its index in
+    the dump, positions 0.. (layers ``keep`` of the dump, named by ``infos``)."""
     try:
-        with RouterLogWriter(out, infos, model=ModelInfo(model_name, family), capture=capture,
-                             shard_tokens=shard_tokens, dtype=dtype if logits else None, overwrite=overwrite,
+        with RouterLogWriter(out, infos, model=model, capture=capture, shard_tokens=shard_tokens,
+                             dtype=dtype if logits else None, overwrite=overwrite,
                              content="logits" if logits else "selection") as writer:
             for s, seq in enumerate(dump.sequences()):
                 T = seq.experts.shape[0]
                 for a in range(0, T, shard_tokens):
                     b = min(a + shard_tokens, T)
-                    selected = {info.name: _selection_dtype(seq.experts[a:b, i]) for info, i in zip(infos, keep,
-                                                                                                   strict=True)}
-                    logit_part = None if not logits else \
-                        {info.name: seq.logits[a:b, i] for info, i in zip(infos, keep, strict=True)}
+                    pairs = list(zip(infos, keep, strict=True))
+                    selected = {info.name: _selection_dtype(seq.experts[a:b, i]) for info, i in pairs}
+                    logit_part = {info.name: seq.logits[a:b, i] for info, i in pairs} if logits else None
                     writer.append(logit_part, seq.token_ids[a:b], np.full(b - a, s, dtype=np.int64),
                                   np.arange(a, b, dtype=np.int64), selected=selected)
     except LogError as exc:
-        exc.add_note(f"while importing {src} into {out}")
+        exc.add_note(f"while importing {capture['file']} into {out}")
         raise
-    return RouterLog.open(out)
 
 
 def _selection_dtype(ids: np.ndarray) -> np.ndarray:
