@@ -99,7 +99,7 @@ ROWS = [
     ("import-rank4", imp("rank4.npy"), ["shape (1, 2, 3, 4)"]),
     ("import-no-rows", imp("empty_rows.npy"), ["no tokens to import"]),
     ("import-expert-ids", imp("ids.npy"), ["integers (int64)", "expert ids", "vLLM", "usmoe-lp capture",
-                                           "not supported yet"]),
+                                           "--format vllm|sglang|megatron|olmoe --num-experts N"]),
     ("import-expert-ids-pt", imp("ids.pt"), ["expert ids"]),
     ("import-one-tensor-pt", imp("mask.pt"), ["one tensor of shape (3, 3)", "--layout 'ltn'"]),
     ("import-booleans", imp("mask.npy"), ["booleans"]),

@@ -13,7 +13,8 @@
 
 Router logits are floating arrays (float16/32/64, bfloat16 in torch and safetensors files; a
 big-endian ``.npy`` is converted exactly to native byte order). Integer arrays are refused with a
-message: they are the expert ids a serving engine returns (vLLM, SGLang), not logits.
+message: they are the expert ids a serving engine returns (vLLM, SGLang), not logits;
+:mod:`usmoe_lp.logs.foreign` imports those as selection logs.
 
 Sequence boundaries matter (leakage and sequence-scoped routing are computed per sequence), so
 each importer takes them from, in this order: the ``.npz`` / safetensors keys ``sequence_ids``
@@ -602,8 +603,9 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
                        "BOOL": torch.bool}
 _EXPERT_IDS_HINT = ("which looks like the expert ids a serving engine returns (vLLM and SGLang return the chosen "
                     "experts per token), not router logits. usmoe-lp needs the raw router logits, (T, N) floating "
-                    "scores: capture them with `usmoe-lp capture` (or output_router_logits=True in transformers); "
-                    "importing expert ids is not supported yet")
+                    "scores: capture them with `usmoe-lp capture` (or output_router_logits=True in transformers), "
+                    "or import the expert ids as a selection log (no logits) with `usmoe-lp import --format "
+                    "vllm|sglang|megatron|olmoe --num-experts N`")
 
 
 def _check_logits_dtype(dtype: np.dtype | torch.dtype | str, where: str) -> None:
