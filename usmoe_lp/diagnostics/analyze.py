@@ -1255,7 +1255,8 @@ def _analyze(src: _Source, cfg: AnalyzeConfig, layers, top_k, progress, client,
                          pooled_load=pooled_load, pooled_counterfactual=pooled_cf, pooled_leakage=pooled_leak,
                          seconds=time.perf_counter() - t0, read_seconds=read_seconds, unavailable=unavailable,
                          transitions={pair: t.result() for pair, t in zip(zip(names[:-1], names[1:], strict=True),
-                                                                          merged.transitions, strict=True)})
+                                                                          merged.transitions, strict=True)}
+                         if cfg.patterns else {})
 
 
 @dataclass(frozen=True)
