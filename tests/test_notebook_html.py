@@ -103,6 +103,7 @@ def analyzed(logits):
 
 def test_analyze_view_numbers_from_the_logits(logits, analyzed):
     page = check_page(analyze_result_html(analyzed))
+    assert analyzed._repr_html_() == analyze_result_html(analyzed)   # what Jupyter shows
     layers = page.frame(0)
     assert list(layers["layer"]) == ["layer0", "layer1", "pooled"]
     for i, z in enumerate(logits):
@@ -181,6 +182,7 @@ def test_evaluate_view_of_a_real_run():
     res = evaluate(model, ["def f(x):\n    return x + 1\n" * 2, "import os\n" * 4], ["tc"], tokenizer=tok,
                    seq_len=16, batch_size=2, bootstrap=0, progress=False, generate=2, prompt_tokens=4)
     page = check_page(evaluate_result_html(res))
+    assert res._repr_html_() == evaluate_result_html(res)   # what Jupyter shows
     headings = [t.strip() for t in page.text if t.strip()]
     assert "Greedy generation against native" in headings
     quality = page.frame(0)

@@ -368,6 +368,12 @@ class AnalyzeResult:
     unavailable: dict[str, str] = field(default_factory=dict)
     transitions: dict[tuple[str, str], TransitionStats] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display (:func:`usmoe_lp.report.notebook_html.analyze_result_html`)."""
+        from usmoe_lp.report.notebook_html import analyze_result_html
+
+        return analyze_result_html(self)
+
     @property
     def layer_names(self) -> tuple[str, ...]:
         return tuple(la.layer for la in self.layers)
