@@ -68,7 +68,8 @@ def plot_coactivation_lift(layers: Sequence[tuple[str, object]]) -> plt.Figure |
         _expert_ticks(ax, s.num_experts, "x")
         _expert_ticks(ax, s.num_experts, "y")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.85,
-                 label="log2 lift = log2 P(i,j) / (P(i) P(j))\n(0: independent; clipped at ±3)")
+                 label="log2 lift = log2 P(i,j) / (P(i) P(j))\n(0: independent; clipped at ±3; darkest blue:\n"
+                       "never chosen together; grey: diagonal or unused expert)")
     shown = "" if len(picked) == len(layers) else f" (first, middle and last of {len(layers)} layers)"
     fig.suptitle(f"Expert co-activation lift{shown}", fontsize=11)
     return fig
@@ -137,7 +138,7 @@ def plot_vocab_specialisation(layers: Sequence[tuple[str, object]]) -> plt.Figur
     _expert_ticks(right, n_exp, "x")
     right.set_xlabel("expert (top-1)")
     right.set_ylabel("layer")
-    right.set_title("per expert: mean over the ids that favour it", fontsize=10)
+    right.set_title("per expert: mean over the ids that favour it (grey: no id favours the expert)", fontsize=10)
     fig.colorbar(im, ax=right, label="specialisation (share on the favourite expert)")
     s0 = layers[0][1]
     fig.suptitle(f"Vocabulary specialisation ({s0.eligible_ids:,} token ids seen ≥ {s0.min_count} times among the "
