@@ -18,13 +18,14 @@ import numpy as np
 from usmoe_lp._json import json_ready
 from usmoe_lp._validate import check_int
 from usmoe_lp.diagnostics.load import mask_counts
-from usmoe_lp.diagnostics.routed import Routed
+from usmoe_lp.diagnostics.routed import Routed, ids_mask
 from usmoe_lp.errors import InvalidScores, ShapeMismatch
 
 __all__ = ["LocalityPartial", "LocalityStats"]
 
-_BLOCK = 4096
-"""Tokens whose recency ranks are computed together (a (block, k, N) comparison)."""
+_CMP_CELLS = 1 << 21
+"""Cells of the (tokens, k, N) comparison that gives the recency ranks of a block of tokens, at most (4096
+tokens at k = 8, N = 64)."""
 
 _PAIR_CELLS = 1 << 22
 """Cells of the (sequences, N, N) comparison of one merge step, at most."""
@@ -253,72 +254,87 @@ def _join_block(out, a, b, ca, cb, rows) -> None:
     out.tail[rows], out.last_pos[rows] = b.tail[cb], b.last_pos[cb]
 
 
-def _chunk_partial(r: Routed, mask: np.ndarray | None) -> LocalityPartial:
-    """The partial of one chunk: its sequences' tokens in log order (a stable sort by sequence id)."""
+def _chunk_partial(r: Routed, mask: np.ndarray | None = None) -> LocalityPartial:
+    """The partial of one chunk: its sequences' tokens in log order (a stable sort by sequence id; none when the
+    chunk's sequence ids already ascend). Works from ``r.ranked`` alone (``mask`` is accepted and unused)."""
     n_exp = r.num_experts
     out = LocalityPartial(n_exp)
     n = r.num_tokens
-    order = np.argsort(r.sequence_ids, kind="stable")
-    sseq = r.sequence_ids[order]
+    sid = r.sequence_ids
+    if n > 1 and not (sid[1:] >= sid[:-1]).all():
+        order = np.argsort(sid, kind="stable")
+        sseq, rk, pos = sid[order], r.ranked[order], r.positions[order]
+    else:
+        sseq, rk, pos = sid, r.ranked, r.positions
     new = np.ones(n, dtype=bool)
     new[1:] = sseq[1:] != sseq[:-1]
     seg = np.cumsum(new) - 1
     seg_first = np.flatnonzero(new)
     seg_last = np.append(seg_first[1:] - 1, n - 1)
     s = seg_first.size
-    rk = r.ranked[order]
     kw = rk.shape[1]
-    m = (r.mask() if mask is None else mask)[order]
+    valid = rk >= 0
+    ids = np.where(valid, rk, n_exp)  # n_exp: the empty slot's column, dropped
     out.tokens = n
-    out.counts = mask_counts(m, per_token=False)[1]
-    cont = ~new
-    _add_pairs(out, m[:-1][cont[1:]], m[1:][cont[1:]])
+    out.counts = np.bincount(ids.ravel(), minlength=n_exp + 1)[:n_exp].astype(np.int64)
+    # reuse of consecutive pairs of a sequence: |S_t ∩ S_{t-1}| = the later token's experts the earlier one held
+    cont = np.flatnonzero(~new)
+    if cont.size and kw:
+        prev = ids_mask(rk[cont - 1], n_exp + 1)  # column n_exp (an empty slot's) stays False
+        size = valid[cont].sum(axis=1)
+        inter = np.take_along_axis(prev, ids[cont], axis=1).sum(axis=1)
+        n1 = n_exp + 1
+        out.reuse_num += np.bincount(size, weights=inter, minlength=n1).astype(np.int64)
+        out.reuse_pairs += np.bincount(size, minlength=n1)
+    elif cont.size:
+        out.reuse_pairs[0] += cont.size
     out.seq = sseq[seg_first]
-    out.head, out.tail = m[seg_first], m[seg_last]
-    pos = r.positions[order]
+    out.head, out.tail = ids_mask(rk[seg_first], n_exp), ids_mask(rk[seg_last], n_exp)
     out.first_pos, out.last_pos = pos[seg_first], pos[seg_last]
     out.stack = np.full((s, n_exp), -1, dtype=np.int16)
     out.first = np.full((s, n_exp), -1, dtype=np.int16)
     out.first_start = np.full((s, n_exp), -1, dtype=np.int16)
     out.used = np.zeros(s, dtype=np.int64)
-    valid = rk >= 0
     out.accesses = int(valid.sum())
     if kw == 0 or out.accesses == 0:
         return out
     # ts: a timestamp per access, larger = more recent; ranked[t, 0] is the most recent of token t
     dt = np.int32 if n * kw < 2**31 - 1 else np.int64
-    span = n * kw + 1  # timestamps lie in [-1, n kw): a row offset of span keeps the rows apart
     slot_ts = (kw - 1 - np.arange(kw, dtype=dt))[None, :]
-    carry = np.full((1, n_exp), -1, dtype=dt)
+    block = max(1, min(n, _CMP_CELLS // (kw * n_exp)))
+    # incl: row 0 the last-use timestamps before the block (the carry), row i + 1 those after its token i
+    incl = np.empty((block + 1, n_exp + 1), dtype=dt)
+    incl[0] = -1
+    cmp = np.empty((block, kw, n_exp), dtype=bool)
     final = np.empty((s, n_exp), dtype=dt)
     pend_g, pend_e, pend_start = [], [], []
-    for a in range(0, n, _BLOCK):
-        b = min(n, a + _BLOCK)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        w = b - a
         v, e = valid[a:b], rk[a:b]
-        use = np.full((b - a, n_exp + 1), -1, dtype=dt)
-        ts = np.arange(a, b, dtype=dt)[:, None] * kw + slot_ts
-        use[np.arange(b - a)[:, None], np.where(v, e, n_exp)] = ts
-        incl = np.maximum.accumulate(np.concatenate([carry, use[:, :n_exp]]), axis=0)
-        excl, carry = incl[:-1], incl[-1:]
+        use = incl[1:w + 1]
+        use.fill(-1)
+        flat_ix = (np.arange(w, dtype=np.int64)[:, None] * (n_exp + 1) + ids[a:b]).ravel()
+        use.reshape(-1)[flat_ix] = (np.arange(a, b, dtype=dt)[:, None] * kw + slot_ts).ravel()
+        np.maximum.accumulate(incl[:w + 1], axis=0, out=incl[:w + 1])
+        excl = incl[:w, :n_exp]
         th = (seg_first[seg[a:b]] * kw).astype(dt)[:, None]  # timestamps below: an earlier sequence
-        last = np.take_along_axis(excl, np.where(v, e, 0), axis=1)
+        last = incl.reshape(-1)[flat_ix].reshape(w, kw)  # row i of incl is token i's excl
         seen = v & (last >= th)
-        # rank = #{x : excl[x] > last}: a search in the block's rows, sorted and offset to one sorted array
-        # (distinct experts used in the sequence have distinct timestamps)
-        off = np.arange(b - a, dtype=np.int64)[:, None] * span
-        flat = (np.sort(excl, axis=1) + off).ravel()
-        row_n = np.arange(b - a, dtype=np.int64)[:, None] * n_exp
-        rank = n_exp + row_n - np.searchsorted(flat, last + off, side="right")
+        # rank = #{x : excl[x] > last} (distinct experts used in the sequence have distinct timestamps)
+        c = cmp[:w]
+        np.greater(excl[:, None, :], last[:, :, None], out=c)
+        rank = np.add.reduce(c.view(np.uint8), axis=2, dtype=np.int32 if n_exp > 255 else np.uint8)
         out.hist += np.bincount(rank[seen], minlength=n_exp)
         pend = v & ~seen
         if pend.any():
             tok, slot = np.nonzero(pend)
             pend_g.append(tok + a)
             pend_e.append(e[tok, slot])
-            earlier = n_exp + row_n[:, 0] - np.searchsorted(flat, (th + off)[:, 0], side="left")
-            pend_start.append(earlier[tok])
+            pend_start.append((excl[tok] >= th[tok]).sum(axis=1))
         ends = np.flatnonzero((seg_last >= a) & (seg_last < b))
-        final[ends] = incl[seg_last[ends] - a + 1]
+        final[ends] = incl[seg_last[ends] - a + 1, :n_exp]
+        incl[0] = incl[w]
     g = np.concatenate(pend_g)
     ps = seg[g]
     within = np.arange(g.size) - np.searchsorted(ps, ps, side="left")
