@@ -23,9 +23,11 @@ from usmoe_lp.errors import InvalidScores, ShapeMismatch
 
 __all__ = ["LocalityPartial", "LocalityStats"]
 
+_BLOCK = 4096
+"""Tokens whose recency ranks are computed together (a (block, k, N) comparison), at most."""
+
 _CMP_CELLS = 1 << 21
-"""Cells of the (tokens, k, N) comparison that gives the recency ranks of a block of tokens, at most (4096
-tokens at k = 8, N = 64)."""
+"""Cells of that comparison, at most (the block is shorter for large k N)."""
 
 _PAIR_CELLS = 1 << 22
 """Cells of the (sequences, N, N) comparison of one merge step, at most."""
@@ -301,7 +303,7 @@ def _chunk_partial(r: Routed, mask: np.ndarray | None = None) -> LocalityPartial
     # ts: a timestamp per access, larger = more recent; ranked[t, 0] is the most recent of token t
     dt = np.int32 if n * kw < 2**31 - 1 else np.int64
     slot_ts = (kw - 1 - np.arange(kw, dtype=dt))[None, :]
-    block = max(1, min(n, _CMP_CELLS // (kw * n_exp)))
+    block = max(1, min(n, _BLOCK, _CMP_CELLS // (kw * n_exp)))
     # incl: row 0 the last-use timestamps before the block (the carry), row i + 1 those after its token i
     incl = np.empty((block + 1, n_exp + 1), dtype=dt)
     incl[0] = -1
