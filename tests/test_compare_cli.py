@@ -140,3 +140,33 @@ def test_cli_refuses_an_out_that_holds_other_files(logs, tmp_path):
     res = CliRunner().invoke(app, ["compare", str(logs[0]), str(logs[1]), "--out", str(out), *FAST])
     assert res.exit_code == 2 and "not empty" in res.output and "--overwrite" in res.output
     assert (out / "data.csv").read_text() == "x"
+
+
+def _page_text(page: str) -> str:
+    """The visible text of an HTML page, written plainly (tags dropped, entities decoded, blanks collapsed)."""
+    import html as html_module
+
+    body = re.sub(r"<(style|script)[^>]*>.*?</\1>", " ", page, flags=re.DOTALL)
+    body = re.sub(r"</?(code|a|strong|wbr)\b[^>]*>", "", body)
+    return " ".join(html_module.unescape(re.sub(r"<[^>]+>", " ", body)).split())
+
+
+def test_report_md_and_html_say_the_same(logs, tmp_path):
+    """One text, two renderings: every Markdown line (inline syntax removed) is in the HTML's text, no Markdown
+    syntax shows in the HTML, and the side-by-side table is cut into column groups with its key repeated."""
+    result = compare(list(logs), labels=["base", "tuned"], config=CHEAP)
+    out = write_compare(result, tmp_path / "rep")
+    md, page = out["report.md"].read_text(), out["report.html"].read_text()
+    text = _page_text(page)
+    lines = [ln for p in md.split("\n\n") if p.strip() and not p.lstrip().startswith(("|", "#", "!["))
+             for ln in p.splitlines()]
+    assert len(lines) >= 10
+    for line in lines:
+        plain = re.sub(r"^_(.*)_$", r"\1", line.lstrip("-0123456789. ").strip())
+        plain = " ".join(plain.replace("`", "").split())
+        assert plain in text, plain
+    assert "`" not in text and "**" not in text
+    assert "<code>base</code>" in page
+    # the side-by-side table: one table per column group, each led by the layer / log key (2 layers x 2 logs)
+    assert md.count("| layer / log |") == 2 and page.count("<th>layer / log</th>") == 2
+    assert "| l1 / tuned |" in md

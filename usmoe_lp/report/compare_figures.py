@@ -1,7 +1,8 @@
 """Figures of a comparison of router logs: tidy frames of :class:`usmoe_lp.compare.CompareResult` in, a
 matplotlib Figure out (None when there is nothing to plot).
 
-Axes are labelled with units, titles state the sample sizes, legends sit outside the panels. Plain
+Axes are labelled with units, titles state the sample sizes, legends sit outside the panels (beside
+them, or below a wide figure). Plain
 matplotlib lines over the layers (no bootstrap, no jitter): equal frames give equal PNG bytes.
 """
 
@@ -29,6 +30,9 @@ SIDE_BY_SIDE_METRICS = {
     "mean_margin": ("Top-k decision margin", "mean s_(k) - s_(k+1) (score units)"),
 }
 """Side-by-side panels: column -> (title, y label)."""
+
+LOAD_METRICS = ("load_entropy", "maxvio", "gini")
+"""The side-by-side metrics of the selection alone (a selection-only log has these and no other)."""
 
 
 LEGEND_INCHES = 3.4
@@ -66,8 +70,7 @@ def plot_agreement(agreement: pd.DataFrame) -> plt.Figure | None:
     cols = min(3, len(pairs))
     rows = -(-len(pairs) // cols)
     panels = (0.35 * max(len(layers), 8) + 1.2) * cols
-    fig, axes = plt.subplots(rows, cols, figsize=(panels + LEGEND_INCHES, 3.6 * rows + 0.6), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(panels, 3.6 * rows + 1.0), squeeze=False, sharey=True)
     colours = plt.get_cmap("tab10")
     for ax, (a, b) in zip(axes.flat, pairs, strict=False):
         sub = per[(per["a"] == a) & (per["b"] == b)].set_index("layer").loc[layers]
@@ -87,8 +90,10 @@ def plot_agreement(agreement: pd.DataFrame) -> plt.Figure | None:
     for ax in axes[:, 0]:
         ax.set_ylabel("share of tokens (Jaccard, overlap: mean)")
     handles, texts = axes[0][0].get_legend_handles_labels()
-    _legend_outside(fig, handles, texts, panels)
-    fig.suptitle("Routing agreement per layer, token by token", fontsize=11)
+    below = 0.6 / (3.6 * rows + 1.0)   # the legend's band under the panels (a wide figure: no room at its side)
+    fig.tight_layout(rect=(0, below, 1, 0.95))
+    fig.legend(handles, texts, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("Routing agreement per layer, token by token (a vs b)", fontsize=11)
     return fig
 
 
@@ -125,8 +130,11 @@ def plot_side_by_side(side: pd.DataFrame) -> plt.Figure | None:
         ax.set_visible(False)
     tokens = side.groupby("log", sort=False)["tokens"].max().astype(int)
     handles, _ = axes.flat[0].get_legend_handles_labels()
-    _legend_outside(fig, handles, [f"{log}\n({tokens[log]} tokens per layer)" for log in logs], panels, title="log",
-                    legend=2.0)
+    logit_only = [c for c in metrics if c not in LOAD_METRICS]
+    load_only = {log for log in logs if logit_only and side.loc[side["log"] == log, logit_only].isna().all().all()}
+    _legend_outside(fig, handles, [f"{log}\n({tokens[log]} tokens per layer"
+                                   + ("; load\nmetrics only" if log in load_only else "") + ")" for log in logs],
+                    panels, title="log", legend=2.0)
     fig.suptitle("Per-layer metrics of each log (analyze on each; a selection-only log has load metrics only)",
                  fontsize=11)
     return fig

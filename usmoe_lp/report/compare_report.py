@@ -8,8 +8,6 @@ metrics: ``docs/definitions.md``, as in analyze's metrics.json).
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import re
 from pathlib import Path
@@ -19,9 +17,11 @@ import pandas as pd
 
 from usmoe_lp._json import json_ready
 from usmoe_lp.logs.format import library_versions
-from usmoe_lp.report.analyze_report import Definition, _md_table, definition_of
+from usmoe_lp.report.analyze_report import COUNTERFACTUAL_GROUPS, Definition, definition_of
 from usmoe_lp.report.compare_figures import plot_agreement, plot_side_by_side
+from usmoe_lp.report.markup import Bullets, Figure, Heading, Paragraph, Table, render_html, render_markdown
 from usmoe_lp.report.outputs import check_report_location, foreign_check, write_figures
+from usmoe_lp.report.pattern_report import unavailable_lines
 from usmoe_lp.staging import check_destination, staged_directory
 
 SCHEMA = "usmoe-lp/compare/1"
@@ -241,11 +241,10 @@ def report_tables(result) -> dict[str, pd.DataFrame]:
 def _intro(result) -> list[str]:
     lines = []
     for label, source, content in zip(result.labels, result.sources, result.contents, strict=True):
-        kind = "logits" if content == "logits" else f"{content} only: the load of its recorded selection"
-        lines.append(f"Log `{label}`: {source} ({kind}).")
+        kind = "router logits" if content == "logits" else f"{content} only: the load of its recorded selection"
+        lines.append(f"Log `{label}`: `{source}` ({kind}).")
     how = ("by name" if result.matched_by == "name" else
-           "by order (the logs' layer names differ; each row gives the first log's name, the side-by-side table "
-           "each log's own)")
+           "by order (the logs' layer names differ; each row gives the first log's name)")
     lines.append(f"Layers: {len(result.layers)}, matched {how}.")
     al = result.alignment
     if al.shared:
@@ -257,9 +256,106 @@ def _intro(result) -> list[str]:
     return lines
 
 
+def _not_computed(result) -> list[str]:
+    """One line per log and cause of what analyze could not compute on it (e.g. a selection log's logit metrics)."""
+    return [f"Not computed for `{label}`: {line}" for label, analysis in zip(result.labels, result.analyses,
+                                                                            strict=True)
+            for line in unavailable_lines(analysis)]
+
+
 def _definitions(tables) -> list[tuple[str, Definition]]:
     keys = dict.fromkeys(c for frame in tables.values() for c in frame.columns)
     return [(k, d) for k in keys if (d := definition(k)) is not None]
+
+
+AGREEMENT_NOTE = ("Per matched layer, the tokens both logs route compared one by one: S_a and S_b are the expert "
+                  "sets the two logs select for a token. `overlap` is OLMoE's router saturation, `fluctuation` "
+                  "StableMoE's routing fluctuation; `top1_chance` is what independent routings with the same top-1 "
+                  "frequencies would agree, `matched_top1_agreement` the agreement after the best relabelling of "
+                  "the second log's experts. Row `pooled`: every layer's tokens together.")
+
+SIDE_NOTE = ("Analyze's metrics of each log, layer by layer (rows: layer / log). A selection-only log has its load "
+             "metrics only: the logit-based columns read –.")
+
+SIDE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Load balance of the model's own selection", ("tokens", "load_entropy", "token_entropy_normalised", "maxvio",
+                                                   "cv", "gini", "dead_experts", "aux_loss")),
+    ("Router logits: collapse and margins", ("logit_effective_rank_centered", "mean_expert_cosine",
+                                             "mean_margin")),
+)
+"""The column groups of the side-by-side table (the layer / log key repeated), so it fits a 1280 px page."""
+
+CF_NOTE = ("Each log's captured logits re-routed by analyze's router settings, pooled over layers (rows: log / "
+           "setting). The table is cut in two (the key repeated) so it fits the page.")
+
+KEY_NAMES = {"label": "setting"}
+"""How a key column is named in a display table (the counterfactual ``label`` is the router setting)."""
+
+KEY_SEP = " / "
+"""Joins the parts of a display table's key column (``layer / log``, ``log / setting``)."""
+
+
+def _keyed(frame: pd.DataFrame, parts: tuple[str, str]) -> pd.DataFrame:
+    """``frame`` with its two key columns ``parts`` joined into one first column (the one markup repeats in every
+    column group)."""
+    if frame.empty:
+        return frame
+    key = frame[parts[0]].astype(str) + KEY_SEP + frame[parts[1]].astype(str)
+    rest = frame.drop(columns=list(parts))
+    return pd.concat([key.rename(KEY_SEP.join(KEY_NAMES.get(p, p) for p in parts)), rest], axis=1)
+
+
+def _agreement_blocks(result, frame: pd.DataFrame) -> list:
+    pairs = list(dict.fromkeys(zip(frame["a"], frame["b"], strict=True)))
+    blocks: list = [Paragraph(AGREEMENT_NOTE)]
+    for a, b in pairs:
+        sub = frame[(frame["a"] == a) & (frame["b"] == b)].drop(columns=["a", "b"])
+        blocks += [Paragraph(f"`{a}` (a) vs `{b}` (b), {result.alignment.tokens} tokens per layer:"),
+                   Table(sub.reset_index(drop=True))]
+    return blocks
+
+
+def _figure_captions(result, pngs) -> dict[str, str]:
+    """Captions with the sample sizes of this comparison."""
+    side = result.side_by_side_frame()
+    tokens = side.groupby("log", sort=False)["tokens"].max().astype(int) if not side.empty else {}
+    sizes = ", ".join(f"`{lb}` {n} tokens" for lb, n in dict(tokens).items())
+    out = {}
+    for name in pngs:
+        text = CAPTIONS.get(name, name)
+        if name == "agreement.png" and result.alignment.shared:
+            text += f" {result.alignment.tokens} tokens per layer, {len(result.layers)} layers."
+        elif name == "side_by_side.png" and sizes:
+            text += f" Tokens per layer: {sizes}; {len(result.layers)} layers."
+        out[name] = text
+    return out
+
+
+DEFINITIONS_INTRO = (f"Every key of compare.json is defined in its `definitions`; see `{DOCS}` and "
+                     "`docs/definitions.md` of the usmoe-lp repository. The columns of the tables:")
+
+
+def report_blocks(result, tables, pngs, title: str) -> list:
+    """The report as blocks (:mod:`usmoe_lp.report.markup`), the one text both report.md and report.html render.
+    ``pngs``: figure name -> PNG bytes (or just the names, for Markdown)."""
+    blocks: list = [Heading(title, 1), *[Paragraph(s) for s in _intro(result)],
+                    *[Paragraph(s) for s in _not_computed(result)],
+                    Heading("Summary"), Bullets(tuple(summary_lines(result)))]
+    if result.alignment.shared and not tables["agreement"].empty:
+        blocks += [Heading(SECTIONS[0][1]), *_agreement_blocks(result, tables["agreement"])]
+    blocks += [Heading(SECTIONS[1][1]), Paragraph(SIDE_NOTE),
+               Table(_keyed(tables["side_by_side"], ("layer", "log")), SIDE_GROUPS)]
+    if not tables["counterfactual"].empty:
+        blocks += [Heading(SECTIONS[2][1]), Paragraph(CF_NOTE),
+                   Table(_keyed(tables["counterfactual"], ("log", "label")), COUNTERFACTUAL_GROUPS)]
+    if pngs:
+        captions = _figure_captions(result, pngs)
+        blocks.append(Heading("Figures"))
+        blocks += [Figure(n, pngs[n] if isinstance(pngs, dict) else b"", captions[n]) for n in pngs]
+    blocks += [Heading("Definitions"), Paragraph(DEFINITIONS_INTRO),
+               Bullets(tuple(f"`{k}`: {d.definition} [{d.unit}] ({d.source}; `{d.see}`)"
+                             for k, d in _definitions(tables)))]
+    return blocks
 
 
 SECTIONS = (("agreement", "Routing agreement per layer (token by token)"),
@@ -271,54 +367,7 @@ def _write_files(result, out: Path, title: str) -> list[str]:
     (out / "compare.json").write_text(json.dumps(compare_dict(result), indent=1, allow_nan=False) + "\n")
     pngs = write_figures(make_figures(result), out)
     tables = report_tables(result)
-    (out / "report.md").write_text(_markdown(result, tables, pngs, title))
-    (out / "report.html").write_text(_html(result, tables, pngs, title))
+    blocks = report_blocks(result, tables, pngs, title)
+    (out / "report.md").write_text(render_markdown(blocks))
+    (out / "report.html").write_text(render_html(blocks, title=title))
     return ["compare.json", *pngs, "report.md", "report.html"]
-
-
-def _markdown(result, tables, pngs, title) -> str:
-    lines = [f"# {title}", "", *[f"{s}  " for s in _intro(result)], "", "## Summary", ""]
-    lines += [f"- {s}" for s in summary_lines(result)] + [""]
-    for key, heading in SECTIONS:
-        frame = tables[key]
-        if key == "agreement" and not result.alignment.shared:
-            continue
-        if key == "counterfactual" and frame.empty:
-            continue
-        lines += [f"## {heading}", "", _md_table(frame)]
-    lines += ["## Figures", ""]
-    for n in pngs:
-        lines += [f"![{CAPTIONS.get(n, n)}]({n})", "", CAPTIONS.get(n, ""), ""]
-    lines += ["## Definitions", "", f"Every key of compare.json is defined in its `definitions`; see {DOCS} and "
-              "docs/definitions.md of the usmoe-lp repository.", ""]
-    lines += [f"- `{k}`: {d.definition} [{d.unit}] ({d.source}; {d.see})" for k, d in _definitions(tables)]
-    return "\n".join(lines) + "\n"
-
-
-def _html(result, tables, pngs, title) -> str:
-    esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;"
-             "border:1px solid #eee;margin:.5em 0}figcaption{color:#555;font-size:13px}code{background:#f5f5f5}"
-             "</style></head><body>", f"<h1>{esc(title)}</h1>"]
-    parts += [f"<p>{esc(s)}</p>" for s in _intro(result)]
-    parts += ["<h2>Summary</h2><ul>", *[f"<li>{esc(s)}</li>" for s in summary_lines(result)], "</ul>"]
-    for key, heading in SECTIONS:
-        frame = tables[key]
-        if (key == "agreement" and not result.alignment.shared) or (key == "counterfactual" and frame.empty):
-            continue
-        parts.append(f"<h2>{esc(heading)}</h2>")
-        parts.append(frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0))
-    parts.append("<h2>Figures</h2>")
-    for name, data in pngs.items():
-        b64 = base64.b64encode(data).decode("ascii")
-        parts.append(f"<figure><img alt='{esc(CAPTIONS.get(name, name))}' src='data:image/png;base64,{b64}'>"
-                     f"<figcaption>{esc(CAPTIONS.get(name, ''))} ({esc(name)})</figcaption></figure>")
-    parts.append(f"<h2>Definitions</h2><p>Every key of compare.json is defined in its <code>definitions</code>; see "
-                 f"{esc(DOCS)} and docs/definitions.md of the usmoe-lp repository.</p><ul>")
-    parts += [f"<li><code>{esc(k)}</code>: {esc(d.definition)} [{esc(d.unit)}] ({esc(d.source)}; {esc(d.see)})</li>"
-              for k, d in _definitions(tables)]
-    parts.append("</ul></body></html>")
-    return "\n".join(parts) + "\n"
