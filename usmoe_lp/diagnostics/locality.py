@@ -300,29 +300,39 @@ def _chunk_partial(r: Routed, mask: np.ndarray | None = None) -> LocalityPartial
     out.accesses = int(valid.sum())
     if kw == 0 or out.accesses == 0:
         return out
-    # ts: a timestamp per access, larger = more recent; ranked[t, 0] is the most recent of token t
-    dt = np.int32 if n * kw < 2**31 - 1 else np.int64
-    slot_ts = (kw - 1 - np.arange(kw, dtype=dt))[None, :]
-    block = max(1, min(n, _BLOCK, _CMP_CELLS // (kw * n_exp)))
-    # incl: row 0 the last-use timestamps before the block (the carry), row i + 1 those after its token i
-    incl = np.empty((block + 1, n_exp + 1), dtype=dt)
-    incl[0] = -1
+    # A timestamp per access, larger = more recent (ranked[t, 0] the most recent of token t): access (t, j) has
+    # t kw + kw - 1 - j. Within a block they are stored relative to the block's first (int16: block kw <= 2**15),
+    # the last uses before the block (the carry, kept absolute in int64) as their order, negative: a comparison
+    # of int16 needs half the memory traffic of int32.
+    block = max(1, min(n, _BLOCK, _CMP_CELLS // (kw * n_exp), (1 << 15) // kw))
+    slot_ts = (kw - 1 - np.arange(kw, dtype=np.int16))[None, :]
+    lowest = np.iinfo(np.int16).min  # below every carry order value, -(N + 1) >= -2**15
+    # incl: row 0 the carry's order, row i + 1 the relative last uses after the block's token i (excl of i + 1)
+    incl = np.empty((block + 1, n_exp + 1), dtype=np.int16)
+    carry = np.full(n_exp + 1, -1, dtype=np.int64)
     cmp = np.empty((block, kw, n_exp), dtype=bool)
-    final = np.empty((s, n_exp), dtype=dt)
+    final = np.empty((s, n_exp), dtype=np.int64)
     pend_g, pend_e, pend_start = [], [], []
     for a in range(0, n, block):
         b = min(n, a + block)
-        w = b - a
+        w, base = b - a, a * kw
         v, e = valid[a:b], rk[a:b]
+
+        def absolute(rel: np.ndarray, cols: np.ndarray, base=base, carry=carry) -> np.ndarray:
+            """Relative timestamps (or carry order values) of columns ``cols`` as absolute int64."""
+            return np.where(rel >= 0, rel.astype(np.int64) + base, carry[cols])
+
+        # ties in the carry (unused experts, earlier sequences) all lie below the sequences' thresholds
+        incl[0, np.argsort(carry, kind="stable")] = np.arange(-(n_exp + 1), 0, dtype=np.int16)
         use = incl[1:w + 1]
-        use.fill(-1)
+        use.fill(lowest)
         flat_ix = (np.arange(w, dtype=np.int64)[:, None] * (n_exp + 1) + ids[a:b]).ravel()
-        use.reshape(-1)[flat_ix] = (np.arange(a, b, dtype=dt)[:, None] * kw + slot_ts).ravel()
+        use.reshape(-1)[flat_ix] = (np.arange(w, dtype=np.int16)[:, None] * kw + slot_ts).ravel()
         np.maximum.accumulate(incl[:w + 1], axis=0, out=incl[:w + 1])
         excl = incl[:w, :n_exp]
-        th = (seg_first[seg[a:b]] * kw).astype(dt)[:, None]  # timestamps below: an earlier sequence
+        th = seg_first[seg[a:b]] * kw  # absolute timestamps below: an earlier sequence
         last = incl.reshape(-1)[flat_ix].reshape(w, kw)  # row i of incl is token i's excl
-        seen = v & (last >= th)
+        seen = v & (absolute(last, ids[a:b]) >= th[:, None])
         # rank = #{x : excl[x] > last} (distinct experts used in the sequence have distinct timestamps)
         c = cmp[:w]
         np.greater(excl[:, None, :], last[:, :, None], out=c)
@@ -333,10 +343,10 @@ def _chunk_partial(r: Routed, mask: np.ndarray | None = None) -> LocalityPartial
             tok, slot = np.nonzero(pend)
             pend_g.append(tok + a)
             pend_e.append(e[tok, slot])
-            pend_start.append((excl[tok] >= th[tok]).sum(axis=1))
+            pend_start.append((absolute(excl[tok], np.arange(n_exp)[None, :]) >= th[tok, None]).sum(axis=1))
         ends = np.flatnonzero((seg_last >= a) & (seg_last < b))
-        final[ends] = incl[seg_last[ends] - a + 1, :n_exp]
-        incl[0] = incl[w]
+        final[ends] = absolute(incl[seg_last[ends] - a + 1, :n_exp], np.arange(n_exp)[None, :])
+        carry = absolute(incl[w], np.arange(n_exp + 1))
     g = np.concatenate(pend_g)
     ps = seg[g]
     within = np.arange(g.size) - np.searchsorted(ps, ps, side="left")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from usmoe_lp._validate import check_finite_numpy, check_int
 from usmoe_lp.errors import InvalidScores, ShapeMismatch
@@ -120,8 +121,14 @@ class Routed:
         return int(self.ranked.shape[0])
 
     def mask(self) -> np.ndarray:
-        """(n, N) bool: mask[t, e] = token t selected expert e."""
-        return ids_mask(self.ranked, self.num_experts)
+        """(n, N) bool: mask[t, e] = token t selected expert e. Built once per chunk and shared by every caller
+        (the pattern partials and the layer transitions), so it is read-only."""
+        m = self.__dict__.get("_mask")
+        if m is None:
+            m = ids_mask(self.ranked, self.num_experts)
+            m.flags.writeable = False
+            object.__setattr__(self, "_mask", m)
+        return m
 
     @classmethod
     def from_mask(cls, mask, scores=None, *, token_ids, sequence_ids, positions, domains=None) -> Routed:
@@ -159,16 +166,18 @@ class Routed:
 
 
 _EXACT_ROWS = 1 << 23
-"""Rows per float32 product in :func:`pair_counts`: every partial sum of 0/1 products stays below 2**24, so
-float32 holds it exactly whatever the BLAS summation order."""
+"""Rows per float32 product in :func:`pair_counts`: every partial sum of 0/1 products stays below 2**24 (the
+float32 significand holds every integer up to 2**24 exactly), so each product is exact whatever the summation
+order of the matrix multiply."""
 
 
 def pair_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N_a, N_b) int64 ``a.T @ b`` of (n, N_a) and (n, N_b) bool masks, exact (float32 products of blocks of
-    at most 2**23 rows, each exact, summed in int64)."""
+    """(N_a, N_b) int64 ``a.T @ b`` of (n, N_a) and (n, N_b) bool masks, exact: float32 products (torch's matrix
+    multiply, on the caller's torch threads: one inside :func:`usmoe_lp._threads.one_torch_thread`, unlike
+    numpy's BLAS) of blocks of at most 2**23 rows, each exact, summed in int64."""
     out = np.zeros((a.shape[1], b.shape[1]), dtype=np.int64)
     for lo in range(0, a.shape[0], _EXACT_ROWS):
-        fa = a[lo:lo + _EXACT_ROWS].astype(np.float32)
-        fb = fa if b is a else b[lo:lo + _EXACT_ROWS].astype(np.float32)
-        out += (fa.T @ fb).astype(np.int64)
+        fa = torch.from_numpy(a[lo:lo + _EXACT_ROWS].astype(np.float32))  # a copy: the masks may be read-only
+        fb = fa if b is a else torch.from_numpy(b[lo:lo + _EXACT_ROWS].astype(np.float32))
+        out += torch.mm(fa.T, fb).numpy().astype(np.int64)
     return out

@@ -14,7 +14,6 @@ import numpy as np
 
 from usmoe_lp._json import json_ready
 from usmoe_lp._validate import check_int
-from usmoe_lp.diagnostics.load import mask_counts
 from usmoe_lp.diagnostics.routed import Routed, pair_counts
 from usmoe_lp.errors import ShapeMismatch
 
@@ -124,7 +123,7 @@ class TransitionPartial:
             raise ShapeMismatch(f"the two layers' chunks are not the same tokens ({a.num_tokens} and {b.num_tokens} "
                                 "tokens, or different sequence ids / positions); pass one chunk of the log to both")
         ma, mb = a.mask(), b.mask()
-        ka, kb = mask_counts(ma)[0], mask_counts(mb)[0]
+        ka, kb = np.count_nonzero(a.ranked >= 0, axis=1), np.count_nonzero(b.ranked >= 0, axis=1)
         ok = (ka > 0) & (kb > 0)
         self.skipped += int((~ok).sum())
         self.tokens += int(ok.sum())

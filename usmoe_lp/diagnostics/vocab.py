@@ -84,6 +84,8 @@ class VocabPartial:
 
     State: ``keys`` (P,) sorted unique int64 v * N + e and ``counts`` (P,) int64 n(v, e), one entry per pair
     seen (never a dense vocabulary x N array), and token counts. Merging adds the sparse counts exactly.
+    :meth:`update` buffers each chunk's sparse counts and adds them to ``keys`` / ``counts`` only when the buffer
+    outgrows them (and before :meth:`merge` / :meth:`result`), so the state is not re-sorted on every chunk.
 
     >>> import numpy as np
     >>> from usmoe_lp.diagnostics.routed import Routed
@@ -98,8 +100,10 @@ class VocabPartial:
     def __init__(self, num_experts: int, min_count: int = 10) -> None:
         self.num_experts = check_int(num_experts, "num_experts", low=1)
         self.min_count = check_int(min_count, "min_count", low=1)
-        self.keys = np.zeros(0, dtype=np.int64)
-        self.counts = np.zeros(0, dtype=np.int64)
+        self._keys = np.zeros(0, dtype=np.int64)
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # chunks' sparse counts not yet in keys/counts
+        self._pending_size = 0
         self.tokens = 0
         self.unknown = 0
         self.no_expert = 0
@@ -124,7 +128,30 @@ class VocabPartial:
         self.unknown += int((~known).sum())
         self.no_expert += int((known & (top < 0)).sum())
         keys, counts = np.unique(v[ok] * n + top[ok], return_counts=True)
-        self.keys, self.counts = merge_sparse_counts(self.keys, self.counts, keys, counts.astype(np.int64))
+        self._pending.append((keys, counts.astype(np.int64)))
+        self._pending_size += keys.size
+        if self._pending_size > max(self._keys.size, 1 << 16):
+            self._compact()
+
+    @property
+    def keys(self) -> np.ndarray:
+        """(P,) sorted unique int64 keys v * N + e of every chunk added."""
+        self._compact()
+        return self._keys
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(P,) int64 n(v, e), aligned with :attr:`keys`."""
+        self._compact()
+        return self._counts
+
+    def _compact(self) -> None:
+        """Add the buffered chunks' counts to ``keys`` / ``counts`` (exact integer sums)."""
+        if self._pending:
+            pk, pc = zip(*self._pending, strict=True)
+            self._keys, self._counts = merge_sparse_counts(self._keys, self._counts, np.concatenate(pk),
+                                                           np.concatenate(pc))
+            self._pending, self._pending_size = [], 0
 
     def merge(self, other: VocabPartial) -> VocabPartial:
         """A new partial holding both (neither is modified)."""
@@ -132,7 +159,7 @@ class VocabPartial:
             raise ShapeMismatch("cannot merge vocabulary partials of (N, min_count) = "
                                 f"{(self.num_experts, self.min_count)} and {(other.num_experts, other.min_count)}")
         out = VocabPartial(self.num_experts, self.min_count)
-        out.keys, out.counts = merge_sparse_counts(self.keys, self.counts, other.keys, other.counts)
+        out._keys, out._counts = merge_sparse_counts(self.keys, self.counts, other.keys, other.counts)
         out.tokens, out.unknown = self.tokens + other.tokens, self.unknown + other.unknown
         out.no_expert = self.no_expert + other.no_expert
         return out
