@@ -165,3 +165,20 @@ def test_missing_chromium_says_how_to_install(tmp_path, capsys):
         report_check.find_chromium(missing)
     assert report_check.main([str(tmp_path), "--chromium", missing]) == 2
     assert "apt-get install chromium" in capsys.readouterr().err
+
+
+@needs_chromium
+def test_compare_report_passes_the_browser_checks(tmp_path):
+    """A compare report of two small logits logs on the same tokens (agreement and side-by-side sections, column
+    groups) passes the checks."""
+    from test_compare import CHEAP, _logits, write
+
+    from usmoe_lp.compare import compare, write_compare
+
+    za = _logits(0)
+    logs = [write(tmp_path / "base", za), write(tmp_path / "tuned", {"l0": za["l0"], "l1": _logits(1)["l1"]})]
+    out = tmp_path / "comparison"
+    write_compare(compare(logs, labels=["base", "tuned"], config=CHEAP), out)
+    res = report_check.check_page(CHROMIUM, out / "report.html", tmp_path / "shots")
+    assert res.problems == (), res.problems
+    assert res.width <= report_check.WIDTH
