@@ -256,6 +256,21 @@ def _join_block(out, a, b, ca, cb, rows) -> None:
     out.tail[rows], out.last_pos[rows] = b.tail[cb], b.last_pos[cb]
 
 
+def _row_popcount(c: np.ndarray) -> np.ndarray:
+    """(..., M) C-contiguous bool -> (...) int64 count of True along the last axis. For M a multiple of 8 up to
+    248: the bools' bytes added as uint64 words (each byte lane a count <= M / 8), then each word's 8 byte lanes
+    summed by one multiply (the high byte of w * 0x0101010101010101, exact while the total M fits a byte);
+    otherwise a uint8 sum."""
+    m = c.shape[-1]
+    if m % 8 or m > 248 or not c.flags.c_contiguous:
+        return np.add.reduce(c.view(np.uint8), axis=-1, dtype=np.int64)
+    words = c.view(np.uint64)  # (..., M / 8)
+    acc = words[..., 0].copy()
+    for j in range(1, m // 8):
+        acc += words[..., j]
+    return ((acc * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.int64)
+
+
 def _chunk_partial(r: Routed, mask: np.ndarray | None = None) -> LocalityPartial:
     """The partial of one chunk: its sequences' tokens in log order (a stable sort by sequence id; none when the
     chunk's sequence ids already ascend). Works from ``r.ranked`` alone (``mask`` is accepted and unused)."""
@@ -267,7 +282,7 @@ def _chunk_partial(r: Routed, mask: np.ndarray | None = None) -> LocalityPartial
         order = np.argsort(sid, kind="stable")
         sseq, rk, pos = sid[order], r.ranked[order], r.positions[order]
     else:
-        sseq, rk, pos = sid, r.ranked, r.positions
+        order, sseq, rk, pos = None, sid, r.ranked, r.positions
     new = np.ones(n, dtype=bool)
     new[1:] = sseq[1:] != sseq[:-1]
     seg = np.cumsum(new) - 1
@@ -282,9 +297,11 @@ def _chunk_partial(r: Routed, mask: np.ndarray | None = None) -> LocalityPartial
     # reuse of consecutive pairs of a sequence: |S_t ∩ S_{t-1}| = the later token's experts the earlier one held
     cont = np.flatnonzero(~new)
     if cont.size and kw:
-        prev = ids_mask(rk[cont - 1], n_exp + 1)  # column n_exp (an empty slot's) stays False
-        size = valid[cont].sum(axis=1)
-        inter = np.take_along_axis(prev, ids[cont], axis=1).sum(axis=1)
+        held = (r.mask() if mask is None else mask).reshape(-1)  # (n N,) the chunk's mask, in log order
+        before = cont - 1 if order is None else order[cont - 1]  # the earlier token, as a row of the log
+        size = np.add.reduce(valid[cont].view(np.uint8), axis=1, dtype=np.int32)
+        cells = before[:, None] * n_exp + np.minimum(ids[cont], n_exp - 1)  # empty slots: masked below
+        inter = np.add.reduce((held[cells] & valid[cont]).view(np.uint8), axis=1, dtype=np.int32)
         n1 = n_exp + 1
         out.reuse_num += np.bincount(size, weights=inter, minlength=n1).astype(np.int64)
         out.reuse_pairs += np.bincount(size, minlength=n1)
@@ -336,7 +353,7 @@ def _chunk_partial(r: Routed, mask: np.ndarray | None = None) -> LocalityPartial
         # rank = #{x : excl[x] > last} (distinct experts used in the sequence have distinct timestamps)
         c = cmp[:w]
         np.greater(excl[:, None, :], last[:, :, None], out=c)
-        rank = np.add.reduce(c.view(np.uint8), axis=2, dtype=np.int32 if n_exp > 255 else np.uint8)
+        rank = _row_popcount(c)
         out.hist += np.bincount(rank[seen], minlength=n_exp)
         pend = v & ~seen
         if pend.any():

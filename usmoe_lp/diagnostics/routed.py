@@ -43,11 +43,15 @@ def _compact(ranked: np.ndarray) -> np.ndarray:
 
 
 def ids_mask(ranked: np.ndarray, num_experts: int) -> np.ndarray:
-    """(n, N) bool mask of (n, k) expert ids in [-1, N) (-1 = no expert)."""
-    n = ranked.shape[0]
+    """(n, N) bool C-contiguous mask of (n, k) expert ids in [-1, N) (-1 = no expert)."""
+    n, k = ranked.shape
+    if k and n and int(ranked.min()) >= 0:  # every slot holds an expert: one flat scatter
+        out = np.zeros((n, num_experts), dtype=bool)
+        out.reshape(-1)[(np.arange(n, dtype=np.int64)[:, None] * num_experts + ranked).ravel()] = True
+        return out
     out = np.zeros((n, num_experts + 1), dtype=bool)
     out[np.arange(n)[:, None], np.where(ranked < 0, num_experts, ranked)] = True
-    return out[:, :num_experts]
+    return np.ascontiguousarray(out[:, :num_experts])
 
 
 @dataclass(frozen=True, eq=False)
