@@ -325,7 +325,7 @@ def test_expert_id_dumps_are_named_as_such_in_every_format(tmp_path, dtype):
     save_file({"layer0": torch.from_numpy(ids.astype(np.int64))}, tmp_path / "ids.safetensors")
     torch.save((torch.from_numpy(ids.astype(np.int64)),), tmp_path / "ids.pt")
     for name in ("ids.npy", "ids.npz", "ids.safetensors", "ids.pt"):
-        with pytest.raises(ImportFailed, match="expert ids .* \\(vLLM and SGLang .*`usmoe-lp capture`.*not supported"):
+        with pytest.raises(ImportFailed, match="expert ids .* \\(vLLM and SGLang .*`usmoe-lp capture`.*--format vllm"):
             import_file(tmp_path / name, tmp_path / f"out-{name}")
         assert not (tmp_path / f"out-{name}").exists()
 
