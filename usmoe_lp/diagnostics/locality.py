@@ -273,7 +273,8 @@ def _row_popcount(c: np.ndarray) -> np.ndarray:
 
 def _chunk_partial(r: Routed, mask: np.ndarray | None = None) -> LocalityPartial:
     """The partial of one chunk: its sequences' tokens in log order (a stable sort by sequence id; none when the
-    chunk's sequence ids already ascend). Works from ``r.ranked`` alone (``mask`` is accepted and unused)."""
+    chunk's sequence ids already ascend). mask: ``r.mask()`` (in log order) when the caller has it, read for the
+    reuse of consecutive tokens."""
     n_exp = r.num_experts
     out = LocalityPartial(n_exp)
     n = r.num_tokens
