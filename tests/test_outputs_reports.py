@@ -125,7 +125,7 @@ def test_verify_failed_report_leaves_the_previous_one(tmp_path, tiny_result, mon
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure after the figures")
 
-    monkeypatch.setattr(verify_report, "render_markdown", boom)
+    monkeypatch.setattr(verify_report, "render_html", boom)
     with pytest.raises(RuntimeError, match="injected"):
         write_verify_report(tiny_result, out, overwrite=True)
     assert snapshot(out) == before

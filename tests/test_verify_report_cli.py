@@ -46,7 +46,7 @@ def result():
 def report_dir(result, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     paths = write_verify_report(result, out, command="usmoe-lp verify (test)")
-    assert set(paths) == {"report.json", "report.md", *FIGURES}
+    assert set(paths) == {"report.json", "report.md", "report.html", *FIGURES}
     return out
 
 

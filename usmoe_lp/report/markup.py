@@ -163,12 +163,17 @@ def md_table(frame: pd.DataFrame, digits: int = 4) -> str:
     return head + body
 
 
+def _cell_html(v, digits: int) -> str:
+    return inline_html(v) if isinstance(v, str) else html.escape(_fmt(v, digits))
+
+
 def html_table(frame: pd.DataFrame, digits: int = 4) -> str:
-    """An HTML table of ``frame``; headers may wrap after an underscore (``<wbr>``), values never do."""
+    """An HTML table of ``frame``; headers may wrap after an underscore (``<wbr>``), values never do. Text cells
+    are inline Markdown (``code``, ``**bold**``, links), as in :func:`md_table`."""
     if frame.empty:
         return "<p>(none)</p>"
     head = "".join(f"<th>{html.escape(str(c)).replace('_', '_<wbr>')}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v, digits))}</td>" for v in row) + "</tr>"
+    rows = "".join("<tr>" + "".join(f"<td>{_cell_html(v, digits)}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 

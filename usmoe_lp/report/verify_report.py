@@ -1,4 +1,5 @@
-"""Write a verify result as report.json, report.md, counterexample files and PNG figures."""
+"""Write a verify result as report.json, report.md, a self-contained report.html, counterexample files and PNG
+figures. report.md and report.html are one text (:mod:`usmoe_lp.report.markup` blocks, :func:`report_blocks`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from usmoe_lp.report.figures import (
     plot_usmoe_minus_tc,
     records_frame,
 )
+from usmoe_lp.report.markup import Block, Bullets, Code, Figure, Heading, Paragraph, Table, render_html
+from usmoe_lp.report.markup import render_markdown as render_blocks
 from usmoe_lp.report.outputs import check_report_location, foreign_check, save_png
 from usmoe_lp.staging import check_destination, staged_directory
 from usmoe_lp.verify.runner import command_line
@@ -41,7 +44,7 @@ def usmoe_minus_tc_table(result) -> list[dict]:
 
 
 VERIFY_OWNED: tuple[str, ...] = (
-    r"report\.json", r"report\.md", *(re.escape(name) for name in FIGURES),
+    r"report\.json", r"report\.md", r"report\.html", *(re.escape(name) for name in FIGURES),
     r"counterexamples/", r"counterexamples/[A-Za-z0-9_]+__[A-Za-z0-9_]+__\d+x\d+\.json",
     r"counterexamples/all/", r"counterexamples/all/[A-Za-z0-9_]+__[A-Za-z0-9_]+__\d+x\d+__k\d+__t\d+\.json",
 )
@@ -132,8 +135,10 @@ def _write_files(result, out: Path, command: str) -> list[str]:
             finally:
                 plt.close(fig)
             figs.append(name)
-    (out / "report.md").write_text(render_markdown(report, figs))
-    return [*names, *figs, "report.md"]
+    blocks = report_blocks(report, {name: (out / name).read_bytes() for name in figs})
+    (out / "report.md").write_text(render_blocks(blocks))
+    (out / "report.html").write_text(render_html(blocks, title="usmoe-lp verify report"))
+    return [*names, *figs, "report.md", "report.html"]
 
 
 def _fmt(x) -> str:
@@ -145,58 +150,74 @@ def _fmt(x) -> str:
 
 
 def _matrix(rows: list[list[float]]) -> str:
-    return "\n".join("    [" + ", ".join(f"{v:.6g}" for v in row) + "]" for row in rows)
+    return "\n".join("[" + ", ".join(f"{v:.6g}" for v in row) + "]" for row in rows)
+
+
+FIGURE_CAPTIONS = {
+    "gap_distributions.png": "Gap of each failing claim per matrix family (score units; 0 where the claim holds).",
+    "usmoe_minus_tc.png": "obj(USMoE) - obj(TC) at the budget c = T·k per matrix family, size and k.",
+    "capped_greedy_gap.png": "Gap of the greedy router on the capped program against its optimum.",
+}
+"""The caption of each verify figure (its title says the sample size)."""
 
 
 def render_markdown(report: dict, figures: list[str]) -> str:
-    """report.md: summary table, minimal counterexamples, per-cell table, figures."""
+    """report.md of ``report`` (the dict of report.json) with the figure files ``figures`` linked: the Markdown
+    rendering of :func:`report_blocks` (figures need no bytes there)."""
+    return render_blocks(report_blocks(report, dict.fromkeys(figures, b"")))
+
+
+def report_blocks(report: dict, figures: dict[str, bytes]) -> list[Block]:
+    """The verify report as :mod:`~usmoe_lp.report.markup` blocks: summary table, minimal counterexamples,
+    the obj(USMoE) - obj(TC) table, the per-cell table, figures (name -> PNG bytes) and definitions."""
+    import pandas as pd
+
     cfg = report["config"]
-    lines = ["# usmoe-lp verify report", ""]
+    blocks: list[Block] = [Heading("usmoe-lp verify report", 1)]
     if report.get("command"):
-        lines += ["Command:", "", f"    {report['command']}", ""]
-    lines += [
-        f"Matrix families: {', '.join(cfg['families'])}. Sizes: {', '.join(cfg['sizes'])}. "
-        f"k: {', '.join(map(str, cfg['ks']))}. Trials per matrix family x size x k: {cfg['trials']}. "
-        f"Seed: {cfg['seed']}. Backends: {', '.join(cfg['backends'])} (integer programs up to "
-        f"{cfg['ilp_max_vars']} variables).", "",
-        "## Claims", "",
-        "| claim | statement | theory expects | verdict | failures / trials | worst gap | fails on (matrix families) |",
-        "|---|---|---|---|---|---|---|",
+        blocks += [Paragraph("Command:"), Code(report["command"])]
+    blocks += [
+        Paragraph(f"Matrix families: {', '.join(cfg['families'])}. Sizes: {', '.join(cfg['sizes'])}. "
+                  f"k: {', '.join(map(str, cfg['ks']))}. Trials per matrix family x size x k: {cfg['trials']}. "
+                  f"Seed: {cfg['seed']}. Backends: {', '.join(cfg['backends'])} (integer programs up to "
+                  f"{cfg['ilp_max_vars']} variables)."),
+        Heading("Claims"),
+        Table(pd.DataFrame([{
+            "claim": f"`{c['claim']}`", "statement": c["statement"], "theory expects": c["expectation"],
+            "verdict": {"holds": "holds", "fails": "**fails**"}.get(c["verdict"], c["verdict"]),
+            "failures / trials": f"{c['failures']} / {c['trials']}", "worst gap": _fmt(c["worst_gap"]),
+            "fails on (matrix families)": ", ".join(c["failing_families"]) or "–"} for c in report["claims"]],
+            columns=["claim", "statement", "theory expects", "verdict", "failures / trials", "worst gap",
+                     "fails on (matrix families)"])),
     ]
-    for c in report["claims"]:
-        verdict = {"holds": "holds", "fails": "**fails**"}.get(c["verdict"], c["verdict"])
-        lines.append(
-            f"| `{c['claim']}` | {c['statement']} | {c['expectation']} | {verdict} | "
-            f"{c['failures']} / {c['trials']} | {_fmt(c['worst_gap'])} | "
-            f"{', '.join(c['failing_families']) or '–'} |")
     failing = [c for c in report["claims"] if c["minimal_counterexample"]]
     if failing:
-        lines += ["", "## Minimal counterexamples", "",
-                  "Each is the smallest sub-matrix (fewest tokens, then experts) of a failing instance "
-                  "on which the claim still fails; removing any one token or expert makes it hold.", ""]
+        blocks += [Heading("Minimal counterexamples"),
+                   Paragraph("Each is the smallest sub-matrix (fewest tokens, then experts) of a failing instance "
+                             "on which the claim still fails; removing any one token or expert makes it hold.")]
         for c in failing:
             cx = c["minimal_counterexample"]
-            lines += [f"### `{c['claim']}` — {cx['size']}, k = {cx['k']} "
-                      f"(from {cx['family']} {cx['from_size']}, seed {cx['seed']})", "",
-                      "    S =", _matrix(cx["scores"]), "",
-                      f"{cx['note']}", ""]
+            blocks += [Heading(f"`{c['claim']}` — {cx['size']}, k = {cx['k']} "
+                               f"(from {cx['family']} {cx['from_size']}, seed {cx['seed']})", 3),
+                       Code("S =\n" + _matrix(cx["scores"])), Paragraph(cx["note"])]
             if c.get("shrunk_failures", 0) > 1:
-                lines += [f"{c['shrunk_failures']} failing instances were shrunk; they reduce to "
-                          f"{c['distinct_minimal_forms']} distinct minimal forms "
-                          "(all in `counterexamples/all/`).", ""]
+                blocks.append(Paragraph(f"{c['shrunk_failures']} failing instances were shrunk; they reduce to "
+                                        f"{c['distinct_minimal_forms']} distinct minimal forms "
+                                        "(all in `counterexamples/all/`)."))
     gains = report.get("usmoe_minus_tc") or []
     if gains:
-        lines += ["## obj(USMoE) − obj(TC) at c = T·k", "",
-                  "| matrix family | size | k | mean | min | max | mean per token |", "|---|---|---|---|---|---|---|"]
-        for g in gains:
-            lines.append(f"| {g['family']} | {g['size']} | {g['k']} | {_fmt(g['mean'])} | "
-                         f"{_fmt(g['min'])} | {_fmt(g['max'])} | {_fmt(g['mean_per_token'])} |")
-    lines += ["", "## Claim x matrix family x size", "",
-              "| claim | matrix family | size | trials | failures | worst gap |", "|---|---|---|---|---|---|"]
-    for cell in report["cells"]:
-        lines.append(f"| `{cell['claim']}` | {cell['family']} | {cell['size']} | {cell['trials']} | "
-                     f"{cell['failures']} | {_fmt(cell['worst_gap'])} |")
+        blocks += [Heading("obj(USMoE) − obj(TC) at c = T·k"),
+                   Table(pd.DataFrame([{"matrix family": g["family"], "size": g["size"], "k": str(g["k"]),
+                                        "mean": _fmt(g["mean"]), "min": _fmt(g["min"]), "max": _fmt(g["max"]),
+                                        "mean per token": _fmt(g["mean_per_token"])} for g in gains]))]
+    blocks += [Heading("Claim x matrix family x size"),
+               Table(pd.DataFrame([{"claim": f"`{cell['claim']}`", "matrix family": cell["family"],
+                                    "size": cell["size"], "trials": str(cell["trials"]),
+                                    "failures": str(cell["failures"]), "worst gap": _fmt(cell["worst_gap"])}
+                                   for cell in report["cells"]],
+                                  columns=["claim", "matrix family", "size", "trials", "failures", "worst gap"]))]
     if figures:
-        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
-    lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
-    return "\n".join(lines) + "\n"
+        blocks.append(Heading("Figures"))
+        blocks += [Figure(name, data, FIGURE_CAPTIONS.get(name, name)) for name, data in figures.items()]
+    blocks += [Heading("Definitions"), Bullets(tuple(f"**{k}**: {v}" for k, v in report["definitions"].items()))]
+    return blocks
