@@ -1,4 +1,5 @@
-"""Shared fixtures: one 2-worker local Dask cluster for every test of the distributed path."""
+"""Shared fixtures: one 2-worker local Dask cluster for every test of the distributed path; torch on one thread for a
+module of small forwards."""
 
 from __future__ import annotations
 
@@ -14,3 +15,15 @@ def dask_cluster_client():
     with dask_client(workers=2) as client:
         client.wait_for_workers(2, timeout=120)
         yield client
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """torch on one intra-op thread for a module of small forwards (one thread is faster than two contended
+    ones); use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread_module")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,13 +36,7 @@ DOCS = ["def f(x):\n    return x + 1\n" * 3, "The quick brown fox jumps over the
 SEQ = 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small forwards: one thread is faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")   # small forwards on one torch thread
 
 
 @pytest.fixture(scope="module")

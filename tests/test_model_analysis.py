@@ -29,13 +29,7 @@ FAST = AnalyzeConfig(routers=("tc",), leakage=False, lp_sample=0)
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small forwards: one thread is faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")   # small forwards on one torch thread
 
 @pytest.fixture(scope="module")
 def tiny():

@@ -337,14 +337,7 @@ class RouterLogWriter:
     def _validate(self, logits, token_ids, sequence_ids, positions, selected, weights, hidden):
         if self._manifest.content == "selection":
             return self._validate_selection(logits, token_ids, sequence_ids, positions, selected, weights, hidden)
-        if not isinstance(logits, Mapping):
-            raise InvalidLogInput(f"logits must be a mapping layer name -> (n, N) tensor, got {type(logits).__name__}")
-        expected = [layer.name for layer in self._layers]
-        missing = [name for name in expected if name not in logits]
-        extra = [name for name in logits if name not in expected]
-        if missing or extra:
-            raise InvalidLogInput(f"logits must hold exactly the log's layers {expected}; missing {missing}, "
-                                  f"unknown {extra}")
+        expected = self._check_every_layer(logits, "logits", "(n, N) tensor")
         batch: dict[str, torch.Tensor] = {}
         n = None
         for layer in self._layers:
@@ -414,6 +407,18 @@ class RouterLogWriter:
                 device=self._manifest.device or _device_name(batch[LOGITS + expected[0]].device))
         return batch, n
 
+    def _check_every_layer(self, group: Any, kind: str, what: str) -> list[str]:
+        """The log's layer names, once ``group`` (``logits`` or ``selected``) is a mapping with exactly those keys."""
+        if not isinstance(group, Mapping):
+            raise InvalidLogInput(f"{kind} must be a mapping layer name -> {what}, got {type(group).__name__}")
+        expected = [layer.name for layer in self._layers]
+        missing = [name for name in expected if name not in group]
+        extra = [name for name in group if name not in expected]
+        if missing or extra:
+            raise InvalidLogInput(f"{kind} must hold exactly the log's layers {expected}; missing {missing}, "
+                                  f"unknown {extra}")
+        return expected
+
     def _validate_selection(self, logits, token_ids, sequence_ids, positions, selected, weights, hidden):
         """:meth:`_validate` for a selection log: ``selected`` of every layer, (n, k) integer ids in [-1, N)."""
         if logits is not None:
@@ -421,15 +426,7 @@ class RouterLogWriter:
                                   "in selected=")
         if hidden is not None:
             raise InvalidLogInput("a selection log holds no hidden states (hidden must be None)")
-        expected = [layer.name for layer in self._layers]
-        if not isinstance(selected, Mapping):
-            raise InvalidLogInput(f"selected must be a mapping layer name -> (n, k) expert ids, got "
-                                  f"{type(selected).__name__}")
-        missing = [name for name in expected if name not in selected]
-        extra = [name for name in selected if name not in expected]
-        if missing or extra:
-            raise InvalidLogInput(f"selected must hold exactly the log's layers {expected}; missing {missing}, "
-                                  f"unknown {extra}")
+        expected = self._check_every_layer(selected, "selected", "(n, k) expert ids")
         batch: dict[str, torch.Tensor] = {}
         n = None
         for layer in self._layers:
