@@ -357,13 +357,7 @@ class RouterLogWriter:
                 t = t.to(self._dtype)
                 _check_finite(t, layer.name, f" after casting to {dtype_name(self._dtype)}")
             batch[LOGITS + layer.name] = t
-        for name, value in zip(METADATA_TENSORS, (token_ids, sequence_ids, positions), strict=True):
-            t = _as_tensor(value, name)
-            if t.ndim != 1 or t.shape[0] != n:
-                raise InvalidLogInput(f"{name} must be ({n},) to match the logits, got {tuple(t.shape)}")
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise InvalidLogInput(f"{name} must be integers, got {t.dtype}")
-            batch[name] = t.to(torch.int64)
+        batch.update(_token_metadata((token_ids, sequence_ids, positions), n, "logits"))
         layer_names = set(expected)
         for prefix, group, kind in ((SELECTED, selected, "selected"), (WEIGHTS, weights, "weights"),
                                     (HIDDEN, hidden, "hidden")):
@@ -452,13 +446,7 @@ class RouterLogWriter:
                     raise InvalidLogInput(f"selected of layer {layer.name!r} holds expert id {bad}; ids must be in "
                                           f"[0, {layer.num_experts}) or -1 for an empty slot")
             batch[SELECTED + layer.name] = t
-        for name, value in zip(METADATA_TENSORS, (token_ids, sequence_ids, positions), strict=True):
-            t = _as_tensor(value, name)
-            if t.ndim != 1 or t.shape[0] != n:
-                raise InvalidLogInput(f"{name} must be ({n},) to match the selections, got {tuple(t.shape)}")
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise InvalidLogInput(f"{name} must be integers, got {t.dtype}")
-            batch[name] = t.to(torch.int64)
+        batch.update(_token_metadata((token_ids, sequence_ids, positions), n, "selections"))
         for name, value in (weights or {}).items():
             if name not in expected:
                 raise InvalidLogInput(f"weights for unknown layer {name!r}; layers: {expected}")
@@ -572,6 +560,19 @@ def incomplete_log_message(path: Path, tokens: int | None, overwrite_flag: str =
     return (f"{path} holds an incomplete router log{held} (from an interrupted run: its writer never closed it); "
             f"there is no resume: pass {overwrite_flag} to start the run again from the beginning (it replaces "
             f"this log), or choose another directory")
+
+
+def _token_metadata(values: tuple[Any, Any, Any], n: int, against: str) -> dict[str, torch.Tensor]:
+    """token_ids, sequence_ids, positions as (n,) int64 tensors, checked (``against``: what fixes n, for messages)."""
+    out = {}
+    for name, value in zip(METADATA_TENSORS, values, strict=True):
+        t = _as_tensor(value, name)
+        if t.ndim != 1 or t.shape[0] != n:
+            raise InvalidLogInput(f"{name} must be ({n},) to match the {against}, got {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise InvalidLogInput(f"{name} must be integers, got {t.dtype}")
+        out[name] = t.to(torch.int64)
+    return out
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
