@@ -178,3 +178,21 @@ def test_optimal_only_if_brute_force_agrees(problem, backend):
     rng = np.random.default_rng(problem.shape[0] * 7 + problem.shape[1])
     other = rng.random(problem.shape) < 0.5
     assert_honest(problem, other, certify(problem, other))
+
+
+def test_a_budget_threshold_a_few_ulps_off_its_score_still_proves_the_mask():
+    """HiGHS returned the budget dual -1.5834682906862634 for a program whose threshold is the score
+    -1.5834682906862636 (2 ulps apart): taken literally it makes the selected entry's reduced cost negative. The
+    rebuilt multiplier is moved onto the score it rounds, and the exact check then proves the mask; a threshold
+    that is really off (0.1 away) still proves nothing."""
+    S = np.array([[0.8883971751128152, -0.4683023488756826], [0.04007122508237042, -1.5834682906862636],
+                  [-0.5464064038917776, 1.1914232308067025], [1.1862072993776271, -0.8052302822936388],
+                  [1.002455162567904, -0.1521794203223147], [-0.8390516919692546, -2.033937437549325],
+                  [-1.3575080882433566, 0.0885139043194626], [0.6359035205987369, -1.025088277818032]])
+    p = RoutingProblem.budget(S, 15, sense="==")
+    mask = S > S.min()                      # all but the smallest entry: the optimum of '== 15'
+    assert certify(p, mask).optimal         # closed form
+    cert = certify_with_duals(p, mask, {"budget": np.array([-1.5834682906862634])})
+    assert cert.optimal and cert.status == "optimal", cert.message
+    off = certify_with_duals(p, mask, {"budget": np.array([-1.4834682906862634])})
+    assert not off.optimal and off.status == "undecided"

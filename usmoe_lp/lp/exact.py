@@ -114,8 +114,10 @@ def proves_optimal(problem: RoutingProblem, X: np.ndarray, duals: dict[str, np.n
         rebuilt = _rebuild_components(problem, tight, floats, lam, counts)
     elif sides and "budget" in blocks:
         rebuilt = _rebuild_with_budget(problem, tight, floats, lam, counts, sides[0])
+    elif sides:
+        rebuilt = _rebuild(problem, tight, floats, lam, counts, sides[0]), _Exact(lam)
     else:
-        rebuilt = (_rebuild(problem, tight, floats, lam, counts, sides[0]) if sides else {}), _Exact(lam)
+        rebuilt = {}, _Exact(_budget_only(problem, X, lam, TIGHT_REL * scale))
     if rebuilt is None:
         return False
     exact, lam_q = rebuilt
@@ -125,6 +127,26 @@ def proves_optimal(problem: RoutingProblem, X: np.ndarray, duals: dict[str, np.n
         if not _sign_ok(exact[f], counts[f], *problem.block_bounds(f)):
             return False
     return _reduced_costs_ok(problem, X, lam_q, exact)
+
+
+def _budget_only(problem, X, lam, tol: float) -> np.ndarray:
+    """Budget multipliers of a program with no binding token or expert block, each moved (by at most ``tol``, its
+    float rounding) into [largest unselected score, smallest selected score] of its group where it falls just
+    outside: there every reduced cost has its sign, and the moved value is a score, exact as it stands (a solver's
+    threshold can be a few ulps off the score it equals)."""
+    S = problem.scores
+    gid = problem.group_ids
+    lam = np.array(lam, dtype=np.float64)
+    for g in range(problem.num_groups):
+        rows = gid == g
+        sel, uns = S[rows][X[rows]], S[rows][~X[rows]]
+        lo = float(uns.max()) if uns.size else -np.inf
+        hi = float(sel.min()) if sel.size else np.inf
+        if lo <= hi:
+            moved = min(max(float(lam[g]), lo), hi)
+            if abs(moved - lam[g]) <= tol:
+                lam[g] = moved
+    return lam
 
 
 def _rebuild(problem, tight, floats, lam, counts, side):
