@@ -380,16 +380,21 @@ class RouterLogWriter:
                 if kind == "hidden" and self._dtype is not None:
                     t = t.to(self._dtype)
                 batch[prefix + name] = t
+        dtypes = sorted({dtype_name(batch[LOGITS + name].dtype) for name in expected})
+        if not self._manifest.tensors and n and len(dtypes) > 1:
+            raise InvalidLogInput(f"every layer's logits must have one dtype, got {dtypes}; "
+                                  "pass dtype= to the writer to cast them")
+        return self._accept(batch, n, dtype=dtypes[0], device_of=LOGITS + expected[0])
+
+    def _accept(self, batch: dict[str, torch.Tensor], n: int, *, dtype: str | None,
+                device_of: str) -> tuple[dict[str, torch.Tensor], int]:
+        """The checked batch against the log's schema (the first batch with tokens fixes it, with the logits
+        ``dtype`` and the device of tensor ``device_of``), then against the token order: last of the checks, as
+        it remembers the tokens it accepts."""
         schema = {name: TensorSpec(dtype_name(t.dtype), tuple(t.shape[1:])) for name, t in batch.items()}
         first = not self._manifest.tensors and n
         if self._manifest.tensors and schema != self._manifest.tensors:
             raise InvalidLogInput(_schema_difference(self._manifest.tensors, schema, self._path))
-        if first:
-            dtypes = {schema[LOGITS + name].dtype for name in expected}
-            if len(dtypes) > 1:
-                raise InvalidLogInput(f"every layer's logits must have one dtype, got {sorted(dtypes)}; "
-                                      "pass dtype= to the writer to cast them")
-        # last of the checks, as it remembers the tokens it accepts
         problem = self._order.check(batch["sequence_ids"].cpu().numpy(), batch["positions"].cpu().numpy())
         if problem is not None:
             row, what = problem
@@ -397,8 +402,8 @@ class RouterLogWriter:
                                   f"once, in order ({self._path})")
         if first:
             self._manifest = dataclasses.replace(
-                self._manifest, tensors=schema, dtype=schema[LOGITS + expected[0]].dtype,
-                device=self._manifest.device or _device_name(batch[LOGITS + expected[0]].device))
+                self._manifest, tensors=schema, dtype=dtype,
+                device=self._manifest.device or _device_name(batch[device_of].device))
         return batch, n
 
     def _check_every_layer(self, group: Any, kind: str, what: str) -> list[str]:
@@ -456,20 +461,7 @@ class RouterLogWriter:
                 raise InvalidLogInput(f"weights of layer {name!r} must be floating {shape} like its selection, "
                                       f"got {tuple(t.shape)} {t.dtype}")
             batch[WEIGHTS + name] = t
-        schema = {name: TensorSpec(dtype_name(t.dtype), tuple(t.shape[1:])) for name, t in batch.items()}
-        first = not self._manifest.tensors and n
-        if self._manifest.tensors and schema != self._manifest.tensors:
-            raise InvalidLogInput(_schema_difference(self._manifest.tensors, schema, self._path))
-        problem = self._order.check(batch["sequence_ids"].cpu().numpy(), batch["positions"].cpu().numpy())
-        if problem is not None:
-            row, what = problem
-            raise InvalidLogInput(f"token {row} of this batch {what}; a router log holds each token of a sequence "
-                                  f"once, in order ({self._path})")
-        if first:
-            self._manifest = dataclasses.replace(
-                self._manifest, tensors=schema,
-                device=self._manifest.device or _device_name(batch[SELECTED + expected[0]].device))
-        return batch, n
+        return self._accept(batch, n, dtype=None, device_of=SELECTED + expected[0])
 
     def _flush(self, n: int) -> None:
         tensors: dict[str, torch.Tensor] = {}
