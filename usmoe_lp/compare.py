@@ -54,7 +54,7 @@ from usmoe_lp.diagnostics.analyze import (
     plan_ranges,
     resolve_top_k,
 )
-from usmoe_lp.diagnostics.stream import _captured_mask, model_mask, selection_scores
+from usmoe_lp.diagnostics.stream import captured_mask, model_mask, selection_scores
 from usmoe_lp.errors import InvalidParameter
 from usmoe_lp.logs.format import LayerInfo
 from usmoe_lp.logs.reader import Chunk, RouterLog
@@ -83,7 +83,7 @@ def chunk_selection(chunk: Chunk, info: LayerInfo, k: int) -> tuple[np.ndarray, 
         if sel.dtype == torch.bool:
             raise InvalidParameter(f"layer {info.name!r}: a selection-only log must record expert ids, not a mask")
         sel = sel.long().reshape(n, -1)
-        mask = _captured_mask(sel, n, N).numpy()
+        mask = captured_mask(sel, n, N).numpy()
         real = sel >= 0
         first = real.int().argmax(dim=1, keepdim=True)  # first non-empty slot (0 when all are empty)
         top1 = torch.where(real.any(dim=1), sel.gather(1, first).squeeze(1), -1)

@@ -58,7 +58,7 @@ from usmoe_lp.logs.reader import Chunk
 from usmoe_lp.routing import probabilities
 from usmoe_lp.routing.routers import select_top
 
-__all__ = ["LayerStream", "model_mask", "native_selection", "native_semantics", "ranked_selection",
+__all__ = ["LayerStream", "captured_mask", "model_mask", "native_selection", "native_semantics", "ranked_selection",
            "recompute_model_selection", "selection_scores", "stream_chunks", "stream_scores"]
 
 BLOCK_TOKENS = 8192
@@ -253,8 +253,15 @@ class _Work:
         return buf[:rows]
 
 
-def _captured_mask(sel: torch.Tensor, n: int, N: int) -> torch.Tensor:
-    """A captured selection as an (n, N) bool mask: from a bool mask, or from (n, k) indices (-1: none)."""
+def captured_mask(sel: torch.Tensor, n: int, N: int) -> torch.Tensor:
+    """A captured selection as an (n, N) bool mask: from an (n, N) bool mask, or from (n, k) integer expert ids
+    (-1: an empty slot), as a log records them (captured selections, selection logs). Used by the streaming
+    analysis and by :mod:`usmoe_lp.compare`.
+
+    >>> import torch
+    >>> captured_mask(torch.tensor([[2, -1], [0, 1]]), 2, 3).int().tolist()
+    [[0, 0, 1], [1, 1, 0]]
+    """
     if sel.dtype == torch.bool:
         if tuple(sel.shape) != (n, N):
             raise ShapeMismatch(f"captured selection mask has shape {tuple(sel.shape)}, expected {(n, N)}")
@@ -279,7 +286,7 @@ def model_mask(chunk: Chunk, scores: torch.Tensor, k: int, sorted_rows: np.ndarr
     (``"recomputed top-k"``)."""
     n, N = scores.shape
     if chunk.selected is not None:
-        return _captured_mask(chunk.selected, n, N), "captured"
+        return captured_mask(chunk.selected, n, N), "captured"
     if _replays_native(info):
         return native_selection(chunk.logits, info, k, scores, sorted_rows), "recomputed native"
     return recompute_model_selection(scores, k, sorted_rows), "recomputed top-k"
@@ -353,7 +360,7 @@ class LayerStream:
             self._patterns(chunk, _captured_ranked(chunk.selected, None), domains, on_routed)
             return mask
         ranks: list[np.ndarray] | None = [] if self.patterns is not None else None
-        captured = None if chunk.selected is None else _captured_mask(chunk.selected, n, N)
+        captured = None if chunk.selected is None else captured_mask(chunk.selected, n, N)
         replay = _replays_native(info)
         self.source = "captured" if captured is not None else "recomputed native" if replay else "recomputed top-k"
         if captured is not None and self.native is not None and not replay:  # a capacity counts whole sequences
@@ -432,7 +439,7 @@ class LayerStream:
         the recorded selection only (its probability- and logit-based fields stay None: :class:`LoadPartial`)."""
         if chunk.selected is None:
             raise ShapeMismatch(f"layer {self.info.name!r}: a chunk with neither logits nor a selection")
-        mask = _captured_mask(chunk.selected, chunk.num_tokens, self.info.num_experts)
+        mask = captured_mask(chunk.selected, chunk.num_tokens, self.info.num_experts)
         self.load.update(mask.numpy())
         self.source = "captured"
         self.selection_only = True
